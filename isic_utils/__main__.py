@@ -1,0 +1,58 @@
+"""Command line: ``python -m isic_utils report`` and ``python -m isic_utils predict``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+
+def _parse_set(items: list[str]) -> dict:
+    values = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE (a YAML value), got {item!r}")
+        key, value = item.split("=", 1)
+        values[key] = yaml.safe_load(value)
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m isic_utils", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    rep = commands.add_parser("report", help="run every chapter with papermill and export HTML")
+    rep.add_argument("--data", default="synthetic", help="data profile in params/profiles/ (default: synthetic)")
+    rep.add_argument("--force", action="store_true", help="rerun chapters that are up to date")
+    rep.add_argument("--only", nargs="*", help="run only these steps (eda task1 task2 task3 compare)")
+    rep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
+    pred = commands.add_parser("predict", help="write masks at original size for a folder of images")
+    pred.add_argument("--checkpoint", required=True, help="a best.pt from a training run")
+    pred.add_argument("--input", required=True, help="folder of JPEG/PNG images")
+    pred.add_argument("--output", required=True, help="folder for <id>_Segmentation.png masks")
+    pred.add_argument("--overlays", action="store_true", help="also write <id>_overlay.jpg")
+    args = parser.parse_args(argv)
+
+    from .data import DataError
+    from .params import ParameterError
+    from .pipeline import ChapterFailed
+    from .training import CheckpointMismatch
+
+    try:
+        if args.command == "report":
+            from .pipeline import run_report
+
+            run_report(args.data, force=args.force, only=args.only, overrides=_parse_set(args.set))
+        else:
+            from .predict import predict_folder
+
+            written = predict_folder(args.checkpoint, args.input, args.output, args.overlays)
+            print(f"wrote {len(written)} masks to {args.output}")
+    except (ParameterError, ChapterFailed, DataError, CheckpointMismatch, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

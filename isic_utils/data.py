@@ -1,0 +1,572 @@
+"""ISIC 2016 Part 1 data: find, download, verify, decode once, cache, split and augment.
+
+Layout (the official archives, unzipped under one root)::
+
+    ROOT/ISBI2016_ISIC_Part1_Training_Data/ISIC_0000000.jpg
+    ROOT/ISBI2016_ISIC_Part1_Training_GroundTruth/ISIC_0000000_Segmentation.png
+    ROOT/ISBI2016_ISIC_Part1_Test_Data/...        ROOT/ISBI2016_ISIC_Part1_Test_GroundTruth/...
+
+Input policy: every case is either an error naming the file and the fix, or a documented conversion.
+
+Errors (``DataError``, nothing is silently dropped):
+  - missing split folder, or a folder with no images;
+  - image without mask, mask without image, two files for one id (``.jpg`` and ``.png``);
+  - a file that cannot be decoded (zero bytes, truncated, not an image, unreadable permissions);
+  - a mask whose size differs from its image's;
+  - a colour mask whose channels differ (it is not a label map).
+
+Conversions (applied silently, because each has one obvious meaning):
+  - EXIF orientation is applied to images (masks are drawn on the displayed image);
+  - grayscale, CMYK, palette and RGBA images become RGB (alpha is dropped);
+  - masks: RGB/RGBA masks with equal channels, palette and 16-bit masks become 8-bit grey;
+    a mask whose maximum is 1 (values {0, 1}) is read as {0, 1} labels; any other mask is binarised at > 127
+    of 255 (so anti-aliased edges go to the nearer class).
+
+Ignored: stray files (``.DS_Store``, ``*_superpixels.png``, ``__MACOSX``, anything not named ``ISIC_<digits>``).
+
+Decoding happens once: images are resized to ``image_size`` (antialiased bilinear), masks with
+nearest-neighbour, and the uint8 tensors are cached on disk keyed by the source files and the size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import zipfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SPLIT_FOLDERS = {
+    "train": ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
+    "test": ("ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth"),
+}
+OFFICIAL_COUNTS = {"train": 900, "test": 379}
+ISIC2016_URL = "https://isic-challenge-data.s3.amazonaws.com/2016"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MASK_SUFFIX = "_Segmentation.png"
+_ID = re.compile(r"^(ISIC_\d+)$")
+_MASK = re.compile(r"^(ISIC_\d+)_Segmentation\.png$", re.IGNORECASE)
+CACHE_VERSION = 1
+
+
+class DataError(ValueError):
+    """A problem with the input data; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    image: Path
+    mask: Path
+
+
+# ----------------------------------------------------------------------------- finding files
+
+
+def find_pairs(root: str | Path, split: str) -> list[Pair]:
+    """Pair images with masks by id in ``root``'s official folders for ``split`` ("train" or "test").
+
+    Returns pairs sorted by id. Raises ``DataError`` for a missing folder, an empty folder, an unpaired
+    image or mask, or two images with one id.
+    """
+    root = Path(root)
+    image_folder, mask_folder = SPLIT_FOLDERS[split]
+    image_dir, mask_dir = root / image_folder, root / mask_folder
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            raise DataError(
+                f"folder {folder} not found. Expected the official ISIC 2016 Part 1 layout under {root} "
+                f"(folders {image_folder}/ and {mask_folder}/); found {present or 'nothing'}. "
+                "Unzip the archives there, or download them with isic_utils.data.download_isic2016()."
+            )
+    images: dict[str, Path] = {}
+    for path in sorted(image_dir.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        match = _ID.match(path.stem)
+        if match is None:  # stray files such as ISIC_0000000_superpixels.png
+            continue
+        if match.group(1) in images:
+            raise DataError(
+                f"duplicate id {match.group(1)} in {image_dir}/: {images[match.group(1)].name} and {path.name}. "
+                "Keep one file per id."
+            )
+        images[match.group(1)] = path
+    masks: dict[str, Path] = {}
+    for path in sorted(mask_dir.iterdir()):
+        match = _MASK.match(path.name)
+        if path.is_file() and match:
+            masks[match.group(1)] = path
+    if not images:
+        raise DataError(f"no ISIC_<id>.jpg images in {image_dir}/. Check the folder or re-extract the archive.")
+    missing_masks = sorted(set(images) - set(masks))
+    if missing_masks:
+        first = missing_masks[0]
+        raise DataError(
+            f"mask missing for {first} in {mask_dir}/ (expected {first}{MASK_SUFFIX})"
+            + (f" and {len(missing_masks) - 1} more" if len(missing_masks) > 1 else "")
+            + ". Restore the mask or remove the image."
+        )
+    missing_images = sorted(set(masks) - set(images))
+    if missing_images:
+        first = missing_images[0]
+        raise DataError(
+            f"image missing for mask {masks[first].name} in {image_dir}/ (expected {first}.jpg)"
+            + (f" and {len(missing_images) - 1} more" if len(missing_images) > 1 else "")
+            + ". Restore the image or remove the mask."
+        )
+    return [Pair(i, images[i], masks[i]) for i in sorted(images)]
+
+
+def has_split(root: str | Path, split: str) -> bool:
+    """True when both official folders of ``split`` exist under ``root``."""
+    return all((Path(root) / name).is_dir() for name in SPLIT_FOLDERS[split])
+
+
+# ----------------------------------------------------------------------------- download
+
+
+def archive_names(split: str) -> tuple[str, str]:
+    """The two official archive base names (data, ground truth) for ``split``."""
+    return SPLIT_FOLDERS[split]
+
+
+def verify_zip(path: Path) -> None:
+    """Raise ``DataError`` if ``path`` is not a complete zip archive (truncated or corrupt)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise DataError(
+            f"{path} is not a valid zip archive ({exc}). Delete it and download again."
+        ) from exc
+    if bad is not None:
+        raise DataError(f"{path} is corrupt (member {bad} fails its CRC check). Delete it and download again.")
+
+
+def safe_extract(archive_path: Path, target: Path) -> list[Path]:
+    """Extract a zip into ``target``; refuses members that would land outside it (``..`` or absolute paths)."""
+    target = target.resolve()
+    written = []
+    with zipfile.ZipFile(archive_path) as archive:
+        for member in archive.infolist():
+            name = member.filename
+            destination = (target / name).resolve()
+            if name.startswith(("/", "\\")) or ".." in Path(name).parts or not destination.is_relative_to(target):
+                raise DataError(
+                    f"{archive_path} holds member {name!r}, which would be written outside {target}. "
+                    "The archive is not an official ISIC archive; delete it."
+                )
+            if name.startswith("__MACOSX/"):
+                continue
+            archive.extract(member, target)
+            written.append(destination)
+    return written
+
+
+def download_isic2016(
+    root: str | Path,
+    splits: Sequence[str] = ("train", "test"),
+    base_url: str = ISIC2016_URL,
+    expected_counts: dict[str, int] | None = None,
+) -> Path:
+    """Download and extract the official ISIC 2016 Part 1 archives for ``splits`` into ``root``.
+
+    Uses torchvision's download helper (progress bar); an archive is downloaded to ``NAME.zip.part`` and
+    renamed only once complete and valid, so an interrupted download is redone, never trusted. Splits whose
+    folders already exist are skipped. After extraction the image/mask counts are verified against
+    ``expected_counts`` (default: the official 900 / 379). Returns ``root``.
+    """
+    from torchvision.datasets.utils import download_url
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    expected_counts = OFFICIAL_COUNTS if expected_counts is None else expected_counts
+    for split in splits:
+        if has_split(root, split):
+            continue
+        for name in archive_names(split):
+            archive = root / f"{name}.zip"
+            if archive.exists():
+                try:
+                    verify_zip(archive)
+                except DataError:
+                    archive.unlink()  # a partial or corrupt file from an earlier run: fetch again
+            if not archive.exists():
+                partial = root / f"{name}.zip.part"
+                partial.unlink(missing_ok=True)
+                try:
+                    download_url(f"{base_url}/{name}.zip", str(root), filename=partial.name)
+                except Exception as exc:
+                    partial.unlink(missing_ok=True)
+                    raise DataError(
+                        f"could not download {base_url}/{name}.zip ({exc}). Check the network, or download "
+                        f"the archive by hand and put it at {archive}."
+                    ) from exc
+                verify_zip(partial)
+                os.replace(partial, archive)
+            safe_extract(archive, root)
+        pairs = find_pairs(root, split)
+        if expected_counts.get(split) is not None and len(pairs) != expected_counts[split]:
+            raise DataError(
+                f"{root}: {len(pairs)} {split} image/mask pairs after extraction, expected {expected_counts[split]}. "
+                f"Delete {', '.join(archive_names(split))} (folders and .zip) under {root} and download again."
+            )
+    return root
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except PermissionError as exc:
+        raise DataError(f"cannot read {path}: permission denied. Fix its permissions (chmod a+r).") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        size = path.stat().st_size if path.exists() else 0
+        what = "is empty (0 bytes)" if size == 0 else f"cannot be decoded ({exc})"
+        raise DataError(f"{path} {what}. Replace it with the original file from the archive.") from exc
+    return image
+
+
+def read_image(path: str | Path, size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Decode an image to a uint8 ``3×size×size`` tensor (or its own size when ``size`` is None).
+
+    EXIF orientation is applied; any mode becomes RGB. Returns the tensor and the original
+    (width, height) after orientation.
+    """
+    path = Path(path)
+    try:
+        image = Image.open(path)
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+        if size is not None and image.format == "JPEG":
+            image.draft("RGB", (2 * size, 2 * size))  # DCT-domain downscale: decodes several times faster
+        image.load()
+    except Exception:
+        image = _open(path)  # re-open to raise a precise DataError
+        (width, height), orientation = image.size, image.getexif().get(0x0112, 1)
+    full_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    image = ImageOps.exif_transpose(image)
+    if image.mode != "RGB":
+        image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA") else image.convert("RGB")
+    if size is not None:
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), full_size
+
+
+def read_mask(path: str | Path, size: int | None = None, expected_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Decode a mask to a uint8 ``1×size×size`` tensor of {0, 1} (nearest-neighbour resize).
+
+    See the module docstring for the conversions; raises ``DataError`` for a colour mask, or when
+    ``expected_size`` (the image's (width, height)) is given and the mask's size differs.
+    """
+    path = Path(path)
+    image = _open(path)
+    if expected_size is not None and tuple(image.size) != tuple(expected_size):
+        raise DataError(
+            f"mask {path} is {image.size[0]}×{image.size[1]} but its image is {expected_size[0]}×{expected_size[1]}. "
+            "The mask must have its image's size: re-export it at the image's size."
+        )
+    array = np.asarray(image)
+    if image.mode in ("RGB", "RGBA"):
+        channels = array[..., :3]
+        if not (np.array_equal(channels[..., 0], channels[..., 1]) and np.array_equal(channels[..., 0], channels[..., 2])):
+            raise DataError(
+                f"{path} is a colour mask (its R, G and B channels differ). Masks must be single-channel "
+                "0/255 PNGs: re-export it as grayscale."
+            )
+        array = channels[..., 0]
+    elif image.mode == "P":
+        array = np.asarray(image.convert("L"))
+    elif image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = array.astype(np.float64) / max(1, 65535 if array.max() > 255 else 255) * 255
+    elif image.mode == "1":
+        array = array.astype(np.uint8)
+    elif image.mode == "LA":
+        array = array[..., 0]
+    binary = (array > 0) if array.max() <= 1 else (array > 127)
+    mask = Image.fromarray(binary.astype(np.uint8) * 255)
+    if size is not None:
+        mask = mask.resize((size, size), Image.Resampling.NEAREST)
+    return torch.from_numpy((np.asarray(mask) > 127).astype(np.uint8)).unsqueeze(0)
+
+
+@dataclass
+class DecodedSplit:
+    """Decoded, resized images and masks of one split, in memory.
+
+    ``images``: uint8 ``N×3×S×S``; ``masks``: uint8 ``N×1×S×S`` of {0, 1}; ``sizes``: original (width, height).
+    """
+
+    ids: list[str]
+    images: torch.Tensor
+    masks: torch.Tensor
+    sizes: list[tuple[int, int]]
+    sources: list[Pair] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, ids: Sequence[str]) -> DecodedSplit:
+        """The rows for ``ids``, in that order."""
+        index = {i: k for k, i in enumerate(self.ids)}
+        rows = torch.tensor([index[i] for i in ids], dtype=torch.long)
+        return DecodedSplit(
+            list(ids),
+            self.images[rows],
+            self.masks[rows],
+            [self.sizes[k] for k in rows.tolist()],
+            [self.sources[k] for k in rows.tolist()] if self.sources else [],
+        )
+
+
+def _decode_pair(pair: Pair, size: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    image, full_size = read_image(pair.image, size)
+    return image, read_mask(pair.mask, size, expected_size=full_size), full_size
+
+
+def _cache_key(pairs: Sequence[Pair], size: int) -> str:
+    digest = hashlib.sha1(f"v{CACHE_VERSION}:{size}".encode())
+    for pair in pairs:
+        for path in (pair.image, pair.mask):
+            stat = path.stat()
+            digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+def decode_pairs(
+    pairs: Sequence[Pair],
+    image_size: int,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> DecodedSplit:
+    """Decode and resize ``pairs`` once; with ``cache_dir``, reuse the cached tensors on the next call.
+
+    The cache file is keyed by each source file's path, size and modification time and by ``image_size``,
+    so an edited file or another size decodes again.
+    """
+    from .report import atomic_path
+    from .training import progress_bar
+
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"decoded_{image_size}px_{_cache_key(pairs, image_size)}.pt"
+        if cache_file.exists():
+            stored = torch.load(cache_file, weights_only=True)
+            return DecodedSplit(stored["ids"], stored["images"], stored["masks"],
+                                [tuple(s) for s in stored["sizes"]], list(pairs))
+    count = len(pairs)
+    images = torch.empty(count, 3, image_size, image_size, dtype=torch.uint8)
+    masks = torch.empty(count, 1, image_size, image_size, dtype=torch.uint8)
+    sizes: list[tuple[int, int]] = [(0, 0)] * count
+    # PIL releases the GIL while decoding, so threads use both cores.
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        results = pool.map(lambda pair: _decode_pair(pair, image_size), pairs)
+        for k, (image, mask, size) in enumerate(progress_bar(results, total=count, desc="decode", enabled=progress)):
+            images[k], masks[k], sizes[k] = image, mask, size
+    decoded = DecodedSplit([p.id for p in pairs], images, masks, sizes, list(pairs))
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache_file) as tmp:
+            torch.save({"ids": decoded.ids, "images": images, "masks": masks, "sizes": [list(s) for s in sizes]}, tmp)
+    return decoded
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def split_ids(ids: Sequence[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Seeded random split of ``ids`` into (train, validation); validation gets round(len * fraction) ids.
+
+    900 ids with 0.2 give 720 / 180. Both lists come back sorted.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    ids = sorted(ids)
+    n_val = int(round(len(ids) * val_fraction))
+    if n_val < 1 or n_val >= len(ids):
+        raise DataError(f"cannot split {len(ids)} ids with val_fraction={val_fraction}: need at least one id each side.")
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = sorted(ids[k] for k in order[:n_val])
+    train = sorted(ids[k] for k in order[n_val:])
+    return train, val
+
+
+@dataclass
+class ReportData:
+    """The three splits the report uses, decoded; ``test_source`` says where the test set came from."""
+
+    train: DecodedSplit
+    val: DecodedSplit
+    test: DecodedSplit
+    test_source: str
+    root: Path
+
+    def counts(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.val), "test": len(self.test)}
+
+
+def load_report_data(
+    root: str | Path,
+    image_size: int = 128,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    test_split: str = "official",
+    holdout_fraction: float = 0.2,
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> ReportData:
+    """Find, decode (once, cached) and split the data under ``root``.
+
+    ``test_split="official"`` uses the official test folders; ``"holdout"`` holds back ``holdout_fraction`` of
+    the training ids as the test set (for data that has no official test folders, such as development
+    samples). ``limit`` keeps the first ``limit`` ids of each split (tiny runs). The validation split is taken
+    from the remaining training ids with ``seed``; the holdout test split uses a fixed seed (1000) so that every
+    seed of a study is scored on the same test images.
+    """
+    root = Path(root)
+    train_pairs = find_pairs(root, "train")
+    if test_split == "official":
+        test_pairs = find_pairs(root, "test")
+        source = "official ISIC 2016 test set"
+    elif test_split == "holdout":
+        rest, held = split_ids([p.id for p in train_pairs], holdout_fraction, seed=1000)
+        by_id = {p.id: p for p in train_pairs}
+        train_pairs, test_pairs = [by_id[i] for i in rest], [by_id[i] for i in held]
+        source = f"held-out {holdout_fraction:.0%} of the training ids (no official test set used)"
+    else:
+        raise ValueError(f"test_split must be 'official' or 'holdout', got {test_split!r}")
+    if limit is not None:
+        train_pairs, test_pairs = train_pairs[:limit], test_pairs[: max(2, limit // 2)]
+    train_all = decode_pairs(train_pairs, image_size, cache_dir, progress)
+    test = decode_pairs(test_pairs, image_size, cache_dir, progress)
+    train_ids, val_ids = split_ids(train_all.ids, val_fraction, seed)
+    return ReportData(train_all.subset(train_ids), train_all.subset(val_ids), test, source, root)
+
+
+# ----------------------------------------------------------------------------- tensors for the model
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``N×3×H×W`` (or float in [0, 1]) → float32 normalised with ``mean``/``std`` (per channel, [0, 1] scale)."""
+    x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+    mean_t = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+AUGMENTATIONS = ("hflip", "vflip", "rot90", "color_jitter")
+
+
+def joint_transform(augment: Sequence[str], jitter: float = 0.2):
+    """A ``torchvision.transforms.v2`` pipeline applying ``augment`` jointly to an image and its ``tv_tensors.Mask``.
+
+    Flips and rotations move image and mask together; colour jitter changes the image only.
+    """
+    from torchvision.transforms import v2
+
+    steps = []
+    if "hflip" in augment:
+        steps.append(v2.RandomHorizontalFlip(0.5))
+    if "vflip" in augment:
+        steps.append(v2.RandomVerticalFlip(0.5))
+    if "rot90" in augment:
+        steps.append(v2.RandomChoice([v2.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)]))
+    if "color_jitter" in augment:
+        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 10))
+    return v2.Compose(steps)
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Normalised images and float masks from a ``DecodedSplit``, with optional joint v2 augmentation.
+
+    Yields ``(image float32 3×S×S normalised with mean/std, mask float32 1×S×S of {0, 1})``.
+    The training loop itself slices whole batches from memory (``training.batches``); this class is for
+    inspection, figures and users who want a standard DataLoader.
+    """
+
+    def __init__(self, split: DecodedSplit, mean, std, augment: Sequence[str] = ()):
+        self.split, self.mean, self.std = split, mean, std
+        self.transform = joint_transform(augment) if augment else None
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        from torchvision import tv_tensors
+
+        image = tv_tensors.Image(self.split.images[index])
+        mask = tv_tensors.Mask(self.split.masks[index])
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return normalize(image.unsqueeze(0), self.mean, self.std)[0], mask.as_subclass(torch.Tensor).float()
+
+
+# ----------------------------------------------------------------------------- EDA helpers
+
+
+def original_sizes(pairs: Sequence[Pair]):
+    """A DataFrame of id, width, height (after EXIF orientation) read from the image headers only."""
+    import pandas as pd
+
+    rows = []
+    for pair in pairs:
+        try:
+            with Image.open(pair.image) as header:
+                width, height = header.size
+                orientation = header.getexif().get(0x0112, 1)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"{pair.image} cannot be read ({exc}). Replace it with the original file.") from exc
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+        rows.append({"id": pair.id, "width": width, "height": height})
+    return pd.DataFrame(rows)
+
+
+def pixel_stats(images: torch.Tensor) -> dict[str, list[float]]:
+    """Per-channel mean and std of uint8 ``N×3×H×W`` images, in [0, 1] units, over all pixels."""
+    x = images.double().div(255)
+    return {
+        "mean": x.mean(dim=(0, 2, 3)).tolist(),
+        "std": x.std(dim=(0, 2, 3)).tolist(),
+    }
+
+
+def check_alignment(split: DecodedSplit) -> "pd.DataFrame":  # noqa: F821
+    """One row per image: does each image meet its own mask?
+
+    Checks the id pairing (mask file named for the image), that the original sizes matched (enforced at
+    decode), and that the mask is not empty or full, and reports the lesion fraction and the contrast
+    between lesion and skin (lesions are darker than the skin around them in dermoscopy).
+    """
+    import pandas as pd
+
+    images = split.images.float().mean(dim=1)  # luminance proxy, N×S×S
+    masks = split.masks[:, 0].bool()
+    area = masks.float().mean(dim=(1, 2))
+    inside = (images * masks).sum(dim=(1, 2)) / masks.sum(dim=(1, 2)).clamp(min=1)
+    outside = (images * ~masks).sum(dim=(1, 2)) / (~masks).sum(dim=(1, 2)).clamp(min=1)
+    rows = []
+    for k, image_id in enumerate(split.ids):
+        paired = not split.sources or split.sources[k].mask.name == f"{image_id}{MASK_SUFFIX}"
+        rows.append({
+            "id": image_id,
+            "mask_named_for_image": paired,
+            "lesion_fraction": float(area[k]),
+            "lesion_darker_than_skin": bool(inside[k] < outside[k]),
+            "contrast": float(outside[k] - inside[k]) / 255,
+        })
+    return pd.DataFrame(rows)

@@ -1,0 +1,76 @@
+"""Segmentation metrics from per-image confusion counts.
+
+Predictions are **probabilities** thresholded at 0.5 (never raw logits). For each image we count true/false
+positives/negatives; every metric is then reported two ways:
+
+- ``*_mean`` — the mean over images of the per-image score. This is how the ISIC 2016 challenge ranked entries
+  (mean per-image Jaccard). An image whose mask and prediction are both empty scores 1 (nothing to find, nothing
+  found); sensitivity of an image without lesion pixels and specificity of an image without background pixels
+  are likewise 1 when nothing was wrongly predicted... and defined through the same convention (0/0 → 1).
+- ``*_pooled`` — the score of the pixels pooled over the whole set ("micro" averaging, what
+  ``torchmetrics.BinaryJaccardIndex`` computes when fed every pixel).
+
+Definitions: IoU (Jaccard) = TP / (TP + FP + FN); Dice = 2TP / (2TP + FP + FN); pixel accuracy =
+(TP + TN) / all; sensitivity = TP / (TP + FN); specificity = TN / (TN + FP).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+METRICS = ("iou", "dice", "accuracy", "sensitivity", "specificity")
+
+
+def confusion_counts(probabilities: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Per-image counts, an ``N×4`` int64 tensor of (TP, FP, FN, TN).
+
+    ``probabilities``: ``N×1×H×W`` (or ``N×H×W``) in [0, 1]; ``targets``: the same shape, {0, 1}.
+    """
+    if probabilities.shape != targets.shape:
+        raise ValueError(f"prediction shape {tuple(probabilities.shape)} differs from target {tuple(targets.shape)}")
+    predicted = (probabilities > threshold).flatten(1)
+    actual = targets.flatten(1) > 0.5
+    tp = (predicted & actual).sum(1)
+    fp = (predicted & ~actual).sum(1)
+    fn = (~predicted & actual).sum(1)
+    tn = (~predicted & ~actual).sum(1)
+    return torch.stack([tp, fp, fn, tn], dim=1).long()
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    numerator, denominator = numerator.double(), denominator.double()
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1), torch.ones_like(numerator))
+
+
+def scores(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Scores from ``K×4`` counts (per image, or one pooled row): a dict of ``K`` float64 tensors."""
+    tp, fp, fn, tn = counts.double().unbind(1)
+    return {
+        "iou": _ratio(tp, tp + fp + fn),
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn),
+        "accuracy": _ratio(tp + tn, tp + fp + fn + tn),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+    }
+
+
+def per_image_table(counts: torch.Tensor, ids=None) -> pd.DataFrame:
+    """One row per image: id, TP/FP/FN/TN and each per-image score."""
+    table = pd.DataFrame(counts.numpy(), columns=["tp", "fp", "fn", "tn"])
+    for name, values in scores(counts).items():
+        table[name] = values.numpy()
+    if ids is not None:
+        table.insert(0, "id", list(ids))
+    return table
+
+
+def summarize(counts: torch.Tensor) -> dict[str, float]:
+    """``{metric}_mean`` (mean of per-image scores) and ``{metric}_pooled`` (pixels pooled) for every metric."""
+    per_image = scores(counts)
+    pooled = scores(counts.sum(0, keepdim=True))
+    summary = {}
+    for name in METRICS:
+        summary[f"{name}_mean"] = float(per_image[name].mean())
+        summary[f"{name}_pooled"] = float(pooled[name][0])
+    return summary

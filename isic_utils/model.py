@@ -1,0 +1,237 @@
+"""Encoders (a registry carrying their pretrained settings) and the decoders.
+
+- ``ENCODERS["mobilenet_v2"]``: torchvision's MobileNetV2 ``features`` (2,223,872 parameters; 1280×4×4 at 128×128),
+  with ImageNet mean/std, the indices of its stride-2/4/8/16 outputs for skip connections, and its weights.
+- ``ReportDecoder``: the student report's decoder, five ``ConvTranspose2d(k=4, s=2, p=1)``
+  1280→512→256→128→64→32, each with ReLU and dropout, then ``Conv2d(32, 1, 1)`` (13,272,065 parameters).
+- ``UNetDecoder``: a U-Net-style decoder using the encoder's intermediate features as skips, in the shape of
+  segmentation_models_pytorch's ``Unet(encoder_name="mobilenet_v2")``.
+
+Encoder weights: ``"imagenet"`` (torchvision's ``MobileNet_V2_Weights.IMAGENET1K_V1``, downloaded once into
+torchvision's cache; when the environment variable ``ISIC_ENCODER_WEIGHTS`` names a file, that file is used
+instead, for offline machines), a path to a ``state_dict`` of ``torchvision.models.mobilenet_v2`` (loaded with
+``weights_only=True``), or ``None`` (random initialisation).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WEIGHTS_ENV = "ISIC_ENCODER_WEIGHTS"
+
+
+class EncoderWeightsError(RuntimeError):
+    """Encoder weights could not be found, downloaded or loaded; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    out_channels: int
+    skip_indices: tuple[int, ...]  # feature blocks whose outputs feed the U-Net skips (strides 2, 4, 8, 16)
+    skip_channels: tuple[int, ...]
+    weights_doc: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "mobilenet_v2": EncoderSpec(
+        name="mobilenet_v2",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        out_channels=1280,
+        skip_indices=(1, 3, 6, 13),
+        skip_channels=(16, 24, 32, 96),
+        weights_doc="torchvision MobileNet_V2_Weights.IMAGENET1K_V1 (top-1 71.88%)",
+    ),
+}
+
+
+def resolve_weights(weights: str | None) -> str | None:
+    """``"imagenet"`` becomes ``$ISIC_ENCODER_WEIGHTS`` when that is set; anything else is returned unchanged."""
+    if weights == "imagenet" and os.environ.get(WEIGHTS_ENV):
+        return os.environ[WEIGHTS_ENV]
+    return weights
+
+
+def build_encoder(name: str = "mobilenet_v2", weights: str | None = "imagenet") -> nn.Sequential:
+    """The encoder ``name`` with ``weights`` ("imagenet", a state_dict path, or None); see the module docstring."""
+    import torchvision
+
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
+    weights = resolve_weights(weights)
+    if weights is None or weights == "none":
+        return torchvision.models.mobilenet_v2(weights=None).features
+    if weights == "imagenet":
+        try:
+            net = torchvision.models.mobilenet_v2(weights=torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1)
+        except Exception as exc:  # URLError, socket errors, a corrupt cached file
+            raise EncoderWeightsError(
+                f"could not download the ImageNet weights for {name} ({type(exc).__name__}: {exc}). "
+                f"Fix: connect to the internet once (torchvision caches them), or pass a state_dict path as "
+                f"encoder_weights, or set {WEIGHTS_ENV}=/path/to/mobilenet_v2_imagenet.pth."
+            ) from exc
+        return net.features
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise EncoderWeightsError(
+            f"encoder weights file {path} not found. Fix: pass the path of a torchvision mobilenet_v2 state_dict, "
+            f"'imagenet' to download the official weights, or null for random initialisation."
+        )
+    net = torchvision.models.mobilenet_v2(weights=None)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        net.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise EncoderWeightsError(
+            f"{path} is not a state_dict of torchvision's mobilenet_v2 ({exc}). Fix: pass a file saved with "
+            "torch.save(torchvision.models.mobilenet_v2(...).state_dict(), path)."
+        ) from exc
+    return net.features
+
+
+class ReportDecoder(nn.Module):
+    """The report's decoder: five ConvTranspose2d(k=4, s=2, p=1) + ReLU + Dropout, then a 1×1 conv to one logit."""
+
+    needs_skips = False
+
+    def __init__(self, in_channels: int = 1280, channels=(512, 256, 128, 64, 32), dropout: float = 0.2):
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for width in channels:
+            layers += [nn.ConvTranspose2d(previous, width, kernel_size=4, stride=2, padding=1), nn.ReLU(inplace=True),
+                       nn.Dropout(dropout)]
+            previous = width
+        self.blocks = nn.Sequential(*layers)
+        self.head = nn.Conv2d(previous, 1, kernel_size=1)
+
+    def forward(self, features):
+        deepest = features[-1] if isinstance(features, (list, tuple)) else features
+        return self.head(self.blocks(deepest))
+
+
+class ConvBlock(nn.Sequential):
+    """conv3×3 → BatchNorm → ReLU, twice."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNetDecoder(nn.Module):
+    """U-Net decoder: at each of five ×2 upsamplings, concatenate the encoder's feature at that stride.
+
+    Channels (256, 128, 64, 32, 16) and skips from strides 16, 8, 4, 2 as in smp's Unet for mobilenet_v2.
+    """
+
+    needs_skips = True
+
+    def __init__(self, in_channels: int, skip_channels=(16, 24, 32, 96), channels=(256, 128, 64, 32, 16),
+                 dropout: float = 0.0):
+        super().__init__()
+        skips = list(reversed(skip_channels)) + [0]  # deepest skip first; the last block has none
+        blocks, previous = [], in_channels
+        for width, skip in zip(channels, skips):
+            blocks.append(ConvBlock(previous + skip, width))
+            previous = width
+        self.blocks = nn.ModuleList(blocks)
+        self.dropout = nn.Dropout2d(dropout)
+        self.head = nn.Conv2d(previous, 1, kernel_size=3, padding=1)
+
+    def forward(self, features):
+        *skips, x = features
+        skips = list(reversed(skips))
+        for k, block in enumerate(self.blocks):
+            x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+            if k < len(skips):
+                x = torch.cat([x, skips[k]], dim=1)
+            x = block(x)
+        return self.head(self.dropout(x))
+
+
+DECODERS = {"report": ReportDecoder, "unet": UNetDecoder}
+
+
+class SegmentationModel(nn.Module):
+    """Encoder + decoder → one logit per pixel (``N×1×H×W`` for ``N×3×H×W`` inputs, H and W multiples of 32).
+
+    With ``freeze_encoder=True`` the encoder's parameters do not train **and** its BatchNorm layers stay in
+    eval mode when ``model.train()`` is called, so their running statistics never move.
+    """
+
+    def __init__(self, encoder: nn.Sequential, decoder: nn.Module, spec: EncoderSpec, freeze_encoder: bool = False):
+        super().__init__()
+        self.encoder, self.decoder, self.spec = encoder, decoder, spec
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            for parameter in self.encoder.parameters():
+                parameter.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()
+        return self
+
+    def encode(self, x: torch.Tensor):
+        """The deepest feature map, or the list [skips..., deepest] when the decoder needs skips."""
+        if not getattr(self.decoder, "needs_skips", False):
+            return self.encoder(x)
+        outputs = []
+        for index, block in enumerate(self.encoder):
+            x = block(x)
+            if index in self.spec.skip_indices:
+                outputs.append(x)
+        return [*outputs, x]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.freeze_encoder:
+            with torch.no_grad():
+                features = self.encode(x)
+        else:
+            features = self.encode(x)
+        return self.decoder(features)
+
+
+def build_model(
+    encoder: str = "mobilenet_v2",
+    encoder_weights: str | None = "imagenet",
+    decoder: str = "report",
+    dropout: float = 0.2,
+    freeze_encoder: bool = False,
+) -> SegmentationModel:
+    """Build encoder + decoder; see ``build_encoder`` for ``encoder_weights``."""
+    spec = ENCODERS[encoder]
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; known: {sorted(DECODERS)}")
+    if decoder == "unet":
+        head = UNetDecoder(spec.out_channels, spec.skip_channels, dropout=dropout)
+    else:
+        head = ReportDecoder(spec.out_channels, dropout=dropout)
+    return SegmentationModel(build_encoder(encoder, encoder_weights), head, spec, freeze_encoder)
+
+
+def count_parameters(module: nn.Module) -> dict[str, int]:
+    """Total, trainable and non-trainable parameter counts of ``module``."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "non_trainable": total - trainable}

@@ -1,0 +1,238 @@
+"""Parameters of each chapter: their types and defaults (the report's configuration), profiles, validation.
+
+A chapter's parameters come from, lowest to highest precedence: the defaults here (the same literals as the
+notebook's ``parameters`` cell), ``params/<chapter>.yaml``, the data profile ``params/profiles/<name>.yaml``
+(keys the chapter does not take are ignored, so one profile serves every chapter), then explicit overrides.
+``validate`` checks everything before any work and reports every problem at once with the valid keys.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# key: (allowed types, default). Data keys are shared by every chapter.
+DATA_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
+    "profile": ((str,), "synthetic"),
+    "data_source": ((str,), "synthetic"),  # synthetic | isic2016
+    "data_dir": ((str,), ""),  # "" → $ISIC_DATA_DIR, else the profile's default folder under data/
+    "download": ((bool,), False),
+    "test_split": ((str,), "official"),  # official | holdout
+    "holdout_fraction": ((float,), 0.2),
+    "val_fraction": ((float,), 0.2),
+    "image_size": ((int,), 128),
+    "limit": ((int, type(None)), None),
+    "synthetic_train": ((int,), 200),
+    "synthetic_test": ((int,), 60),
+    "output_dir": ((str,), "outputs/synthetic"),
+}
+
+CHAPTER_KEYS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
+    "eda": {"n_samples": ((int,), 6)},
+    "train": {
+        "run_name": ((str,), "task1"),
+        "freeze_encoder": ((bool,), True),
+        "encoder_lr": ((float,), 1e-4),
+        "decoder_lr": ((float,), 1e-3),
+        "weight_decay": ((float,), 0.01),
+        "epochs": ((int,), 20),
+        "batch_size": ((int,), 32),
+        "dropout": ((float,), 0.2),
+        "decoder": ((str,), "report"),
+        "loss": ((str,), "bce"),
+        "augment": ((list,), ["hflip", "vflip"]),
+        "encoder_weights": ((str, type(None)), "imagenet"),
+        "allow_random_encoder": ((bool,), True),
+        "seeds": ((list,), [0]),
+        "precision": ((str,), "auto"),
+        "monitor_test": ((bool,), True),
+        "feature_cache": ((bool,), True),
+    },
+    "compare": {
+        "runs": ((list,), ["task1", "task2"]),
+    },
+}
+
+CHOICES = {
+    "data_source": ("synthetic", "isic2016"),
+    "test_split": ("official", "holdout"),
+    "decoder": ("report", "unet"),
+    "loss": ("bce", "bce+dice"),
+    "precision": ("auto", "fp32", "bf16"),
+}
+FRACTIONS = ("holdout_fraction", "val_fraction")
+RATES = ("encoder_lr", "decoder_lr")
+
+
+class ParameterError(ValueError):
+    """One or more parameters are wrong; the message lists every problem and the valid keys."""
+
+
+def schema(chapter: str) -> dict[str, tuple[tuple[type, ...], Any]]:
+    if chapter not in CHAPTER_KEYS:
+        raise ValueError(f"unknown chapter {chapter!r}; known: {sorted(CHAPTER_KEYS)}")
+    return {**DATA_KEYS, **CHAPTER_KEYS[chapter]}
+
+
+def defaults(chapter: str) -> dict[str, Any]:
+    return {key: (list(value) if isinstance(value, list) else value) for key, (_, value) in schema(chapter).items()}
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The folder holding ``params/profiles`` at or above ``start`` (default: the working directory).
+
+    Relative paths in parameters are taken from there, so a notebook opened in ``notebooks/`` and a papermill
+    run from the repository root read and write the same folders. Without a checkout (a pip install in Colab)
+    it is the working directory.
+    """
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params" / "profiles").is_dir():
+            return folder
+    return here
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ParameterError(f"parameter file {path} not found.")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParameterError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ParameterError(f"{path} must hold a mapping of parameter names to values, not {type(values).__name__}.")
+    return values
+
+
+def profile_path(profile: str, root: Path | None = None) -> Path:
+    root = root or project_root()
+    return root / "params" / "profiles" / f"{profile}.yaml"
+
+
+def resolve(chapter: str, run_file: str | Path | None = None, profile: str | None = None,
+            overrides: dict[str, Any] | None = None, root: Path | None = None) -> dict[str, Any]:
+    """Merge defaults ← run file ← profile ← overrides for ``chapter`` and validate the result."""
+    root = root or project_root()
+    values = defaults(chapter)
+    sources: list[tuple[str, dict]] = []
+    if run_file is not None:
+        sources.append((str(run_file), read_yaml(run_file)))
+    if profile is not None:
+        path = profile_path(profile, root)
+        if not path.is_file():
+            known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+            raise ParameterError(f"unknown data profile {profile!r} (no {path}); known profiles: {known}")
+        profile_values = read_yaml(path)
+        profile_values = {k: v for k, v in profile_values.items() if k in schema(chapter) or k not in _ALL_KEYS}
+        sources.append((str(path), {"profile": profile, **profile_values}))
+    if overrides:
+        sources.append(("overrides", overrides))
+    problems = []
+    for source, given in sources:
+        unknown = sorted(set(given) - set(schema(chapter)))
+        if unknown:
+            problems.append(f"{source}: unknown key(s) {unknown}")
+        values.update({k: v for k, v in given.items() if k in schema(chapter)})
+    problems += check(chapter, values, root)
+    if problems:
+        raise ParameterError(_message(chapter, problems))
+    return values
+
+
+_ALL_KEYS = set(DATA_KEYS).union(*[set(keys) for keys in CHAPTER_KEYS.values()])
+
+
+def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> list[str]:
+    """Every problem with ``values`` for ``chapter`` (unknown keys, types, ranges, missing files)."""
+    keys = schema(chapter)
+    problems = [f"unknown key {key!r}" for key in sorted(set(values) - set(keys))]
+    for key, (types, _) in keys.items():
+        if key not in values:
+            continue
+        value = values[key]
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
+            value = values[key] = float(value)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            problems.append(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
+            continue
+        if key in CHOICES and value not in CHOICES[key]:
+            problems.append(f"{key} must be one of {list(CHOICES[key])}, got {value!r}")
+    size = values.get("image_size")
+    if isinstance(size, int) and not isinstance(size, bool) and (size < 32 or size % 32):
+        problems.append(f"image_size must be a positive multiple of 32 (the encoder halves it five times), got {size}")
+    for key in FRACTIONS:
+        if isinstance(values.get(key), float) and not 0 < values[key] < 1:
+            problems.append(f"{key} must be in (0, 1), got {values[key]}")
+    for key in RATES:
+        if isinstance(values.get(key), float) and values[key] <= 0:
+            problems.append(f"{key} must be > 0, got {values[key]}")
+    for key in ("epochs", "batch_size", "n_samples", "synthetic_train", "synthetic_test"):
+        if isinstance(values.get(key), int) and not isinstance(values[key], bool) and values[key] < 1:
+            problems.append(f"{key} must be >= 1, got {values[key]}")
+    if isinstance(values.get("limit"), int) and values["limit"] < 2:
+        problems.append(f"limit must be >= 2 or null, got {values['limit']}")
+    if isinstance(values.get("dropout"), float) and not 0 <= values["dropout"] < 1:
+        problems.append(f"dropout must be in [0, 1), got {values['dropout']}")
+    if chapter == "train":
+        from .data import AUGMENTATIONS
+
+        augment = values.get("augment")
+        if isinstance(augment, list):
+            bad = [a for a in augment if a not in AUGMENTATIONS]
+            if bad:
+                problems.append(f"augment has unknown entries {bad}; valid: {list(AUGMENTATIONS)}")
+        seeds = values.get("seeds")
+        if isinstance(seeds, list) and (not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+            problems.append(f"seeds must be a non-empty list of integers, got {seeds!r}")
+        weights = values.get("encoder_weights")
+        if isinstance(weights, str) and weights not in ("imagenet", "none"):
+            path = Path(weights).expanduser()
+            path = path if path.is_absolute() else (root or project_root()) / path
+            if not path.is_file():
+                problems.append(f"encoder_weights file {weights} not found (looked at {path}); give an existing "
+                                "state_dict path, 'imagenet', or null")
+    if chapter == "compare":
+        runs = values.get("runs")
+        if isinstance(runs, list) and (len(runs) < 1 or not all(isinstance(r, str) for r in runs)):
+            problems.append(f"runs must be a non-empty list of run names, got {runs!r}")
+    return problems
+
+
+def _message(chapter: str, problems: list[str]) -> str:
+    lines = [f"{len(problems)} problem(s) with the {chapter} parameters:"] + [f"  - {p}" for p in problems]
+    lines.append(f"valid keys for {chapter}: {', '.join(sorted(schema(chapter)))}")
+    return "\n".join(lines)
+
+
+_NOTEBOOK_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+
+
+def from_notebook(chapter: str, namespace: dict[str, Any]) -> dict[str, Any]:
+    """Collect and validate the chapter's parameters from a notebook's globals (after papermill injected them).
+
+    Plain variables that are not parameters (a mistyped injected name, say) are reported as unknown keys.
+    """
+    values = {}
+    unknown = []
+    for name, value in namespace.items():
+        if name.startswith("_") or name in _NOTEBOOK_NAMES or callable(value) or type(value).__name__ == "module":
+            continue
+        if name in schema(chapter):
+            values[name] = value
+        else:
+            unknown.append(name)
+    problems = [f"unknown parameter {name!r}" for name in sorted(unknown)] + check(chapter, values)
+    if problems:
+        raise ParameterError(_message(chapter, problems))
+    return {**defaults(chapter), **values}
+
+
+def absolute(path: str | Path, root: Path | None = None) -> Path:
+    """``path`` made absolute against the project root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else (root or project_root()) / path

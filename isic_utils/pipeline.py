@@ -1,0 +1,158 @@
+"""Papermill orchestration: which notebook, which parameters, where the output goes.
+
+``run_report(profile)`` runs EDA → task 1 → task 2 (→ task 3 when the profile asks) → comparison into
+``outputs/<profile>/``, exports each executed notebook to HTML, and writes ``index.html``. A chapter whose
+executed notebook is up to date (same parameters, finished) is not run again unless ``force``; a failing cell
+stops the pipeline with a ``ChapterFailed`` naming the notebook and the cell, and the partly executed notebook
+is kept beside the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import params as P
+from .report import atomic_path, write_json, write_text
+
+NOTEBOOKS = {"eda": "01_eda.ipynb", "train": "02_train.ipynb", "compare": "03_compare.ipynb"}
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # output name: eda, task1, task2, task3, compare
+    chapter: str  # eda | train | compare
+    run_file: str  # params/<name>.yaml
+
+
+def steps_for(profile_values: dict) -> list[Step]:
+    runs = profile_values.get("runs", ["task1", "task2"])
+    return ([Step("eda", "eda", "eda.yaml")] + [Step(run, "train", f"{run}.yaml") for run in runs]
+            + [Step("compare", "compare", "compare.yaml")])
+
+
+class ChapterFailed(RuntimeError):
+    """A notebook failed; the message names it, the cell, and where the partial notebook is."""
+
+
+def _fingerprint(values: dict) -> str:
+    return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def export_html(notebook_path: Path, html_path: Path) -> Path:
+    """Export an executed notebook to a self-contained HTML page (figures embedded)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    notebook = nbformat.read(notebook_path, as_version=4)
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(notebook)
+    return write_text(html_path, body)
+
+
+def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str | None = None) -> float:
+    """Execute one chapter with papermill into ``out_dir``; returns its wall time in seconds."""
+    import papermill as pm
+
+    source = root / "notebooks" / NOTEBOOKS[step.chapter]
+    target = out_dir / f"{step.name}.ipynb"
+    partial = out_dir / f"{step.name}.partial.ipynb"
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(str(source), str(partial), parameters=values, cwd=str(root), progress_bar=False,
+                            kernel_name=kernel, log_output=False)
+    except pm.PapermillExecutionError as exc:
+        raise ChapterFailed(
+            f"{source.name} ({step.name}) failed in cell {exc.exec_count} with {exc.ename}: {exc.evalue}\n"
+            f"The partly executed notebook is kept at {partial}. Fix the cause and rerun: finished chapters are "
+            "not run again."
+        ) from exc
+    partial.replace(target)
+    export_html(target, out_dir / f"{step.name}.html")
+    return time.perf_counter() - start
+
+
+def run_report(profile: str = "synthetic", force: bool = False, only: list[str] | None = None,
+               overrides: dict | None = None, root: Path | None = None, kernel: str | None = None,
+               echo=print) -> dict[str, float]:
+    """Run every chapter of the report for ``profile``; returns {chapter: seconds} (0 for a chapter skipped)."""
+    root = root or P.project_root()
+    profile_values = P.read_yaml(P.profile_path(profile, root)) if P.profile_path(profile, root).is_file() else {}
+    steps = steps_for(profile_values)
+    # validate every chapter before any work
+    resolved = {}
+    for step in steps:
+        chapter_overrides = {k: v for k, v in (overrides or {}).items() if k in P.schema(step.chapter)}
+        values = P.resolve(step.chapter, root / "params" / step.run_file, profile, chapter_overrides, root)
+        if step.chapter == "compare":
+            values["runs"] = [s.name for s in steps if s.chapter == "train"]
+        resolved[step.name] = values
+    out_dir = P.absolute(resolved["eda"]["output_dir"], root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = out_dir / "pipeline.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    timings: dict[str, float] = {}
+    echo(f"report: profile {profile!r} → {out_dir}")
+    if resolved["eda"]["data_source"] == "synthetic":
+        echo("report: running on SYNTHETIC data (the offline default); use DATA=isic2016 for the real report")
+    upstream_changed = False
+    for step in steps:
+        if only and step.name not in only:
+            continue
+        values = resolved[step.name]
+        key = _fingerprint(values)
+        done = state.get(step.name, {})
+        fresh = done.get("fingerprint") == key and (out_dir / f"{step.name}.html").exists()
+        if fresh and not force and not (upstream_changed and step.chapter == "compare"):
+            echo(f"report: {step.name:8s} up to date, skipped")
+            timings[step.name] = 0.0
+            continue
+        echo(f"report: {step.name:8s} running {NOTEBOOKS[step.chapter]} ...")
+        seconds = run_chapter(step, values, out_dir, root, kernel)
+        timings[step.name] = seconds
+        upstream_changed = True
+        state[step.name] = {"fingerprint": key, "seconds": seconds, "finished": time.time()}
+        write_json(state_path, state)
+        echo(f"report: {step.name:8s} done in {seconds / 60:.1f} min")
+    write_index(out_dir, steps, resolved, state)
+    total = sum(timings.values())
+    echo("report: chapter times — " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+         + f"; total {total / 60:.1f} min")
+    echo(f"report: open {out_dir / 'index.html'}")
+    return timings
+
+
+def write_index(out_dir: Path, steps: list[Step], resolved: dict, state: dict) -> Path:
+    """``index.html``: what data the report ran on, links to each chapter, its tables and figures."""
+    from .study import describe_data
+
+    first = resolved[steps[0].name]
+    note = describe_data(first).replace("**", "")
+    items = []
+    for step in steps:
+        seconds = state.get(step.name, {}).get("seconds")
+        timing = f" ({seconds / 60:.1f} min)" if seconds is not None else ""
+        links = [f'<a href="{step.name}.html">{step.name}.html</a>', f'<a href="{step.name}.ipynb">notebook</a>']
+        folder = out_dir / step.name
+        extras = []
+        for kind in ("tables", "figures"):
+            for path in sorted((folder / kind).glob("*.csv" if kind == "tables" else "*.png")):
+                extras.append(f'<a href="{step.name}/{kind}/{path.name}">{path.name}</a>')
+        items.append(f"<li><b>{html.escape(step.name)}</b>{timing}: {' · '.join(links)}"
+                     + (f"<br><small>{' · '.join(extras)}</small>" if extras else "") + "</li>")
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>ISIC 2016 segmentation report — {html.escape(first['profile'])}</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.5}}
+.note{{background:#fff3cd;padding:.6em 1em;border-radius:4px}}</style></head><body>
+<h1>Skin-lesion segmentation on ISIC 2016 with a MobileNetV2 encoder</h1>
+<p class="note">Profile <b>{html.escape(first['profile'])}</b>: {html.escape(note)}</p>
+<ol>{''.join(items)}</ol>
+</body></html>
+"""
+    target = out_dir / "index.html"
+    with atomic_path(target) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return target

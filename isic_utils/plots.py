@@ -1,0 +1,174 @@
+"""Every figure of the report: one function each, returning the matplotlib Figure; ``save_figure`` writes PNGs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+import torch
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def save_figure(fig, run_dir: str | Path, name: str, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``figures/NAME.png`` under ``run_dir`` (atomically) and return the path."""
+    from .report import atomic_path
+
+    target = Path(run_dir) / "figures" / f"{name}.png"
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    return target
+
+
+def _show_image(ax, image_uint8: torch.Tensor, title: str = ""):
+    ax.imshow(image_uint8.permute(1, 2, 0).numpy())
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def _show_mask(ax, mask: torch.Tensor, title: str = ""):
+    ax.imshow(mask.squeeze(0).numpy(), cmap="gray", vmin=0, vmax=1)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def sample_grid(images: torch.Tensor, masks: torch.Tensor, ids: Sequence[str], columns: int = 6):
+    """Figure 1: sample images (top row) with their ground-truth masks (bottom row)."""
+    count = min(columns, len(images))
+    fig, axes = plt.subplots(2, count, figsize=(2.2 * count, 4.6), squeeze=False)
+    for k in range(count):
+        _show_image(axes[0, k], images[k], ids[k])
+        _show_mask(axes[1, k], masks[k], "mask")
+    fig.suptitle("Sample images and their lesion masks")
+    fig.tight_layout()
+    return fig
+
+
+def size_distribution(sizes: pd.DataFrame):
+    """Figure 2: original image sizes (width × height scatter, with the width histogram)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    counts = sizes.groupby(["width", "height"]).size().reset_index(name="images")
+    sns.scatterplot(data=counts, x="width", y="height", size="images", ax=axes[0], legend="brief")
+    axes[0].set_title("Original sizes (px)")
+    sns.histplot(sizes["width"] * sizes["height"] / 1e6, bins=20, ax=axes[1])
+    axes[1].set_xlabel("megapixels")
+    axes[1].set_title("Image area")
+    fig.tight_layout()
+    return fig
+
+
+def augmentation_examples(images: torch.Tensor, masks: torch.Tensor, rows: int = 3):
+    """Figure 3: original, horizontal flip, vertical flip and colour jitter, each image with its mask."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    from .data import joint_transform
+
+    names = ["original", "horizontal flip", "vertical flip", "colour jitter"]
+    transforms = [None, v2.RandomHorizontalFlip(1.0), v2.RandomVerticalFlip(1.0), joint_transform(["color_jitter"], 0.3)]
+    count = min(rows, len(images))
+    fig, axes = plt.subplots(2 * count, 4, figsize=(9, 4.6 * count), squeeze=False)
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(0)  # the jitter shown is the same every run
+    for r in range(count):
+        for c, name in enumerate(names):
+            image, mask = tv_tensors.Image(images[r]), tv_tensors.Mask(masks[r])
+            transform = transforms[c]
+            if transform is not None:
+                image, mask = transform(image, mask)
+            _show_image(axes[2 * r, c], image.as_subclass(torch.Tensor), name)
+            _show_mask(axes[2 * r + 1, c], mask.as_subclass(torch.Tensor))
+    torch.set_rng_state(generator_state)
+    fig.suptitle("Augmentations (flips move image and mask together; jitter changes the image only)")
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(history: pd.DataFrame, title: str = "Loss per epoch"):
+    """Figures 4 / 9: train, validation and (monitoring) test loss per epoch."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for column, label in (("train_loss", "train"), ("val_loss", "validation"), ("test_loss", "test (monitor)")):
+        if column in history:
+            ax.plot(history["epoch"], history[column], marker="o", markersize=3, label=label,
+                    linestyle="--" if column.startswith("test") else "-")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("BCE loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def metric_curves(history: pd.DataFrame, metric: str, title: str | None = None, best_epoch: int | None = None):
+    """Figures 5–7 / 10–12: one metric (``iou``, ``dice``, ``accuracy``) per epoch, validation and test."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for split, label, style in (("val", "validation", "-"), ("test", "test (monitor)", "--")):
+        for kind in ("mean", "pooled"):
+            column = f"{split}_{metric}_{kind}"
+            if column in history and (kind == "mean" or metric == "iou"):
+                ax.plot(history["epoch"], history[column], marker="o", markersize=3, linestyle=style,
+                        label=f"{label}, {'mean per image' if kind == 'mean' else 'pooled pixels'}")
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color="grey", linewidth=1, linestyle=":", label=f"selected (epoch {best_epoch})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} per epoch")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def predictions(images: torch.Tensor, masks: torch.Tensor, probabilities: torch.Tensor, ids: Sequence[str],
+                scores: Sequence[float] | None = None, columns: int = 6):
+    """Figures 8 / 13: images with their actual and predicted masks (probability > 0.5)."""
+    count = min(columns, len(images))
+    fig, axes = plt.subplots(3, count, figsize=(2.2 * count, 6.8), squeeze=False)
+    for k in range(count):
+        _show_image(axes[0, k], images[k], ids[k])
+        _show_mask(axes[1, k], masks[k], "actual")
+        title = "predicted" + (f" (IoU {scores[k]:.2f})" if scores is not None else "")
+        _show_mask(axes[2, k], (probabilities[k].float() > 0.5).float(), title)
+    fig.tight_layout()
+    return fig
+
+
+def compare_curves(histories: dict[str, pd.DataFrame], metric: str = "val_iou_mean", ylabel: str = "validation IoU"):
+    """Both (all) runs' curves of one history column side by side."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, history in histories.items():
+        if metric in history:
+            ax.plot(history["epoch"], history[metric], marker="o", markersize=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def compare_predictions(images: torch.Tensor, masks: torch.Tensor, predicted: dict[str, torch.Tensor],
+                        ids: Sequence[str], columns: int = 6):
+    """The same test images predicted by every run: image, actual mask, then one row per run."""
+    count = min(columns, len(images))
+    fig, axes = plt.subplots(2 + len(predicted), count, figsize=(2.2 * count, 2.3 * (2 + len(predicted))),
+                             squeeze=False)
+    for k in range(count):
+        _show_image(axes[0, k], images[k], ids[k])
+        _show_mask(axes[1, k], masks[k], "actual")
+        for r, (name, probabilities) in enumerate(predicted.items(), start=2):
+            _show_mask(axes[r, k], (probabilities[k].float() > 0.5).float(), name)
+    fig.tight_layout()
+    return fig
+
+
+def per_image_distribution(per_image: dict[str, pd.DataFrame], metric: str = "iou"):
+    """Distribution of per-image scores for each run (box + strip)."""
+    long = pd.concat([table.assign(run=name) for name, table in per_image.items()], ignore_index=True)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sns.boxplot(data=long, x="run", y=metric, ax=ax, color="white", fliersize=0)
+    sns.stripplot(data=long, x="run", y=metric, ax=ax, size=2, alpha=0.5)
+    ax.set_title(f"per-image {metric} on the test set")
+    fig.tight_layout()
+    return fig

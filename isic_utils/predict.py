@@ -1,0 +1,77 @@
+"""Apply a trained checkpoint to new images: one binary mask per image at the image's original size.
+
+``python -m isic_utils predict --checkpoint RUN_DIR/seed0/best.pt --input DIR --output DIR [--overlays]``
+writes ``<stem>_Segmentation.png`` (0/255, the ISIC naming) for every JPEG/PNG in ``--input``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import IMAGE_SUFFIXES, DataError, normalize, read_image
+from .model import build_model
+from .report import atomic_path
+from .training import CheckpointMismatch, load_checkpoint
+
+
+def load_predictor(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model a ``best.pt`` describes and load its weights (``weights_only=True``)."""
+    state = load_checkpoint(checkpoint)
+    if not isinstance(state, dict) or "meta" not in state or "model" not in state:
+        raise CheckpointMismatch(f"{checkpoint} is not a best.pt written by this project's training (no 'meta').")
+    meta = state["meta"]
+    model = build_model(meta["encoder"], encoder_weights=None, decoder=meta["decoder"], dropout=meta["dropout"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointMismatch(
+            f"{checkpoint} holds weights that do not fit a {meta['encoder']} + {meta['decoder']} model: {exc}"
+        ) from exc
+    return model.eval(), meta
+
+
+@torch.no_grad()
+def predict_probabilities(model, meta: dict, images_uint8: torch.Tensor) -> torch.Tensor:
+    """Probability maps ``N×1×S×S`` for uint8 ``N×3×S×S`` images at the checkpoint's image size."""
+    x = normalize(images_uint8, meta["mean"], meta["std"])
+    return torch.sigmoid(model(x).float())
+
+
+def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: str | Path,
+                   overlays: bool = False) -> list[Path]:
+    """Write a 0/255 PNG mask at original size for every image in ``input_dir``; returns the mask paths.
+
+    Every JPEG/PNG is read (``*_Segmentation.png`` and ``*_superpixels.png`` files are masks, not inputs, and are
+    skipped); an unreadable file raises ``DataError`` naming it.
+    """
+    model, meta = load_predictor(checkpoint)
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    files = sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.stem.endswith(("_Segmentation", "_superpixels")))
+    if not files:
+        raise DataError(f"no .jpg/.jpeg/.png images in {input_dir}. Point --input at a folder of images.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in files:
+        image, (width, height) = read_image(path, meta["image_size"])
+        probabilities = predict_probabilities(model, meta, image.unsqueeze(0))
+        full = torch.nn.functional.interpolate(probabilities, size=(height, width), mode="bilinear",
+                                               align_corners=False)
+        mask = ((full[0, 0] > meta["threshold"]).numpy().astype(np.uint8)) * 255
+        target = output_dir / f"{path.stem}_Segmentation.png"
+        with atomic_path(target) as tmp:
+            Image.fromarray(mask).save(tmp, format="PNG")
+        written.append(target)
+        if overlays:
+            original, _ = read_image(path, None)
+            picture = original.permute(1, 2, 0).numpy().astype(np.float32)
+            tint = np.zeros_like(picture)
+            tint[..., 1] = 255
+            picture = np.where(mask[..., None] > 0, 0.6 * picture + 0.4 * tint, picture)
+            with atomic_path(output_dir / f"{path.stem}_overlay.jpg") as tmp:
+                Image.fromarray(picture.astype(np.uint8)).save(tmp, format="JPEG", quality=90)
+    return written

@@ -1,0 +1,539 @@
+"""Training and evaluation: batches sliced from memory, one epoch, one evaluation, the fit loop with
+per-epoch atomic checkpoints, resume, selection on validation and one final scoring of the test set.
+
+Speed (see ``benchmarks/bench_training.py``): the data set is one uint8 tensor in memory, batches are sliced,
+augmented and normalised in batch; the model runs ``channels_last``; ``precision="auto"`` uses bf16 autocast
+only where the CPU has native bf16 (AMX or AVX512-BF16; elsewhere bf16 is emulated and far slower than fp32),
+CUDA autocast on a GPU; AdamW is ``fused``. With a frozen encoder and at most flip augmentation, the encoder's
+features are computed once per image and flip (``feature_cache``), which gives the same result as encoding
+every batch (the encoder is deterministic in eval mode) at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from . import metrics
+from .data import DecodedSplit, ReportData, normalize
+from .model import SegmentationModel, count_parameters
+
+FLIPS = ("hflip", "vflip")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint holds another configuration than the one asked for."""
+
+
+def progress_bar(iterable: Iterable, total: int | None = None, desc: str = "", enabled: bool = True):
+    """tqdm in a terminal; nothing in notebooks and logs (where per-epoch lines are printed instead), so an
+    exported HTML page never shows a widget placeholder or hundreds of carriage-return updates."""
+    from tqdm import tqdm
+
+    show = enabled and sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run's result (its fingerprint guards resume)."""
+
+    freeze_encoder: bool = True
+    encoder_lr: float = 1e-4
+    decoder_lr: float = 1e-3
+    weight_decay: float = 0.01
+    epochs: int = 20
+    batch_size: int = 32
+    seed: int = 0
+    augment: Sequence[str] = ("hflip", "vflip")
+    loss: str = "bce"  # "bce" or "bce+dice"
+    precision: str = "auto"  # "auto", "fp32", "bf16"
+    channels_last: bool = True
+    feature_cache: bool = True  # used only when the encoder is frozen and augmentation is flips at most
+    monitor_test: bool = True  # score the test set every epoch (monitoring only, never for selection)
+    eval_batch_size: int = 64
+    device: str = "cpu"
+
+    def fingerprint(self) -> dict:
+        keep = asdict(self)
+        keep["augment"] = list(self.augment)
+        for volatile in ("precision", "channels_last", "feature_cache", "eval_batch_size", "device", "epochs",
+                         "monitor_test"):
+            keep.pop(volatile)
+        return keep
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AMX tiles or AVX512-BF16)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # older torch
+        return False
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    """``auto`` → ``bf16`` on a GPU or a CPU with native bf16, else ``fp32``."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(precision: str, device: str):
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch's global RNG (dropout, initialisation) and return a generator for shuffling/augmentation."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def batch_indices(count: int, batch_size: int, generator: torch.Generator | None, drop_single: bool = False):
+    """Index tensors covering ``range(count)``, shuffled with ``generator`` (in order when None).
+
+    With ``drop_single`` a last batch of one image is dropped (train-mode BatchNorm cannot use it).
+    """
+    order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
+    chunks = list(order.split(batch_size))
+    if drop_single and len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks.pop()
+    return chunks
+
+
+def draw_augmentation(count: int, augment: Sequence[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random per-image choices for one batch. Drawn in a fixed order, so cached and uncached paths agree."""
+    draws = {}
+    for name in ("hflip", "vflip"):
+        if name in augment:
+            draws[name] = torch.rand(count, generator=generator) < 0.5
+    if "rot90" in augment:
+        draws["rot90"] = torch.randint(0, 4, (count,), generator=generator)
+    if "color_jitter" in augment:
+        draws["jitter"] = torch.rand(count, 4, generator=generator)
+    return draws
+
+
+def _where(selected: torch.Tensor, changed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    return torch.where(selected.view(-1, *([1] * (original.dim() - 1))), changed, original)
+
+
+def apply_augmentation(images: torch.Tensor, masks: torch.Tensor, draws: dict[str, torch.Tensor],
+                       jitter: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply drawn flips / 90° rotations jointly to uint8 images and masks, and colour jitter to images only.
+
+    Uses ``torchvision.transforms.v2.functional`` per image only for colour jitter; flips and rotations are
+    done for the whole batch at once.
+    """
+    from torchvision.transforms.v2 import functional as F
+
+    if "hflip" in draws:
+        images, masks = _where(draws["hflip"], images.flip(-1), images), _where(draws["hflip"], masks.flip(-1), masks)
+    if "vflip" in draws:
+        images, masks = _where(draws["vflip"], images.flip(-2), images), _where(draws["vflip"], masks.flip(-2), masks)
+    if "rot90" in draws:
+        turns = draws["rot90"]
+        rotated_images, rotated_masks = images.clone(), masks.clone()
+        for k in (1, 2, 3):
+            chosen = turns == k
+            if chosen.any():
+                rotated_images[chosen] = images[chosen].rot90(k, dims=(-2, -1))
+                rotated_masks[chosen] = masks[chosen].rot90(k, dims=(-2, -1))
+        images, masks = rotated_images, rotated_masks
+    if "jitter" in draws:
+        factors = 1 + jitter * (2 * draws["jitter"] - 1)  # brightness, contrast, saturation in [1-j, 1+j]
+        jittered = []
+        for image, (brightness, contrast, saturation, hue) in zip(images, factors.tolist()):
+            image = F.adjust_brightness(image, brightness)
+            image = F.adjust_contrast(image, contrast)
+            image = F.adjust_saturation(image, saturation)
+            jittered.append(F.adjust_hue(image, (hue - 1) / 10))
+        images = torch.stack(jittered)
+    return images, masks
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+
+def uses_feature_cache(model: SegmentationModel, config: TrainConfig) -> bool:
+    return bool(config.feature_cache and model.freeze_encoder and set(config.augment) <= set(FLIPS))
+
+
+def flip_variants(augment: Sequence[str]) -> list[tuple[bool, bool]]:
+    """(hflip, vflip) combinations that ``augment`` can produce; index = hflip + 2 * vflip when both are on."""
+    hs = (False, True) if "hflip" in augment else (False,)
+    vs = (False, True) if "vflip" in augment else (False,)
+    return [(h, v) for v in vs for h in hs]
+
+
+@torch.no_grad()
+def encode_all(model: SegmentationModel, images: torch.Tensor, precision: str, device: str, batch_size: int = 64,
+               channels_last: bool = True, hflip: bool = False, vflip: bool = False):
+    """The frozen encoder's features for every image (after the given flips), kept on the CPU."""
+    spec = model.spec
+    outputs = None
+    for rows in batch_indices(len(images), batch_size, None):
+        batch = images[rows]
+        if hflip:
+            batch = batch.flip(-1)
+        if vflip:
+            batch = batch.flip(-2)
+        x = _to_input(batch, spec, device, channels_last)
+        with autocast(precision, device):
+            features = model.encode(x)
+        features = [features] if torch.is_tensor(features) else features
+        if outputs is None:
+            outputs = [[] for _ in features]
+        for store, feature in zip(outputs, features):
+            store.append(feature.cpu())
+    joined = [torch.cat(store) for store in outputs]
+    return joined[0] if len(joined) == 1 else joined
+
+
+def _select_features(features, rows: torch.Tensor):
+    return features[rows] if torch.is_tensor(features) else [f[rows] for f in features]
+
+
+def _cached_batch(cache: list, variant_of: Callable, rows: torch.Tensor, draws: dict, device: str):
+    """Features for ``rows`` from the variant (flip combination) each image drew."""
+    variants = variant_of(draws, len(rows))
+    first = cache[0]
+    template = first if torch.is_tensor(first) else first[-1]
+    out = torch.empty((len(rows), *template.shape[1:]), dtype=template.dtype)
+    for v, store in enumerate(cache):
+        chosen = variants == v
+        if chosen.any():
+            out[chosen] = store[rows[chosen]]
+    return out.to(device)
+
+
+# ----------------------------------------------------------------------------- one step, one epoch, one evaluation
+
+
+def _to_input(images_uint8: torch.Tensor, spec, device: str, channels_last: bool) -> torch.Tensor:
+    x = normalize(images_uint8, spec.mean, spec.std).to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 − soft Dice per image, averaged (computed on probabilities)."""
+    probabilities = torch.sigmoid(logits).flatten(1)
+    targets = targets.flatten(1)
+    intersection = (probabilities * targets).sum(1)
+    return (1 - (2 * intersection + eps) / (probabilities.sum(1) + targets.sum(1) + eps)).mean()
+
+
+def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``bce`` (BCE with logits, the report's loss) or ``bce+dice``; always computed in fp32."""
+    if kind == "bce":
+        return lambda logits, targets: nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
+    if kind == "bce+dice":
+        return lambda logits, targets: (nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
+                                        + soft_dice_loss(logits.float(), targets))
+    raise ValueError(f"loss must be 'bce' or 'bce+dice', got {kind!r}")
+
+
+@dataclass
+class Evaluation:
+    """Mean loss, per-image confusion counts and (optionally) the probability maps of one evaluated split."""
+
+    loss: float
+    counts: torch.Tensor
+    probabilities: torch.Tensor | None = None
+
+    def summary(self) -> dict[str, float]:
+        return {"loss": self.loss, **metrics.summarize(self.counts)}
+
+
+@torch.no_grad()
+def evaluate(model: SegmentationModel, split: DecodedSplit, config: TrainConfig, precision: str,
+             features=None, keep_probabilities: bool = False) -> Evaluation:
+    """Loss and per-image counts over the **whole** split (threshold 0.5 on probabilities)."""
+    model.eval()
+    criterion = loss_fn(config.loss)
+    total, counts, kept = 0.0, [], []
+    for rows in batch_indices(len(split), config.eval_batch_size, None):
+        targets = split.masks[rows].float().to(config.device)
+        with autocast(precision, config.device):
+            if features is not None:
+                logits = model.decoder(_move(_select_features(features, rows), config.device))
+            else:
+                logits = model(_to_input(split.images[rows], model.spec, config.device, config.channels_last))
+        logits = logits.float()
+        total += float(criterion(logits, targets)) * len(rows)
+        probabilities = torch.sigmoid(logits)
+        counts.append(metrics.confusion_counts(probabilities, targets).cpu())
+        if keep_probabilities:
+            kept.append(probabilities.cpu().half())
+    return Evaluation(total / len(split), torch.cat(counts), torch.cat(kept) if keep_probabilities else None)
+
+
+def _move(features, device: str):
+    return features.to(device) if torch.is_tensor(features) else [f.to(device) for f in features]
+
+
+def build_optimizer(model: SegmentationModel, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with a decoder group (``decoder_lr``) and, when the encoder trains, an encoder group (``encoder_lr``)."""
+    groups = [{"params": [p for p in model.decoder.parameters() if p.requires_grad], "lr": config.decoder_lr,
+               "name": "decoder"}]
+    if not model.freeze_encoder:
+        groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": config.encoder_lr,
+                       "name": "encoder"})
+    fused = config.device.startswith("cuda") or hasattr(torch._C, "_fused_adamw_")
+    try:
+        return torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused)
+    except (RuntimeError, TypeError):  # fused not available on this build/device
+        return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def train_epoch(model: SegmentationModel, split: DecodedSplit, optimizer, config: TrainConfig, precision: str,
+                generator: torch.Generator, feature_cache: list | None = None,
+                on_step: Callable[[int], None] | None = None, desc: str = "train") -> float:
+    """One pass over ``split`` in seeded random order; returns the mean training loss.
+
+    Raises ``TrainingDiverged`` on a NaN or infinite loss (before the optimiser steps on it).
+    """
+    model.train()
+    criterion = loss_fn(config.loss)
+    total, seen = 0.0, 0
+    chunks = batch_indices(len(split), config.batch_size, generator, drop_single=not model.freeze_encoder)
+    variants = flip_variants(config.augment)
+    for step, rows in enumerate(progress_bar(chunks, total=len(chunks), desc=desc)):
+        draws = draw_augmentation(len(rows), config.augment, generator)
+        masks = split.masks[rows]
+        if feature_cache is not None:
+            inputs = _cached_batch(feature_cache, lambda d, n: _variant_index(d, n, variants), rows, draws,
+                                   config.device)
+            _, masks = apply_augmentation(masks, masks, draws)  # flip the masks like the cached features
+        else:
+            images, masks = apply_augmentation(split.images[rows], masks, draws)
+            inputs = _to_input(images, model.spec, config.device, config.channels_last)
+        targets = masks.float().to(config.device)
+        with autocast(precision, config.device):
+            logits = model.decoder(inputs) if feature_cache is not None else model(inputs)
+        loss = criterion(logits, targets)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {float(loss)} at batch {step}. Training stopped; the last complete epoch's checkpoint "
+                "is kept. Fix: lower the learning rates, or use precision='fp32'."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(rows)
+        seen += len(rows)
+        if on_step is not None:
+            on_step(step)
+    return total / max(seen, 1)
+
+
+def _variant_index(draws: dict, count: int, variants: list[tuple[bool, bool]]) -> torch.Tensor:
+    h = draws.get("hflip", torch.zeros(count, dtype=torch.bool))
+    v = draws.get("vflip", torch.zeros(count, dtype=torch.bool))
+    lookup = {pair: k for k, pair in enumerate(variants)}
+    return torch.tensor([lookup[(bool(a), bool(b))] for a, b in zip(h, v)], dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+
+
+def _save(obj, path: Path) -> None:
+    from .report import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def model_meta(model: SegmentationModel, image_size: int) -> dict:
+    """What a checkpoint must say about the model so that ``predict`` can rebuild and check it."""
+    return {
+        "encoder": model.spec.name,
+        "decoder": "unet" if getattr(model.decoder, "needs_skips", False) else "report",
+        "dropout": _dropout_of(model),
+        "image_size": image_size,
+        "mean": list(model.spec.mean),
+        "std": list(model.spec.std),
+        "threshold": 0.5,
+    }
+
+
+def _dropout_of(model: SegmentationModel) -> float:
+    for module in model.decoder.modules():
+        if isinstance(module, (nn.Dropout, nn.Dropout2d)):
+            return float(module.p)
+    return 0.0
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint written by ``fit`` (safely: ``weights_only=True``)."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise CheckpointMismatch(
+            f"{path} cannot be read as a checkpoint of this project ({exc}). Delete it to start the run afresh."
+        ) from exc
+
+
+# ----------------------------------------------------------------------------- the fit loop
+
+
+@dataclass
+class FitResult:
+    """History (one row per epoch), the chosen epoch and the final test scoring with its checkpoint."""
+
+    history: pd.DataFrame
+    best_epoch: int
+    test: Evaluation
+    val: Evaluation
+    run_dir: Path
+    precision: str
+    used_feature_cache: bool
+    seconds: float
+    timings: dict = field(default_factory=dict)
+
+
+def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir: str | Path,
+        on_step: Callable[[int, int], None] | None = None, resume: bool = True, verbose: bool = True) -> FitResult:
+    """Train for ``config.epochs`` epochs; select the checkpoint with the best validation mean IoU; score the
+    test set once with it.
+
+    Every epoch writes ``last.pt`` (model, optimiser, RNG states, history) atomically; ``best.pt`` holds the
+    selected weights. Rerunning with the same ``run_dir`` and configuration resumes after the last complete
+    epoch (``resume=False`` starts afresh); a different configuration raises ``CheckpointMismatch``.
+    Per-epoch test columns are monitoring only: nothing is chosen with them.
+    """
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = config.device
+    precision = resolve_precision(config.precision, device)
+    generator = seed_everything(config.seed)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, config)
+    image_size = int(data.train.images.shape[-1])
+    fingerprint = {**config.fingerprint(), "image_size": image_size, **model_meta(model, image_size),
+                   "train_ids": len(data.train), "params": count_parameters(model)["total"]}
+    rows: list[dict] = []
+    best_iou, best_epoch = -math.inf, 0
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path)
+        if state.get("fingerprint") != fingerprint:
+            raise CheckpointMismatch(
+                f"{last_path} was written by another configuration:\n  saved: {state.get('fingerprint')}\n"
+                f"  asked: {fingerprint}\nUse another output folder, or delete {last_path} to start afresh."
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        generator.set_state(state["rng"]["generator"])
+        rows = state["history"]
+        best_iou, best_epoch = state["best_iou"], state["best_epoch"]
+        if verbose:
+            print(f"resuming {run_dir} after epoch {len(rows)}")
+    elif not resume:
+        for stale in (last_path, best_path):
+            stale.unlink(missing_ok=True)
+
+    cached = uses_feature_cache(model, config)
+    timings = {"feature_cache_s": 0.0}
+    train_cache = val_features = test_features = None
+    if cached and len(rows) < config.epochs:
+        t0 = time.perf_counter()
+        model.eval()
+        train_cache = [encode_all(model, data.train.images, precision, device, config.eval_batch_size,
+                                  config.channels_last, h, v) for h, v in flip_variants(config.augment)]
+        val_features = encode_all(model, data.val.images, precision, device, config.eval_batch_size,
+                                  config.channels_last)
+        if config.monitor_test:
+            test_features = encode_all(model, data.test.images, precision, device, config.eval_batch_size,
+                                       config.channels_last)
+        timings["feature_cache_s"] = time.perf_counter() - t0
+
+    for epoch in range(len(rows) + 1, config.epochs + 1):
+        t0 = time.perf_counter()
+        train_loss = train_epoch(model, data.train, optimizer, config, precision, generator, train_cache,
+                                 on_step=(lambda step, e=epoch: on_step(e, step)) if on_step else None,
+                                 desc=f"epoch {epoch}/{config.epochs}")
+        train_s = time.perf_counter() - t0
+        val = evaluate(model, data.val, config, precision, val_features)
+        row = {"epoch": epoch, "train_loss": train_loss, **_prefixed("val", val.summary())}
+        if config.monitor_test:
+            row.update(_prefixed("test", evaluate(model, data.test, config, precision, test_features).summary()))
+        row["train_seconds"] = train_s
+        row["epoch_seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        if row["val_iou_mean"] > best_iou:
+            best_iou, best_epoch = row["val_iou_mean"], epoch
+            _save({"model": model.state_dict(), "meta": model_meta(model, image_size), "epoch": epoch,
+                   "val_iou_mean": best_iou, "config": fingerprint}, best_path)
+        _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(generator),
+               "history": rows, "best_iou": best_iou, "best_epoch": best_epoch, "fingerprint": fingerprint},
+              last_path)
+        if verbose:
+            line = (f"epoch {epoch:>2}/{config.epochs}  train loss {train_loss:.4f}  val loss {row['val_loss']:.4f}"
+                    f"  val IoU {row['val_iou_mean']:.4f}  ({row['epoch_seconds']:.1f} s)")
+            if config.monitor_test:
+                line += f"  [test IoU {row['test_iou_mean']:.4f}, monitoring only]"
+            print(line, flush=True)
+
+    best = load_checkpoint(best_path)
+    model.load_state_dict(best["model"])
+    t0 = time.perf_counter()
+    final_val = evaluate(model, data.val, config, precision, keep_probabilities=False)
+    final_test = evaluate(model, data.test, config, precision, keep_probabilities=True)
+    timings["final_eval_s"] = time.perf_counter() - t0
+    history = pd.DataFrame(rows)
+    return FitResult(history, best_epoch, final_test, final_val, run_dir, precision, cached,
+                     time.perf_counter() - start, timings)
+
+
+def _prefixed(prefix: str, values: dict) -> dict:
+    return {f"{prefix}_{key}": value for key, value in values.items()}
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Use one compute thread per physical core unless told otherwise (``OMP_NUM_THREADS`` wins)."""
+    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        threads = max(1, os.cpu_count() or 1)
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
