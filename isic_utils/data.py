@@ -17,7 +17,7 @@ Errors (``DataError``, nothing is silently dropped):
 
 Conversions (applied silently, because each has one obvious meaning):
   - EXIF orientation is applied to images (masks are drawn on the displayed image);
-  - grayscale, CMYK, palette and RGBA images become RGB (alpha is dropped);
+  - grayscale, 16-bit grey (scaled, not clipped), CMYK, palette and RGBA images become RGB (alpha is dropped);
   - masks: RGB/RGBA masks with equal channels, palette and 16-bit masks become 8-bit grey;
     a mask whose maximum is 1 (values {0, 1}) is read as {0, 1} labels; any other mask is binarised at > 127
     of 255 (so anti-aliased edges go to the nearer class).
@@ -258,6 +258,9 @@ def read_image(path: str | Path, size: int | None = None) -> tuple[torch.Tensor,
         (width, height), orientation = image.size, image.getexif().get(0x0112, 1)
     full_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bits, not clip
+        wide = np.asarray(image).astype(np.float64)
+        image = Image.fromarray((wide * (255.0 / (65535 if wide.max() > 255 else 255))).round().astype(np.uint8))
     if image.mode != "RGB":
         image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA") else image.convert("RGB")
     if size is not None:

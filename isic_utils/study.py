@@ -130,7 +130,7 @@ class RunResult:
 
 def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult:
     """Train ``params['run_name']`` once per seed (resuming finished or interrupted seeds), score the selected
-    checkpoint on the whole test set at 128 px and at original size, and write the run's tables."""
+    checkpoint on the whole test set at model resolution and at original size, and write the run's tables."""
     set_threads()
     run_dir = absolute(params["output_dir"]) / params["run_name"]
     fits, per_image, challenge_counts, rows = {}, {}, {}, []

@@ -343,7 +343,7 @@ def train_epoch(model: SegmentationModel, split: DecodedSplit, optimizer, config
         loss = criterion(logits, targets)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
-                f"loss became {float(loss)} at batch {step}. Training stopped; the last complete epoch's checkpoint "
+                f"loss became {loss.item()} at batch {step}. Training stopped; the last complete epoch's checkpoint "
                 "is kept. Fix: lower the learning rates, or use precision='fp32'."
             )
         optimizer.zero_grad(set_to_none=True)

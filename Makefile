@@ -1,0 +1,36 @@
+# The verbs a user types. `make report` sets up .venv on first use, then runs the whole report.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= synthetic
+# torch/torchvision: any release in the pyproject ranges; this pin matches the wheels tested here.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup report demo test html bench clean notebooks
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN) || $(PY) -m pip install -q torch torchvision
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+report: setup  ## the whole report for DATA (synthetic | isic2016 | isic2016_holdout | tiny)
+	$(PY) -m isic_utils report --data $(DATA)
+
+demo: setup  ## the smallest end-to-end run (tiny profile, a minute or two)
+	$(PY) -m isic_utils report --data tiny
+
+test: setup  ## unit tests and the end-to-end notebook run on tiny data
+	$(PY) -m pytest -q
+
+bench: setup  ## speed benchmark: naive vs this project's pipeline, same data, one run
+	$(PY) benchmarks/bench_training.py
+
+notebooks:  ## rebuild notebooks/*.ipynb from tools/build_notebooks.py
+	$(PY) tools/build_notebooks.py
+
+clean:
+	rm -rf outputs

@@ -1,0 +1,173 @@
+"""The real download code against an HTTP server on 127.0.0.1 serving archives the tests build."""
+
+import http.server
+import io
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from isic_utils.data import DataError, download_isic2016, find_pairs
+
+NAMES = {"train": ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
+         "test": ("ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth")}
+
+
+def _png(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpg(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def build_archives(folder: Path, counts={"train": 3, "test": 2}, extra_members=None) -> dict[str, bytes]:
+    """Zips laid out like the official ones (a top folder per archive, plus macOS clutter)."""
+    archives = {}
+    for split, count in counts.items():
+        data_name, truth_name = NAMES[split]
+        for name, kind in ((data_name, "image"), (truth_name, "mask")):
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, "w") as archive:
+                for k in range(count):
+                    image_id = f"ISIC_{k + (0 if split == 'train' else 500):07d}"
+                    if kind == "image":
+                        archive.writestr(f"{name}/{image_id}.jpg", _jpg(np.full((24, 32, 3), 120, np.uint8)))
+                    else:
+                        mask = np.zeros((24, 32), np.uint8)
+                        mask[6:18, 8:24] = 255
+                        archive.writestr(f"{name}/{image_id}_Segmentation.png", _png(mask))
+                archive.writestr(f"__MACOSX/{name}/._junk", b"junk")
+                for member, payload in (extra_members or {}).get(name, []):
+                    archive.writestr(member, payload)
+            archives[f"{name}.zip"] = buffer.getvalue()
+    for filename, payload in archives.items():
+        (folder / filename).write_bytes(payload)
+    return archives
+
+
+class Server:
+    """Serves files from a dict; ``truncate`` names files sent cut in half (a dropped connection)."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.truncate, self.requests = files, set(), []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _send(self, body: bool):
+                name = self.path.rsplit("/", 1)[-1]
+                outer.requests.append((self.command, name))
+                if name not in outer.files:
+                    self.send_error(404)
+                    return
+                payload = outer.files[name]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(payload[: len(payload) // 2] if name in outer.truncate else payload)
+
+            def do_GET(self):
+                self._send(True)
+
+            def do_HEAD(self):
+                self._send(False)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/2016"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    built = tmp_path / "built"
+    built.mkdir()
+    instance = Server(build_archives(built))
+    yield instance
+    instance.close()
+
+
+def test_download_extract_and_verify_counts(server, tmp_path):
+    root = download_isic2016(tmp_path / "isic", base_url=server.url, expected_counts={"train": 3, "test": 2})
+    assert [p.id for p in find_pairs(root, "train")] == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
+    assert len(find_pairs(root, "test")) == 2
+    assert not (root / "__MACOSX").exists()
+    assert {name for _, name in server.requests} == {f"{n}.zip" for pair in NAMES.values() for n in pair}
+    # a second call finds everything in place and asks the server for nothing
+    seen = len(server.requests)
+    download_isic2016(root, base_url=server.url, expected_counts={"train": 3, "test": 2})
+    assert len(server.requests) == seen
+
+
+def test_interrupted_download_is_detected_and_redone(server, tmp_path):
+    name = "ISBI2016_ISIC_Part1_Training_Data.zip"
+    server.truncate.add(name)
+    root = tmp_path / "isic"
+    with pytest.raises(DataError, match=name):
+        download_isic2016(root, splits=["train"], base_url=server.url, expected_counts={"train": 3})
+    assert not (root / name).exists()  # the partial file is never taken for the archive
+    server.truncate.clear()
+    download_isic2016(root, splits=["train"], base_url=server.url, expected_counts={"train": 3})
+    assert len(find_pairs(root, "train")) == 3
+
+
+def test_partial_archive_left_by_another_tool_is_replaced(server, tmp_path):
+    root = tmp_path / "isic"
+    root.mkdir()
+    name = "ISBI2016_ISIC_Part1_Training_Data.zip"
+    (root / name).write_bytes(server.files[name][:100])
+    download_isic2016(root, splits=["train"], base_url=server.url, expected_counts={"train": 3})
+    assert len(find_pairs(root, "train")) == 3
+
+
+def test_corrupt_archive_gives_a_clear_error(tmp_path):
+    built = tmp_path / "built"
+    built.mkdir()
+    files = build_archives(built)
+    name = "ISBI2016_ISIC_Part1_Training_Data.zip"
+    files[name] = b"this is not a zip archive at all" * 10
+    corrupt = Server(files)
+    try:
+        with pytest.raises(DataError, match="not a valid zip archive"):
+            download_isic2016(tmp_path / "isic", splits=["train"], base_url=corrupt.url, expected_counts={"train": 3})
+    finally:
+        corrupt.close()
+
+
+def test_members_outside_the_target_are_refused(tmp_path):
+    built = tmp_path / "built"
+    built.mkdir()
+    name = "ISBI2016_ISIC_Part1_Training_Data"
+    files = build_archives(built, extra_members={name: [("../escaped.txt", b"x")]})
+    evil = Server(files)
+    try:
+        with pytest.raises(DataError, match="outside"):
+            download_isic2016(tmp_path / "isic", splits=["train"], base_url=evil.url, expected_counts={"train": 3})
+    finally:
+        evil.close()
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_wrong_counts_are_reported(server, tmp_path):
+    with pytest.raises(DataError, match="3 train image/mask pairs after extraction, expected 900"):
+        download_isic2016(tmp_path / "isic", splits=["train"], base_url=server.url)
+
+
+def test_missing_archive_names_the_url(server, tmp_path):
+    with pytest.raises(DataError, match="could not download .*ISBI2016_ISIC_Part1_Test_Data.zip"):
+        server.files.pop("ISBI2016_ISIC_Part1_Test_Data.zip")
+        download_isic2016(tmp_path / "isic", splits=["test"], base_url=server.url, expected_counts={"test": 2})

@@ -1,0 +1,109 @@
+import torch
+import pytest
+from torch import nn
+
+from isic_utils import model as M
+from isic_utils.training import TrainConfig, build_optimizer, loss_fn
+
+
+def test_parameter_counts_match_the_report():
+    net = M.build_model(encoder_weights=None, freeze_encoder=True)
+    assert M.count_parameters(net.encoder)["total"] == 2_223_872
+    assert M.count_parameters(net.decoder)["total"] == 13_272_065
+    assert M.count_parameters(net)["trainable"] == 13_272_065
+    assert M.count_parameters(net)["non_trainable"] == 2_223_872
+
+
+def test_output_shapes():
+    net = M.build_model(encoder_weights=None).eval()
+    with torch.no_grad():
+        assert net.encoder(torch.zeros(2, 3, 128, 128)).shape == (2, 1280, 4, 4)
+        assert net(torch.zeros(2, 3, 128, 128)).shape == (2, 1, 128, 128)
+    unet = M.build_model(encoder_weights=None, decoder="unet").eval()
+    with torch.no_grad():
+        assert unet(torch.zeros(2, 3, 128, 128)).shape == (2, 1, 128, 128)
+        assert unet(torch.zeros(1, 3, 256, 256)).shape == (1, 1, 256, 256)
+
+
+def test_decoder_is_the_reports():
+    decoder = M.ReportDecoder(dropout=0.3)
+    convs = [m for m in decoder.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [
+        (1280, 512, (4, 4), (2, 2), (1, 1)), (512, 256, (4, 4), (2, 2), (1, 1)), (256, 128, (4, 4), (2, 2), (1, 1)),
+        (128, 64, (4, 4), (2, 2), (1, 1)), (64, 32, (4, 4), (2, 2), (1, 1))]
+    assert [m.p for m in decoder.modules() if isinstance(m, nn.Dropout)] == [0.3] * 5
+    assert decoder.head.in_channels == 32 and decoder.head.out_channels == 1 and decoder.head.kernel_size == (1, 1)
+
+
+def test_frozen_encoder_weights_and_batchnorm_statistics_do_not_move():
+    torch.manual_seed(0)
+    net = M.build_model(encoder_weights=None, freeze_encoder=True)
+    before = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+    config = TrainConfig(freeze_encoder=True)
+    optimizer = build_optimizer(net, config)
+    net.train()
+    assert not net.encoder.training and net.decoder.training
+    x, y = torch.randn(4, 3, 64, 64), (torch.rand(4, 1, 64, 64) > 0.5).float()
+    loss = loss_fn("bce")(net(x), y)
+    loss.backward()
+    optimizer.step()
+    after = net.encoder.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"{key} changed"  # weights, running_mean/var, num_batches_tracked
+    assert any(p.grad is not None for p in net.decoder.parameters())
+
+
+def test_finetuning_moves_the_encoder_and_uses_two_learning_rates():
+    net = M.build_model(encoder_weights=None, freeze_encoder=False)
+    optimizer = build_optimizer(net, TrainConfig(freeze_encoder=False, encoder_lr=1e-4, decoder_lr=1e-3))
+    assert sorted(g["lr"] for g in optimizer.param_groups) == [1e-4, 1e-3]
+    before = net.encoder[0][0].weight.clone()
+    net.train()
+    loss_fn("bce")(net(torch.randn(2, 3, 64, 64)), torch.ones(2, 1, 64, 64)).backward()
+    optimizer.step()
+    assert not torch.equal(before, net.encoder[0][0].weight)
+
+
+def test_weights_from_a_state_dict_path(tmp_path):
+    import torchvision
+
+    source = torchvision.models.mobilenet_v2(weights=None)
+    path = tmp_path / "w.pth"
+    torch.save(source.state_dict(), path)
+    encoder = M.build_encoder("mobilenet_v2", str(path))
+    assert torch.equal(encoder[0][0].weight, source.features[0][0].weight)
+
+
+def test_weights_env_variable_replaces_imagenet(tmp_path, monkeypatch):
+    import torchvision
+
+    source = torchvision.models.mobilenet_v2(weights=None)
+    path = tmp_path / "w.pth"
+    torch.save(source.state_dict(), path)
+    monkeypatch.setenv(M.WEIGHTS_ENV, str(path))
+    assert torch.equal(M.build_encoder("mobilenet_v2", "imagenet")[0][0].weight, source.features[0][0].weight)
+
+
+def test_missing_weights_file_names_the_fix(tmp_path):
+    with pytest.raises(M.EncoderWeightsError, match="not found.*imagenet"):
+        M.build_encoder("mobilenet_v2", str(tmp_path / "nope.pth"))
+
+
+def test_wrong_state_dict_is_refused(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"weight": torch.zeros(3)}, path)
+    with pytest.raises(M.EncoderWeightsError, match="not a state_dict of torchvision's mobilenet_v2"):
+        M.build_encoder("mobilenet_v2", str(path))
+
+
+def test_imagenet_download_failure_names_the_fix(monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models, "mobilenet_v2", lambda weights=None: offline() if weights else None)
+    with pytest.raises(M.EncoderWeightsError, match="ISIC_ENCODER_WEIGHTS"):
+        M.build_encoder("mobilenet_v2", "imagenet")
