@@ -1,0 +1,115 @@
+"""End to end: the whole report on the tiny profile with papermill, every expected file checked."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from isic_utils.pipeline import ChapterFailed, run_report
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    base = tmp_path_factory.mktemp("report")
+    out = base / "out"
+    lines = []
+    timings = run_report("tiny", overrides={"output_dir": str(out), "data_dir": str(base / "data")}, root=ROOT,
+                         echo=lines.append)
+    return out, timings, lines, base
+
+
+def test_every_chapter_executed_and_exported(tiny_report):
+    out, timings, lines, _ = tiny_report
+    assert list(timings) == ["eda", "task1", "task2", "compare"]
+    for name in timings:
+        notebook = json.loads((out / f"{name}.ipynb").read_text())
+        errors = [o for c in notebook["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+                  if o.get("output_type") == "error"]
+        assert not errors, name
+        page = (out / f"{name}.html").read_text()
+        assert "Synthetic data" in page, name  # every chapter says what data it ran on
+        assert "<img" in page or name == "eda" and "image/png" in page
+        assert "widget" not in page.lower() or "application/vnd.jupyter.widget" not in page
+    index = (out / "index.html").read_text()
+    assert "Synthetic data" in index and all(f'href="{n}.html"' in index for n in timings)
+    assert any("chapter times" in line for line in lines)
+
+
+def test_tables_have_the_right_columns_and_rows(tiny_report):
+    out, *_ = tiny_report
+    for run in ("task1", "task2"):
+        epochs = pd.read_csv(out / run / "tables" / "epochs.csv")
+        assert len(epochs) == 2  # tiny profile: two epochs
+        for column in ("epoch", "train loss", "val loss", "val IoU (mean/img)", "val IoU (pooled)",
+                       "val Dice (mean/img)", "val pixel acc (mean/img)", "test loss [monitor]",
+                       "test IoU (mean/img) [monitor]", "test Dice (mean/img) [monitor]",
+                       "test pixel acc (mean/img) [monitor]"):
+            assert column in epochs, (run, column)
+        summary = pd.read_csv(out / run / "tables" / "summary.csv")
+        assert {"block", "quantity", "value"} <= set(summary.columns)
+        assert "epoch chosen by validation IoU" in set(summary["quantity"])
+        parameters = pd.read_csv(out / run / "tables" / "parameters.csv")
+        decoder = parameters.set_index("part").loc["decoder"]
+        assert decoder["total"] == 13_272_065
+        encoder = parameters.set_index("part").loc["encoder"]
+        assert encoder["trainable"] == (0 if run == "task1" else 2_223_872)
+        per_image = pd.read_csv(out / run / "tables" / "per_image_test_seed0.csv")
+        assert len(per_image) == 6 and {"id", "width", "height", "iou", "dice"} <= set(per_image.columns)
+        assert (out / run / "decoder_parameters.txt").read_text().startswith("blocks.0.weight")
+        for figure in ("loss", "iou", "dice", "accuracy", "predictions"):
+            assert (out / run / "figures" / f"{figure}.png").stat().st_size > 5000
+    for table in ("counts", "sizes", "pixel_stats", "alignment"):
+        assert not pd.read_csv(out / "eda" / "tables" / f"{table}.csv").empty
+    for figure in ("fig1_samples", "fig2_sizes", "fig3_augmentations"):
+        assert (out / "eda" / "figures" / f"{figure}.png").exists()
+    comparison = pd.read_csv(out / "compare" / "tables" / "comparison.csv")
+    assert list(comparison["run"]) == ["task1", "task2"]
+    assert "JA / IoU (mean per image, original size)" in comparison
+    assert len(pd.read_csv(out / "compare" / "tables" / "wilcoxon.csv")) == 1
+    assert len(pd.read_csv(out / "compare" / "tables" / "report_vs_reproduction.csv")) == 2
+    for figure in ("val_iou", "val_loss", "predictions", "per_image_iou"):
+        assert (out / "compare" / "figures" / f"{figure}.png").exists()
+
+
+def test_rerun_skips_finished_chapters(tiny_report):
+    out, _, _, base = tiny_report
+    lines = []
+    timings = run_report("tiny", overrides={"output_dir": str(out), "data_dir": str(base / "data")}, root=ROOT,
+                         echo=lines.append)
+    assert set(timings.values()) == {0.0}
+    assert sum("up to date, skipped" in line for line in lines) == 4
+
+
+def test_failing_chapter_names_notebook_and_cell_and_keeps_partial(tmp_path):
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    overrides = {"output_dir": str(tmp_path / "out"), "data_source": "isic2016", "data_dir": str(empty),
+                 "download": False}
+    with pytest.raises(ChapterFailed, match=r"01_eda\.ipynb \(eda\) failed in cell \d+ with DataError"):
+        run_report("tiny", only=["eda"], overrides=overrides, root=ROOT, echo=lambda *_: None)
+    assert (tmp_path / "out" / "eda.partial.ipynb").exists()
+    assert not (tmp_path / "out" / "eda.ipynb").exists()
+
+
+def test_plain_papermill_runs_one_chapter(tiny_report, tmp_path):
+    _, _, _, base = tiny_report
+    target = tmp_path / "task2.ipynb"
+    settings = (f"epochs: 1\nimage_size: 64\nsynthetic_train: 20\nsynthetic_test: 6\nencoder_weights: null\n"
+                f"batch_size: 8\noutput_dir: {tmp_path / 'out'}\ndata_dir: {base / 'data'}\n")
+    completed = subprocess.run(
+        [sys.executable, "-m", "papermill", "notebooks/02_train.ipynb", str(target), "-f", "params/task2.yaml",
+         "-y", settings, "--no-progress-bar"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert len(pd.read_csv(tmp_path / "out" / "task2" / "tables" / "epochs.csv")) == 1
+
+
+def test_bad_parameters_fail_before_any_work(tmp_path):
+    with pytest.raises(Exception, match="image_size must be a positive multiple of 32"):
+        run_report("tiny", overrides={"output_dir": str(tmp_path / "out"), "image_size": 100}, root=ROOT)
+    assert not (tmp_path / "out").exists()
