@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from isic_utils import study
+from isic_utils.__main__ import main
+from isic_utils.data import read_mask
+from isic_utils.metrics import confusion_counts, summarize
+from isic_utils.model import build_model
+from isic_utils.predict import load_predictor, predict_folder
+from isic_utils.training import CheckpointMismatch, TrainConfig, fit
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    model = build_model(encoder_weights=None, freeze_encoder=True)
+    config = TrainConfig(epochs=2, batch_size=8, precision="fp32", augment=())
+    return fit(model, tiny_data, config, run_dir, verbose=False), run_dir
+
+
+def test_predict_round_trip_at_original_size(trained, tiny_data, tmp_path):
+    result, run_dir = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for pair in tiny_data.test.sources:
+        (inputs / pair.image.name).write_bytes(pair.image.read_bytes())
+    (inputs / "notes.txt").write_text("not an image")
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(inputs),
+                 "--output", str(tmp_path / "out"), "--overlays"]) == 0
+    counts = []
+    for k, pair in enumerate(tiny_data.test.sources):
+        mask_path = tmp_path / "out" / f"{pair.id}_Segmentation.png"
+        written = Image.open(mask_path)
+        assert written.size == tiny_data.test.sizes[k]  # the image's own original size
+        assert set(np.unique(np.asarray(written)).tolist()) <= {0, 255}
+        assert (tmp_path / "out" / f"{pair.id}_overlay.jpg").exists()
+        counts.append(confusion_counts(read_mask(mask_path).float().unsqueeze(0),
+                                       read_mask(pair.mask).float().unsqueeze(0)))
+    # the masks score what the evaluation said
+    expected = summarize(study.original_size_counts(result.test.probabilities, tiny_data.test))
+    assert summarize(torch.cat(counts)) == pytest.approx(expected, abs=1e-3)
+
+
+def test_checkpoint_of_another_architecture_is_refused(trained, tmp_path):
+    _, run_dir = trained
+    state = torch.load(run_dir / "best.pt", weights_only=True)
+    state["meta"]["decoder"] = "unet"
+    torch.save(state, tmp_path / "wrong.pt")
+    with pytest.raises(CheckpointMismatch, match="do not fit a mobilenet_v2 \\+ unet model"):
+        load_predictor(tmp_path / "wrong.pt")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointMismatch, match="cannot be read"):
+        load_predictor(tmp_path / "junk.pt")
+
+
+def test_empty_input_folder_is_an_error(trained, tmp_path):
+    _, run_dir = trained
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(tmp_path),
+                 "--output", str(tmp_path / "out")]) == 1

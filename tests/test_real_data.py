@@ -1,0 +1,43 @@
+"""Real ISIC files from $ISIC_SAMPLE_DIR and the ImageNet weights from $ISIC_ENCODER_WEIGHTS (skipped when unset)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from isic_utils.data import decode_pairs, find_pairs, load_report_data
+from isic_utils.model import build_model
+from isic_utils.training import TrainConfig, fit
+
+from .conftest import requires
+
+pytestmark = pytest.mark.real_data
+
+
+@requires("ISIC_SAMPLE_DIR")
+def test_originals_load_at_their_real_sizes():
+    root = Path(os.environ["ISIC_SAMPLE_DIR"]) / "isic2016-originals"
+    pairs = find_pairs(root, "train")
+    assert len(pairs) == 21
+    decoded = decode_pairs(pairs, 128, progress=False)
+    assert decoded.images.shape == (21, 3, 128, 128) and decoded.masks.shape == (21, 1, 128, 128)
+    assert max(w * h for w, h in decoded.sizes) >= 3072 * 2304 * 0.9  # up to ~7 Mpx originals
+    assert all(w >= h for w, h in decoded.sizes)  # landscape, as the official archive
+    fractions = decoded.masks.float().mean(dim=(1, 2, 3))
+    assert ((fractions > 0.01) & (fractions < 0.99)).all()
+
+
+@requires("ISIC_SAMPLE_DIR")
+@requires("ISIC_ENCODER_WEIGHTS")
+def test_one_epoch_on_real_images_with_imagenet_weights(tmp_path):
+    root = Path(os.environ["ISIC_SAMPLE_DIR"]) / "isic2016-train-512"
+    data = load_report_data(root, 128, test_split="holdout", limit=40, cache_dir=tmp_path / "cache", progress=False)
+    assert data.counts() == {"train": 32, "validation": 8, "test": 20}
+    torch.manual_seed(0)
+    model = build_model(encoder_weights="imagenet", freeze_encoder=False)  # $ISIC_ENCODER_WEIGHTS stands in
+    result = fit(model, data, TrainConfig(freeze_encoder=False, epochs=1, batch_size=16), tmp_path / "run",
+                 verbose=False)
+    row = result.history.iloc[0]
+    assert torch.isfinite(torch.tensor(row["train_loss"])) and 0 <= row["val_iou_mean"] <= 1
+    assert result.test.counts.shape == (20, 4)
