@@ -15,13 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from isic_utils.params import defaults  # noqa: E402
 
-COLAB = '''# Colab: install the package when it is missing (does nothing elsewhere).
-import importlib.util, sys
+COLAB = '''# Colab / a fresh kernel: install the package from the checkout when it is missing (does nothing otherwise).
+import importlib.util, pathlib
 if importlib.util.find_spec("isic_utils") is None:
-    if "google.colab" in sys.modules:
-        %pip install -q "isic_utils @ git+https://github.com/isic-mobilenetv2/isic-report.git"
-    else:
-        raise ModuleNotFoundError("isic_utils is not installed: run `pip install -e .` in the project folder")'''
+    _here = pathlib.Path.cwd()
+    _checkouts = [p for p in [_here, *_here.parents, *pathlib.Path("/content").glob("*")] if (p / "isic_utils").is_dir()]
+    if not _checkouts:
+        raise ModuleNotFoundError("isic_utils is not installed. Clone this project (in Colab: !git clone <its URL>), "
+                                  "then run `pip install -e <the clone>` or rerun this cell.")
+    %pip install -q -e {_checkouts[0]}
+    importlib.invalidate_caches()'''
 
 
 def parameters_cell(chapter: str, overrides: dict | None = None) -> nbformat.NotebookNode:
