@@ -29,8 +29,17 @@ sys.path.insert(0, str(ROOT))
 from isic_utils import data as D  # noqa: E402
 from isic_utils.model import build_model  # noqa: E402
 from isic_utils.synthetic import make_synthetic_isic  # noqa: E402
-from isic_utils.training import (TrainConfig, build_optimizer, encode_all, evaluate, flip_variants,  # noqa: E402
-                                 loss_fn, resolve_precision, set_threads, train_epoch)
+from isic_utils.training import (  # noqa: E402
+    TrainConfig,
+    build_optimizer,
+    encode_all,
+    evaluate,
+    flip_variants,
+    loss_fn,
+    resolve_precision,
+    set_threads,
+    train_epoch,
+)
 
 
 def find_images(n_train: int, n_test: int):
@@ -130,7 +139,6 @@ def main() -> None:
     results[("naive", "eval")] = len(test_pairs) / timed(lambda: naive_epoch(model, test_loader))
 
     # ---------------- project
-    decode_s = timed(lambda: None)
     holder = {}
     decode_s = timed(lambda: holder.update(train=D.decode_pairs(train_pairs, args.size, progress=False),
                                            test=D.decode_pairs(test_pairs, args.size, progress=False)))

@@ -548,7 +548,7 @@ def pixel_stats(images: torch.Tensor) -> dict[str, list[float]]:
     }
 
 
-def check_alignment(split: DecodedSplit) -> "pd.DataFrame":  # noqa: F821
+def check_alignment(split: DecodedSplit) -> pd.DataFrame:  # noqa: F821
     """One row per image: does each image meet its own mask?
 
     Checks the id pairing (mask file named for the image), that the original sizes matched (enforced at

@@ -23,6 +23,13 @@ def save_figure(fig, run_dir: str | Path, name: str, dpi: int = 110) -> Path:
     return target
 
 
+def _epoch_axis(ax):
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _show_image(ax, image_uint8: torch.Tensor, title: str = ""):
     ax.imshow(image_uint8.permute(1, 2, 0).numpy())
     ax.set_title(title, fontsize=9)
@@ -94,7 +101,7 @@ def loss_curves(history: pd.DataFrame, title: str = "Loss per epoch"):
         if column in history:
             ax.plot(history["epoch"], history[column], marker="o", markersize=3, label=label,
                     linestyle="--" if column.startswith("test") else "-")
-    ax.set_xlabel("epoch")
+    _epoch_axis(ax)
     ax.set_ylabel("BCE loss")
     ax.set_title(title)
     ax.legend()
@@ -113,7 +120,7 @@ def metric_curves(history: pd.DataFrame, metric: str, title: str | None = None, 
                         label=f"{label}, {'mean per image' if kind == 'mean' else 'pooled pixels'}")
     if best_epoch is not None:
         ax.axvline(best_epoch, color="grey", linewidth=1, linestyle=":", label=f"selected (epoch {best_epoch})")
-    ax.set_xlabel("epoch")
+    _epoch_axis(ax)
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} per epoch")
     ax.legend(fontsize=8)
@@ -141,7 +148,7 @@ def compare_curves(histories: dict[str, pd.DataFrame], metric: str = "val_iou_me
     for name, history in histories.items():
         if metric in history:
             ax.plot(history["epoch"], history[metric], marker="o", markersize=3, label=name)
-    ax.set_xlabel("epoch")
+    _epoch_axis(ax)
     ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()

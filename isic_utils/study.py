@@ -15,7 +15,7 @@ import torch
 
 from . import metrics, plots, report
 from .data import DataError, ReportData, download_isic2016, has_split, load_report_data, read_mask
-from .model import EncoderWeightsError, build_model, count_parameters, resolve_weights
+from .model import EncoderWeightsError, build_model, resolve_weights
 from .params import absolute, project_root
 from .synthetic import make_synthetic_isic
 from .training import FitResult, TrainConfig, fit, resolve_device, set_threads

@@ -171,7 +171,7 @@ def test_mask_conversions(tmp_path):
         "0_255": Image.fromarray(base * 255),
         "0_1": Image.fromarray(base),
         "rgb_equal": Image.fromarray(np.stack([base * 255] * 3, -1)),
-        "16bit": Image.fromarray((base.astype(np.uint16) * 65535)),
+        "16bit": Image.fromarray(base.astype(np.uint16) * 65535),
         "palette": Image.fromarray(base * 255).convert("P"),
     }
     for name, mask in cases.items():

@@ -28,8 +28,9 @@ def _jpg(array) -> bytes:
     return buffer.getvalue()
 
 
-def build_archives(folder: Path, counts={"train": 3, "test": 2}, extra_members=None) -> dict[str, bytes]:
+def build_archives(folder: Path, counts=None, extra_members=None) -> dict[str, bytes]:
     """Zips laid out like the official ones (a top folder per archive, plus macOS clutter)."""
+    counts = counts or {"train": 3, "test": 2}
     archives = {}
     for split, count in counts.items():
         data_name, truth_name = NAMES[split]

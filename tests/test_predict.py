@@ -8,7 +8,7 @@ from isic_utils.__main__ import main
 from isic_utils.data import read_mask
 from isic_utils.metrics import confusion_counts, summarize
 from isic_utils.model import build_model
-from isic_utils.predict import load_predictor, predict_folder
+from isic_utils.predict import load_predictor
 from isic_utils.training import CheckpointMismatch, TrainConfig, fit
 
 

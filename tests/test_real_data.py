@@ -10,9 +10,9 @@ from PIL import Image
 
 from isic_utils.data import decode_pairs, find_pairs, load_report_data, read_mask
 from isic_utils.metrics import confusion_counts, scores
+from isic_utils.model import build_model
 from isic_utils.predict import load_predictor, predict_folder, predict_probabilities
 from isic_utils.study import original_size_counts
-from isic_utils.model import build_model
 from isic_utils.training import TrainConfig, fit
 
 from .conftest import requires

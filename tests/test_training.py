@@ -5,8 +5,16 @@ import pytest
 import torch
 
 from isic_utils.model import build_model
-from isic_utils.training import (CheckpointMismatch, TrainConfig, TrainingDiverged, apply_augmentation,
-                                 draw_augmentation, fit, load_checkpoint, resolve_precision)
+from isic_utils.training import (
+    CheckpointMismatch,
+    TrainConfig,
+    TrainingDiverged,
+    apply_augmentation,
+    draw_augmentation,
+    fit,
+    load_checkpoint,
+    resolve_precision,
+)
 
 VOLATILE = ["train_seconds", "epoch_seconds"]
 

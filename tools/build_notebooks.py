@@ -37,13 +37,15 @@ def parameters_cell(chapter: str, overrides: dict | None = None) -> nbformat.Not
 
 
 def setup_cell(chapter: str, name_expr: str) -> str:
-    return f'''from IPython.display import Markdown, display
+    return f'''import pandas as pd
+from IPython.display import Markdown, display
 
 from isic_utils import data, plots, report, study
 from isic_utils.params import from_notebook
 
 params = from_notebook("{chapter}", globals())
 out = study.chapter_dir(params, {name_expr})
+pd.set_option("display.max_colwidth", None)
 display(Markdown(study.describe_data(params)))'''
 
 
