@@ -50,7 +50,7 @@ def write_json(target: str | Path, value) -> Path:
     return write_text(target, json.dumps(value, indent=2, default=float) + "\n")
 
 
-def save_table(table: pd.DataFrame, run_dir: str | Path, name: str, floatfmt: str = ".4f") -> pd.DataFrame:
+def save_table(table: pd.DataFrame, run_dir: str | Path, name: str, floatfmt: str = ".4g") -> pd.DataFrame:
     """Write ``table`` as ``tables/NAME.csv`` and ``tables/NAME.md`` under ``run_dir``; returns the table."""
     folder = Path(run_dir) / "tables"
     with atomic_path(folder / f"{name}.csv") as tmp:
