@@ -130,7 +130,7 @@ def write_index(out_dir: Path, steps: list[Step], resolved: dict, state: dict) -
     from .study import describe_data
 
     first = resolved[steps[0].name]
-    note = describe_data(first).replace("**", "")
+    note = describe_data(first).replace("**", "").replace("`", "")
     items = []
     for step in steps:
         seconds = state.get(step.name, {}).get("seconds")

@@ -154,7 +154,7 @@ def write_decoder_parameters(decoder, path: str | Path, max_values: int = 20) ->
         if not tensor.is_floating_point():
             continue
         flat = tensor.flatten().float()
-        lines.append(f"{name}  shape={tuple(tensor.shape)}  mean={flat.mean():.6f}  std={flat.std():.6f}  "
+        lines.append(f"{name}  shape={tuple(tensor.shape)}  mean={flat.mean():.6f}  std={flat.std(correction=0):.6f}  "
                      f"min={flat.min():.6f}  max={flat.max():.6f}")
         lines.append("  " + " ".join(f"{v:.5f}" for v in flat[:max_values].tolist()) + (" ..." if flat.numel() > max_values else ""))
     return write_text(path, "\n".join(lines) + "\n")
