@@ -47,7 +47,7 @@ def make_lesion_image(seed: int) -> tuple[Image.Image, Image.Image]:
     scale = min(width, height)
     cx = width * (0.5 + rng.uniform(-0.15, 0.15))
     cy = height * (0.5 + rng.uniform(-0.15, 0.15))
-    radius = scale * rng.uniform(0.12, 0.36)
+    radius = scale * rng.uniform(0.2, 0.42)  # lesion covers ~1/3 of the image on average, as in ISIC 2016
     theta = np.arctan2(yy - cy, xx - cx)
     boundary = np.ones_like(theta)
     for k in range(2, 8):
@@ -90,7 +90,7 @@ def make_synthetic_isic(root: str | Path, n_train: int = 200, n_test: int = 60, 
     Skips the work when ``root`` already holds a set made with the same arguments. Returns ``root``.
     """
     root = Path(root)
-    settings = {"n_train": n_train, "n_test": n_test, "seed": seed, "version": 1}
+    settings = {"n_train": n_train, "n_test": n_test, "seed": seed, "version": 2}
     marker = root / MARKER
     if marker.exists() and json.loads(marker.read_text()) == settings and has_split(root, "train") \
             and has_split(root, "test"):
