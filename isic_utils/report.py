@@ -160,14 +160,6 @@ def write_decoder_parameters(decoder, path: str | Path, max_values: int = 20) ->
     return write_text(path, "\n".join(lines) + "\n")
 
 
-def comparison_table(summaries: dict[str, dict]) -> pd.DataFrame:
-    """Table 9: one row per run with selected-checkpoint test scores (mean per image and pooled)."""
-    rows = []
-    for run, values in summaries.items():
-        rows.append({"run": run, **values})
-    return pd.DataFrame(rows)
-
-
 def report_vs_reproduction(ours: dict[str, dict]) -> pd.DataFrame:
     """The student report's numbers beside ours (task1, task2), with the method differences that explain them."""
     rows = []
