@@ -223,9 +223,8 @@ def _select_features(features, rows: torch.Tensor):
     return features[rows] if torch.is_tensor(features) else [f[rows] for f in features]
 
 
-def _cached_batch(cache: list, variant_of: Callable, rows: torch.Tensor, draws: dict, device: str):
-    """Features for ``rows`` from the variant (flip combination) each image drew."""
-    variants = variant_of(draws, len(rows))
+def _cached_batch(cache: list, variants: torch.Tensor, rows: torch.Tensor, device: str):
+    """Features for ``rows`` from the flip variant each image drew (``variants``: one index per row)."""
     first = cache[0]
     template = first if torch.is_tensor(first) else first[-1]
     out = torch.empty((len(rows), *template.shape[1:]), dtype=template.dtype)
@@ -326,12 +325,12 @@ def train_epoch(model: SegmentationModel, split: DecodedSplit, optimizer, config
     criterion = loss_fn(config.loss)
     total, seen = 0.0, 0
     chunks = batch_indices(len(split), config.batch_size, generator, drop_single=not model.freeze_encoder)
-    variants = flip_variants(config.augment)
+    horizontal_choices = 2 if "hflip" in config.augment else 1
     for step, rows in enumerate(progress_bar(chunks, total=len(chunks), desc=desc)):
         draws = draw_augmentation(len(rows), config.augment, generator)
         masks = split.masks[rows]
         if feature_cache is not None:
-            inputs = _cached_batch(feature_cache, lambda d, n: _variant_index(d, n, variants), rows, draws,
+            inputs = _cached_batch(feature_cache, _variant_index(draws, len(rows), horizontal_choices), rows,
                                    config.device)
             _, masks = apply_augmentation(masks, masks, draws)  # flip the masks like the cached features
         else:
@@ -356,11 +355,11 @@ def train_epoch(model: SegmentationModel, split: DecodedSplit, optimizer, config
     return total / max(seen, 1)
 
 
-def _variant_index(draws: dict, count: int, variants: list[tuple[bool, bool]]) -> torch.Tensor:
-    h = draws.get("hflip", torch.zeros(count, dtype=torch.bool))
-    v = draws.get("vflip", torch.zeros(count, dtype=torch.bool))
-    lookup = {pair: k for k, pair in enumerate(variants)}
-    return torch.tensor([lookup[(bool(a), bool(b))] for a, b in zip(h, v)], dtype=torch.long)
+def _variant_index(draws: dict, count: int, horizontal_choices: int) -> torch.Tensor:
+    """Index into ``flip_variants`` (ordered vflip-major): hflip + horizontal_choices * vflip."""
+    h = draws.get("hflip", torch.zeros(count, dtype=torch.bool)).long()
+    v = draws.get("vflip", torch.zeros(count, dtype=torch.bool)).long()
+    return h + horizontal_choices * v
 
 
 # ----------------------------------------------------------------------------- checkpoints
