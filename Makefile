@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-report: setup  ## the whole report for DATA (synthetic | isic2016 | isic2016_holdout | tiny)
-	$(PY) -m isic_utils report --data $(DATA)
+report: setup  ## the whole report for DATA (synthetic | isic2016 | isic2016_holdout | tiny); SET='seeds=[0,1,2]' overrides
+	$(PY) -m isic_utils report --data $(DATA) $(if $(SET),--set $(SET))
 
 demo: setup  ## the smallest end-to-end run (tiny profile, a minute or two)
 	$(PY) -m isic_utils report --data tiny
