@@ -73,8 +73,14 @@ def prepare_data(params: dict, progress: bool = True) -> ReportData:
                             limit=params["limit"], cache_dir=cache, progress=progress)
 
 
-def make_model(params: dict):
-    """Build the run's model; returns (model, a sentence on the encoder weights actually used)."""
+def make_model(params: dict, seed: int | None = None):
+    """Build the run's model; returns (model, a sentence on the encoder weights actually used).
+
+    With ``seed``, torch is seeded first so the decoder's (and a random encoder's) initialisation belongs to the seed:
+    torch seeds itself at random in each new process, so without it a rerun of the same seed starts elsewhere.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
     weights = params["encoder_weights"]
     kwargs = dict(decoder=params["decoder"], dropout=params["dropout"], freeze_encoder=params["freeze_encoder"])
     try:
@@ -136,7 +142,7 @@ def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult
     fits, per_image, challenge_counts, rows = {}, {}, {}, []
     model = note = None
     for seed in params["seeds"]:
-        model, note = make_model(params)
+        model, note = make_model(params, seed)
         if verbose:
             print(f"— {params['run_name']}, seed {seed}: encoder {note}")
         result = fit(model, data, train_config(params, seed), run_dir / f"seed{seed}", verbose=verbose)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +82,25 @@ def test_train_run_trains_each_seed_and_the_comparison_reads_them_back(tiny_data
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) == 4
     for seed in (0, 1):
         pd.testing.assert_frame_equal(again.fits[seed].history, result.fits[seed].history)
+
+
+INIT_PROBE = """
+import sys, torch
+from isic_utils import study
+from isic_utils.params import resolve
+params = resolve("train", sys.argv[1], "tiny", {"decoder": "unet"}, root=__import__("pathlib").Path(sys.argv[2]))
+torch.rand(int(sys.argv[4]))  # whatever ran before in the notebook must not matter
+model, _ = study.make_model(params, int(sys.argv[3]))
+print(repr(float(sum(t.double().abs().sum() for t in model.state_dict().values() if t.is_floating_point()))))
+"""
+
+
+def test_a_seed_decides_the_initialisation_in_any_process():
+    """torch seeds itself at random per process: a rerun of seed k must still start from the same weights."""
+    def init(seed: int, noise: int) -> str:
+        done = subprocess.run([sys.executable, "-c", INIT_PROBE, str(ROOT / "params" / "task3.yaml"), str(ROOT),
+                               str(seed), str(noise)], capture_output=True, text=True, check=True, cwd=ROOT)
+        return done.stdout.strip()
+
+    assert init(1, 0) == init(1, 7)
+    assert init(1, 0) != init(2, 0)
