@@ -75,3 +75,26 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
             with atomic_path(output_dir / f"{path.stem}_overlay.jpg") as tmp:
                 Image.fromarray(picture.astype(np.uint8)).save(tmp, format="JPEG", quality=90)
     return written
+
+
+def round_trip(checkpoint: str | Path, pairs: list, output_dir: str | Path) -> dict:
+    """Run ``predict_folder`` on the folder holding ``pairs``' images, then read every written mask back.
+
+    Returns ``written`` (the paths predict_folder returned), ``masks`` (the mask path per pair, ISIC-named),
+    ``sizes`` (each image's original (width, height)), ``counts`` (confusion counts of each written mask against
+    its ground truth) and ``expected`` (the counts the evaluation computes in memory at original size), so a test or
+    a check can compare the CLI's output with the report's scoring.
+    """
+    from .data import decode_pairs, read_mask
+    from .metrics import confusion_counts
+    from .study import original_size_counts
+
+    output_dir = Path(output_dir)
+    written = predict_folder(checkpoint, pairs[0].image.parent, output_dir)
+    model, meta = load_predictor(checkpoint)
+    decoded = decode_pairs(pairs, meta["image_size"], progress=False)
+    expected = original_size_counts(predict_probabilities(model, meta, decoded.images), decoded)
+    masks = [output_dir / f"{pair.id}_Segmentation.png" for pair in pairs]
+    counts = torch.cat([confusion_counts(read_mask(path).float().unsqueeze(0), read_mask(pair.mask).float().unsqueeze(0))
+                        for pair, path in zip(pairs, masks)])
+    return {"written": written, "masks": masks, "sizes": decoded.sizes, "counts": counts, "expected": expected}

@@ -8,11 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils.data import decode_pairs, find_pairs, load_report_data, read_mask
-from isic_utils.metrics import confusion_counts, scores
+from isic_utils.data import decode_pairs, find_pairs, load_report_data
+from isic_utils.metrics import scores
 from isic_utils.model import build_model
-from isic_utils.predict import load_predictor, predict_folder, predict_probabilities
-from isic_utils.study import original_size_counts
+from isic_utils.predict import round_trip
 from isic_utils.training import TrainConfig, fit
 
 from .conftest import requires
@@ -53,18 +52,13 @@ def predict_round_trip(checkpoint, tmp_path):
     """predict on the 21 originals: masks at each image's exact size, binary, scoring what the evaluation says."""
     originals = Path(os.environ["ISIC_SAMPLE_DIR"]) / "isic2016-originals"
     pairs = find_pairs(originals, "train")
-    written = predict_folder(checkpoint, originals / "ISBI2016_ISIC_Part1_Training_Data", tmp_path / "masks")
+    result = round_trip(checkpoint, pairs, tmp_path / "masks")
+    written, expected, counts = result["written"], result["expected"], result["counts"]
     assert len(written) == 21
-    model, meta = load_predictor(checkpoint)
-    decoded = decode_pairs(pairs, meta["image_size"], progress=False)
-    expected = original_size_counts(predict_probabilities(model, meta, decoded.images), decoded)
-    counts = []
-    for pair, size, path in zip(pairs, decoded.sizes, written):
+    for pair, size, path in zip(pairs, result["sizes"], written):
         mask = Image.open(path)
         assert path.name == f"{pair.id}_Segmentation.png" and mask.size == size
         assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
-        counts.append(confusion_counts(read_mask(path).float().unsqueeze(0), read_mask(pair.mask).float().unsqueeze(0)))
-    counts = torch.cat(counts)
     # batch vs one-at-a-time inference may flip a pixel sitting exactly at the threshold, no more
     assert (counts - expected).abs().max() <= 1e-5 * counts.sum(1).max()
     assert torch.allclose(scores(counts)["iou"], scores(expected)["iou"], atol=1e-4)

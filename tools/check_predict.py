@@ -18,15 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from isic_utils.data import decode_pairs, find_pairs, read_mask  # noqa: E402
-from isic_utils.metrics import confusion_counts, scores  # noqa: E402
-from isic_utils.predict import load_predictor, predict_folder, predict_probabilities  # noqa: E402
-from isic_utils.study import original_size_counts  # noqa: E402
+from isic_utils.data import find_pairs  # noqa: E402
+from isic_utils.metrics import scores  # noqa: E402
+from isic_utils.predict import round_trip  # noqa: E402
 
 
 def main() -> None:
@@ -40,21 +38,13 @@ def main() -> None:
 
     pairs = find_pairs(args.root, args.split)
     with tempfile.TemporaryDirectory() as scratch:
-        out = Path(args.output or scratch)
-        written = predict_folder(args.checkpoint, pairs[0].image.parent, out)
-        model, meta = load_predictor(args.checkpoint)
-        decoded = decode_pairs(pairs, meta["image_size"], progress=False)
-        expected = original_size_counts(predict_probabilities(model, meta, decoded.images), decoded)
-        rows, counts = [], []
-        for pair, size in zip(pairs, decoded.sizes):
-            path = out / f"{pair.id}_Segmentation.png"  # the ISIC name; missing → the check fails loudly
-            with Image.open(path) as mask:
-                values = sorted(np.unique(np.asarray(mask)).tolist())
+        result = round_trip(args.checkpoint, pairs, Path(args.output or scratch))
+        rows = []
+        for pair, size, path in zip(pairs, result["sizes"], result["masks"]):
+            with Image.open(path) as mask:  # the ISIC name; missing → the check fails loudly
                 rows.append({"id": pair.id, "size": f"{size[0]}x{size[1]}", "size_ok": mask.size == tuple(size),
-                             "values": values})
-            counts.append(confusion_counts(read_mask(path).float().unsqueeze(0),
-                                           read_mask(pair.mask).float().unsqueeze(0)))
-    counts = torch.cat(counts)
+                             "values": sorted(np.unique(np.asarray(mask)).tolist())})
+    written, counts, expected = result["written"], result["counts"], result["expected"]
     table = pd.DataFrame(rows)
     table["JA_written_mask"] = scores(counts)["iou"].numpy()
     table["JA_evaluation"] = scores(expected)["iou"].numpy()
