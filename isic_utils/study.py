@@ -174,7 +174,8 @@ def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult
                                  first.best_epoch), run_dir, "summary"),
         "parameters": report.save_table(pd.concat([report.parameter_table(model.encoder, "encoder"),
                                                    report.parameter_table(model.decoder, "decoder"),
-                                                   report.parameter_table(model, "whole model")]),
+                                                   report.parameter_table(model, "whole model")],
+                                                  ignore_index=True),
                                         run_dir, "parameters"),
     }
     report.write_json(run_dir / "run.json", {"run_name": params["run_name"], "seeds": params["seeds"],
