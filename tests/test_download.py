@@ -172,3 +172,26 @@ def test_missing_archive_names_the_url(server, tmp_path):
     with pytest.raises(DataError, match="could not download .*ISBI2016_ISIC_Part1_Test_Data.zip"):
         server.files.pop("ISBI2016_ISIC_Part1_Test_Data.zip")
         download_isic2016(tmp_path / "isic", splits=["test"], base_url=server.url, expected_counts={"test": 2})
+
+
+def test_an_extraction_killed_half_way_is_redone_not_trusted(server, tmp_path, monkeypatch):
+    """A run killed while unzipping must not leave folders that a later run takes for a complete data set."""
+    import zipfile
+
+    real = zipfile.ZipFile.extract
+    calls = []
+
+    def dies_on_the_third_member(self, member, path=None, pwd=None):
+        calls.append(member)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed while extracting")
+        return real(self, member, path, pwd)
+
+    monkeypatch.setattr(zipfile.ZipFile, "extract", dies_on_the_third_member)
+    root = tmp_path / "isic"
+    with pytest.raises(KeyboardInterrupt):
+        download_isic2016(root, splits=["train"], base_url=server.url, expected_counts={"train": 3})
+    monkeypatch.undo()
+    assert not (root / NAMES["train"][0]).exists()  # nothing half-extracted under the real name
+    download_isic2016(root, splits=["train"], base_url=server.url, expected_counts={"train": 3})
+    assert len(find_pairs(root, "train")) == 3

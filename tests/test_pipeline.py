@@ -1,6 +1,8 @@
 """End to end: the whole report on the tiny profile with papermill, every expected file checked."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +21,12 @@ def tiny_report(tmp_path_factory):
     base = tmp_path_factory.mktemp("report")
     out = base / "out"
     lines = []
-    timings = run_report("tiny", overrides={"output_dir": str(out), "data_dir": str(base / "data")}, root=ROOT,
-                         echo=lines.append)
+    old = os.umask(0o022)  # what most users have: their report must be readable by others
+    try:
+        timings = run_report("tiny", overrides={"output_dir": str(out), "data_dir": str(base / "data")}, root=ROOT,
+                             echo=lines.append)
+    finally:
+        os.umask(old)
     return out, timings, lines, base
 
 
@@ -35,10 +41,30 @@ def test_every_chapter_executed_and_exported(tiny_report):
         page = (out / f"{name}.html").read_text()
         assert "Synthetic data" in page, name  # every chapter says what data it ran on
         assert "<img" in page or name == "eda" and "image/png" in page
-        assert "widget" not in page.lower() or "application/vnd.jupyter.widget" not in page
+        raw = (out / f"{name}.ipynb").read_text()
+        assert "application/vnd.jupyter.widget" not in raw and "application/vnd.jupyter.widget" not in page, name
+        streams = [o for c in notebook["cells"] for o in c.get("outputs", []) if o.get("output_type") == "stream"]
+        assert not any("\r" in "".join(o["text"]) for o in streams), name  # no carriage-return progress bars
     index = (out / "index.html").read_text()
     assert "Synthetic data" in index and all(f'href="{n}.html"' in index for n in timings)
     assert any("chapter times" in line for line in lines)
+
+
+def test_the_terminal_shows_one_line_per_epoch_while_a_chapter_runs(tiny_report):
+    out, _, lines, _ = tiny_report
+    for run in ("task1", "task2"):
+        epochs = [line for line in lines if line.startswith(f"  {run} | ") and " epoch " in line]
+        assert len(epochs) == 2, lines  # tiny profile: two epochs, one line each
+        assert all(f"{run} seed 0" in line and "val IoU" in line and "ETA" in line and " s " in line
+                   for line in epochs), epochs
+    page = (out / "task1.html").read_text()
+    assert "task1 seed 0 epoch" in page.replace("  ", " ")  # the same lines are the chapter's log
+
+
+def test_every_written_file_is_readable_by_others(tiny_report):
+    out, *_ = tiny_report
+    unreadable = [p for p in out.rglob("*") if p.is_file() and not stat.S_IMODE(p.stat().st_mode) & stat.S_IROTH]
+    assert not unreadable, unreadable[:5]
 
 
 def test_tables_have_the_right_columns_and_rows(tiny_report):
@@ -113,3 +139,25 @@ def test_bad_parameters_fail_before_any_work(tmp_path):
     with pytest.raises(Exception, match="image_size must be a positive multiple of 32"):
         run_report("tiny", overrides={"output_dir": str(tmp_path / "out"), "image_size": 100}, root=ROOT)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_chapter_survives_run_all_twice_in_one_kernel(tiny_report, tmp_path):
+    """What a JupyterLab / Colab user does: Run All, then Run All again (and one cell again) in the same kernel."""
+    from nbclient import NotebookClient
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    from isic_utils.params import resolve
+
+    _, _, _, base = tiny_report
+    values = resolve("train", ROOT / "params" / "task1.yaml", "tiny",
+                     {"output_dir": str(tmp_path / "out"), "data_dir": str(base / "data")}, root=ROOT)
+    notebook = parameterize_notebook(load_notebook_node(str(ROOT / "notebooks" / "02_train.ipynb")), values)
+    client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    with client.setup_kernel():
+        for _ in range(2):
+            for index, cell in enumerate(notebook.cells):
+                client.execute_cell(cell, index)  # raises CellExecutionError on the first failing cell
+        setup = next(i for i, c in enumerate(notebook.cells) if "from_notebook" in c.source)
+        client.execute_cell(notebook.cells[setup], setup)
+    assert len(pd.read_csv(tmp_path / "out" / "task1" / "tables" / "epochs.csv")) == 2

@@ -30,18 +30,38 @@ def test_predict_round_trip_at_original_size(trained, tiny_data, tmp_path):
     (inputs / "notes.txt").write_text("not an image")
     assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(inputs),
                  "--output", str(tmp_path / "out"), "--overlays"]) == 0
-    counts = []
     for k, pair in enumerate(tiny_data.test.sources):
         mask_path = tmp_path / "out" / f"{pair.id}_Segmentation.png"
         written = Image.open(mask_path)
         assert written.size == tiny_data.test.sizes[k]  # the image's own original size
         assert set(np.unique(np.asarray(written)).tolist()) <= {0, 255}
         assert (tmp_path / "out" / f"{pair.id}_overlay.jpg").exists()
-        counts.append(confusion_counts(read_mask(mask_path).float().unsqueeze(0),
-                                       read_mask(pair.mask).float().unsqueeze(0)))
-    # the masks score what the evaluation said
-    expected = summarize(study.original_size_counts(result.test.probabilities, tiny_data.test))
-    assert summarize(torch.cat(counts)) == pytest.approx(expected, abs=1e-3)
+
+
+def hand_set_probabilities(model, meta, images_uint8):
+    """Probability maps that straddle 0.5 inside every image (darker than the image's mean → above 0.5)."""
+    grey = images_uint8.float().mean(1, keepdim=True)
+    return torch.sigmoid((grey.mean(dim=(2, 3), keepdim=True) - grey) / 8)
+
+
+def test_written_masks_score_exactly_what_the_evaluation_computes(trained, tiny_data, tmp_path, monkeypatch):
+    from isic_utils import predict
+
+    _, run_dir = trained
+    monkeypatch.setattr(predict, "predict_probabilities", hand_set_probabilities)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for pair in tiny_data.test.sources:
+        (inputs / pair.image.name).write_bytes(pair.image.read_bytes())
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(inputs),
+                 "--output", str(tmp_path / "out")]) == 0
+    counts = torch.cat([confusion_counts(read_mask(tmp_path / "out" / f"{pair.id}_Segmentation.png").float().unsqueeze(0),
+                                         read_mask(pair.mask).float().unsqueeze(0)) for pair in tiny_data.test.sources])
+    predicted = counts[:, 0] + counts[:, 1]
+    assert (predicted > 0).all() and (counts[:, 2] + counts[:, 3] > 0).all()  # every mask has both classes
+    expected = study.original_size_counts(hand_set_probabilities(None, None, tiny_data.test.images), tiny_data.test)
+    assert torch.equal(counts, expected)
+    assert summarize(counts) == summarize(expected)
 
 
 def test_checkpoint_of_another_architecture_is_refused(trained, tmp_path):

@@ -1,0 +1,416 @@
+"""The paths users take (issue 10): JupyterLab reruns, typos in overrides, --force, a changed configuration,
+files other users read, where the encoder weights came from, and failures that must say what to do.
+
+Each test here failed on the code before the fix it pins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from isic_utils import data as D
+from isic_utils import params as P
+from isic_utils import pipeline, plots, report, study
+from isic_utils.__main__ import main
+from isic_utils.model import build_model
+from isic_utils.training import CheckpointMismatch, Evaluation, TrainConfig, evaluate, fit, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**changes):
+    base = dict(freeze_encoder=False, epochs=1, batch_size=8, eval_batch_size=8, precision="fp32", seed=0,
+                monitor_test=False)
+    return TrainConfig(**{**base, **changes})
+
+
+def tiny_model(cfg, seed=123, decoder="report"):
+    torch.manual_seed(seed)
+    return build_model(encoder_weights=None, freeze_encoder=cfg.freeze_encoder, decoder=decoder, dropout=0.2)
+
+
+# ----------------------------------------------------------------------------- 1. a notebook run twice
+
+
+def test_parameters_survive_a_second_run_all_in_one_kernel():
+    """After a first Run All the kernel holds params, out, dataset, ...: collecting them again must not fail."""
+    parameters_cell = "# Parameters (papermill injects a cell after this one). Plain literals only.\nepochs = 2\n"
+    injected = "# Parameters\nepochs = 3\nrun_name = 'task2'\n"
+    namespace = {"In": ["", "import x", parameters_cell, injected, "params = ..."], "epochs": 3, "run_name": "task2"}
+    first = P.from_notebook("train", namespace)
+    namespace.update(params=first, out=Path("."), dataset=object(), n=6, sizes=pd.DataFrame())
+    namespace["In"] += ["dataset = ...", parameters_cell, injected, "params = ..."]
+    second = P.from_notebook("train", namespace)
+    assert second == first and second["epochs"] == 3 and second["run_name"] == "task2"
+
+
+def test_a_typo_in_the_parameters_cell_is_still_reported():
+    cell = "# Parameters (papermill injects a cell after this one). Plain literals only.\nepochs = 2\n"
+    injected = "# Parameters\nseed = [0, 1]\n"
+    namespace = {"In": ["", cell, injected], "epochs": 2, "seed": [0, 1], "params": {}, "out": Path(".")}
+    with pytest.raises(P.ParameterError, match=r"unknown parameter 'seed' \(did you mean 'seeds'\?\)"):
+        P.from_notebook("train", namespace)
+
+
+# ----------------------------------------------------------------------------- 2. typos in overrides
+
+
+def test_a_mistyped_override_stops_the_report_before_any_work(tmp_path):
+    with pytest.raises(P.ParameterError, match=r"'seed' \(did you mean 'seeds'\?\)") as error:
+        pipeline.run_report("tiny", overrides={"output_dir": str(tmp_path / "out"), "seed": [0, 1, 2]}, root=ROOT,
+                            echo=lambda *_: None)
+    assert "valid keys" in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_names_the_close_match(capsys, tmp_path):
+    code = main(["report", "--data", "tiny", "--set", "seed=[0]", f"output_dir={tmp_path / 'out'}"])
+    assert code != 0
+    assert "seeds" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- 3. --force, resume, a changed run
+
+
+def test_force_retrains_and_a_plain_rerun_does_not(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_chapter(step, values, out_dir, root, kernel=None, echo=print):
+        seen.append((step.name, values.get("resume")))
+        (out_dir / f"{step.name}.ipynb").write_text("{}")
+        (out_dir / f"{step.name}.html").write_text("")
+        return 0.0
+
+    monkeypatch.setattr(pipeline, "run_chapter", fake_chapter)
+    monkeypatch.setattr(pipeline, "export_chapter", lambda step, out_dir: None)
+    monkeypatch.setattr(pipeline, "write_index", lambda *a, **k: None)
+    overrides = {"output_dir": str(tmp_path / "out")}
+    pipeline.run_report("tiny", overrides=overrides, root=ROOT, echo=lambda *_: None)
+    assert dict(seen)["task1"] is True
+    seen.clear()
+    pipeline.run_report("tiny", force=True, overrides=overrides, root=ROOT, echo=lambda *_: None)
+    assert dict(seen) == {"eda": None, "task1": False, "task2": False, "compare": None}
+    seen.clear()
+    pipeline.run_report("tiny", overrides=overrides, root=ROOT, echo=lambda *_: None)
+    assert seen == []  # a forced run leaves the chapters up to date: resume is not part of their fingerprint
+    pipeline.run_report("tiny", force=True, only=["task2"], overrides=overrides, root=ROOT, echo=lambda *_: None)
+    seen.clear()
+    pipeline.run_report("tiny", overrides=overrides, root=ROOT, echo=lambda *_: None)
+    assert seen == [("compare", None)]  # task2 was retrained alone: the comparison is stale, nothing else
+
+
+def test_resume_false_retrains_from_scratch(tiny_data, tmp_path):
+    cfg = tiny_config(epochs=2)
+    first = fit(tiny_model(cfg), tiny_data, cfg, tmp_path / "run", verbose=False)
+    changed = tiny_model(cfg, seed=5)  # another start: a retrained run must differ, a resumed one would not
+    again = fit(changed, tiny_data, cfg, tmp_path / "run", resume=False, verbose=False)
+    assert not again.history["train_loss"].equals(first.history["train_loss"])
+
+
+def test_a_changed_configuration_says_what_differs_and_what_to_do(tiny_data, tmp_path):
+    cfg = tiny_config()
+    fit(tiny_model(cfg), tiny_data, cfg, tmp_path / "run", verbose=False)
+    other = tiny_config(decoder_lr=5e-4)
+    with pytest.raises(CheckpointMismatch) as error:
+        fit(tiny_model(other), tiny_data, other, tmp_path / "run", verbose=False)
+    message = str(error.value)
+    assert "decoder_lr: 0.001 → 0.0005" in message and "--force" in message and "resume" in message
+    assert "encoder_lr" not in message  # only what differs
+
+
+def test_fewer_epochs_than_trained_is_refused(tiny_data, tmp_path):
+    cfg = tiny_config(epochs=2)
+    fit(tiny_model(cfg), tiny_data, cfg, tmp_path / "run", verbose=False)
+    shorter = tiny_config(epochs=1)
+    with pytest.raises(CheckpointMismatch, match="2 epochs.*asks for 1"):
+        fit(tiny_model(shorter), tiny_data, shorter, tmp_path / "run", verbose=False)
+
+
+# ----------------------------------------------------------------------------- 4. every combination runs
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+@pytest.mark.parametrize("decoder", ["report", "unet"])
+@pytest.mark.parametrize("augment", [(), ("hflip", "vflip"), ("hflip", "vflip", "rot90", "color_jitter")])
+def test_every_model_and_augmentation_combination_trains(tiny_data, tmp_path, freeze, decoder, augment):
+    cfg = tiny_config(freeze_encoder=freeze, augment=augment, loss="bce+dice" if decoder == "unet" else "bce",
+                      monitor_test=True)
+    result = fit(tiny_model(cfg, decoder=decoder), tiny_data, cfg, tmp_path / "run", verbose=False)
+    assert np.isfinite(result.history["train_loss"]).all()
+
+
+def test_frozen_encoder_with_unet_uses_the_feature_cache_and_matches_the_plain_path(tiny_data, tmp_path):
+    cached_cfg = tiny_config(freeze_encoder=True, epochs=2, feature_cache=True)
+    plain_cfg = tiny_config(freeze_encoder=True, epochs=2, feature_cache=False)
+    cached = fit(tiny_model(cached_cfg, decoder="unet"), tiny_data, cached_cfg, tmp_path / "c", verbose=False)
+    plain = fit(tiny_model(plain_cfg, decoder="unet"), tiny_data, plain_cfg, tmp_path / "p", verbose=False)
+    assert cached.used_feature_cache and not plain.used_feature_cache
+    volatile = ["train_seconds", "epoch_seconds"]
+    pd.testing.assert_frame_equal(cached.history.drop(columns=volatile), plain.history.drop(columns=volatile),
+                                  rtol=1e-4, atol=1e-5)
+
+
+def test_limits_too_small_to_split_are_refused_at_validation():
+    with pytest.raises(P.ParameterError, match="limit"):
+        P.resolve("train", profile="tiny", overrides={"limit": 2}, root=ROOT)
+
+
+# ----------------------------------------------------------------------------- 5. files other users can read
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_get_the_umask_mode(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        report.write_text(tmp_path / "page.html", "<p>hi</p>")
+        report.save_table(pd.DataFrame({"a": [1]}), tmp_path, "t")
+        with report.atomic_path(tmp_path / "model.pt") as tmp:
+            torch.save({"x": torch.zeros(1)}, tmp)
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "page.html", tmp_path / "tables" / "t.csv", tmp_path / "tables" / "t.md",
+                 tmp_path / "model.pt"):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
+
+
+# ----------------------------------------------------------------------------- 6. where the weights came from
+
+
+def test_the_encoder_weights_are_recorded_and_a_resume_with_others_is_refused(tiny_data, tmp_path):
+    cfg = tiny_config()
+    model = tiny_model(cfg, seed=1)
+    record = model.encoder_weights
+    assert record["source"] == "random initialisation" and len(record["sha256"]) == 64
+    fit(model, tiny_data, cfg, tmp_path / "run", verbose=False)
+    meta = load_checkpoint(tmp_path / "run" / "best.pt")["meta"]
+    assert meta["encoder_weights"] == record
+    other = tiny_model(cfg, seed=2)  # another encoder (as when ImageNet weights appear after a fallback run)
+    with pytest.raises(CheckpointMismatch, match="encoder weights"):
+        fit(other, tiny_data, cfg, tmp_path / "run", verbose=False)
+
+
+def test_the_random_fallback_is_named_in_run_json(tiny_data, tmp_path, monkeypatch):
+    params = P.resolve("train", ROOT / "params" / "task1.yaml", "tiny",
+                       {"output_dir": str(tmp_path), "epochs": 1, "encoder_weights": "imagenet"}, root=ROOT)
+    from isic_utils import model as M
+
+    def offline(*args, **kwargs):
+        raise M.EncoderWeightsError("could not download the ImageNet weights (offline). Fix: ...")
+
+    real = M.build_encoder
+    monkeypatch.setattr(M, "build_encoder", lambda name="mobilenet_v2", weights="imagenet":
+                        offline() if weights == "imagenet" else real(name, weights))
+    study.train_run(params, tiny_data, verbose=False)
+    info = json.loads((tmp_path / "task1" / "run.json").read_text())
+    weights = info["encoder_weights"]["0"]
+    assert weights["fallback"] is True and weights["source"] == "random initialisation"
+
+
+def test_random_encoders_are_allowed_only_by_the_synthetic_profiles():
+    assert P.defaults("train")["allow_random_encoder"] is False
+    for profile, allowed in (("synthetic", True), ("tiny", True), ("isic2016", False), ("isic2016_holdout", False)):
+        values = P.resolve("train", ROOT / "params" / "task2.yaml", profile, root=ROOT)
+        assert values["allow_random_encoder"] is allowed, profile
+
+
+# ----------------------------------------------------------------------------- 8. failures that say what to do
+
+
+def test_a_corrupt_decode_cache_is_rebuilt_with_a_warning(synthetic_root, tmp_path):
+    pairs = D.find_pairs(synthetic_root, "train")[:4]
+    first = D.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
+    (cache_file,) = (tmp_path / "cache").glob("*.pt")
+    cache_file.write_bytes(b"\x80\x02 not a torch file")
+    with pytest.warns(UserWarning, match="decode cache .* unreadable"):
+        again = D.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
+    assert torch.equal(again.images, first.images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        D.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)  # rewritten: read back quietly
+
+
+def test_user_supplied_data_with_other_counts_is_named(tmp_path):
+    from tests.test_data import make_root, write_pair
+
+    root = make_root(tmp_path, count=5)
+    test_images, test_masks = D.SPLIT_FOLDERS["test"]
+    (root / test_images).mkdir()
+    (root / test_masks).mkdir()
+    for k in range(2):
+        write_pair(root, f"ISIC_{k + 900:07d}")
+        for suffix, folder in ((".jpg", test_images), ("_Segmentation.png", test_masks)):
+            source = root / D.SPLIT_FOLDERS["train"][0 if suffix == ".jpg" else 1] / f"ISIC_{k + 900:07d}{suffix}"
+            source.rename(root / folder / source.name)
+    with pytest.warns(UserWarning, match=r"5 training .* 900\) and 2 test .* 379"):
+        D.load_report_data(root, 32, expected_counts=D.OFFICIAL_COUNTS, progress=False)
+
+
+def test_a_killed_kernel_is_named_as_such(tmp_path):
+    import shutil
+
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    root = tmp_path / "project"
+    shutil.copytree(ROOT / "params", root / "params")
+    (root / "notebooks").mkdir()
+    nbformat.write(new_notebook(cells=[new_code_cell("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")],
+                                metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                         "language": "python"}}),
+                   root / "notebooks" / "01_eda.ipynb")
+    with pytest.raises(pipeline.ChapterFailed, match=r"kernel died.*out of memory.*partly executed notebook"):
+        pipeline.run_report("tiny", only=["eda"], overrides={"output_dir": str(tmp_path / "out")}, root=root,
+                            echo=lambda *_: None)
+
+
+def test_a_failed_html_export_keeps_the_notebook_and_is_redone_alone(tmp_path, monkeypatch):
+    def no_export(*args):
+        raise RuntimeError("pandoc exploded")
+
+    overrides = {"output_dir": str(tmp_path / "out"), "data_dir": str(tmp_path / "data")}
+    monkeypatch.setattr(pipeline, "export_html", no_export)
+    with pytest.raises(pipeline.ChapterFailed, match=r"eda\.ipynb.*HTML.*pandoc exploded"):
+        pipeline.run_report("tiny", only=["eda"], overrides=overrides, root=ROOT, echo=lambda *_: None)
+    notebook = tmp_path / "out" / "eda.ipynb"
+    stamp = notebook.stat().st_mtime_ns
+    monkeypatch.undo()
+    lines = []
+    pipeline.run_report("tiny", only=["eda"], overrides=overrides, root=ROOT, echo=lines.append)
+    assert notebook.stat().st_mtime_ns == stamp  # not executed again
+    assert (tmp_path / "out" / "eda.html").exists() and any("exported" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------- 9. numbers exactly as computed
+
+
+class ConstantLogit(torch.nn.Module):
+    """A stand-in model whose every pixel has probability sigmoid(logit)."""
+
+    def __init__(self, logit: float):
+        super().__init__()
+        self.logit, self.spec = logit, build_model(encoder_weights=None).spec
+        self.decoder = torch.nn.Identity()
+
+    def forward(self, x):
+        return torch.full((len(x), 1, *x.shape[-2:]), self.logit)
+
+
+def test_probabilities_just_above_one_half_stay_foreground(tiny_data):
+    model = ConstantLogit(4e-4)  # p = 0.5001, which fp16 rounds to 0.5
+    result = evaluate(model, tiny_data.test, tiny_config(), "fp32", keep_probabilities=True)
+    assert result.probabilities.dtype == torch.float32 and (result.probabilities > 0.5).all()
+    counts = study.original_size_counts(result.probabilities, tiny_data.test)
+    assert (counts[:, 0] + counts[:, 1] > 0).all() and (counts[:, 2] + counts[:, 3] == 0).all()  # all foreground
+
+
+def test_the_summary_labels_test_numbers_over_epochs_as_monitoring():
+    history = pd.DataFrame({"epoch": [1, 2], "train_loss": [1, 0.5], "val_loss": [1, 0.6], "test_loss": [1, 0.7],
+                            "val_iou_mean": [0.2, 0.3], "test_iou_mean": [0.4, 0.1], "val_dice_mean": [0.3, 0.4],
+                            "test_dice_mean": [0.5, 0.2], "val_accuracy_mean": [0.8, 0.9],
+                            "test_accuracy_mean": [0.7, 0.6]})
+    table = report.summary_table(history, {"iou_mean": 0.3}, {"iou_mean": 0.1}, 2)
+    over_epochs = table[table["block"] == "over epochs"]["quantity"]
+    test_rows = [q for q in over_epochs if "test" in q]
+    assert test_rows and all("[monitor]" in q for q in test_rows)
+
+
+PARALLEL_SEED = """
+import sys, torch
+torch.set_num_threads(1)
+from pathlib import Path
+from isic_utils import study
+from isic_utils.data import load_report_data
+from isic_utils.params import resolve
+root, out, data_root, seed = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+params = resolve("train", root / "params" / "task2.yaml", "tiny", {"output_dir": out, "seeds": [seed], "epochs": 1},
+                 root=root)
+data = load_report_data(data_root, 64, progress=False)
+study.train_run(params, data, verbose=False)
+"""
+
+
+def test_seeds_trained_in_parallel_processes_keep_each_others_results(synthetic_root, tmp_path):
+    out = tmp_path / "out"
+    workers = [subprocess.Popen([sys.executable, "-c", PARALLEL_SEED, str(ROOT), str(out), str(synthetic_root),
+                                 str(seed)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}) for seed in (0, 1)]
+    for worker in workers:
+        assert worker.wait(timeout=300) == 0, worker.stderr.read()[-2000:]
+    seeds = pd.read_csv(out / "task2" / "tables" / "seeds.csv")
+    assert sorted(seeds["seed"]) == [0, 1]
+    assert json.loads((out / "task2" / "run.json").read_text())["seeds"] == [0, 1]
+    assert study.load_run(out, "task2").seeds["seed"].tolist() == [0, 1]
+
+
+# ----------------------------------------------------------------------------- 10. one augmentation
+
+
+def test_figure_3_shows_the_augmentation_training_applies(tiny_data, monkeypatch):
+    calls = []
+    real = D.apply_augmentation
+    monkeypatch.setattr(D, "apply_augmentation", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    plots.augmentation_examples(tiny_data.train.images[:2], tiny_data.train.masks[:2])
+    assert any("jitter" in draws for draws in calls) and any("hflip" in draws for draws in calls)
+    assert not hasattr(D, "joint_transform")  # no second implementation left
+
+
+def test_the_dataset_class_augments_with_the_same_code(tiny_data):
+    from isic_utils.model import IMAGENET_MEAN, IMAGENET_STD
+
+    dataset = D.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD, augment=["color_jitter"], seed=3)
+    image, _ = dataset[0]
+    draws = D.draw_augmentation(1, ["color_jitter"], torch.Generator().manual_seed(3))
+    expected, _ = D.apply_augmentation(tiny_data.train.images[:1], tiny_data.train.masks[:1], draws)
+    assert torch.allclose(image, D.normalize(expected, IMAGENET_MEAN, IMAGENET_STD)[0], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 11. tests that can fail
+
+
+def test_selection_follows_validation_even_when_test_disagrees(tiny_data, tmp_path, monkeypatch):
+    from isic_utils import training
+
+    val_scores, test_scores = iter([0.2, 0.8, 0.5, 0.8]), iter([0.9, 0.1, 0.95, 0.1])
+
+    def scripted(model, split, config, precision, features=None, keep_probabilities=False):
+        iou = next(val_scores if split is tiny_data.val else test_scores)
+        size = split.masks[0].numel()
+        tp = int(iou * size)
+        counts = torch.tensor([[tp, size - tp, 0, 0]] * len(split))
+        probabilities = torch.zeros(len(split), 1, 64, 64) if keep_probabilities else None
+        return Evaluation(1.0 - iou, counts, probabilities)
+
+    monkeypatch.setattr(training, "evaluate", scripted)
+    cfg = tiny_config(epochs=3, monitor_test=True)
+    result = fit(tiny_model(cfg), tiny_data, cfg, tmp_path / "run", verbose=False)
+    assert result.best_epoch == 2  # the validation maximum; the test maximum was epoch 3
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 2
+
+
+def test_a_file_edited_in_place_is_decoded_again(tmp_path):
+    """Same name, same byte size, other pixels: the cache must not serve the old decode."""
+    from tests.test_data import make_root
+
+    root = make_root(tmp_path)
+    pairs = D.find_pairs(root, "train")
+    path = pairs[0].mask
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(path, format="PNG", compress_level=0)
+    before = D.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
+    size = path.stat().st_size
+    Image.fromarray(np.full((30, 40), 255, np.uint8)).save(path, format="PNG", compress_level=0)
+    assert path.stat().st_size == size
+    after = D.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
+    assert before.masks[0].sum() == 0 and after.masks[0].all()
