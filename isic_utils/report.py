@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,17 +26,38 @@ STUDENT_REPORT = {
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success rename it onto ``target``, on error delete it."""
+    """Yield a temporary path beside ``target``; on success rename it onto ``target``, on error delete it.
+
+    The temporary file is created with mode 0666 less the umask, as ``open()`` would, so the renamed file is as
+    readable by others as any file the user writes (``tempfile.mkstemp`` would make every output 0600).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield tmp
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked(folder: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder/.lock`` (processes writing one run's shared tables take turns)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; parallel seeds there are not supported
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_text(target: str | Path, text: str) -> Path:
@@ -104,18 +125,23 @@ def summary_table(history: pd.DataFrame, final_val: dict, final_test: dict, best
     whole validation and test sets; these are the numbers to quote.
     """
     rows = []
+
+    def monitor(split: str) -> str:  # a test number over epochs is what test-set selection would pick
+        return " [monitor]" if split == "test" else ""
+
     for split in ("train", "val", "test"):
         if f"{split}_loss" in history:
-            rows.append({"block": "over epochs", "quantity": f"mean {split} loss", "value": history[f"{split}_loss"].mean()})
+            rows.append({"block": "over epochs", "quantity": f"mean {split} loss{monitor(split)}",
+                         "value": history[f"{split}_loss"].mean()})
     for split in ("val", "test"):
         for name in ("iou", "dice"):
             column = f"{split}_{name}_mean"
             if column in history:
                 for stat in ("min", "max", "mean"):
-                    rows.append({"block": "over epochs", "quantity": f"{stat} {split} {name} (mean/img)",
+                    rows.append({"block": "over epochs", "quantity": f"{stat} {split} {name} (mean/img){monitor(split)}",
                                  "value": getattr(history[column], stat)()})
         if f"{split}_accuracy_mean" in history:
-            rows.append({"block": "over epochs", "quantity": f"mean {split} pixel accuracy",
+            rows.append({"block": "over epochs", "quantity": f"mean {split} pixel accuracy{monitor(split)}",
                          "value": history[f"{split}_accuracy_mean"].mean()})
     rows.append({"block": "selected", "quantity": "epoch chosen by validation IoU", "value": best_epoch})
     for split, values in (("val", final_val), ("test", final_test)):
