@@ -33,6 +33,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import warnings
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -153,22 +155,37 @@ def verify_zip(path: Path) -> None:
 
 
 def safe_extract(archive_path: Path, target: Path) -> list[Path]:
-    """Extract a zip into ``target``; refuses members that would land outside it (``..`` or absolute paths)."""
+    """Extract a zip into ``target``; refuses members that would land outside it (``..`` or absolute paths).
+
+    Members are extracted into a staging folder beside ``target`` first; each top-level entry is renamed into
+    ``target`` only once the whole archive is out, so a run killed half-way never leaves a folder that a later
+    run would take for a complete split.
+    """
     target = target.resolve()
+    staging = target / f".extracting-{archive_path.stem}"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+    staging.mkdir(parents=True)
     written = []
     with zipfile.ZipFile(archive_path) as archive:
         for member in archive.infolist():
             name = member.filename
-            destination = (target / name).resolve()
-            if name.startswith(("/", "\\")) or ".." in Path(name).parts or not destination.is_relative_to(target):
+            destination = (staging / name).resolve()
+            if name.startswith(("/", "\\")) or ".." in Path(name).parts or not destination.is_relative_to(staging):
+                shutil.rmtree(staging, ignore_errors=True)
                 raise DataError(
                     f"{archive_path} holds member {name!r}, which would be written outside {target}. "
                     "The archive is not an official ISIC archive; delete it."
                 )
             if name.startswith("__MACOSX/"):
                 continue
-            archive.extract(member, target)
-            written.append(destination)
+            archive.extract(member, staging)
+            written.append(target / name)
+    for entry in staging.iterdir():
+        final = target / entry.name
+        if final.is_dir():
+            shutil.rmtree(final)
+        os.replace(entry, final)
+    staging.rmdir()
     return written
 
 
@@ -367,9 +384,15 @@ def decode_pairs(
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"decoded_{image_size}px_{_cache_key(pairs, image_size)}.pt"
         if cache_file.exists():
-            stored = torch.load(cache_file, weights_only=True)
-            return DecodedSplit(stored["ids"], stored["images"], stored["masks"],
-                                [tuple(s) for s in stored["sizes"]], list(pairs))
+            try:
+                stored = torch.load(cache_file, weights_only=True)
+                if stored["ids"] != [p.id for p in pairs]:
+                    raise ValueError("it holds other ids")
+                return DecodedSplit(stored["ids"], stored["images"], stored["masks"],
+                                    [tuple(s) for s in stored["sizes"]], list(pairs))
+            except Exception as exc:  # truncated, overwritten or from another version: decoding again is safe
+                warnings.warn(f"decode cache {cache_file} is unreadable ({type(exc).__name__}: {exc}); decoding the "
+                              "images again and rewriting it.", stacklevel=2)
     count = len(pairs)
     images = torch.empty(count, 3, image_size, image_size, dtype=torch.uint8)
     masks = torch.empty(count, 1, image_size, image_size, dtype=torch.uint8)
@@ -431,6 +454,7 @@ def load_report_data(
     limit: int | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    expected_counts: dict[str, int] | None = None,
 ) -> ReportData:
     """Find, decode (once, cached) and split the data under ``root``.
 
@@ -438,13 +462,21 @@ def load_report_data(
     the training ids as the test set (for data that has no official test folders, such as development
     samples). ``limit`` keeps the first ``limit`` ids of each split (tiny runs). The validation split is taken
     from the remaining training ids with ``seed``; the holdout test split uses a fixed seed (1000) so that every
-    seed of a study is scored on the same test images.
+    seed of a study is scored on the same test images. With ``expected_counts`` (the official 900 / 379) and the
+    official test split, other counts give a warning naming the folder: an incomplete copy or extraction.
     """
     root = Path(root)
     train_pairs = find_pairs(root, "train")
     if test_split == "official":
         test_pairs = find_pairs(root, "test")
         source = "official ISIC 2016 test set"
+        found = {"train": len(train_pairs), "test": len(test_pairs)}
+        if expected_counts and limit is None and found != {k: expected_counts[k] for k in found}:
+            warnings.warn(
+                f"{root} holds {found['train']} training image/mask pairs (ISIC 2016 has {expected_counts['train']}) "
+                f"and {found['test']} test pairs (ISIC 2016 has {expected_counts['test']}). If this is not a subset "
+                "on purpose, a copy or an extraction was incomplete: delete the ISBI2016_* folders there and unzip "
+                "the archives again (or set download: true).", stacklevel=2)
     elif test_split == "holdout":
         rest, held = split_ids([p.id for p in train_pairs], holdout_fraction, seed=1000)
         by_id = {p.id: p for p in train_pairs}
@@ -472,50 +504,98 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 
 AUGMENTATIONS = ("hflip", "vflip", "rot90", "color_jitter")
+COLOR_JITTER = 0.2  # brightness, contrast and saturation factors in [1 - j, 1 + j], hue shift in ±j/10
 
 
-def joint_transform(augment: Sequence[str], jitter: float = 0.2):
-    """A ``torchvision.transforms.v2`` pipeline applying ``augment`` jointly to an image and its ``tv_tensors.Mask``.
-
-    Flips and rotations move image and mask together; colour jitter changes the image only.
-    """
-    from torchvision.transforms import v2
-
-    steps = []
-    if "hflip" in augment:
-        steps.append(v2.RandomHorizontalFlip(0.5))
-    if "vflip" in augment:
-        steps.append(v2.RandomVerticalFlip(0.5))
+def draw_augmentation(count: int, augment: Sequence[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random per-image choices for one batch. Drawn in a fixed order, so cached and uncached paths agree."""
+    draws = {}
+    for name in ("hflip", "vflip"):
+        if name in augment:
+            draws[name] = torch.rand(count, generator=generator) < 0.5
     if "rot90" in augment:
-        steps.append(v2.RandomChoice([v2.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)]))
+        draws["rot90"] = torch.randint(0, 4, (count,), generator=generator)
     if "color_jitter" in augment:
-        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 10))
-    return v2.Compose(steps)
+        draws["jitter"] = torch.rand(count, 4, generator=generator)
+    return draws
+
+
+def _where(selected: torch.Tensor, changed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    return torch.where(selected.view(-1, *([1] * (original.dim() - 1))), changed, original)
+
+
+def apply_augmentation(images: torch.Tensor, masks: torch.Tensor, draws: dict[str, torch.Tensor],
+                       jitter: float = COLOR_JITTER) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply drawn flips / 90° rotations jointly to uint8 images and masks, and colour jitter to images only.
+
+    The one augmentation of the project: training, Figure 3 and ``SegmentationDataset`` all call it. Flips and
+    rotations are done for the whole batch at once; colour jitter uses ``torchvision.transforms.v2.functional``
+    per image (brightness, contrast, saturation, hue, in that order).
+    """
+    from torchvision.transforms.v2 import functional as F
+
+    if "hflip" in draws:
+        images, masks = _where(draws["hflip"], images.flip(-1), images), _where(draws["hflip"], masks.flip(-1), masks)
+    if "vflip" in draws:
+        images, masks = _where(draws["vflip"], images.flip(-2), images), _where(draws["vflip"], masks.flip(-2), masks)
+    if "rot90" in draws:
+        turns = draws["rot90"]
+        rotated_images, rotated_masks = images.clone(), masks.clone()
+        for k in (1, 2, 3):
+            chosen = turns == k
+            if chosen.any():
+                rotated_images[chosen] = images[chosen].rot90(k, dims=(-2, -1))
+                rotated_masks[chosen] = masks[chosen].rot90(k, dims=(-2, -1))
+        images, masks = rotated_images, rotated_masks
+    if "jitter" in draws:
+        factors = 1 + jitter * (2 * draws["jitter"] - 1)
+        jittered = []
+        for image, (brightness, contrast, saturation, hue) in zip(images, factors.tolist()):
+            image = F.adjust_brightness(image, brightness)
+            image = F.adjust_contrast(image, contrast)
+            image = F.adjust_saturation(image, saturation)
+            jittered.append(F.adjust_hue(image, (hue - 1) / 10))
+        images = torch.stack(jittered)
+    return images, masks
+
+
+def augmentation_examples(images: torch.Tensor, masks: torch.Tensor, seed: int = 0) -> dict[str, tuple]:
+    """Each augmentation alone on ``images``/``masks`` (Figure 3's columns), through ``apply_augmentation``.
+
+    Flips and a rotation are forced on so they show; colour jitter is drawn as training draws it (seeded).
+    """
+    count = len(images)
+    generator = torch.Generator().manual_seed(seed)
+    every = torch.ones(count, dtype=torch.bool)
+    return {
+        "original": (images, masks),
+        "horizontal flip": apply_augmentation(images, masks, {"hflip": every}),
+        "vertical flip": apply_augmentation(images, masks, {"vflip": every}),
+        "90° rotation": apply_augmentation(images, masks, {"rot90": torch.randint(1, 4, (count,), generator=generator)}),
+        "colour jitter": apply_augmentation(images, masks, draw_augmentation(count, ["color_jitter"], generator)),
+    }
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """Normalised images and float masks from a ``DecodedSplit``, with optional joint v2 augmentation.
+    """Normalised images and float masks from a ``DecodedSplit``, with the training augmentation (seeded).
 
     Yields ``(image float32 3×S×S normalised with mean/std, mask float32 1×S×S of {0, 1})``.
-    The training loop itself slices whole batches from memory (``training.batches``); this class is for
-    inspection, figures and users who want a standard DataLoader.
+    The training loop itself slices whole batches from memory; this class is for inspection, figures and users
+    who want a standard DataLoader. Augmentation draws come from one generator seeded with ``seed``.
     """
 
-    def __init__(self, split: DecodedSplit, mean, std, augment: Sequence[str] = ()):
-        self.split, self.mean, self.std = split, mean, std
-        self.transform = joint_transform(augment) if augment else None
+    def __init__(self, split: DecodedSplit, mean, std, augment: Sequence[str] = (), seed: int = 0):
+        self.split, self.mean, self.std, self.augment = split, mean, std, tuple(augment)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int):
-        from torchvision import tv_tensors
-
-        image = tv_tensors.Image(self.split.images[index])
-        mask = tv_tensors.Mask(self.split.masks[index])
-        if self.transform is not None:
-            image, mask = self.transform(image, mask)
-        return normalize(image.unsqueeze(0), self.mean, self.std)[0], mask.as_subclass(torch.Tensor).float()
+        image, mask = self.split.images[index:index + 1], self.split.masks[index:index + 1]
+        if self.augment:
+            image, mask = apply_augmentation(image, mask, draw_augmentation(1, self.augment, self.generator))
+        return normalize(image, self.mean, self.std)[0], mask[0].float()
 
 
 # ----------------------------------------------------------------------------- EDA helpers

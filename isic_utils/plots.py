@@ -68,28 +68,22 @@ def size_distribution(sizes: pd.DataFrame):
 
 
 def augmentation_examples(images: torch.Tensor, masks: torch.Tensor, rows: int = 3):
-    """Figure 3: original, horizontal flip, vertical flip and colour jitter, each image with its mask."""
-    from torchvision import tv_tensors
-    from torchvision.transforms import v2
+    """Figure 3: each augmentation training uses, alone, on a few images with their masks.
 
-    from .data import joint_transform
+    The panels come from ``data.augmentation_examples``, i.e. the very ``apply_augmentation`` the training loop
+    calls (same colour-jitter strength), so the figure shows what the model saw.
+    """
+    from . import data
 
-    names = ["original", "horizontal flip", "vertical flip", "colour jitter"]
-    transforms = [None, v2.RandomHorizontalFlip(1.0), v2.RandomVerticalFlip(1.0), joint_transform(["color_jitter"], 0.3)]
     count = min(rows, len(images))
-    fig, axes = plt.subplots(2 * count, 4, figsize=(9, 4.6 * count), squeeze=False)
-    generator_state = torch.get_rng_state()
-    torch.manual_seed(0)  # the jitter shown is the same every run
-    for r in range(count):
-        for c, name in enumerate(names):
-            image, mask = tv_tensors.Image(images[r]), tv_tensors.Mask(masks[r])
-            transform = transforms[c]
-            if transform is not None:
-                image, mask = transform(image, mask)
-            _show_image(axes[2 * r, c], image.as_subclass(torch.Tensor), name)
-            _show_mask(axes[2 * r + 1, c], mask.as_subclass(torch.Tensor))
-    torch.set_rng_state(generator_state)
-    fig.suptitle("Augmentations (flips move image and mask together; jitter changes the image only)")
+    panels = data.augmentation_examples(images[:count], masks[:count])
+    fig, axes = plt.subplots(2 * count, len(panels), figsize=(2.3 * len(panels), 4.6 * count), squeeze=False)
+    for c, (name, (shown_images, shown_masks)) in enumerate(panels.items()):
+        for r in range(count):
+            _show_image(axes[2 * r, c], shown_images[r], name)
+            _show_mask(axes[2 * r + 1, c], shown_masks[r])
+    fig.suptitle("Augmentations as training applies them (flips and rotations move image and mask together; "
+                 "colour jitter changes the image only)", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -286,8 +286,9 @@ def test_dataset_normalises_and_augments_jointly(tiny_data):
     expected = (tiny_data.train.images[0].float() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / \
         torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(image, expected, atol=1e-6)
-    flipped = D.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD, augment=["hflip"])
-    flipped.transform.transforms[0].p = 1.0
+    # a seed whose first draw flips: the dataset must flip image and mask together
+    seed = next(s for s in range(50) if D.draw_augmentation(1, ["hflip"], torch.Generator().manual_seed(s))["hflip"])
+    flipped = D.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD, augment=["hflip"], seed=seed)
     image_f, mask_f = flipped[0]
     assert torch.allclose(image_f, image.flip(-1)) and torch.equal(mask_f, mask.flip(-1))
 
