@@ -15,6 +15,7 @@ instead, for offline machines), a path to a ``state_dict`` of ``torchvision.mode
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,7 +220,11 @@ def build_model(
     dropout: float = 0.2,
     freeze_encoder: bool = False,
 ) -> SegmentationModel:
-    """Build encoder + decoder; see ``build_encoder`` for ``encoder_weights``."""
+    """Build encoder + decoder; see ``build_encoder`` for ``encoder_weights``.
+
+    The model's ``encoder_weights`` attribute records where the encoder's starting weights came from
+    (``source``) and their ``sha256``, so checkpoints and ``run.json`` can say so and a resume can check it.
+    """
     spec = ENCODERS[encoder]
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; known: {sorted(DECODERS)}")
@@ -227,7 +232,31 @@ def build_model(
         head = UNetDecoder(spec.out_channels, spec.skip_channels, dropout=dropout)
     else:
         head = ReportDecoder(spec.out_channels, dropout=dropout)
-    return SegmentationModel(build_encoder(encoder, encoder_weights), head, spec, freeze_encoder)
+    features = build_encoder(encoder, encoder_weights)
+    model = SegmentationModel(features, head, spec, freeze_encoder)
+    model.encoder_weights = {"source": weights_source(encoder_weights), "sha256": state_sha256(features),
+                             "fallback": False}
+    return model
+
+
+def weights_source(weights: str | None) -> str:
+    """A sentence naming where ``weights`` (as given to ``build_encoder``) are loaded from."""
+    resolved = resolve_weights(weights)
+    if resolved is None or resolved == "none":
+        return "random initialisation"
+    if resolved == "imagenet":
+        return "ImageNet weights (torchvision IMAGENET1K_V1)"
+    return f"ImageNet weights from {Path(resolved).expanduser().resolve()}" if weights == "imagenet" \
+        else f"weights from {Path(resolved).expanduser().resolve()}"
+
+
+def state_sha256(module: nn.Module) -> str:
+    """SHA-256 over ``module``'s state_dict (names, shapes and values, in order): the identity of its weights."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import metrics
-from .data import DecodedSplit, ReportData, normalize
+from .data import DecodedSplit, ReportData, apply_augmentation, draw_augmentation, normalize
 from .model import SegmentationModel, count_parameters
 
 FLIPS = ("hflip", "vflip")
@@ -130,57 +130,6 @@ def batch_indices(count: int, batch_size: int, generator: torch.Generator | None
     return chunks
 
 
-def draw_augmentation(count: int, augment: Sequence[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random per-image choices for one batch. Drawn in a fixed order, so cached and uncached paths agree."""
-    draws = {}
-    for name in ("hflip", "vflip"):
-        if name in augment:
-            draws[name] = torch.rand(count, generator=generator) < 0.5
-    if "rot90" in augment:
-        draws["rot90"] = torch.randint(0, 4, (count,), generator=generator)
-    if "color_jitter" in augment:
-        draws["jitter"] = torch.rand(count, 4, generator=generator)
-    return draws
-
-
-def _where(selected: torch.Tensor, changed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    return torch.where(selected.view(-1, *([1] * (original.dim() - 1))), changed, original)
-
-
-def apply_augmentation(images: torch.Tensor, masks: torch.Tensor, draws: dict[str, torch.Tensor],
-                       jitter: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply drawn flips / 90° rotations jointly to uint8 images and masks, and colour jitter to images only.
-
-    Uses ``torchvision.transforms.v2.functional`` per image only for colour jitter; flips and rotations are
-    done for the whole batch at once.
-    """
-    from torchvision.transforms.v2 import functional as F
-
-    if "hflip" in draws:
-        images, masks = _where(draws["hflip"], images.flip(-1), images), _where(draws["hflip"], masks.flip(-1), masks)
-    if "vflip" in draws:
-        images, masks = _where(draws["vflip"], images.flip(-2), images), _where(draws["vflip"], masks.flip(-2), masks)
-    if "rot90" in draws:
-        turns = draws["rot90"]
-        rotated_images, rotated_masks = images.clone(), masks.clone()
-        for k in (1, 2, 3):
-            chosen = turns == k
-            if chosen.any():
-                rotated_images[chosen] = images[chosen].rot90(k, dims=(-2, -1))
-                rotated_masks[chosen] = masks[chosen].rot90(k, dims=(-2, -1))
-        images, masks = rotated_images, rotated_masks
-    if "jitter" in draws:
-        factors = 1 + jitter * (2 * draws["jitter"] - 1)  # brightness, contrast, saturation in [1-j, 1+j]
-        jittered = []
-        for image, (brightness, contrast, saturation, hue) in zip(images, factors.tolist()):
-            image = F.adjust_brightness(image, brightness)
-            image = F.adjust_contrast(image, contrast)
-            image = F.adjust_saturation(image, saturation)
-            jittered.append(F.adjust_hue(image, (hue - 1) / 10))
-        images = torch.stack(jittered)
-    return images, masks
-
-
 # ----------------------------------------------------------------------------- feature cache
 
 
@@ -224,15 +173,22 @@ def _select_features(features, rows: torch.Tensor):
 
 
 def _cached_batch(cache: list, variants: torch.Tensor, rows: torch.Tensor, device: str):
-    """Features for ``rows`` from the flip variant each image drew (``variants``: one index per row)."""
-    first = cache[0]
-    template = first if torch.is_tensor(first) else first[-1]
-    out = torch.empty((len(rows), *template.shape[1:]), dtype=template.dtype)
-    for v, store in enumerate(cache):
-        chosen = variants == v
-        if chosen.any():
-            out[chosen] = store[rows[chosen]]
-    return out.to(device)
+    """Features for ``rows`` from the flip variant each image drew (``variants``: one index per row).
+
+    ``cache`` holds one entry per flip variant: a tensor (the deepest map) or, for a decoder with skips, a list
+    of tensors (one per level); the result has the same form.
+    """
+    def gather(stores: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.empty((len(rows), *stores[0].shape[1:]), dtype=stores[0].dtype)
+        for v, store in enumerate(stores):
+            chosen = variants == v
+            if chosen.any():
+                out[chosen] = store[rows[chosen]]
+        return out.to(device)
+
+    if torch.is_tensor(cache[0]):
+        return gather(cache)
+    return [gather([variant[level] for variant in cache]) for level in range(len(cache[0]))]
 
 
 # ----------------------------------------------------------------------------- one step, one epoch, one evaluation
@@ -263,7 +219,7 @@ def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 
 @dataclass
 class Evaluation:
-    """Mean loss, per-image confusion counts and (optionally) the probability maps of one evaluated split."""
+    """Mean loss, per-image confusion counts and (optionally) the fp32 probability maps of one evaluated split."""
 
     loss: float
     counts: torch.Tensor
@@ -292,7 +248,7 @@ def evaluate(model: SegmentationModel, split: DecodedSplit, config: TrainConfig,
         probabilities = torch.sigmoid(logits)
         counts.append(metrics.confusion_counts(probabilities, targets).cpu())
         if keep_probabilities:
-            kept.append(probabilities.cpu().half())
+            kept.append(probabilities.cpu())
     return Evaluation(total / len(split), torch.cat(counts), torch.cat(kept) if keep_probabilities else None)
 
 
@@ -386,6 +342,7 @@ def model_meta(model: SegmentationModel, image_size: int) -> dict:
         "mean": list(model.spec.mean),
         "std": list(model.spec.std),
         "threshold": 0.5,
+        "encoder_weights": dict(getattr(model, "encoder_weights", {})),
     }
 
 
@@ -428,14 +385,19 @@ class FitResult:
 
 
 def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir: str | Path,
-        on_step: Callable[[int, int], None] | None = None, resume: bool = True, verbose: bool = True) -> FitResult:
+        on_step: Callable[[int, int], None] | None = None, resume: bool = True, verbose: bool = True,
+        label: str = "", later_epochs: int = 0) -> FitResult:
     """Train for ``config.epochs`` epochs; select the checkpoint with the best validation mean IoU; score the
     test set once with it.
 
     Every epoch writes ``last.pt`` (model, optimiser, RNG states, history) atomically; ``best.pt`` holds the
     selected weights. Rerunning with the same ``run_dir`` and configuration resumes after the last complete
-    epoch (``resume=False`` starts afresh); a different configuration raises ``CheckpointMismatch``.
-    Per-epoch test columns are monitoring only: nothing is chosen with them.
+    epoch; ``resume=False`` trains from scratch. A checkpoint of another configuration (hyper-parameters, data,
+    or encoder weights), or with more epochs than asked for, raises ``CheckpointMismatch`` saying what differs
+    and what to do. Per-epoch test columns are monitoring only: nothing is chosen with them.
+
+    With ``verbose``, one line per epoch: ``label`` (e.g. "task2 seed 0"), losses, validation IoU, seconds and
+    an ETA that includes ``later_epochs`` still to come after this run (the study's next seeds).
     """
     start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -448,18 +410,16 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config)
     image_size = int(data.train.images.shape[-1])
-    fingerprint = {**config.fingerprint(), "image_size": image_size, **model_meta(model, image_size),
-                   "train_ids": len(data.train), "params": count_parameters(model)["total"]}
+    meta = model_meta(model, image_size)
+    weights = meta.pop("encoder_weights")
+    fingerprint = {**config.fingerprint(), "image_size": image_size, **meta, "train_ids": len(data.train),
+                   "params": count_parameters(model)["total"], "encoder_sha256": weights.get("sha256")}
     rows: list[dict] = []
     best_iou, best_epoch = -math.inf, 0
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
-        if state.get("fingerprint") != fingerprint:
-            raise CheckpointMismatch(
-                f"{last_path} was written by another configuration:\n  saved: {state.get('fingerprint')}\n"
-                f"  asked: {fingerprint}\nUse another output folder, or delete {last_path} to start afresh."
-            )
+        _check_resumable(state, fingerprint, weights, config.epochs, last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -467,7 +427,7 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
         rows = state["history"]
         best_iou, best_epoch = state["best_iou"], state["best_epoch"]
         if verbose:
-            print(f"resuming {run_dir} after epoch {len(rows)}")
+            print(f"{label or run_dir}: resuming after epoch {len(rows)} of {config.epochs}", flush=True)
     elif not resume:
         for stale in (last_path, best_path):
             stale.unlink(missing_ok=True)
@@ -487,6 +447,7 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
                                        config.channels_last)
         timings["feature_cache_s"] = time.perf_counter() - t0
 
+    epoch_times: list[float] = []
     for epoch in range(len(rows) + 1, config.epochs + 1):
         t0 = time.perf_counter()
         train_loss = train_epoch(model, data.train, optimizer, config, precision, generator, train_cache,
@@ -505,14 +466,12 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
             _save({"model": model.state_dict(), "meta": model_meta(model, image_size), "epoch": epoch,
                    "val_iou_mean": best_iou, "config": fingerprint}, best_path)
         _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(generator),
-               "history": rows, "best_iou": best_iou, "best_epoch": best_epoch, "fingerprint": fingerprint},
-              last_path)
+               "history": rows, "best_iou": best_iou, "best_epoch": best_epoch, "fingerprint": fingerprint,
+               "encoder_weights": weights}, last_path)
+        epoch_times.append(row["epoch_seconds"])
         if verbose:
-            line = (f"epoch {epoch:>2}/{config.epochs}  train loss {train_loss:.4f}  val loss {row['val_loss']:.4f}"
-                    f"  val IoU {row['val_iou_mean']:.4f}  ({row['epoch_seconds']:.1f} s)")
-            if config.monitor_test:
-                line += f"  [test IoU {row['test_iou_mean']:.4f}, monitoring only]"
-            print(line, flush=True)
+            remaining = (config.epochs - epoch + later_epochs) * sum(epoch_times) / len(epoch_times)
+            print(epoch_line(label, row, config.epochs, remaining), flush=True)
 
     best = load_checkpoint(best_path)
     model.load_state_dict(best["model"])
@@ -523,6 +482,43 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
     history = pd.DataFrame(rows)
     return FitResult(history, best_epoch, final_test, final_val, run_dir, precision, cached,
                      time.perf_counter() - start, timings)
+
+
+def epoch_line(label: str, row: dict, epochs: int, eta_seconds: float) -> str:
+    """One terminal / notebook line for a finished epoch: who, which epoch, losses, val IoU, time, ETA."""
+    eta = f"{eta_seconds:.0f} s" if eta_seconds < 90 else f"{eta_seconds / 60:.1f} min"
+    line = (f"{label + ' ' if label else ''}epoch {row['epoch']:>2}/{epochs}  train loss {row['train_loss']:.4f}  "
+            f"val loss {row['val_loss']:.4f}  val IoU {row['val_iou_mean']:.4f}  {row['epoch_seconds']:.1f} s  "
+            f"ETA {eta}")
+    if "test_iou_mean" in row:
+        line += f"  [test IoU {row['test_iou_mean']:.4f}, monitoring only]"
+    return line
+
+
+def _check_resumable(state: dict, fingerprint: dict, weights: dict, epochs: int, last_path: Path) -> None:
+    """Raise ``CheckpointMismatch`` unless ``state`` (a ``last.pt``) continues the run ``fingerprint`` describes."""
+    run = last_path.parent.parent.name
+    fix = (f"Nothing was changed. To train this run afresh with the new configuration, rerun with --force "
+           f"(`python -m isic_utils report --force --only {run}` plus your --set; with papermill `-p resume False`; "
+           "in the notebook `resume = False`). To keep the trained run, give the new one another output_dir.")
+    saved = state.get("fingerprint") or {}
+    if saved != fingerprint:
+        changes = []
+        for key in sorted(set(saved) | set(fingerprint)):
+            if saved.get(key) == fingerprint.get(key):
+                continue
+            if key == "encoder_sha256":
+                before = state.get("encoder_weights", {})
+                changes.append(f"encoder weights: {before.get('source', '?')} (sha256 {str(saved.get(key))[:12]}) → "
+                               f"{weights.get('source', '?')} (sha256 {str(fingerprint.get(key))[:12]})")
+            else:
+                changes.append(f"{key}: {saved.get(key, '(absent)')} → {fingerprint.get(key, '(absent)')}")
+        raise CheckpointMismatch(f"{last_path} was trained with another configuration:\n  "
+                                 + "\n  ".join(changes) + f"\n{fix}")
+    trained = len(state["history"])
+    if trained > epochs:
+        raise CheckpointMismatch(f"{last_path} has {trained} epochs trained, but the run asks for {epochs}: its "
+                                 f"history and chosen checkpoint would not be a {epochs}-epoch run. {fix}")
 
 
 def _prefixed(prefix: str, values: dict) -> dict:
