@@ -8,6 +8,9 @@ notebook's ``parameters`` cell), ``params/<chapter>.yaml``, the data profile ``p
 
 from __future__ import annotations
 
+import ast
+import difflib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -45,11 +48,12 @@ CHAPTER_KEYS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "loss": ((str,), "bce"),
         "augment": ((list,), ["hflip", "vflip"]),
         "encoder_weights": ((str, type(None)), "imagenet"),
-        "allow_random_encoder": ((bool,), True),
+        "allow_random_encoder": ((bool,), False),  # true only in the synthetic and tiny profiles
         "seeds": ((list,), [0]),
         "precision": ((str,), "auto"),
         "monitor_test": ((bool,), True),
         "feature_cache": ((bool,), True),
+        "resume": ((bool,), True),  # continue finished or interrupted seeds; false (or report --force) retrains
     },
     "compare": {
         "runs": ((list,), ["task1", "task2"]),
@@ -135,7 +139,7 @@ def resolve(chapter: str, run_file: str | Path | None = None, profile: str | Non
     for source, given in sources:
         unknown = sorted(set(given) - set(schema(chapter)))
         if unknown:
-            problems.append(f"{source}: unknown key(s) {unknown}")
+            problems.append(f"{source}: unknown key(s) {unknown}{suggest(unknown, schema(chapter))}")
         values.update({k: v for k, v in given.items() if k in schema(chapter)})
     problems += check(chapter, values, root)
     if problems:
@@ -144,6 +148,25 @@ def resolve(chapter: str, run_file: str | Path | None = None, profile: str | Non
 
 
 _ALL_KEYS = set(DATA_KEYS).union(*[set(keys) for keys in CHAPTER_KEYS.values()])
+
+
+def suggest(unknown: list[str], valid) -> str:
+    """`` (did you mean 'seeds'?)`` for the first of ``unknown`` that is close to a valid key, else ''."""
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(valid), n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {close[0]!r}?)"
+    return ""
+
+
+def check_overrides(overrides: dict[str, Any]) -> None:
+    """Refuse overrides that no chapter knows (a typo would otherwise be dropped by every chapter's filter)."""
+    unknown = sorted(set(overrides) - _ALL_KEYS)
+    if unknown:
+        problems = [f"unknown key {name!r}{suggest([name], _ALL_KEYS)}" for name in unknown]
+        raise ParameterError(f"{len(problems)} problem(s) with the overrides (--set / SET=):\n"
+                             + "\n".join(f"  - {p}" for p in problems)
+                             + f"\nvalid keys: {', '.join(sorted(_ALL_KEYS))}")
 
 
 def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> list[str]:
@@ -174,8 +197,13 @@ def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> lis
     for key in ("epochs", "batch_size", "n_samples", "synthetic_train", "synthetic_test"):
         if isinstance(values.get(key), int) and not isinstance(values[key], bool) and values[key] < 1:
             problems.append(f"{key} must be >= 1, got {values[key]}")
-    if isinstance(values.get("limit"), int) and values["limit"] < 2:
-        problems.append(f"limit must be >= 2 or null, got {values['limit']}")
+    limit, val_fraction = values.get("limit"), values.get("val_fraction")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        fraction = val_fraction if isinstance(val_fraction, float) and 0 < val_fraction < 1 else 0.2
+        if limit < 2 or not 1 <= round(limit * fraction) < limit:
+            problems.append(f"limit must leave at least one validation and one training image "
+                            f"(round(limit × val_fraction) ≥ 1), got limit {limit} with val_fraction {fraction}; "
+                            f"use at least {math.ceil(0.5 / fraction)} or null")
     if isinstance(values.get("dropout"), float) and not 0 <= values["dropout"] < 1:
         problems.append(f"dropout must be in [0, 1), got {values['dropout']}")
     if chapter == "train":
@@ -209,24 +237,51 @@ def _message(chapter: str, problems: list[str]) -> str:
     return "\n".join(lines)
 
 
-_NOTEBOOK_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+PARAMETERS_HEADER = "# Parameters"  # the first line of the chapter's parameters cell and of papermill's injected one
+OWN_PARAMETERS_HEADER = "# Parameters (papermill injects"  # the chapter's own cell (tools/build_notebooks.py)
+
+
+def parameter_cell_names(history: list[str]) -> set[str] | None:
+    """Names assigned by the parameters cells among ``history`` (IPython's ``In``), or None when there are none.
+
+    Counts the chapter's own parameters cell as last run and every papermill-injected cell run after it, so a
+    typo there is caught, while the names the chapter defines later (``params``, ``out``, ``dataset`` ...) are
+    not parameters, however often the cells run again.
+    """
+    cells = [source for source in history if isinstance(source, str) and source.startswith(PARAMETERS_HEADER)]
+    own = [k for k, source in enumerate(cells) if source.startswith(OWN_PARAMETERS_HEADER)]
+    cells = cells[own[-1]:] if own else cells
+    if not cells:
+        return None
+    names: set[str] = set()
+    for source in cells:
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
 
 
 def from_notebook(chapter: str, namespace: dict[str, Any]) -> dict[str, Any]:
     """Collect and validate the chapter's parameters from a notebook's globals (after papermill injected them).
 
-    Plain variables that are not parameters (a mistyped injected name, say) are reported as unknown keys.
+    In a kernel, the parameters are the names the parameters cells assign (see ``parameter_cell_names``): a
+    mistyped one is reported with the close match, and a second Run All, Restart & Run All or one cell run again
+    all give the same result. Outside a kernel (a plain dict) every plain variable counts.
     """
-    values = {}
-    unknown = []
-    for name, value in namespace.items():
-        if name.startswith("_") or name in _NOTEBOOK_NAMES or callable(value) or type(value).__name__ == "module":
-            continue
-        if name in schema(chapter):
-            values[name] = value
-        else:
-            unknown.append(name)
-    problems = [f"unknown parameter {name!r}" for name in sorted(unknown)] + check(chapter, values)
+    history = namespace.get("In")
+    given = parameter_cell_names(history) if isinstance(history, list) else None
+    if given is None:
+        given = {name for name, value in namespace.items()
+                 if not (name.startswith("_") or name in ("In", "Out", "get_ipython", "exit", "quit", "open")
+                         or callable(value) or type(value).__name__ == "module")}
+    values = {name: namespace[name] for name in schema(chapter) if name in namespace}
+    unknown = sorted(given - set(schema(chapter)))
+    problems = [f"unknown parameter {name!r}{suggest([name], schema(chapter))}" for name in unknown]
+    problems += check(chapter, values)
     if problems:
         raise ParameterError(_message(chapter, problems))
     return {**defaults(chapter), **values}
