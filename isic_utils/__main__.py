@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     rep = commands.add_parser("report", help="run every chapter with papermill and export HTML")
     rep.add_argument("--data", default="synthetic", help="data profile in params/profiles/ (default: synthetic)")
-    rep.add_argument("--force", action="store_true", help="rerun chapters that are up to date")
+    rep.add_argument("--force", action="store_true", help="rerun every chapter, retraining the runs from scratch")
     rep.add_argument("--only", nargs="*", help="run only these steps (eda task1 task2 task3 compare)")
     rep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
     pred = commands.add_parser("predict", help="write masks at original size for a folder of images")

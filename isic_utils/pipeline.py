@@ -2,9 +2,11 @@
 
 ``run_report(profile)`` runs EDA → task 1 → task 2 (→ task 3 when the profile asks) → comparison into
 ``outputs/<profile>/``, exports each executed notebook to HTML, and writes ``index.html``. A chapter whose
-executed notebook is up to date (same parameters, finished) is not run again unless ``force``; a failing cell
-stops the pipeline with a ``ChapterFailed`` naming the notebook and the cell, and the partly executed notebook
-is kept beside the others.
+executed notebook is up to date (same parameters, finished) is not run again unless ``force``, which also
+retrains the runs from scratch (``resume: false``). While a chapter runs, what it prints (a line per epoch) is
+echoed to the terminal. A failing cell or a dead kernel stops the pipeline with a ``ChapterFailed`` naming the
+notebook and the cause, and the partly executed notebook is kept beside the others; a failed HTML export keeps the
+executed notebook and is redone alone on the next run.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +43,28 @@ class ChapterFailed(RuntimeError):
 
 
 def _fingerprint(values: dict) -> str:
-    return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """What decides a chapter's output; ``resume`` (how to get there) is not part of it."""
+    kept = {k: v for k, v in values.items() if k != "resume"}
+    return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class _LineEcho:
+    """A file-like sink for papermill's ``stdout_file``: each complete line the chapter prints goes to ``echo``
+    as ``  <step> | <line>``, so the terminal follows a long chapter epoch by epoch."""
+
+    def __init__(self, echo, name: str):
+        self.echo, self.name, self.pending = echo, name, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text.replace("\r", "\n")
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.strip():
+                self.echo(f"  {self.name} | {line}")
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 def export_html(notebook_path: Path, html_path: Path) -> Path:
@@ -53,9 +77,16 @@ def export_html(notebook_path: Path, html_path: Path) -> Path:
     return write_text(html_path, body)
 
 
-def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str | None = None) -> float:
-    """Execute one chapter with papermill into ``out_dir``; returns its wall time in seconds."""
+def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str | None = None,
+                echo=print) -> float:
+    """Execute one chapter with papermill into ``out_dir``; returns its wall time in seconds.
+
+    What the chapter prints (one line per epoch while training) is echoed to ``echo`` as it runs. A failing cell,
+    or a kernel that dies (most often: out of memory), raises ``ChapterFailed`` naming the notebook and the cause;
+    the partly executed notebook is kept.
+    """
     import papermill as pm
+    from nbclient.exceptions import DeadKernelError
 
     source = root / "notebooks" / NOTEBOOKS[step.chapter]
     target = out_dir / f"{step.name}.ipynb"
@@ -63,23 +94,55 @@ def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str
     start = time.perf_counter()
     try:
         pm.execute_notebook(str(source), str(partial), parameters=values, cwd=str(root), progress_bar=False,
-                            kernel_name=kernel, log_output=False)
+                            kernel_name=kernel, log_output=False, stdout_file=_LineEcho(echo, step.name))
     except pm.PapermillExecutionError as exc:
         raise ChapterFailed(
             f"{source.name} ({step.name}) failed in cell {exc.exec_count} with {exc.ename}: {exc.evalue}\n"
             f"The partly executed notebook is kept at {partial}. Fix the cause and rerun: finished chapters are "
             "not run again."
         ) from exc
+    except DeadKernelError as exc:
+        raise ChapterFailed(
+            f"{source.name} ({step.name}): the kernel died after {time.perf_counter() - start:.0f} s ({exc}). "
+            f"This is most often the kernel running out of memory ({_memory_note()}): lower batch_size or "
+            f"image_size, set feature_cache: false, or close other programs, then rerun. The partly executed "
+            f"notebook is kept at {partial}; finished chapters are not run again."
+        ) from exc
     partial.replace(target)
-    export_html(target, out_dir / f"{step.name}.html")
     return time.perf_counter() - start
+
+
+def _memory_note() -> str:
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return f"this machine has {pages * size / 2**30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        return "see the system's memory"
+
+
+def export_chapter(step: Step, out_dir: Path) -> Path:
+    """Export ``<step>.ipynb`` to HTML; a failure raises ``ChapterFailed`` saying the notebook itself is kept."""
+    notebook = out_dir / f"{step.name}.ipynb"
+    try:
+        return export_html(notebook, out_dir / f"{step.name}.html")
+    except Exception as exc:
+        raise ChapterFailed(
+            f"{notebook} ran and is kept, but exporting it to HTML failed ({type(exc).__name__}: {exc}). Fix the "
+            "cause (nbconvert and its templates must be installed) and rerun the report: the chapter is not run "
+            "again, only exported."
+        ) from exc
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
 
 
 def run_report(profile: str = "synthetic", force: bool = False, only: list[str] | None = None,
                overrides: dict | None = None, root: Path | None = None, kernel: str | None = None,
-               echo=print) -> dict[str, float]:
+               echo=_print) -> dict[str, float]:
     """Run every chapter of the report for ``profile``; returns {chapter: seconds} (0 for a chapter skipped)."""
     root = root or P.project_root()
+    P.check_overrides(overrides or {})  # a key no chapter knows is a typo, not a key for another chapter
     profile_values = P.read_yaml(P.profile_path(profile, root)) if P.profile_path(profile, root).is_file() else {}
     steps = steps_for(profile_values)
     # validate every chapter before any work
@@ -89,6 +152,8 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
         values = P.resolve(step.chapter, root / "params" / step.run_file, profile, chapter_overrides, root)
         if step.chapter == "compare":
             values["runs"] = [s.name for s in steps if s.chapter == "train"]
+        if force and step.chapter == "train":
+            values["resume"] = False  # --force retrains; a plain rerun continues finished or interrupted seeds
         resolved[step.name] = values
     out_dir = P.absolute(resolved["eda"]["output_dir"], root)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,24 +163,30 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
     echo(f"report: profile {profile!r} → {out_dir}")
     if resolved["eda"]["data_source"] == "synthetic":
         echo("report: running on SYNTHETIC data (the offline default); use DATA=isic2016 for the real report")
-    upstream_changed = False
     for step in steps:
         if only and step.name not in only:
             continue
         values = resolved[step.name]
         key = _fingerprint(values)
         done = state.get(step.name, {})
-        fresh = done.get("fingerprint") == key and (out_dir / f"{step.name}.html").exists()
-        if fresh and not force and not (upstream_changed and step.chapter == "compare"):
-            echo(f"report: {step.name:8s} up to date, skipped")
+        executed = done.get("fingerprint") == key and (out_dir / f"{step.name}.ipynb").exists()
+        stale = step.chapter == "compare" and any(  # a run retrained since the comparison was written
+            state.get(s.name, {}).get("finished", 0) > done.get("finished", 0) for s in steps if s.chapter == "train")
+        if executed and not force and not stale:
+            if (out_dir / f"{step.name}.html").exists():
+                echo(f"report: {step.name:8s} up to date, skipped")
+            else:  # executed, but its export failed last time
+                export_chapter(step, out_dir)
+                echo(f"report: {step.name:8s} up to date; exported {step.name}.html")
             timings[step.name] = 0.0
             continue
         echo(f"report: {step.name:8s} running {NOTEBOOKS[step.chapter]} ...")
-        seconds = run_chapter(step, values, out_dir, root, kernel)
+        (out_dir / f"{step.name}.html").unlink(missing_ok=True)  # never leave a page of an older run beside it
+        seconds = run_chapter(step, values, out_dir, root, kernel, echo)
         timings[step.name] = seconds
-        upstream_changed = True
         state[step.name] = {"fingerprint": key, "seconds": seconds, "finished": time.time()}
         write_json(state_path, state)
+        export_chapter(step, out_dir)
         echo(f"report: {step.name:8s} done in {seconds / 60:.1f} min")
     write_index(out_dir, steps, resolved, state)
     total = sum(timings.values())

@@ -4,6 +4,7 @@ like the challenge, and gather runs for the comparison. Notebooks call these and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -14,11 +15,19 @@ import pandas as pd
 import torch
 
 from . import metrics, plots, report
-from .data import DataError, ReportData, download_isic2016, has_split, load_report_data, read_mask
+from .data import (
+    OFFICIAL_COUNTS,
+    DataError,
+    ReportData,
+    download_isic2016,
+    has_split,
+    load_report_data,
+    read_mask,
+)
 from .model import EncoderWeightsError, build_model, resolve_weights
 from .params import absolute, project_root
 from .synthetic import make_synthetic_isic
-from .training import FitResult, TrainConfig, fit, resolve_device, set_threads
+from .training import FitResult, TrainConfig, fit, load_checkpoint, resolve_device, set_threads
 
 DATA_ENV = "ISIC_DATA_DIR"
 
@@ -68,9 +77,10 @@ def prepare_data(params: dict, progress: bool = True) -> ReportData:
         splits = ["train"] + (["test"] if params["test_split"] == "official" else [])
         download_isic2016(root, splits)
     cache = absolute(params["output_dir"]).parent / "cache"
+    expected = OFFICIAL_COUNTS if params["data_source"] == "isic2016" else None  # say so when a copy is partial
     return load_report_data(root, params["image_size"], params["val_fraction"], seed=0,
                             test_split=params["test_split"], holdout_fraction=params["holdout_fraction"],
-                            limit=params["limit"], cache_dir=cache, progress=progress)
+                            limit=params["limit"], cache_dir=cache, progress=progress, expected_counts=expected)
 
 
 def make_model(params: dict, seed: int | None = None):
@@ -92,6 +102,7 @@ def make_model(params: dict, seed: int | None = None):
         if not params["allow_random_encoder"]:
             raise
         model = build_model(encoder_weights=None, **kwargs)
+        model.encoder_weights["fallback"] = True
         note = (f"**random initialisation** — ImageNet weights were not available ({str(exc).split('. Fix')[0]}). "
                 "This is not transfer learning; set encoder_weights or $ISIC_ENCODER_WEIGHTS for the real study.")
     return model, note
@@ -121,7 +132,13 @@ def original_size_counts(probabilities: torch.Tensor, data_split, threshold: flo
 
 @dataclass
 class RunResult:
-    """What a training chapter produced for every seed, and where its files are."""
+    """What a training chapter produced, and where its files are.
+
+    ``fits`` holds the seeds trained (or resumed) by this call; ``seeds_table``, ``per_image`` and ``tables``
+    cover every finished seed of this configuration found in the run's folder (seeds trained by other processes
+    included). ``model``, ``history``, ``best_epoch`` and ``probabilities`` are those of the lowest such seed,
+    which the chapter's tables and figures show.
+    """
 
     name: str
     run_dir: Path
@@ -131,64 +148,108 @@ class RunResult:
     model: torch.nn.Module
     weights_note: str
     data: ReportData
+    history: pd.DataFrame
+    best_epoch: int
+    probabilities: torch.Tensor
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
+_NOT_THE_EXPERIMENT = ("seeds", "resume", "output_dir")  # keys that do not change what one seed's run is
+
+
+def run_key(params: dict, encoder_weights: dict) -> str:
+    """The identity of a run's configuration, shared by all its seeds: the parameters (but seeds, resume, where the
+    outputs go) and the encoder's starting weights (their hash; "random" for a random encoder, seeded per seed)."""
+    kept = {k: v for k, v in params.items() if k not in _NOT_THE_EXPERIMENT}
+    weights = "random" if encoder_weights.get("source") == "random initialisation" else encoder_weights.get("sha256")
+    return hashlib.sha1(json.dumps([kept, weights], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult:
-    """Train ``params['run_name']`` once per seed (resuming finished or interrupted seeds), score the selected
-    checkpoint on the whole test set at model resolution and at original size, and write the run's tables."""
+    """Train ``params['run_name']`` once per seed, score the selected checkpoint on the whole test set at model
+    resolution and at original size, and write the run's tables.
+
+    Each seed writes only its own files (``seed<k>/`` and ``tables/per_image_test_seed<k>.csv``), so seeds can
+    train in parallel processes; the run's shared tables and ``run.json`` are then rebuilt, under a lock, from
+    every finished seed of the same configuration in the folder. ``params['resume']`` continues finished or
+    interrupted seeds (false retrains them from scratch).
+    """
     set_threads()
     run_dir = absolute(params["output_dir"]) / params["run_name"]
-    fits, per_image, challenge_counts, rows = {}, {}, {}, []
+    fits = {}
     model = note = None
-    for seed in params["seeds"]:
+    for index, seed in enumerate(params["seeds"]):
         model, note = make_model(params, seed)
+        label = f"{params['run_name']} seed {seed}"
         if verbose:
-            print(f"— {params['run_name']}, seed {seed}: encoder {note}")
-        result = fit(model, data, train_config(params, seed), run_dir / f"seed{seed}", verbose=verbose)
-        challenge = challenge_counts[seed] = original_size_counts(result.test.probabilities, data.test)
-        table = report.per_image_scores(challenge, data.test.ids, data.test.sizes)
-        per_image[seed] = report.save_table(table, run_dir, f"per_image_test_seed{seed}")
-        torch.save(result.test.probabilities, run_dir / f"seed{seed}" / "test_probabilities.pt")
-        fits[seed] = result
-        summary = metrics.summarize(challenge)
-        rows.append({
-            "seed": seed, "best_epoch": result.best_epoch,
-            "val_iou_mean": result.val.summary()["iou_mean"],
-            "test_iou_mean_model_px": result.test.summary()["iou_mean"],
-            "test_iou_pooled_model_px": result.test.summary()["iou_pooled"],
-            **{f"test_{k}_orig": v for k, v in summary.items()},
+            print(f"— {label}: encoder {note}", flush=True)
+        seed_dir = run_dir / f"seed{seed}"
+        later = params["epochs"] * (len(params["seeds"]) - index - 1)
+        result = fit(model, data, train_config(params, seed), seed_dir, resume=params["resume"], verbose=verbose,
+                     label=label, later_epochs=later)
+        challenge = original_size_counts(result.test.probabilities, data.test)
+        report.save_table(report.per_image_scores(challenge, data.test.ids, data.test.sizes), run_dir,
+                          f"per_image_test_seed{seed}")
+        with report.atomic_path(seed_dir / "test_probabilities.pt") as tmp:
+            torch.save(result.test.probabilities, tmp)
+        with report.atomic_path(seed_dir / "history.csv") as tmp:
+            result.history.to_csv(tmp, index=False)
+        report.write_json(seed_dir / "result.json", {
+            "seed": seed, "run_key": run_key(params, model.encoder_weights), "best_epoch": result.best_epoch,
+            "val": result.val.summary(), "test": result.test.summary(), "test_orig": metrics.summarize(challenge),
             "precision": result.precision, "feature_cache": result.used_feature_cache,
-            "train_minutes": result.seconds / 60,
+            "train_minutes": result.seconds / 60, "encoder_weights": model.encoder_weights, "weights_note": note,
         })
+        fits[seed] = result
+    with report.locked(run_dir):
+        return _write_run_tables(params, data, run_dir, run_key(params, model.encoder_weights), model, note, fits)
+
+
+def _write_run_tables(params: dict, data: ReportData, run_dir: Path, key: str, model, note: str,
+                      fits: dict[int, FitResult]) -> RunResult:
+    """Rebuild the run's shared files from every finished seed with configuration ``key``."""
+    results = []
+    for path in run_dir.glob("seed*/result.json"):
+        result = json.loads(path.read_text())
+        if result.get("run_key") == key and (path.parent / "history.csv").exists():
+            results.append(result)
+    results.sort(key=lambda r: r["seed"])
+    rows = [{
+        "seed": r["seed"], "best_epoch": r["best_epoch"], "val_iou_mean": r["val"]["iou_mean"],
+        "test_iou_mean_model_px": r["test"]["iou_mean"], "test_iou_pooled_model_px": r["test"]["iou_pooled"],
+        **{f"test_{k}_orig": v for k, v in r["test_orig"].items()},
+        "precision": r["precision"], "feature_cache": r["feature_cache"], "train_minutes": r["train_minutes"],
+    } for r in results]
+    first = results[0]
+    first_dir = run_dir / f"seed{first['seed']}"
+    history = pd.read_csv(first_dir / "history.csv")
+    model.load_state_dict(load_checkpoint(first_dir / "best.pt")["model"])
     seeds_table = report.save_table(pd.DataFrame(rows), run_dir, "seeds")
-    first = fits[params["seeds"][0]]
+    original = {f"{k} (original size)": v for k, v in first["test_orig"].items() if k.endswith("_mean")}
     tables = {
-        "epochs": report.save_table(report.epoch_table(first.history), run_dir, "epochs"),
-        "summary": report.save_table(
-            report.summary_table(first.history, first.val.summary(),
-                                 {**first.test.summary(),
-                                  **{f"{k} (original size)": v for k, v in
-                                     metrics.summarize(challenge_counts[params["seeds"][0]]).items()
-                                     if k.endswith("_mean")}},
-                                 first.best_epoch), run_dir, "summary"),
+        "epochs": report.save_table(report.epoch_table(history), run_dir, "epochs"),
+        "summary": report.save_table(report.summary_table(history, first["val"], {**first["test"], **original},
+                                                          first["best_epoch"]), run_dir, "summary"),
         "parameters": report.save_table(pd.concat([report.parameter_table(model.encoder, "encoder"),
                                                    report.parameter_table(model.decoder, "decoder"),
                                                    report.parameter_table(model, "whole model")],
-                                                  ignore_index=True),
-                                        run_dir, "parameters"),
+                                                  ignore_index=True), run_dir, "parameters"),
     }
-    report.write_json(run_dir / "run.json", {"run_name": params["run_name"], "seeds": params["seeds"],
-                                             "weights": note, "params": params,
-                                             "test_source": data.test_source, "finished": time.time()})
-    return RunResult(params["run_name"], run_dir, fits, per_image, seeds_table, model, note, data, tables)
+    seeds = [r["seed"] for r in results]
+    report.write_json(run_dir / "run.json", {
+        "run_name": params["run_name"], "seeds": seeds, "weights": first["weights_note"],
+        "encoder_weights": {str(r["seed"]): r["encoder_weights"] for r in results}, "params": params,
+        "test_source": data.test_source, "finished": time.time(),
+    })
+    per_image = {seed: report.read_table(run_dir, f"per_image_test_seed{seed}") for seed in seeds}
+    probabilities = torch.load(first_dir / "test_probabilities.pt", weights_only=True)
+    return RunResult(params["run_name"], run_dir, fits, per_image, seeds_table, model, first["weights_note"], data,
+                     history, first["best_epoch"], probabilities, tables)
 
 
 def run_figures(result: RunResult, n_images: int = 6) -> dict[str, object]:
-    """The training chapter's figures for the first seed, saved under the run's ``figures/``."""
-    seed = next(iter(result.fits))
-    fit_result = result.fits[seed]
-    history, best = fit_result.history, fit_result.best_epoch
+    """The training chapter's figures for the lowest seed, saved under the run's ``figures/``."""
+    history, best = result.history, result.best_epoch
     name = result.name
     figures = {
         "loss": plots.loss_curves(history, f"{name}: loss per epoch"),
@@ -198,8 +259,8 @@ def run_figures(result: RunResult, n_images: int = 6) -> dict[str, object]:
     }
     test = result.data.test
     rows = list(range(min(n_images, len(test))))
-    scores = result.per_image[seed]["iou"].tolist()
-    figures["predictions"] = plots.predictions(test.images[rows], test.masks[rows], fit_result.test.probabilities[rows],
+    scores = result.per_image[int(result.seeds_table["seed"].iloc[0])]["iou"].tolist()
+    figures["predictions"] = plots.predictions(test.images[rows], test.masks[rows], result.probabilities[rows],
                                                [test.ids[k] for k in rows], [scores[k] for k in rows])
     for key, fig in figures.items():
         plots.save_figure(fig, result.run_dir, key)

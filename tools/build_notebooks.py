@@ -74,8 +74,9 @@ EDA = [
                       "[0, 1] units, beside the ImageNet statistics the encoder's weights expect (and which the "
                       "model uses to normalise)."),
     new_code_cell("report.save_table(report.pixel_stats_table(data.pixel_stats(dataset.train.images)), out, 'pixel_stats')"),
-    new_markdown_cell("## Figure 3 — augmentations\n\nHorizontal flip, vertical flip and colour jitter "
-                      "(`torchvision.transforms.v2`, image and `tv_tensors.Mask` together)."),
+    new_markdown_cell("## Figure 3 — augmentations\n\nEach augmentation the training can apply, alone, drawn by the "
+                      "training code itself (`data.apply_augmentation`): flips and 90° rotations move image and mask "
+                      "together, colour jitter changes the image only. Tasks 1 and 2 use the flips; task 3 all four."),
     new_code_cell("fig = plots.augmentation_examples(dataset.train.images[:3], dataset.train.masks[:3])\n"
                   "plots.save_figure(fig, out, 'fig3_augmentations');"),
     new_markdown_cell("## Does each image meet its own mask?\n\nPairing is by id (a missing or extra file is an "
@@ -120,26 +121,26 @@ COMPARE = [
     parameters_cell("compare"),
     new_code_cell(COLAB),
     new_code_cell(setup_cell("compare", '"compare"')),
-    new_code_cell("runs = {name: study.load_run(params['output_dir'], name) for name in params['runs']}"),
+    new_code_cell("saved_runs = {name: study.load_run(params['output_dir'], name) for name in params['runs']}"),
     new_markdown_cell("## Table 9 — test scores per run (validation-selected checkpoints, mean ± std over seeds)"),
-    new_code_cell("report.save_table(study.comparison_table(runs), out, 'comparison')"),
+    new_code_cell("report.save_table(study.comparison_table(saved_runs), out, 'comparison')"),
     new_markdown_cell("## Paired tests\n\nWilcoxon signed-rank test on per-image Jaccard (original size, averaged "
                       "over seeds), for every pair of runs."),
-    new_code_cell("tests = report.save_table(study.wilcoxon_table(runs), out, 'wilcoxon')\ntests"),
+    new_code_cell("tests = report.save_table(study.wilcoxon_table(saved_runs), out, 'wilcoxon')\ntests"),
     new_markdown_cell("## The student report vs this reproduction"),
-    new_code_cell("ours = {name: study.headline(run) for name, run in runs.items()}\n"
+    new_code_cell("ours = {name: study.headline(run) for name, run in saved_runs.items()}\n"
                   "report.save_table(report.report_vs_reproduction(ours), out, 'report_vs_reproduction')"),
     new_code_cell("report.save_table(report.method_differences_table(), out, 'method_differences')"),
     new_markdown_cell("## Curves side by side"),
-    new_code_cell("histories = {name: run.epochs for name, run in runs.items()}\n"
+    new_code_cell("histories = {name: run.epochs for name, run in saved_runs.items()}\n"
                   "plots.save_figure(plots.compare_curves(histories, 'val IoU (mean/img)', 'validation IoU (mean/img)'), out, 'val_iou')\n"
                   "plots.save_figure(plots.compare_curves(histories, 'val loss', 'validation loss'), out, 'val_loss');"),
     new_markdown_cell("## The same test images, predicted by each run"),
-    new_code_cell("fig = study.compare_predictions_figure(params, runs)\nplots.save_figure(fig, out, 'predictions');"),
+    new_code_cell("fig = study.compare_predictions_figure(params, saved_runs)\nplots.save_figure(fig, out, 'predictions');"),
     new_code_cell("plots.save_figure(plots.per_image_distribution({n: r.per_image[int(r.seeds['seed'].iloc[0])] "
-                  "for n, r in runs.items()}), out, 'per_image_iou');"),
+                  "for n, r in saved_runs.items()}), out, 'per_image_iou');"),
     new_markdown_cell("## Reading"),
-    new_code_cell("display(Markdown(study.written_reading(runs, tests)))"),
+    new_code_cell("display(Markdown(study.written_reading(saved_runs, tests)))"),
 ]
 
 
