@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import params as P
-from .report import atomic_path, write_json, write_text
+from .model import resolve_weights
+from .report import atomic_path, locked, write_json, write_text
 
 NOTEBOOKS = {"eda": "01_eda.ipynb", "train": "02_train.ipynb", "compare": "03_compare.ipynb"}
 
@@ -43,8 +44,11 @@ class ChapterFailed(RuntimeError):
 
 
 def _fingerprint(values: dict) -> str:
-    """What decides a chapter's output; ``resume`` (how to get there) is not part of it."""
+    """What decides a chapter's output: its parameters (not ``resume``, which is how to get there) and where
+    ``encoder_weights: imagenet`` resolves to (``$ISIC_ENCODER_WEIGHTS`` may point elsewhere since the last run)."""
     kept = {k: v for k, v in values.items() if k != "resume"}
+    if "encoder_weights" in kept:
+        kept["resolved_encoder_weights"] = resolve_weights(kept["encoder_weights"])
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -79,22 +83,39 @@ def export_html(notebook_path: Path, html_path: Path) -> Path:
 
 def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str | None = None,
                 echo=print) -> float:
-    """Execute one chapter with papermill into ``out_dir``; returns its wall time in seconds.
+    """Execute one chapter with papermill into ``out_dir/<step>.ipynb``; returns its wall time in seconds.
 
-    What the chapter prints (one line per epoch while training) is echoed to ``echo`` as it runs. A failing cell,
-    or a kernel that dies (most often: out of memory), raises ``ChapterFailed`` naming the notebook and the cause;
-    the partly executed notebook is kept.
+    What the chapter prints (one line per epoch while training) is echoed to ``echo`` as it runs. On any failure
+    the partly executed notebook is kept as ``<step>.partial.ipynb`` and the error propagates.
     """
     import papermill as pm
-    from nbclient.exceptions import DeadKernelError
 
     source = root / "notebooks" / NOTEBOOKS[step.chapter]
     target = out_dir / f"{step.name}.ipynb"
     partial = out_dir / f"{step.name}.partial.ipynb"
+    running = out_dir / f".{step.name}.running-{os.getpid()}.ipynb"  # one per process: seeds may run side by side
     start = time.perf_counter()
     try:
-        pm.execute_notebook(str(source), str(partial), parameters=values, cwd=str(root), progress_bar=False,
+        pm.execute_notebook(str(source), str(running), parameters=values, cwd=str(root), progress_bar=False,
                             kernel_name=kernel, log_output=False, stdout_file=_LineEcho(echo, step.name))
+    except BaseException:
+        if running.exists():
+            running.replace(partial)
+        raise
+    running.replace(target)
+    return time.perf_counter() - start
+
+
+def _run_or_explain(step: Step, values: dict, out_dir: Path, root: Path, kernel: str | None, echo) -> float:
+    """``run_chapter`` with its failures turned into ``ChapterFailed`` messages that say what to do."""
+    import papermill as pm
+    from nbclient.exceptions import DeadKernelError
+
+    source = root / "notebooks" / NOTEBOOKS[step.chapter]
+    partial = out_dir / f"{step.name}.partial.ipynb"
+    start = time.perf_counter()
+    try:
+        return run_chapter(step, values, out_dir, root, kernel, echo)
     except pm.PapermillExecutionError as exc:
         raise ChapterFailed(
             f"{source.name} ({step.name}) failed in cell {exc.exec_count} with {exc.ename}: {exc.evalue}\n"
@@ -108,8 +129,6 @@ def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str
             f"image_size, set feature_cache: false, or close other programs, then rerun. The partly executed "
             f"notebook is kept at {partial}; finished chapters are not run again."
         ) from exc
-    partial.replace(target)
-    return time.perf_counter() - start
 
 
 def _memory_note() -> str:
@@ -182,10 +201,12 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
             continue
         echo(f"report: {step.name:8s} running {NOTEBOOKS[step.chapter]} ...")
         (out_dir / f"{step.name}.html").unlink(missing_ok=True)  # never leave a page of an older run beside it
-        seconds = run_chapter(step, values, out_dir, root, kernel, echo)
+        seconds = _run_or_explain(step, values, out_dir, root, kernel, echo)
         timings[step.name] = seconds
-        state[step.name] = {"fingerprint": key, "seconds": seconds, "finished": time.time()}
-        write_json(state_path, state)
+        with locked(out_dir):  # another `report --only …` may have finished a chapter meanwhile: keep its entry
+            state = json.loads(state_path.read_text()) if state_path.exists() else {}
+            state[step.name] = {"fingerprint": key, "seconds": seconds, "finished": time.time()}
+            write_json(state_path, state)
         export_chapter(step, out_dir)
         echo(f"report: {step.name:8s} done in {seconds / 60:.1f} min")
     write_index(out_dir, steps, resolved, state)

@@ -219,6 +219,15 @@ def test_the_random_fallback_is_named_in_run_json(tiny_data, tmp_path, monkeypat
     assert weights["fallback"] is True and weights["source"] == "random initialisation"
 
 
+def test_a_chapter_is_stale_when_the_imagenet_weights_point_elsewhere(monkeypatch, tmp_path):
+    values = P.resolve("train", ROOT / "params" / "task2.yaml", "isic2016", root=ROOT)
+    monkeypatch.setenv("ISIC_ENCODER_WEIGHTS", str(tmp_path / "a.pth"))
+    first = pipeline._fingerprint(values)
+    monkeypatch.setenv("ISIC_ENCODER_WEIGHTS", str(tmp_path / "b.pth"))
+    assert pipeline._fingerprint(values) != first
+    assert pipeline._fingerprint({**values, "resume": False}) == pipeline._fingerprint(values)
+
+
 def test_random_encoders_are_allowed_only_by_the_synthetic_profiles():
     assert P.defaults("train")["allow_random_encoder"] is False
     for profile, allowed in (("synthetic", True), ("tiny", True), ("isic2016", False), ("isic2016_holdout", False)):
