@@ -6,7 +6,7 @@ DATA ?= synthetic
 # torch/torchvision: any release in the pyproject ranges; this pin matches the wheels tested here.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup report demo test html bench clean notebooks
+.PHONY: setup report demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,6 @@ test: setup  ## unit tests and the end-to-end notebook run on tiny data
 
 bench: setup  ## speed benchmark: naive vs this project's pipeline, same data, one run
 	$(PY) benchmarks/bench_training.py
-
-notebooks:  ## rebuild notebooks/*.ipynb from tools/build_notebooks.py
-	$(PY) tools/build_notebooks.py
 
 clean:
 	rm -rf outputs

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .files import atomic_path, progress_bar
+
 SPLIT_FOLDERS = {
     "train": ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
     "test": ("ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth"),
@@ -256,6 +258,21 @@ def _open(path: Path) -> Image.Image:
     return image
 
 
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is displayed: after its EXIF orientation (a quarter turn swaps them)."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+
+
+def to_8bit(array: np.ndarray) -> np.ndarray:
+    """16- or 32-bit grey values to uint8, scaled, not clipped: by 255/65535 when any value exceeds 255, else kept."""
+    wide = array.astype(np.float64)
+    return (wide * (255.0 / (65535 if wide.max() > 255 else 255))).round().astype(np.uint8)
+
+
 def read_image(path: str | Path, size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
     """Decode an image to a uint8 ``3×size×size`` tensor (or its own size when ``size`` is None).
 
@@ -265,19 +282,16 @@ def read_image(path: str | Path, size: int | None = None) -> tuple[torch.Tensor,
     path = Path(path)
     try:
         image = Image.open(path)
-        width, height = image.size
-        orientation = image.getexif().get(0x0112, 1)
+        full_size = displayed_size(image)  # before draft(), which shrinks image.size
         if size is not None and image.format == "JPEG":
             image.draft("RGB", (2 * size, 2 * size))  # DCT-domain downscale: decodes several times faster
         image.load()
     except Exception:
         image = _open(path)  # re-open to raise a precise DataError
-        (width, height), orientation = image.size, image.getexif().get(0x0112, 1)
-    full_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        full_size = displayed_size(image)
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bits, not clip
-        wide = np.asarray(image).astype(np.float64)
-        image = Image.fromarray((wide * (255.0 / (65535 if wide.max() > 255 else 255))).round().astype(np.uint8))
+    if image.mode in WIDE_GREY_MODES:
+        image = Image.fromarray(to_8bit(np.asarray(image)))
     if image.mode != "RGB":
         image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA") else image.convert("RGB")
     if size is not None:
@@ -310,8 +324,8 @@ def read_mask(path: str | Path, size: int | None = None, expected_size: tuple[in
         array = channels[..., 0]
     elif image.mode == "P":
         array = np.asarray(image.convert("L"))
-    elif image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = array.astype(np.float64) / max(1, 65535 if array.max() > 255 else 255) * 255
+    elif image.mode in WIDE_GREY_MODES:
+        array = to_8bit(array)
     elif image.mode == "1":
         array = array.astype(np.uint8)
     elif image.mode == "LA":
@@ -377,9 +391,6 @@ def decode_pairs(
     The cache file is keyed by each source file's path, size and modification time and by ``image_size``,
     so an edited file or another size decodes again.
     """
-    from .report import atomic_path
-    from .training import progress_bar
-
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"decoded_{image_size}px_{_cache_key(pairs, image_size)}.pt"
@@ -609,12 +620,9 @@ def original_sizes(pairs: Sequence[Pair]):
     for pair in pairs:
         try:
             with Image.open(pair.image) as header:
-                width, height = header.size
-                orientation = header.getexif().get(0x0112, 1)
+                width, height = displayed_size(header)
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"{pair.image} cannot be read ({exc}). Replace it with the original file.") from exc
-        if orientation in (5, 6, 7, 8):
-            width, height = height, width
         rows.append({"id": pair.id, "width": width, "height": height})
     return pd.DataFrame(rows)
 

@@ -4,9 +4,10 @@ Predictions are **probabilities** thresholded at 0.5 (never raw logits). For eac
 positives/negatives; every metric is then reported two ways:
 
 - ``*_mean`` — the mean over images of the per-image score. This is how the ISIC 2016 challenge ranked entries
-  (mean per-image Jaccard). An image whose mask and prediction are both empty scores 1 (nothing to find, nothing
-  found); sensitivity of an image without lesion pixels and specificity of an image without background pixels
-  are likewise 1 when nothing was wrongly predicted... and defined through the same convention (0/0 → 1).
+  (mean per-image Jaccard). Every ratio whose denominator is 0 is 1 (0/0 → 1): an image whose mask and prediction
+  are both empty scores IoU and Dice 1 (nothing to find, nothing found); the sensitivity of an image without lesion
+  pixels is 1 whatever was predicted (its false positives show in specificity, IoU and Dice), and the specificity of
+  an image without background pixels is 1 likewise.
 - ``*_pooled`` — the score of the pixels pooled over the whole set ("micro" averaging, what
   ``torchmetrics.BinaryJaccardIndex`` computes when fed every pixel).
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
+
+from .data import read_mask
 
 METRICS = ("iou", "dice", "accuracy", "sensitivity", "specificity")
 
@@ -55,11 +58,14 @@ def scores(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def per_image_table(counts: torch.Tensor, ids=None) -> pd.DataFrame:
-    """One row per image: id, TP/FP/FN/TN and each per-image score."""
+def per_image_table(counts: torch.Tensor, ids=None, sizes=None) -> pd.DataFrame:
+    """One row per image: id (and original width, height when ``sizes`` is given), TP/FP/FN/TN, each score."""
     table = pd.DataFrame(counts.numpy(), columns=["tp", "fp", "fn", "tn"])
     for name, values in scores(counts).items():
         table[name] = values.numpy()
+    if sizes is not None:
+        table.insert(0, "height", [s[1] for s in sizes])
+        table.insert(0, "width", [s[0] for s in sizes])
     if ids is not None:
         table.insert(0, "id", list(ids))
     return table
@@ -74,3 +80,16 @@ def summarize(counts: torch.Tensor) -> dict[str, float]:
         summary[f"{name}_mean"] = float(per_image[name].mean())
         summary[f"{name}_pooled"] = float(pooled[name][0])
     return summary
+
+
+def original_size_counts(probabilities: torch.Tensor, data_split, threshold: float = 0.5) -> torch.Tensor:
+    """Challenge-style counts: each probability map upsampled (bilinear) to its image's original size,
+    thresholded at ``threshold``, and compared with the original full-size mask."""
+    counts = []
+    for k, pair in enumerate(data_split.sources):
+        width, height = data_split.sizes[k]
+        mask = read_mask(pair.mask, None).float().unsqueeze(0)
+        upsampled = torch.nn.functional.interpolate(probabilities[k:k + 1].float(), size=(height, width),
+                                                    mode="bilinear", align_corners=False)
+        counts.append(confusion_counts(upsampled, mask, threshold))
+    return torch.cat(counts)

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .data import AUGMENTATIONS
+
 # key: (allowed types, default). Data keys are shared by every chapter.
 DATA_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "profile": ((str,), "synthetic"),
@@ -207,8 +209,6 @@ def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> lis
     if isinstance(values.get("dropout"), float) and not 0 <= values["dropout"] < 1:
         problems.append(f"dropout must be in [0, 1), got {values['dropout']}")
     if chapter == "train":
-        from .data import AUGMENTATIONS
-
         augment = values.get("augment")
         if isinstance(augment, list):
             bad = [a for a in augment if a not in AUGMENTATIONS]
@@ -238,7 +238,7 @@ def _message(chapter: str, problems: list[str]) -> str:
 
 
 PARAMETERS_HEADER = "# Parameters"  # the first line of the chapter's parameters cell and of papermill's injected one
-OWN_PARAMETERS_HEADER = "# Parameters (papermill injects"  # the chapter's own cell (tools/build_notebooks.py)
+OWN_PARAMETERS_HEADER = "# Parameters (papermill injects"  # the first line of each chapter's own parameters cell
 
 
 def parameter_cell_names(history: list[str]) -> set[str] | None:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import params as P
+from .experiments import describe_data
+from .files import atomic_path, locked, write_json, write_text
 from .model import resolve_weights
-from .report import atomic_path, locked, write_json, write_text
 
 NOTEBOOKS = {"eda": "01_eda.ipynb", "train": "02_train.ipynb", "compare": "03_compare.ipynb"}
 
@@ -219,8 +220,6 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
 
 def write_index(out_dir: Path, steps: list[Step], resolved: dict, state: dict) -> Path:
     """``index.html``: what data the report ran on, links to each chapter, its tables and figures."""
-    from .study import describe_data
-
     first = resolved[steps[0].name]
     note = describe_data(first).replace("**", "").replace("`", "")
     items = []

@@ -1,4 +1,5 @@
-"""Every figure of the report: one function each, returning the matplotlib Figure; ``save_figure`` writes PNGs."""
+"""Every figure of the report: one function each, returning the matplotlib Figure; ``save_figure`` writes PNGs;
+``run_figures`` and ``compare_predictions_figure`` draw a chapter's figures from its runs."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import pandas as pd
 import seaborn as sns
 import torch
 
+from . import data
+from .experiments import RunResult, SavedRun, prepare_data
+from .files import atomic_path
+
 sns.set_theme(style="whitegrid", context="notebook")
 
 
 def save_figure(fig, run_dir: str | Path, name: str, dpi: int = 110) -> Path:
     """Write ``fig`` to ``figures/NAME.png`` under ``run_dir`` (atomically) and return the path."""
-    from .report import atomic_path
-
     target = Path(run_dir) / "figures" / f"{name}.png"
     with atomic_path(target) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
@@ -73,8 +76,6 @@ def augmentation_examples(images: torch.Tensor, masks: torch.Tensor, rows: int =
     The panels come from ``data.augmentation_examples``, i.e. the very ``apply_augmentation`` the training loop
     calls (same colour-jitter strength), so the figure shows what the model saw.
     """
-    from . import data
-
     count = min(rows, len(images))
     panels = data.augmentation_examples(images[:count], masks[:count])
     fig, axes = plt.subplots(2 * count, len(panels), figsize=(2.3 * len(panels), 4.6 * count), squeeze=False)
@@ -138,6 +139,8 @@ def predictions(images: torch.Tensor, masks: torch.Tensor, probabilities: torch.
 
 def compare_curves(histories: dict[str, pd.DataFrame], metric: str = "val_iou_mean", ylabel: str = "validation IoU"):
     """Both (all) runs' curves of one history column side by side."""
+    if not any(metric in history for history in histories.values()):
+        raise KeyError(f"no run's history has a column {metric!r}; columns: {sorted(next(iter(histories.values())))}")
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, history in histories.items():
         if metric in history:
@@ -173,3 +176,38 @@ def per_image_distribution(per_image: dict[str, pd.DataFrame], metric: str = "io
     ax.set_title(f"per-image {metric} on the test set")
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- a chapter's figures
+
+
+def run_figures(result: RunResult, n_images: int = 6) -> dict[str, object]:
+    """The training chapter's figures for the lowest seed, saved under the run's ``figures/``."""
+    history, best = result.history, result.best_epoch
+    name = result.name
+    figures = {
+        "loss": loss_curves(history, f"{name}: loss per epoch"),
+        "iou": metric_curves(history, "iou", f"{name}: IoU per epoch", best),
+        "dice": metric_curves(history, "dice", f"{name}: Dice per epoch", best),
+        "accuracy": metric_curves(history, "accuracy", f"{name}: pixel accuracy per epoch", best),
+    }
+    test = result.data.test
+    rows = list(range(min(n_images, len(test))))
+    scores = result.per_image[int(result.seeds_table["seed"].iloc[0])]["iou"].tolist()
+    figures["predictions"] = predictions(test.images[rows], test.masks[rows], result.probabilities[rows],
+                                               [test.ids[k] for k in rows], [scores[k] for k in rows])
+    for key, fig in figures.items():
+        save_figure(fig, result.run_dir, key)
+    return figures
+
+
+def compare_predictions_figure(params: dict, runs: dict[str, SavedRun], count: int = 6):
+    """The same test images (chosen by spread of difficulty) with each run's predicted mask."""
+    dataset = prepare_data(params, progress=False)
+    test = dataset.test
+    first = next(iter(runs.values()))
+    scores = first.per_image[int(first.seeds["seed"].iloc[0])]["iou"]
+    order = scores.sort_values().index.tolist()
+    rows = sorted({order[int(k * (len(order) - 1) / max(1, count - 1))] for k in range(min(count, len(order)))})
+    predicted = {name: run.probabilities[rows] for name, run in runs.items()}
+    return compare_predictions(test.images[rows], test.masks[rows], predicted, [test.ids[k] for k in rows])

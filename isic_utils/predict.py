@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import IMAGE_SUFFIXES, DataError, normalize, read_image
+from .data import IMAGE_SUFFIXES, DataError, decode_pairs, normalize, read_image, read_mask
+from .files import atomic_path
+from .metrics import confusion_counts, original_size_counts
 from .model import build_model
-from .report import atomic_path
 from .training import CheckpointMismatch, load_checkpoint
 
 
@@ -85,10 +86,6 @@ def round_trip(checkpoint: str | Path, pairs: list, output_dir: str | Path) -> d
     its ground truth) and ``expected`` (the counts the evaluation computes in memory at original size), so a test or
     a check can compare the CLI's output with the report's scoring.
     """
-    from .data import decode_pairs, read_mask
-    from .metrics import confusion_counts
-    from .study import original_size_counts
-
     output_dir = Path(output_dir)
     written = predict_folder(checkpoint, pairs[0].image.parent, output_dir)
     model, meta = load_predictor(checkpoint)

@@ -6,87 +6,20 @@ leaves a half-written table, figure, checkpoint or page that a later chapter wou
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 
-from . import metrics
+from .data import check_alignment
+from .experiments import RunResult
+from .files import save_table, write_text
+from .model import IMAGENET_MEAN, IMAGENET_STD, count_parameters
 
 # The student report's printed results (its Tables 2, 6 and 9), reproduced for comparison only.
 STUDENT_REPORT = {
     "task1": {"iou": 0.5585, "dice": 0.7167, "accuracy": 0.8150},
     "task2": {"iou": 0.7165, "dice": 0.8348, "accuracy": 0.8973},
 }
-
-
-@contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success rename it onto ``target``, on error delete it.
-
-    The temporary file is created with mode 0666 less the umask, as ``open()`` would, so the renamed file is as
-    readable by others as any file the user writes (``tempfile.mkstemp`` would make every output 0600).
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def locked(folder: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder/.lock`` (processes writing one run's shared tables take turns)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as handle:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks; parallel seeds there are not supported
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def write_text(target: str | Path, text: str) -> Path:
-    """Write ``text`` to ``target`` atomically."""
-    with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(target)
-
-
-def write_json(target: str | Path, value) -> Path:
-    return write_text(target, json.dumps(value, indent=2, default=float) + "\n")
-
-
-def save_table(table: pd.DataFrame, run_dir: str | Path, name: str, floatfmt: str = ".4g") -> pd.DataFrame:
-    """Write ``table`` as ``tables/NAME.csv`` and ``tables/NAME.md`` under ``run_dir``; returns the table."""
-    folder = Path(run_dir) / "tables"
-    with atomic_path(folder / f"{name}.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    write_text(folder / f"{name}.md", table.to_markdown(index=False, floatfmt=floatfmt) + "\n")
-    return table
-
-
-def read_table(run_dir: str | Path, name: str) -> pd.DataFrame:
-    path = Path(run_dir) / "tables" / f"{name}.csv"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found. Run the chapter that writes it first (the training notebook for this run)."
-        )
-    return pd.read_csv(path)
 
 
 # ----------------------------------------------------------------------------- the report's tables
@@ -157,20 +90,9 @@ def summary_table(history: pd.DataFrame, final_val: dict, final_test: dict, best
 
 def parameter_table(module, name: str) -> pd.DataFrame:
     """Total / trainable / non-trainable parameters of ``module`` (the report's Tables 3, 4, 7, 8)."""
-    from .model import count_parameters
-
     counts = count_parameters(module)
     return pd.DataFrame([{"part": name, "total": counts["total"], "trainable": counts["trainable"],
                           "non-trainable": counts["non_trainable"]}])
-
-
-def per_image_scores(counts, ids, sizes=None) -> pd.DataFrame:
-    """Per-image scores (one row per test image) for saving and recomputation."""
-    table = metrics.per_image_table(counts, ids)
-    if sizes is not None:
-        table.insert(1, "width", [s[0] for s in sizes])
-        table.insert(2, "height", [s[1] for s in sizes])
-    return table
 
 
 def write_decoder_parameters(decoder, path: str | Path, max_values: int = 20) -> Path:
@@ -242,8 +164,6 @@ def size_summary(sizes: pd.DataFrame) -> pd.DataFrame:
 
 def pixel_stats_table(stats: dict) -> pd.DataFrame:
     """Per-channel mean/std of the training images beside ImageNet's."""
-    from .model import IMAGENET_MEAN, IMAGENET_STD
-
     return pd.DataFrame({"channel": ["R", "G", "B"], "mean (training images)": stats["mean"],
                          "std (training images)": stats["std"], "ImageNet mean": IMAGENET_MEAN,
                          "ImageNet std": IMAGENET_STD})
@@ -251,8 +171,6 @@ def pixel_stats_table(stats: dict) -> pd.DataFrame:
 
 def alignment_summary(splits: dict) -> pd.DataFrame:
     """Per split: images checked, masks named for their image, empty or full masks, lesion darker than skin."""
-    from .data import check_alignment
-
     rows = []
     for name, split in splits.items():
         table = check_alignment(split)
@@ -265,3 +183,20 @@ def alignment_summary(splits: dict) -> pd.DataFrame:
             "mean lesion fraction": table["lesion_fraction"].mean(),
         })
     return pd.DataFrame(rows)
+
+
+def run_tables(run: RunResult) -> dict[str, pd.DataFrame]:
+    """A training chapter's tables for its lowest seed, written under the run's ``tables/`` (and the decoder's
+    parameters to ``decoder_parameters.txt``): ``epochs`` (Tables 1 / 5), ``summary`` (2 / 6), ``parameters``."""
+    first = run.results[0]
+    original = {f"{k} (original size)": v for k, v in first["test_orig"].items() if k.endswith("_mean")}
+    write_decoder_parameters(run.model.decoder, run.run_dir / "decoder_parameters.txt")
+    return {
+        "epochs": save_table(epoch_table(run.history), run.run_dir, "epochs"),
+        "summary": save_table(summary_table(run.history, first["val"], {**first["test"], **original},
+                                            first["best_epoch"]), run.run_dir, "summary"),
+        "parameters": save_table(pd.concat([parameter_table(run.model.encoder, "encoder"),
+                                            parameter_table(run.model.decoder, "decoder"),
+                                            parameter_table(run.model, "whole model")], ignore_index=True),
+                                 run.run_dir, "parameters"),
+    }

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .data import SPLIT_FOLDERS, has_split
+from .files import atomic_path, write_json
 
 MARKER = "synthetic.json"
 
@@ -95,8 +96,6 @@ def make_synthetic_isic(root: str | Path, n_train: int = 200, n_test: int = 60, 
     if marker.exists() and json.loads(marker.read_text()) == settings and has_split(root, "train") \
             and has_split(root, "test"):
         return root
-    from .report import atomic_path, write_json
-
     for split, count, first_id in (("train", n_train, 0), ("test", n_test, 1_000_000)):
         image_dir, mask_dir = (root / name for name in SPLIT_FOLDERS[split])
         image_dir.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torch import nn
 
 from . import metrics
 from .data import DecodedSplit, ReportData, apply_augmentation, draw_augmentation, normalize
+from .files import atomic_path, epoch_line, progress_bar
 from .model import SegmentationModel, count_parameters
 
 FLIPS = ("hflip", "vflip")
@@ -36,15 +36,6 @@ class TrainingDiverged(RuntimeError):
 
 class CheckpointMismatch(RuntimeError):
     """A checkpoint holds another configuration than the one asked for."""
-
-
-def progress_bar(iterable: Iterable, total: int | None = None, desc: str = "", enabled: bool = True):
-    """tqdm in a terminal; nothing in notebooks and logs (where per-epoch lines are printed instead), so an
-    exported HTML page never shows a widget placeholder or hundreds of carriage-return updates."""
-    from tqdm import tqdm
-
-    show = enabled and sys.stderr.isatty()
-    return tqdm(iterable, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -326,8 +317,6 @@ def _rng_state(generator: torch.Generator) -> dict:
 
 
 def _save(obj, path: Path) -> None:
-    from .report import atomic_path
-
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -384,6 +373,24 @@ class FitResult:
     timings: dict = field(default_factory=dict)
 
 
+@dataclass
+class _Progress:
+    """Where a run stands: the per-epoch rows so far and the epoch chosen by validation IoU."""
+
+    rows: list[dict] = field(default_factory=list)
+    best_iou: float = -math.inf
+    best_epoch: int = 0
+
+
+@dataclass
+class _Features:
+    """The frozen encoder's cached features (``train``: one entry per flip variant), or all None."""
+
+    train: list | None = None
+    val: object = None
+    test: object = None
+
+
 def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir: str | Path,
         on_step: Callable[[int, int], None] | None = None, resume: bool = True, verbose: bool = True,
         label: str = "", later_epochs: int = 0) -> FitResult:
@@ -402,97 +409,112 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
     start = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = config.device
-    precision = resolve_precision(config.precision, device)
+    precision = resolve_precision(config.precision, config.device)
     generator = seed_everything(config.seed)
-    model.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config)
-    image_size = int(data.train.images.shape[-1])
-    meta = model_meta(model, image_size)
-    weights = meta.pop("encoder_weights")
-    fingerprint = {**config.fingerprint(), "image_size": image_size, **meta, "train_ids": len(data.train),
-                   "params": count_parameters(model)["total"], "encoder_sha256": weights.get("sha256")}
-    rows: list[dict] = []
-    best_iou, best_epoch = -math.inf, 0
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if resume and last_path.exists():
-        state = load_checkpoint(last_path)
-        _check_resumable(state, fingerprint, weights, config.epochs, last_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        generator.set_state(state["rng"]["generator"])
-        rows = state["history"]
-        best_iou, best_epoch = state["best_iou"], state["best_epoch"]
-        if verbose:
-            print(f"{label or run_dir}: resuming after epoch {len(rows)} of {config.epochs}", flush=True)
-    elif not resume:
-        for stale in (last_path, best_path):
-            stale.unlink(missing_ok=True)
-
-    cached = uses_feature_cache(model, config)
+    optimizer = _place(model, config)
+    fingerprint, weights = run_fingerprint(model, data, config)
+    progress = _resume_or_start(model, optimizer, generator, fingerprint, weights, config, run_dir, resume,
+                                (label or str(run_dir)) if verbose else None)
     timings = {"feature_cache_s": 0.0}
-    train_cache = val_features = test_features = None
-    if cached and len(rows) < config.epochs:
+    features = _Features()
+    if uses_feature_cache(model, config) and len(progress.rows) < config.epochs:
         t0 = time.perf_counter()
-        model.eval()
-        train_cache = [encode_all(model, data.train.images, precision, device, config.eval_batch_size,
-                                  config.channels_last, h, v) for h, v in flip_variants(config.augment)]
-        val_features = encode_all(model, data.val.images, precision, device, config.eval_batch_size,
-                                  config.channels_last)
-        if config.monitor_test:
-            test_features = encode_all(model, data.test.images, precision, device, config.eval_batch_size,
-                                       config.channels_last)
+        features = _encode_splits(model, data, config, precision)
         timings["feature_cache_s"] = time.perf_counter() - t0
 
     epoch_times: list[float] = []
-    for epoch in range(len(rows) + 1, config.epochs + 1):
-        t0 = time.perf_counter()
-        train_loss = train_epoch(model, data.train, optimizer, config, precision, generator, train_cache,
-                                 on_step=(lambda step, e=epoch: on_step(e, step)) if on_step else None,
-                                 desc=f"epoch {epoch}/{config.epochs}")
-        train_s = time.perf_counter() - t0
-        val = evaluate(model, data.val, config, precision, val_features)
-        row = {"epoch": epoch, "train_loss": train_loss, **_prefixed("val", val.summary())}
-        if config.monitor_test:
-            row.update(_prefixed("test", evaluate(model, data.test, config, precision, test_features).summary()))
-        row["train_seconds"] = train_s
-        row["epoch_seconds"] = time.perf_counter() - t0
-        rows.append(row)
-        if row["val_iou_mean"] > best_iou:
-            best_iou, best_epoch = row["val_iou_mean"], epoch
-            _save({"model": model.state_dict(), "meta": model_meta(model, image_size), "epoch": epoch,
-                   "val_iou_mean": best_iou, "config": fingerprint}, best_path)
+    for epoch in range(len(progress.rows) + 1, config.epochs + 1):
+        row = _one_epoch(model, data, optimizer, config, precision, generator, features, epoch, on_step)
+        progress.rows.append(row)
+        if row["val_iou_mean"] > progress.best_iou:  # selection: validation only
+            progress.best_iou, progress.best_epoch = row["val_iou_mean"], epoch
+            _save({"model": model.state_dict(), "meta": model_meta(model, fingerprint["image_size"]), "epoch": epoch,
+                   "val_iou_mean": progress.best_iou, "config": fingerprint}, run_dir / "best.pt")
         _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(generator),
-               "history": rows, "best_iou": best_iou, "best_epoch": best_epoch, "fingerprint": fingerprint,
-               "encoder_weights": weights}, last_path)
+               "history": progress.rows, "best_iou": progress.best_iou, "best_epoch": progress.best_epoch,
+               "fingerprint": fingerprint, "encoder_weights": weights}, run_dir / "last.pt")
         epoch_times.append(row["epoch_seconds"])
         if verbose:
             remaining = (config.epochs - epoch + later_epochs) * sum(epoch_times) / len(epoch_times)
             print(epoch_line(label, row, config.epochs, remaining), flush=True)
 
-    best = load_checkpoint(best_path)
-    model.load_state_dict(best["model"])
     t0 = time.perf_counter()
-    final_val = evaluate(model, data.val, config, precision, keep_probabilities=False)
-    final_test = evaluate(model, data.test, config, precision, keep_probabilities=True)
+    final_val, final_test = _score_selected(model, data, config, precision, run_dir / "best.pt")
     timings["final_eval_s"] = time.perf_counter() - t0
-    history = pd.DataFrame(rows)
-    return FitResult(history, best_epoch, final_test, final_val, run_dir, precision, cached,
-                     time.perf_counter() - start, timings)
+    return FitResult(pd.DataFrame(progress.rows), progress.best_epoch, final_test, final_val, run_dir, precision,
+                     uses_feature_cache(model, config), time.perf_counter() - start, timings)
 
 
-def epoch_line(label: str, row: dict, epochs: int, eta_seconds: float) -> str:
-    """One terminal / notebook line for a finished epoch: who, which epoch, losses, val IoU, time, ETA."""
-    eta = f"{eta_seconds:.0f} s" if eta_seconds < 90 else f"{eta_seconds / 60:.1f} min"
-    line = (f"{label + ' ' if label else ''}epoch {row['epoch']:>2}/{epochs}  train loss {row['train_loss']:.4f}  "
-            f"val loss {row['val_loss']:.4f}  val IoU {row['val_iou_mean']:.4f}  {row['epoch_seconds']:.1f} s  "
-            f"ETA {eta}")
-    if "test_iou_mean" in row:
-        line += f"  [test IoU {row['test_iou_mean']:.4f}, monitoring only]"
-    return line
+def _place(model: SegmentationModel, config: TrainConfig) -> torch.optim.Optimizer:
+    """Move the model to its device and memory format; return its optimiser."""
+    model.to(config.device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return build_optimizer(model, config)
+
+
+def run_fingerprint(model: SegmentationModel, data: ReportData, config: TrainConfig) -> tuple[dict, dict]:
+    """(what a checkpoint must match to be resumed, the encoder's starting-weights record)."""
+    image_size = int(data.train.images.shape[-1])
+    meta = model_meta(model, image_size)
+    weights = meta.pop("encoder_weights")
+    fingerprint = {**config.fingerprint(), "image_size": image_size, **meta, "train_ids": len(data.train),
+                   "params": count_parameters(model)["total"], "encoder_sha256": weights.get("sha256")}
+    return fingerprint, weights
+
+
+def _resume_or_start(model, optimizer, generator: torch.Generator, fingerprint: dict, weights: dict,
+                     config: TrainConfig, run_dir: Path, resume: bool, announce: str | None) -> _Progress:
+    """Continue from ``last.pt`` when asked and it matches (else ``CheckpointMismatch``); or start afresh."""
+    last_path = run_dir / "last.pt"
+    if not resume:
+        for stale in (last_path, run_dir / "best.pt"):
+            stale.unlink(missing_ok=True)
+    if not last_path.exists():
+        return _Progress()
+    state = load_checkpoint(last_path)
+    _check_resumable(state, fingerprint, weights, config.epochs, last_path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    generator.set_state(state["rng"]["generator"])
+    if announce:
+        print(f"{announce}: resuming after epoch {len(state['history'])} of {config.epochs}", flush=True)
+    return _Progress(state["history"], state["best_iou"], state["best_epoch"])
+
+
+def _encode_splits(model: SegmentationModel, data: ReportData, config: TrainConfig, precision: str) -> _Features:
+    """The frozen encoder's features: every training image in each flip variant, validation and (monitored) test."""
+    model.eval()
+
+    def encode(images, hflip=False, vflip=False):
+        return encode_all(model, images, precision, config.device, config.eval_batch_size, config.channels_last,
+                          hflip, vflip)
+
+    return _Features([encode(data.train.images, h, v) for h, v in flip_variants(config.augment)],
+                     encode(data.val.images), encode(data.test.images) if config.monitor_test else None)
+
+
+def _one_epoch(model, data: ReportData, optimizer, config: TrainConfig, precision: str, generator: torch.Generator,
+               features: _Features, epoch: int, on_step) -> dict:
+    """Train one epoch, evaluate validation (and monitor test); the epoch's row of the history."""
+    t0 = time.perf_counter()
+    train_loss = train_epoch(model, data.train, optimizer, config, precision, generator, features.train,
+                             on_step=(lambda step: on_step(epoch, step)) if on_step else None,
+                             desc=f"epoch {epoch}/{config.epochs}")
+    train_seconds = time.perf_counter() - t0
+    row = {"epoch": epoch, "train_loss": train_loss,
+           **_prefixed("val", evaluate(model, data.val, config, precision, features.val).summary())}
+    if config.monitor_test:
+        row.update(_prefixed("test", evaluate(model, data.test, config, precision, features.test).summary()))
+    return {**row, "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - t0}
+
+
+def _score_selected(model, data: ReportData, config: TrainConfig, precision: str, best_path: Path):
+    """Load the validation-selected weights; evaluate validation and, once, the whole test set (probabilities kept)."""
+    model.load_state_dict(load_checkpoint(best_path)["model"])
+    return (evaluate(model, data.val, config, precision, keep_probabilities=False),
+            evaluate(model, data.test, config, precision, keep_probabilities=True))
 
 
 def _check_resumable(state: dict, fingerprint: dict, weights: dict, epochs: int, last_path: Path) -> None:

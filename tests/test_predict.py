@@ -3,10 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils import study
 from isic_utils.__main__ import main
 from isic_utils.data import read_mask
-from isic_utils.metrics import confusion_counts, summarize
+from isic_utils.metrics import confusion_counts, original_size_counts, summarize
 from isic_utils.model import build_model
 from isic_utils.predict import load_predictor
 from isic_utils.training import CheckpointMismatch, TrainConfig, fit
@@ -59,7 +58,7 @@ def test_written_masks_score_exactly_what_the_evaluation_computes(trained, tiny_
                                          read_mask(pair.mask).float().unsqueeze(0)) for pair in tiny_data.test.sources])
     predicted = counts[:, 0] + counts[:, 1]
     assert (predicted > 0).all() and (counts[:, 2] + counts[:, 3] > 0).all()  # every mask has both classes
-    expected = study.original_size_counts(hand_set_probabilities(None, None, tiny_data.test.images), tiny_data.test)
+    expected = original_size_counts(hand_set_probabilities(None, None, tiny_data.test.images), tiny_data.test)
     assert torch.equal(counts, expected)
     assert summarize(counts) == summarize(expected)
 

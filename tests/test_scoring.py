@@ -6,8 +6,7 @@ import torch
 from PIL import Image
 
 from isic_utils.data import DecodedSplit, Pair
-from isic_utils.metrics import scores, summarize
-from isic_utils.study import original_size_counts
+from isic_utils.metrics import original_size_counts, scores, summarize
 
 
 def split_with_masks(tmp_path, masks: list[np.ndarray]) -> DecodedSplit:

@@ -21,9 +21,10 @@ import torch
 from PIL import Image
 
 from isic_utils import data as D
+from isic_utils import experiments, files, pipeline, plots, report
 from isic_utils import params as P
-from isic_utils import pipeline, plots, report, study
 from isic_utils.__main__ import main
+from isic_utils.metrics import original_size_counts
 from isic_utils.model import build_model
 from isic_utils.training import CheckpointMismatch, Evaluation, TrainConfig, evaluate, fit, load_checkpoint
 
@@ -175,9 +176,9 @@ def test_limits_too_small_to_split_are_refused_at_validation():
 def test_written_files_get_the_umask_mode(tmp_path, umask, mode):
     old = os.umask(umask)
     try:
-        report.write_text(tmp_path / "page.html", "<p>hi</p>")
-        report.save_table(pd.DataFrame({"a": [1]}), tmp_path, "t")
-        with report.atomic_path(tmp_path / "model.pt") as tmp:
+        files.write_text(tmp_path / "page.html", "<p>hi</p>")
+        files.save_table(pd.DataFrame({"a": [1]}), tmp_path, "t")
+        with files.atomic_path(tmp_path / "model.pt") as tmp:
             torch.save({"x": torch.zeros(1)}, tmp)
     finally:
         os.umask(old)
@@ -213,7 +214,7 @@ def test_the_random_fallback_is_named_in_run_json(tiny_data, tmp_path, monkeypat
     real = M.build_encoder
     monkeypatch.setattr(M, "build_encoder", lambda name="mobilenet_v2", weights="imagenet":
                         offline() if weights == "imagenet" else real(name, weights))
-    study.train_run(params, tiny_data, verbose=False)
+    experiments.train_run(params, tiny_data, verbose=False)
     info = json.loads((tmp_path / "task1" / "run.json").read_text())
     weights = info["encoder_weights"]["0"]
     assert weights["fallback"] is True and weights["source"] == "random initialisation"
@@ -321,7 +322,7 @@ def test_probabilities_just_above_one_half_stay_foreground(tiny_data):
     model = ConstantLogit(4e-4)  # p = 0.5001, which fp16 rounds to 0.5
     result = evaluate(model, tiny_data.test, tiny_config(), "fp32", keep_probabilities=True)
     assert result.probabilities.dtype == torch.float32 and (result.probabilities > 0.5).all()
-    counts = study.original_size_counts(result.probabilities, tiny_data.test)
+    counts = original_size_counts(result.probabilities, tiny_data.test)
     assert (counts[:, 0] + counts[:, 1] > 0).all() and (counts[:, 2] + counts[:, 3] == 0).all()  # all foreground
 
 
@@ -340,14 +341,14 @@ PARALLEL_SEED = """
 import sys, torch
 torch.set_num_threads(1)
 from pathlib import Path
-from isic_utils import study
+from isic_utils import experiments
 from isic_utils.data import load_report_data
 from isic_utils.params import resolve
 root, out, data_root, seed = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 params = resolve("train", root / "params" / "task2.yaml", "tiny", {"output_dir": out, "seeds": [seed], "epochs": 1},
                  root=root)
 data = load_report_data(data_root, 64, progress=False)
-study.train_run(params, data, verbose=False)
+experiments.train_run(params, data, verbose=False)
 """
 
 
@@ -361,7 +362,7 @@ def test_seeds_trained_in_parallel_processes_keep_each_others_results(synthetic_
     seeds = pd.read_csv(out / "task2" / "tables" / "seeds.csv")
     assert sorted(seeds["seed"]) == [0, 1]
     assert json.loads((out / "task2" / "run.json").read_text())["seeds"] == [0, 1]
-    assert study.load_run(out, "task2").seeds["seed"].tolist() == [0, 1]
+    assert experiments.load_run(out, "task2").seeds["seed"].tolist() == [0, 1]
 
 
 # ----------------------------------------------------------------------------- 10. one augmentation

@@ -1,0 +1,101 @@
+"""Comparing finished runs: Table 9 (mean ± std over seeds), paired Wilcoxon tests on per-image Jaccard, each
+run's headline scores, and the written reading generated from the numbers.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .experiments import SavedRun
+
+SPREAD_COLUMNS = {
+    "test_iou_mean_orig": "JA / IoU (mean per image, original size)",
+    "test_iou_pooled_orig": "IoU (pooled pixels, original size)",
+    "test_dice_mean_orig": "Dice (mean per image)",
+    "test_accuracy_mean_orig": "pixel accuracy (mean per image)",
+    "test_sensitivity_mean_orig": "sensitivity (mean per image)",
+    "test_specificity_mean_orig": "specificity (mean per image)",
+    "test_iou_mean_model_px": "IoU (mean per image, model resolution)",
+}
+
+
+def comparison_table(runs: dict[str, SavedRun]) -> pd.DataFrame:
+    """Table 9: test scores of each run's validation-selected checkpoint, mean ± std over seeds."""
+    rows = []
+    for name, run in runs.items():
+        row = {"run": name, "seeds": len(run.seeds)}
+        for column, label in SPREAD_COLUMNS.items():
+            values = run.seeds[column]
+            row[label] = f"{values.mean():.4f} ± {values.std(ddof=1):.4f}" if len(values) > 1 else f"{values.mean():.4f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _paired_wilcoxon(a: pd.Series, b: pd.Series) -> tuple[pd.DataFrame, float, float]:
+    """Join two per-image series on id; Wilcoxon signed-rank (W, p), or (nan, 1.0) when every pair is tied."""
+    from scipy.stats import wilcoxon
+
+    joined = pd.concat([a, b], axis=1, keys=["A", "B"]).dropna()
+    if ((joined["B"] - joined["A"]) != 0).any():
+        statistic, p_value = wilcoxon(joined["A"], joined["B"])
+        return joined, float(statistic), float(p_value)
+    return joined, float("nan"), 1.0
+
+
+def wilcoxon_table(runs: dict[str, SavedRun], metric: str = "iou") -> pd.DataFrame:
+    """Paired Wilcoxon signed-rank tests on per-image JA between every pair of runs.
+
+    The main test pairs each image's score averaged over the run's seeds. With several seeds in common it is also
+    run seed by seed (seed k of A against seed k of B) and the largest of those p-values is reported, so a reader
+    sees whether the conclusion holds for every single training run and not only for the average.
+    """
+    def by_id(frame: pd.DataFrame) -> pd.Series:
+        return frame.set_index("id")[metric]
+
+    per_image = {name: pd.concat(list(run.per_image.values())).groupby("id")[metric].mean() for name, run in runs.items()}
+    names = list(runs)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            joined, statistic, p_value = _paired_wilcoxon(per_image[a], per_image[b])
+            difference = joined["B"] - joined["A"]
+            row = {"A": a, "B": b, "images": len(joined), f"mean {metric} A": joined["A"].mean(),
+                   f"mean {metric} B": joined["B"].mean(), "mean B − A": difference.mean(),
+                   "B better on": f"{(difference > 0).mean():.0%} of images", "Wilcoxon W": statistic,
+                   "p-value": p_value}
+            common = sorted(set(runs[a].per_image) & set(runs[b].per_image))
+            if len(common) > 1:
+                row["p-value, worst single seed"] = max(
+                    _paired_wilcoxon(by_id(runs[a].per_image[s]), by_id(runs[b].per_image[s]))[2] for s in common)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def written_reading(runs: dict[str, SavedRun], tests: pd.DataFrame) -> str:
+    """A short reading of the comparison, generated from the numbers."""
+    means = {name: run.seeds["test_iou_mean_orig"].mean() for name, run in runs.items()}
+    best = max(means, key=means.get)
+    lines = [f"- Best mean per-image Jaccard on the test set: **{best}** ({means[best]:.3f})."]
+    for _, row in tests.iterrows():
+        verdict = "a significant" if row["p-value"] < 0.05 else "no significant"
+        lines.append(f"- {row['B']} vs {row['A']}: mean per-image JA changes by {row['mean B − A']:+.3f} "
+                     f"({row['B better on']} improve); Wilcoxon p = {row['p-value']:.2g}, {verdict} difference at 0.05"
+                     + (f" (largest p over single seeds: {row['p-value, worst single seed']:.2g})."
+                        if pd.notna(row.get("p-value, worst single seed")) else "."))
+    spreads = {name: run.seeds["test_iou_mean_orig"].std(ddof=1) for name, run in runs.items() if len(run.seeds) > 1}
+    if spreads:
+        lines.append("- Spread over seeds (std of mean JA): " + ", ".join(f"{n} {s:.3f}" for n, s in spreads.items()) + ".")
+    else:
+        lines.append("- One seed per run: differences smaller than a few hundredths may be seed noise "
+                     "(set `seeds: [0, 1, 2]` for the spread).")
+    return "\n".join(lines)
+
+
+def headline(run: SavedRun) -> dict[str, float]:
+    """A run's test scores averaged over seeds (original size, challenge-style)."""
+    return {
+        "iou_mean": run.seeds["test_iou_mean_orig"].mean(),
+        "iou_pooled": run.seeds["test_iou_pooled_orig"].mean(),
+        "dice_mean": run.seeds["test_dice_mean_orig"].mean(),
+        "accuracy_mean": run.seeds["test_accuracy_mean_orig"].mean(),
+    }

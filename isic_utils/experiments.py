@@ -1,0 +1,257 @@
+"""Experiments, i.e. runs on disk: the data a profile names, a run's model, training every seed of a run (each seed writing only its
+own files), the run's shared tables merged from every finished seed, and a finished run read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import metrics
+from .data import OFFICIAL_COUNTS, DataError, ReportData, download_isic2016, has_split, load_report_data
+from .files import atomic_path, locked, read_table, save_table, write_json
+from .model import EncoderWeightsError, build_model
+from .params import absolute, project_root
+from .synthetic import make_synthetic_isic
+from .training import FitResult, TrainConfig, fit, load_checkpoint, resolve_device, set_threads
+
+DATA_ENV = "ISIC_DATA_DIR"
+
+
+def data_root(params: dict) -> Path:
+    """Where the profile's data lives: ``data_dir``, else ``$ISIC_DATA_DIR`` (real data), else ``data/<source>``."""
+    if params["data_dir"]:
+        return absolute(params["data_dir"])
+    if params["data_source"] == "isic2016" and os.environ.get(DATA_ENV):
+        return absolute(os.environ[DATA_ENV])
+    colab = Path("/content")
+    base = colab if _in_colab() else project_root()
+    if params["data_source"] == "synthetic":  # one folder per size, so profiles never overwrite each other
+        return base / "data" / f"synthetic-{params['synthetic_train']}-{params['synthetic_test']}"
+    return base / "data" / "isic2016"
+
+
+def _in_colab() -> bool:
+    try:
+        import google.colab  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def describe_data(params: dict) -> str:
+    """One line saying what data this chapter runs on (shown at the top of every chapter and of index.html)."""
+    if params["data_source"] == "synthetic":
+        return ("**Synthetic data** (the embedded offline default): generated lesions, not dermoscopy. These numbers "
+                "show the pipeline works; they say nothing about real lesion segmentation.")
+    test = ("the official test set" if params["test_split"] == "official"
+            else f"a held-out {params['holdout_fraction']:.0%} of the training ids as test set (not the official test set)")
+    return f"**ISIC 2016 Part 1** images from `{data_root(params)}`, with {test}."
+
+
+def prepare_data(params: dict, progress: bool = True) -> ReportData:
+    """Make, find or download the data the parameters name; decode once (cached) and split it."""
+    root = data_root(params)
+    if params["data_source"] == "synthetic":
+        make_synthetic_isic(root, params["synthetic_train"], params["synthetic_test"])
+    elif not has_split(root, "train") or (params["test_split"] == "official" and not has_split(root, "test")):
+        if not params["download"]:
+            raise DataError(
+                f"no ISIC 2016 data under {root}. Fix: set data_dir (or {DATA_ENV}) to the folder holding the unzipped "
+                "archives, or set download: true to fetch them (about 1 GB)."
+            )
+        splits = ["train"] + (["test"] if params["test_split"] == "official" else [])
+        download_isic2016(root, splits)
+    cache = absolute(params["output_dir"]).parent / "cache"
+    expected = OFFICIAL_COUNTS if params["data_source"] == "isic2016" else None  # say so when a copy is partial
+    return load_report_data(root, params["image_size"], params["val_fraction"], seed=0,
+                            test_split=params["test_split"], holdout_fraction=params["holdout_fraction"],
+                            limit=params["limit"], cache_dir=cache, progress=progress, expected_counts=expected)
+
+
+def make_model(params: dict, seed: int | None = None):
+    """Build the run's model; returns (model, a sentence on the encoder weights actually used).
+
+    With ``seed``, torch is seeded first so the decoder's (and a random encoder's) initialisation belongs to the seed:
+    torch seeds itself at random in each new process, so without it a rerun of the same seed starts elsewhere.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    weights = params["encoder_weights"]
+    kwargs = dict(decoder=params["decoder"], dropout=params["dropout"], freeze_encoder=params["freeze_encoder"])
+    try:
+        model = build_model(encoder_weights=weights, **kwargs)
+        note = model.encoder_weights["source"]
+    except EncoderWeightsError as exc:
+        if not params["allow_random_encoder"]:
+            raise
+        model = build_model(encoder_weights=None, **kwargs)
+        model.encoder_weights["fallback"] = True
+        note = (f"**random initialisation** — ImageNet weights were not available ({str(exc).split('. Fix')[0]}). "
+                "This is not transfer learning; set encoder_weights or $ISIC_ENCODER_WEIGHTS for the real study.")
+    return model, note
+
+
+def train_config(params: dict, seed: int) -> TrainConfig:
+    return TrainConfig(
+        freeze_encoder=params["freeze_encoder"], encoder_lr=params["encoder_lr"], decoder_lr=params["decoder_lr"],
+        weight_decay=params["weight_decay"], epochs=params["epochs"], batch_size=params["batch_size"], seed=seed,
+        augment=tuple(params["augment"]), loss=params["loss"], precision=params["precision"],
+        monitor_test=params["monitor_test"], feature_cache=params["feature_cache"], device=resolve_device("auto"),
+    )
+
+
+@dataclass
+class RunResult:
+    """What a training chapter produced, and where its files are.
+
+    ``fits`` holds the seeds trained (or resumed) by this call; ``results`` (each seed's ``result.json``),
+    ``seeds_table`` and ``per_image`` cover every finished seed of this configuration in the run's folder (seeds
+    trained by other processes included). ``model``, ``history`` and ``probabilities`` are the lowest such seed's,
+    which the chapter's tables and figures show.
+    """
+
+    name: str
+    run_dir: Path
+    fits: dict[int, FitResult]
+    results: list[dict]
+    per_image: dict[int, pd.DataFrame]
+    seeds_table: pd.DataFrame
+    model: torch.nn.Module
+    weights_note: str
+    data: ReportData
+    history: pd.DataFrame
+    probabilities: torch.Tensor
+
+    @property
+    def best_epoch(self) -> int:
+        return self.results[0]["best_epoch"]
+
+
+_NOT_THE_EXPERIMENT = ("seeds", "resume", "output_dir")  # keys that do not change what one seed's run is
+
+
+def run_key(params: dict, encoder_weights: dict) -> str:
+    """The identity of a run's configuration, shared by all its seeds: the parameters (but seeds, resume, where the
+    outputs go) and the encoder's starting weights (their hash; "random" for a random encoder, seeded per seed)."""
+    kept = {k: v for k, v in params.items() if k not in _NOT_THE_EXPERIMENT}
+    weights = "random" if encoder_weights.get("source") == "random initialisation" else encoder_weights.get("sha256")
+    return hashlib.sha1(json.dumps([kept, weights], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult:
+    """Train ``params['run_name']`` once per seed, score the selected checkpoint on the whole test set at model
+    resolution and at original size, and write the run's seed table and ``run.json``.
+
+    Each seed writes only its own files (``seed<k>/`` and ``tables/per_image_test_seed<k>.csv``), so seeds can
+    train in parallel processes; the run's shared tables and ``run.json`` are then rebuilt, under a lock, from
+    every finished seed of the same configuration in the folder. The chapter's own tables (per epoch, summary,
+    parameters) are ``report.run_tables(result)``. ``params['resume']`` continues finished or
+    interrupted seeds (false retrains them from scratch).
+    """
+    set_threads()
+    run_dir = absolute(params["output_dir"]) / params["run_name"]
+    fits = {}
+    model = note = None
+    for index, seed in enumerate(params["seeds"]):
+        model, note = make_model(params, seed)
+        label = f"{params['run_name']} seed {seed}"
+        if verbose:
+            print(f"— {label}: encoder {note}", flush=True)
+        seed_dir = run_dir / f"seed{seed}"
+        later = params["epochs"] * (len(params["seeds"]) - index - 1)
+        result = fit(model, data, train_config(params, seed), seed_dir, resume=params["resume"], verbose=verbose,
+                     label=label, later_epochs=later)
+        challenge = metrics.original_size_counts(result.test.probabilities, data.test)
+        save_table(metrics.per_image_table(challenge, data.test.ids, data.test.sizes), run_dir,
+                   f"per_image_test_seed{seed}")
+        with atomic_path(seed_dir / "test_probabilities.pt") as tmp:
+            torch.save(result.test.probabilities, tmp)
+        with atomic_path(seed_dir / "history.csv") as tmp:
+            result.history.to_csv(tmp, index=False)
+        write_json(seed_dir / "result.json", {
+            "seed": seed, "run_key": run_key(params, model.encoder_weights), "best_epoch": result.best_epoch,
+            "val": result.val.summary(), "test": result.test.summary(), "test_orig": metrics.summarize(challenge),
+            "precision": result.precision, "feature_cache": result.used_feature_cache,
+            "train_minutes": result.seconds / 60, "encoder_weights": model.encoder_weights, "weights_note": note,
+        })
+        fits[seed] = result
+    with locked(run_dir):
+        return _merge_seeds(params, data, run_dir, run_key(params, model.encoder_weights), model, fits)
+
+
+def _merge_seeds(params: dict, data: ReportData, run_dir: Path, key: str, model, fits: dict[int, FitResult]) -> RunResult:
+    """Rebuild ``seeds.csv`` and ``run.json`` from every finished seed with configuration ``key``."""
+    results = []
+    for path in run_dir.glob("seed*/result.json"):
+        result = json.loads(path.read_text())
+        if result.get("run_key") == key and (path.parent / "history.csv").exists():
+            results.append(result)
+    results.sort(key=lambda r: r["seed"])
+    rows = [{
+        "seed": r["seed"], "best_epoch": r["best_epoch"], "val_iou_mean": r["val"]["iou_mean"],
+        "test_iou_mean_model_px": r["test"]["iou_mean"], "test_iou_pooled_model_px": r["test"]["iou_pooled"],
+        **{f"test_{k}_orig": v for k, v in r["test_orig"].items()},
+        "precision": r["precision"], "feature_cache": r["feature_cache"], "train_minutes": r["train_minutes"],
+    } for r in results]
+    seeds_table = save_table(pd.DataFrame(rows), run_dir, "seeds")
+    seeds = [r["seed"] for r in results]
+    write_json(run_dir / "run.json", {
+        "run_name": params["run_name"], "seeds": seeds, "weights": results[0]["weights_note"],
+        "encoder_weights": {str(r["seed"]): r["encoder_weights"] for r in results}, "params": params,
+        "test_source": data.test_source, "finished": time.time(),
+    })
+    first_dir = run_dir / f"seed{seeds[0]}"
+    model.load_state_dict(load_checkpoint(first_dir / "best.pt")["model"])
+    return RunResult(params["run_name"], run_dir, fits, results,
+                     {seed: read_table(run_dir, f"per_image_test_seed{seed}") for seed in seeds}, seeds_table, model,
+                     results[0]["weights_note"], data, pd.read_csv(first_dir / "history.csv"),
+                     torch.load(first_dir / "test_probabilities.pt", weights_only=True))
+
+
+# ----------------------------------------------------------------------------- a finished run, read back
+
+
+@dataclass
+class SavedRun:
+    """A finished training run read back from disk (never retrained)."""
+
+    name: str
+    run_dir: Path
+    info: dict
+    seeds: pd.DataFrame
+    history: pd.DataFrame  # the lowest seed's, one row per epoch
+    per_image: dict[int, pd.DataFrame]
+    probabilities: torch.Tensor
+
+
+def load_run(output_dir: str | Path, name: str) -> SavedRun:
+    """Read a finished run (its seeds, per-image scores, epochs and the lowest seed's test probabilities)."""
+    run_dir = absolute(output_dir) / name
+    info_path = run_dir / "run.json"
+    if not info_path.exists():
+        raise FileNotFoundError(f"{info_path} not found: run the training chapter for {name!r} first "
+                                f"(papermill notebooks/02_train.ipynb ... -f params/{name}.yaml).")
+    info = json.loads(info_path.read_text())
+    seeds = read_table(run_dir, "seeds")
+    per_image = {int(s): read_table(run_dir, f"per_image_test_seed{int(s)}") for s in seeds["seed"]}
+    first = int(seeds["seed"].iloc[0])
+    history = pd.read_csv(run_dir / f"seed{first}" / "history.csv")
+    probabilities = torch.load(run_dir / f"seed{first}" / "test_probabilities.pt", weights_only=True)
+    return SavedRun(name, run_dir, info, seeds, history, per_image, probabilities)
+
+
+def chapter_dir(params: dict, name: str) -> Path:
+    """The folder where a chapter writes its tables and figures: ``output_dir/name``."""
+    folder = absolute(params["output_dir"]) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+

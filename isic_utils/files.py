@@ -1,0 +1,106 @@
+"""Files and progress, the package's bottom layer: atomic writes that keep the umask's mode, JSON / text / table
+writers, a lock for files several processes share, and the progress shown while a chapter runs.
+
+Every file is written to a temporary name beside its target and renamed into place, so a killed run never leaves
+a half-written table, figure, checkpoint or page that a later chapter would read. Imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pandas as pd
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success rename it onto ``target``, on error delete it.
+
+    The temporary file is created with mode 0666 less the umask, as ``open()`` would, so the renamed file is as
+    readable by others as any file the user writes (``tempfile.mkstemp`` would make every output 0600).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked(folder: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder/.lock`` (processes writing one run's shared tables take turns)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; parallel seeds there are not supported
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    """Write ``text`` to ``target`` atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_json(target: str | Path, value) -> Path:
+    return write_text(target, json.dumps(value, indent=2, default=float) + "\n")
+
+
+def save_table(table: pd.DataFrame, run_dir: str | Path, name: str, floatfmt: str = ".4g") -> pd.DataFrame:
+    """Write ``table`` as ``tables/NAME.csv`` and ``tables/NAME.md`` under ``run_dir``; returns the table."""
+    folder = Path(run_dir) / "tables"
+    with atomic_path(folder / f"{name}.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    write_text(folder / f"{name}.md", table.to_markdown(index=False, floatfmt=floatfmt) + "\n")
+    return table
+
+
+def read_table(run_dir: str | Path, name: str) -> pd.DataFrame:
+    path = Path(run_dir) / "tables" / f"{name}.csv"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found. Run the chapter that writes it first (the training notebook for this run)."
+        )
+    return pd.read_csv(path)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def progress_bar(iterable: Iterable, total: int | None = None, desc: str = "", enabled: bool = True):
+    """tqdm in a terminal; nothing in notebooks and logs (where per-epoch lines are printed instead), so an
+    exported HTML page never shows a widget placeholder or hundreds of carriage-return updates."""
+    from tqdm import tqdm
+
+    show = enabled and sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+
+
+def epoch_line(label: str, row: dict, epochs: int, eta_seconds: float) -> str:
+    """One terminal / notebook line for a finished epoch: who, which epoch, losses, val IoU, time, ETA."""
+    eta = f"{eta_seconds:.0f} s" if eta_seconds < 90 else f"{eta_seconds / 60:.1f} min"
+    line = (f"{label + ' ' if label else ''}epoch {row['epoch']:>2}/{epochs}  train loss {row['train_loss']:.4f}  "
+            f"val loss {row['val_loss']:.4f}  val IoU {row['val_iou_mean']:.4f}  {row['epoch_seconds']:.1f} s  "
+            f"ETA {eta}")
+    if "test_iou_mean" in row:
+        line += f"  [test IoU {row['test_iou_mean']:.4f}, monitoring only]"
+    return line

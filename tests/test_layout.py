@@ -1,0 +1,87 @@
+"""The package's shape: imports flow one way through named layers, the notebooks' parameters cells are the
+chapters' defaults, applying a model loads no plotting, and the README lists every module."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from isic_utils import params as P
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "isic_utils"
+
+# Bottom to top: a module may import only modules listed before it.
+LAYERS = ["files", "data", "synthetic", "metrics", "model", "training", "params", "experiments", "comparison",
+          "plots", "report", "pipeline", "predict", "__main__"]
+
+
+def package_imports(path: Path) -> tuple[set[str], list[tuple[int, str]]]:
+    """(modules of the package imported at module level, [(line, module) imported inside a function])."""
+    tree = ast.parse(path.read_text())
+    top, nested = set(), []
+
+    def names(node) -> list[str]:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            return [node.module] if node.module else [alias.name for alias in node.names]
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("isic_utils"):
+            return [(node.module.split(".") + [a.name for a in node.names])[1]]
+        return []
+
+    for node in tree.body:
+        top.update(names(node))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            nested += [(inner.lineno, name) for inner in ast.walk(node) for name in names(inner)]
+    return top, nested
+
+
+def test_every_module_has_a_layer_and_a_docstring():
+    modules = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    assert sorted(LAYERS) == modules
+    for path in PACKAGE.glob("*.py"):
+        assert ast.get_docstring(ast.parse(path.read_text())), f"{path.name} has no docstring saying what it holds"
+
+
+@pytest.mark.parametrize("module", LAYERS)
+def test_imports_flow_one_way_without_function_level_dodges(module):
+    top, nested = package_imports(PACKAGE / f"{module}.py")
+    below = set(LAYERS[:LAYERS.index(module)])
+    assert top <= below, f"{module} imports {sorted(top - below)}, which are not below it in {LAYERS}"
+    if module != "__main__":  # the entry point loads only the command asked for; every other import is at the top
+        assert not nested, f"{module} imports {nested} inside functions"
+
+
+def test_applying_a_model_loads_no_plotting():
+    loaded = subprocess.run([sys.executable, "-c", "import sys, isic_utils.predict; "
+                             "print(sorted({m.split('.')[0] for m in sys.modules} & {'seaborn', 'matplotlib', "
+                             "'papermill', 'nbconvert'}))"], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert loaded.stdout.strip() == "[]"
+
+
+CHAPTERS = {"01_eda.ipynb": "eda", "02_train.ipynb": "train", "03_compare.ipynb": "compare"}
+
+
+@pytest.mark.parametrize("name, chapter", CHAPTERS.items())
+def test_each_notebook_parameters_cell_holds_the_chapters_defaults(name, chapter):
+    """The notebooks are the source a user edits: their parameters cell must stay the schema's defaults."""
+    notebook = json.loads((ROOT / "notebooks" / name).read_text())
+    tagged = [c for c in notebook["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{name}: exactly one cell tagged 'parameters'"
+    source = "".join(tagged[0]["source"])
+    assert source.startswith(P.OWN_PARAMETERS_HEADER)
+    values = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(source).body}
+    assert values == P.defaults(chapter)
+    assert all(not c.get("outputs") for c in notebook["cells"] if c["cell_type"] == "code"), f"{name}: strip outputs"
+
+
+def test_the_readme_layout_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    for module in LAYERS:
+        assert f"`{module}`" in layout, module
