@@ -1,5 +1,5 @@
-"""Experiments, i.e. runs on disk: the data a profile names, a run's model, training every seed of a run (each seed writing only its
-own files), the run's shared tables merged from every finished seed, and a finished run read back.
+"""Experiments, i.e. runs on disk: the data a profile names, a run's model, training every seed of a run (each
+seed writing only its own files), the run's shared tables merged from every finished seed, a finished run read back.
 """
 
 from __future__ import annotations
