@@ -254,7 +254,7 @@ def build_optimizer(model: SegmentationModel, config: TrainConfig) -> torch.opti
     if not model.freeze_encoder:
         groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": config.encoder_lr,
                        "name": "encoder"})
-    fused = config.device.startswith("cuda") or hasattr(torch._C, "_fused_adamw_")
+    fused = config.device.startswith("cuda") or hasattr(torch, "_fused_adamw_")  # the CPU kernel's op (torch >= 2.4)
     try:
         return torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused)
     except (RuntimeError, TypeError):  # fused not available on this build/device

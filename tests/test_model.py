@@ -107,3 +107,12 @@ def test_imagenet_download_failure_names_the_fix(monkeypatch):
     monkeypatch.setattr(torchvision.models, "mobilenet_v2", lambda weights=None: offline() if weights else None)
     with pytest.raises(M.EncoderWeightsError, match="ISIC_ENCODER_WEIGHTS"):
         M.build_encoder("mobilenet_v2", "imagenet")
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_the_report_trains_with_fused_adamw(freeze):
+    """The fused AdamW kernel exists on CPU (torch._fused_adamw_); an earlier check looked for it in torch._C and never
+    found it, so every run used the slower per-tensor loop."""
+    model = M.build_model(encoder_weights=None, freeze_encoder=freeze)
+    optimizer = build_optimizer(model, TrainConfig(freeze_encoder=freeze))
+    assert optimizer.defaults["fused"] is True
