@@ -35,7 +35,7 @@ def load_predictor(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
     return model.eval(), meta
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_probabilities(model, meta: dict, images_uint8: torch.Tensor) -> torch.Tensor:
     """Probability maps ``N×1×S×S`` for uint8 ``N×3×S×S`` images at the checkpoint's image size."""
     x = normalize(images_uint8, meta["mean"], meta["std"])

@@ -220,7 +220,7 @@ class Evaluation:
         return {"loss": self.loss, **metrics.summarize(self.counts)}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: SegmentationModel, split: DecodedSplit, config: TrainConfig, precision: str,
              features=None, keep_probabilities: bool = False) -> Evaluation:
     """Loss and per-image counts over the **whole** split (threshold 0.5 on probabilities)."""

@@ -322,6 +322,7 @@ def test_probabilities_just_above_one_half_stay_foreground(tiny_data):
     model = ConstantLogit(4e-4)  # p = 0.5001, which fp16 rounds to 0.5
     result = evaluate(model, tiny_data.test, tiny_config(), "fp32", keep_probabilities=True)
     assert result.probabilities.dtype == torch.float32 and (result.probabilities > 0.5).all()
+    assert result.probabilities.is_inference()  # evaluated under inference_mode: no autograd bookkeeping
     counts = original_size_counts(result.probabilities, tiny_data.test)
     assert (counts[:, 0] + counts[:, 1] > 0).all() and (counts[:, 2] + counts[:, 3] == 0).all()  # all foreground
 
