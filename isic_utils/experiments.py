@@ -176,15 +176,16 @@ def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult
             torch.save(result.test.probabilities, tmp)
         with atomic_path(seed_dir / "history.csv") as tmp:
             result.history.to_csv(tmp, index=False)
+        key = run_key(params, model.encoder_weights)
         write_json(seed_dir / "result.json", {
-            "seed": seed, "run_key": run_key(params, model.encoder_weights), "best_epoch": result.best_epoch,
+            "seed": seed, "run_key": key, "best_epoch": result.best_epoch,
             "val": result.val.summary(), "test": result.test.summary(), "test_orig": metrics.summarize(challenge),
             "precision": result.precision, "feature_cache": result.used_feature_cache,
             "train_minutes": result.seconds / 60, "encoder_weights": model.encoder_weights, "weights_note": note,
         })
         fits[seed] = result
     with locked(run_dir):
-        return _merge_seeds(params, data, run_dir, run_key(params, model.encoder_weights), model, fits)
+        return _merge_seeds(params, data, run_dir, key, model, fits)
 
 
 def _merge_seeds(params: dict, data: ReportData, run_dir: Path, key: str, model, fits: dict[int, FitResult]) -> RunResult:
@@ -208,12 +209,10 @@ def _merge_seeds(params: dict, data: ReportData, run_dir: Path, key: str, model,
         "encoder_weights": {str(r["seed"]): r["encoder_weights"] for r in results}, "params": params,
         "test_source": data.test_source, "finished": time.time(),
     })
-    first_dir = run_dir / f"seed{seeds[0]}"
-    model.load_state_dict(load_checkpoint(first_dir / "best.pt")["model"])
-    return RunResult(params["run_name"], run_dir, fits, results,
-                     {seed: read_table(run_dir, f"per_image_test_seed{seed}") for seed in seeds}, seeds_table, model,
-                     results[0]["weights_note"], data, pd.read_csv(first_dir / "history.csv"),
-                     torch.load(first_dir / "test_probabilities.pt", weights_only=True))
+    model.load_state_dict(load_checkpoint(run_dir / f"seed{seeds[0]}" / "best.pt")["model"])
+    saved = load_run(params["output_dir"], params["run_name"])  # the same reading the comparison chapter does
+    return RunResult(params["run_name"], run_dir, fits, results, saved.per_image, seeds_table, model,
+                     results[0]["weights_note"], data, saved.history, saved.probabilities)
 
 
 # ----------------------------------------------------------------------------- a finished run, read back
