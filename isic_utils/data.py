@@ -509,8 +509,8 @@ def load_report_data(
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 ``N×3×H×W`` (or float in [0, 1]) → float32 normalised with ``mean``/``std`` (per channel, [0, 1] scale)."""
     x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-    mean_t = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return (x - mean_t) / std_t
 
 
@@ -532,6 +532,7 @@ def draw_augmentation(count: int, augment: Sequence[str], generator: torch.Gener
 
 
 def _where(selected: torch.Tensor, changed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    selected = selected.to(original.device, non_blocking=True)
     return torch.where(selected.view(-1, *([1] * (original.dim() - 1))), changed, original)
 
 
@@ -541,7 +542,8 @@ def apply_augmentation(images: torch.Tensor, masks: torch.Tensor, draws: dict[st
 
     The one augmentation of the project: training, Figure 3 and ``SegmentationDataset`` all call it. Flips and
     rotations are done for the whole batch at once; colour jitter uses ``torchvision.transforms.v2.functional``
-    per image (brightness, contrast, saturation, hue, in that order).
+    per image (brightness, contrast, saturation, hue, in that order). Images and masks may live on a GPU: the
+    draws are CPU tensors (from the CPU generator) and nothing is read back from the device.
     """
     from torchvision.transforms.v2 import functional as F
 
@@ -553,8 +555,9 @@ def apply_augmentation(images: torch.Tensor, masks: torch.Tensor, draws: dict[st
         turns = draws["rot90"]
         rotated_images, rotated_masks = images.clone(), masks.clone()
         for k in (1, 2, 3):
-            chosen = turns == k
-            if chosen.any():
+            chosen = (turns.cpu() == k).nonzero().flatten()  # decided on the host, so no device sync
+            if len(chosen):
+                chosen = chosen.to(images.device, non_blocking=True)
                 rotated_images[chosen] = images[chosen].rot90(k, dims=(-2, -1))
                 rotated_masks[chosen] = masks[chosen].rot90(k, dims=(-2, -1))
         images, masks = rotated_images, rotated_masks

@@ -1,13 +1,18 @@
 """Experiments, i.e. runs on disk: the data a profile names, a run's model, training every seed of a run (each
-seed writing only its own files), the run's shared tables merged from every finished seed, a finished run read back.
+seed writing only its own files; ``jobs`` seeds side by side in worker processes), the run's shared tables merged
+from every finished seed, a finished run read back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
+import queue
+import sys
 import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +25,7 @@ from .files import atomic_path, locked, read_table, save_table, write_json
 from .model import EncoderWeightsError, build_model
 from .params import absolute, project_root
 from .synthetic import make_synthetic_isic
-from .training import FitResult, TrainConfig, fit, load_checkpoint, resolve_device, set_threads
+from .training import FeatureStore, FitResult, TrainConfig, fit, load_checkpoint, resolve_device, set_threads
 
 DATA_ENV = "ISIC_DATA_DIR"
 
@@ -104,7 +109,8 @@ def train_config(params: dict, seed: int) -> TrainConfig:
         freeze_encoder=params["freeze_encoder"], encoder_lr=params["encoder_lr"], decoder_lr=params["decoder_lr"],
         weight_decay=params["weight_decay"], epochs=params["epochs"], batch_size=params["batch_size"], seed=seed,
         augment=tuple(params["augment"]), loss=params["loss"], precision=params["precision"],
-        monitor_test=params["monitor_test"], feature_cache=params["feature_cache"], device=resolve_device("auto"),
+        monitor_test=params["monitor_test"], feature_cache=params["feature_cache"],
+        device=resolve_device(params["device"]), deterministic=params["deterministic"],
     )
 
 
@@ -135,7 +141,7 @@ class RunResult:
         return self.results[0]["best_epoch"]
 
 
-_NOT_THE_EXPERIMENT = ("seeds", "resume", "output_dir")  # keys that do not change what one seed's run is
+_NOT_THE_EXPERIMENT = ("seeds", "resume", "output_dir", "jobs")  # keys that do not change what one seed's run is
 
 
 def run_key(params: dict, encoder_weights: dict) -> str:
@@ -151,41 +157,130 @@ def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult
     resolution and at original size, and write the run's seed table and ``run.json``.
 
     Each seed writes only its own files (``seed<k>/`` and ``tables/per_image_test_seed<k>.csv``), so seeds can
-    train in parallel processes; the run's shared tables and ``run.json`` are then rebuilt, under a lock, from
-    every finished seed of the same configuration in the folder. The chapter's own tables (per epoch, summary,
-    parameters) are ``report.run_tables(result)``. ``params['resume']`` continues finished or
-    interrupted seeds (false retrains them from scratch).
+    train in parallel processes: ``params['jobs']`` > 1 trains them side by side in worker processes here (each
+    with its share of the CPU threads), and separate processes may train other seeds of the same run. The run's
+    shared tables and ``run.json`` are then rebuilt, under a lock, from every finished seed of the same
+    configuration in the folder. Seeds starting from the same frozen encoder share its cached features. The
+    chapter's own tables (per epoch, summary, parameters) are ``report.run_tables(result)``. ``params['resume']``
+    continues finished or interrupted seeds (false retrains them from scratch).
     """
-    set_threads()
+    threads = set_threads()
     run_dir = absolute(params["output_dir"]) / params["run_name"]
-    fits = {}
-    model = note = None
-    for index, seed in enumerate(params["seeds"]):
-        model, note = make_model(params, seed)
-        label = f"{params['run_name']} seed {seed}"
-        if verbose:
-            print(f"— {label}: encoder {note}", flush=True)
+    seeds = list(params["seeds"])
+    jobs = min(params["jobs"], len(seeds))
+    if jobs > 1:
+        trained = _fit_in_workers(params, data, jobs, max(1, threads // jobs), verbose)
+    else:
+        store = FeatureStore()
+        trained = {seed: _fit_seed(params, data, seed, params["epochs"] * (len(seeds) - k - 1), verbose, store)
+                   for k, seed in enumerate(seeds)}
+    fits = {seed: fitted for seed, (fitted, _, _) in trained.items()}
+    # challenge-style scores of every seed at once: each full-size test mask is read from disk once
+    challenge = metrics.original_size_counts([fits[seed].test.probabilities for seed in seeds], data.test)
+    for seed, counts in zip(seeds, challenge):
+        result, weights, note = trained[seed]
         seed_dir = run_dir / f"seed{seed}"
-        later = params["epochs"] * (len(params["seeds"]) - index - 1)
-        result = fit(model, data, train_config(params, seed), seed_dir, resume=params["resume"], verbose=verbose,
-                     label=label, later_epochs=later)
-        challenge = metrics.original_size_counts(result.test.probabilities, data.test)
-        save_table(metrics.per_image_table(challenge, data.test.ids, data.test.sizes), run_dir,
-                   f"per_image_test_seed{seed}")
+        save_table(metrics.per_image_table(counts, data.test.ids, data.test.sizes), run_dir, f"per_image_test_seed{seed}")
         with atomic_path(seed_dir / "test_probabilities.pt") as tmp:
             torch.save(result.test.probabilities, tmp)
         with atomic_path(seed_dir / "history.csv") as tmp:
             result.history.to_csv(tmp, index=False)
-        key = run_key(params, model.encoder_weights)
+        key = run_key(params, weights)
         write_json(seed_dir / "result.json", {
             "seed": seed, "run_key": key, "best_epoch": result.best_epoch,
-            "val": result.val.summary(), "test": result.test.summary(), "test_orig": metrics.summarize(challenge),
+            "val": result.val.summary(), "test": result.test.summary(), "test_orig": metrics.summarize(counts),
             "precision": result.precision, "feature_cache": result.used_feature_cache,
-            "train_minutes": result.seconds / 60, "encoder_weights": model.encoder_weights, "weights_note": note,
+            "train_minutes": result.seconds / 60, "trained_on": result.trained_on,
+            "encoder_weights": weights, "weights_note": note,
         })
-        fits[seed] = result
+    model, _ = make_model(params, seeds[0])
     with locked(run_dir):
         return _merge_seeds(params, data, run_dir, key, model, fits)
+
+
+def _fit_seed(params: dict, data: ReportData, seed: int, later_epochs: int, verbose: bool,
+              store: FeatureStore) -> tuple[FitResult, dict, str]:
+    """Train (or resume) one seed into ``seed<k>/``; (its fit, its encoder's starting-weights record, the note)."""
+    model, note = make_model(params, seed)
+    label = f"{params['run_name']} seed {seed}"
+    if verbose:
+        print(f"— {label}: encoder {note}", flush=True)
+    result = fit(model, data, train_config(params, seed), absolute(params["output_dir"]) / params["run_name"] /
+                 f"seed{seed}", resume=params["resume"], verbose=verbose, label=label, later_epochs=later_epochs,
+                 features=store)
+    return result, model.encoder_weights, note
+
+
+# ----------------------------------------------------------------------------- seeds in worker processes
+
+_WORKER: dict = {}
+
+
+class _LineQueue:
+    """A worker's stdout: whole lines go to the parent, which prints them where the chapter's output goes."""
+
+    def __init__(self, lines) -> None:
+        self.lines, self.buffer = lines, ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        while "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            self.lines.put(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _worker_start(data: ReportData, lines, threads: int) -> None:
+    torch.set_num_threads(threads)
+    sys.stdout = _LineQueue(lines)
+    _WORKER.update(data=data, store=FeatureStore())
+
+
+def _worker_fit(params: dict, seed: int, later_epochs: int, verbose: bool):
+    return _fit_seed(params, _WORKER["data"], seed, later_epochs, verbose, _WORKER["store"])
+
+
+def _fit_in_workers(params: dict, data: ReportData, jobs: int, threads: int,
+                    verbose: bool) -> dict[int, tuple[FitResult, dict, str]]:
+    """Train the seeds in ``jobs`` spawned worker processes with ``threads`` threads each (two one-thread workers
+    on two cores train more images a second than one two-thread process). Their epoch lines are printed here; the
+    first error stops the others and is raised."""
+    context = multiprocessing.get_context("spawn")  # fork is unsafe once torch's thread pools exist
+    lines = context.Queue()
+    seeds = list(params["seeds"])
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start, initargs=(data, lines, threads))
+    finished = False
+    try:
+        futures = {pool.submit(_worker_fit, params, seed, params["epochs"] * ((len(seeds) - k - 1) // jobs),
+                               verbose): seed for k, seed in enumerate(seeds)}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+            _print_lines(lines)
+            for future in done:
+                future.result()  # raises the worker's error, which stops the rest below
+        _print_lines(lines)
+        finished = True
+        return {futures[future]: future.result() for future in futures}
+    finally:
+        _print_lines(lines)
+        if not finished:  # an error or an interrupt: stop the seeds still training (their last epoch is kept)
+            workers = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in workers:
+                worker.terminate()
+        pool.shutdown(wait=True)
+
+
+def _print_lines(lines) -> None:
+    while True:
+        try:
+            print(lines.get_nowait(), flush=True)
+        except queue.Empty:
+            return
 
 
 def _merge_seeds(params: dict, data: ReportData, run_dir: Path, key: str, model, fits: dict[int, FitResult]) -> RunResult:
@@ -200,13 +295,15 @@ def _merge_seeds(params: dict, data: ReportData, run_dir: Path, key: str, model,
         "seed": r["seed"], "best_epoch": r["best_epoch"], "val_iou_mean": r["val"]["iou_mean"],
         "test_iou_mean_model_px": r["test"]["iou_mean"], "test_iou_pooled_model_px": r["test"]["iou_pooled"],
         **{f"test_{k}_orig": v for k, v in r["test_orig"].items()},
-        "precision": r["precision"], "feature_cache": r["feature_cache"], "train_minutes": r["train_minutes"],
+        "precision": r["precision"], "device": r.get("trained_on", {}).get("device", "cpu"),
+        "feature_cache": r["feature_cache"], "train_minutes": r["train_minutes"],
     } for r in results]
     seeds_table = save_table(pd.DataFrame(rows), run_dir, "seeds")
     seeds = [r["seed"] for r in results]
     write_json(run_dir / "run.json", {
         "run_name": params["run_name"], "seeds": seeds, "weights": results[0]["weights_note"],
-        "encoder_weights": {str(r["seed"]): r["encoder_weights"] for r in results}, "params": params,
+        "encoder_weights": {str(r["seed"]): r["encoder_weights"] for r in results},
+        "trained_on": {str(r["seed"]): r.get("trained_on", {}) for r in results}, "params": params,
         "test_source": data.test_source, "finished": time.time(),
     })
     model.load_state_dict(load_checkpoint(run_dir / f"seed{seeds[0]}" / "best.pt")["model"])

@@ -82,14 +82,22 @@ def summarize(counts: torch.Tensor) -> dict[str, float]:
     return summary
 
 
-def original_size_counts(probabilities: torch.Tensor, data_split, threshold: float = 0.5) -> torch.Tensor:
+def original_size_counts(probabilities, data_split, threshold: float = 0.5):
     """Challenge-style counts: each probability map upsampled (bilinear) to its image's original size,
-    thresholded at ``threshold``, and compared with the original full-size mask."""
-    counts = []
+    thresholded at ``threshold``, and compared with the original full-size mask.
+
+    ``probabilities``: one ``N×1×h×w`` tensor, or a list of them (a run's seeds), for which each full-size mask is
+    read once and a list of counts is returned.
+    """
+    several = isinstance(probabilities, (list, tuple))
+    maps = list(probabilities) if several else [probabilities]
+    counts: list[list[torch.Tensor]] = [[] for _ in maps]
     for k, pair in enumerate(data_split.sources):
         width, height = data_split.sizes[k]
         mask = read_mask(pair.mask, None).float().unsqueeze(0)
-        upsampled = torch.nn.functional.interpolate(probabilities[k:k + 1].float(), size=(height, width),
-                                                    mode="bilinear", align_corners=False)
-        counts.append(confusion_counts(upsampled, mask, threshold))
-    return torch.cat(counts)
+        for store, maps_k in zip(counts, maps):
+            upsampled = torch.nn.functional.interpolate(maps_k[k:k + 1].float(), size=(height, width),
+                                                        mode="bilinear", align_corners=False)
+            store.append(confusion_counts(upsampled, mask, threshold))
+    joined = [torch.cat(store) for store in counts]
+    return joined if several else joined[0]

@@ -52,7 +52,10 @@ CHAPTER_KEYS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "encoder_weights": ((str, type(None)), "imagenet"),
         "allow_random_encoder": ((bool,), False),  # true only in the synthetic and tiny profiles
         "seeds": ((list,), [0]),
-        "precision": ((str,), "auto"),
+        "precision": ((str,), "auto"),  # auto: bf16 where native, fp16 on an older GPU, else fp32
+        "device": ((str,), "auto"),  # auto: the GPU when torch sees one, else the CPU
+        "deterministic": ((bool,), False),  # deterministic GPU kernels: same seed, same history; slower
+        "jobs": ((int,), 1),  # seeds trained side by side in worker processes (one thread each on a CPU)
         "monitor_test": ((bool,), True),
         "feature_cache": ((bool,), True),
         "resume": ((bool,), True),  # continue finished or interrupted seeds; false (or report --force) retrains
@@ -67,7 +70,8 @@ CHOICES = {
     "test_split": ("official", "holdout"),
     "decoder": ("report", "unet"),
     "loss": ("bce", "bce+dice"),
-    "precision": ("auto", "fp32", "bf16"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "device": ("auto", "cpu", "cuda"),
 }
 FRACTIONS = ("holdout_fraction", "val_fraction")
 RATES = ("encoder_lr", "decoder_lr")
@@ -196,7 +200,7 @@ def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> lis
     for key in RATES:
         if isinstance(values.get(key), float) and values[key] <= 0:
             problems.append(f"{key} must be > 0, got {values[key]}")
-    for key in ("epochs", "batch_size", "n_samples", "synthetic_train", "synthetic_test"):
+    for key in ("epochs", "batch_size", "n_samples", "synthetic_train", "synthetic_test", "jobs"):
         if isinstance(values.get(key), int) and not isinstance(values[key], bool) and values[key] < 1:
             problems.append(f"{key} must be >= 1, got {values[key]}")
     limit, val_fraction = values.get("limit"), values.get("val_fraction")

@@ -45,9 +45,9 @@ class ChapterFailed(RuntimeError):
 
 
 def _fingerprint(values: dict) -> str:
-    """What decides a chapter's output: its parameters (not ``resume``, which is how to get there) and where
-    ``encoder_weights: imagenet`` resolves to (``$ISIC_ENCODER_WEIGHTS`` may point elsewhere since the last run)."""
-    kept = {k: v for k, v in values.items() if k != "resume"}
+    """What decides a chapter's output: its parameters (not ``resume`` or ``jobs``, which are how to get there) and
+    where ``encoder_weights: imagenet`` resolves to (``$ISIC_ENCODER_WEIGHTS`` may point elsewhere since the last run)."""
+    kept = {k: v for k, v in values.items() if k not in ("resume", "jobs")}
     if "encoder_weights" in kept:
         kept["resolved_encoder_weights"] = resolve_weights(kept["encoder_weights"])
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -1,21 +1,27 @@
 """Training and evaluation: batches sliced from memory, one epoch, one evaluation, the fit loop with
 per-epoch atomic checkpoints, resume, selection on validation and one final scoring of the test set.
 
-Speed (see ``benchmarks/bench_training.py``): the data set is one uint8 tensor in memory, batches are sliced,
-augmented and normalised in batch; the model runs ``channels_last``; ``precision="auto"`` uses bf16 autocast
-only where the CPU has native bf16 (AMX or AVX512-BF16; elsewhere bf16 is emulated and far slower than fp32),
-CUDA autocast on a GPU; AdamW is ``fused``. With a frozen encoder and at most flip augmentation, the encoder's
-features are computed once per image and flip (``feature_cache``), which gives the same result as encoding
-every batch (the encoder is deterministic in eval mode) at a fraction of the cost.
+Speed (see ``benchmarks/bench_training.py``): the data set is one uint8 tensor in memory — on the GPU when
+training runs there — and batches are sliced, augmented and normalised in batch on that device; the model runs
+``channels_last``; AdamW is ``fused``. ``precision="auto"`` (``resolve_precision``) uses bf16 autocast only where
+the hardware computes bf16 natively (a CPU with AMX or AVX512-BF16, a GPU with native bf16), fp16 autocast with a
+``GradScaler`` on an older GPU (a Colab T4), fp32 elsewhere; emulated bf16 is never chosen. On a GPU nothing
+waits for the device inside an epoch: losses and counts accumulate there and are read once.
+
+With a frozen encoder and at most flip augmentation, the encoder's features are computed once per image and flip
+(``feature_cache``), which gives the same result as encoding every batch (the encoder is deterministic in eval
+mode) at a fraction of the cost; a ``FeatureStore`` shared by a run's seeds computes them once for all seeds that
+start from the same encoder weights.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -59,15 +65,23 @@ class TrainConfig:
     feature_cache: bool = True  # used only when the encoder is frozen and augmentation is flips at most
     monitor_test: bool = True  # score the test set every epoch (monitoring only, never for selection)
     eval_batch_size: int = 64
-    device: str = "cpu"
+    device: str = "cpu"  # a resolved device ("cpu", "cuda", "cuda:1"); see resolve_device
+    deterministic: bool = False  # deterministic kernels (GPU); the CPU path is deterministic anyway
 
     def fingerprint(self) -> dict:
         keep = asdict(self)
         keep["augment"] = list(self.augment)
         for volatile in ("precision", "channels_last", "feature_cache", "eval_batch_size", "device", "epochs",
-                         "monitor_test"):
+                         "monitor_test", "deterministic"):
             keep.pop(volatile)
         return keep
+
+
+# ----------------------------------------------------------------------------- device, precision, determinism
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+TIMING_COLUMNS = ("train_seconds", "eval_seconds", "checkpoint_seconds", "epoch_seconds")  # vary run to run
 
 
 def cpu_has_native_bf16() -> bool:
@@ -78,26 +92,101 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def cuda_has_native_bf16() -> bool:
+    """True when the current GPU computes bf16 natively (Ampere and later), not through emulation."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3 has no including_emulation and answers for native support only
+        return bool(torch.cuda.is_bf16_supported())
+
+
 def resolve_precision(precision: str, device: str = "cpu") -> str:
-    """``auto`` → ``bf16`` on a GPU or a CPU with native bf16, else ``fp32``."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    """The autocast precision a run uses: ``fp32``, ``bf16`` or ``fp16`` (CUDA only, with a ``GradScaler``).
+
+    ``auto``: on a GPU, bf16 where it is native (A100, H100, L4…), else fp16 (T4, V100); on a CPU, bf16 with AMX or
+    AVX512-BF16, else fp32. Emulated bf16 (many times slower than fp32) is never chosen by ``auto``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    cuda = device.startswith("cuda")
+    if precision == "fp16" and not cuda:
+        raise ValueError("precision 'fp16' is for CUDA GPUs (autocast with a gradient scaler); on a CPU use 'auto', "
+                         "'fp32' or 'bf16'.")
     if precision != "auto":
         return precision
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if cuda:
+        return "bf16" if cuda_has_native_bf16() else "fp16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def autocast(precision: str, device: str):
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(kind, dtype=dtype, enabled=precision in ("bf16", "fp16"))
+
+
+def grad_scaler(precision: str, device: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (its gradients underflow without it); a no-op for every other precision."""
+    return torch.amp.GradScaler("cuda" if device.startswith("cuda") else "cpu", enabled=precision == "fp16")
 
 
 def resolve_device(device: str = "auto") -> str:
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without a GPU is an error naming the fix."""
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r} was asked for, but torch {torch.__version__} sees no CUDA GPU. Fix: device: auto "
+            "(the GPU when there is one, else the CPU) or cpu; in Colab, Runtime → Change runtime type → GPU.")
     return device
+
+
+def device_name(device: str) -> str:
+    """What the device is, for run.json: the GPU's name, or the CPU's model and its vector extensions."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{cpu_model()} ({', '.join(cpu_flags()) or 'no AVX2'})"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector extensions that decide the speed of training here: AVX2, AVX-512, AVX512-BF16, AMX."""
+    checks = {"AVX2": "_is_avx2_supported", "AVX-512": "_is_avx512_supported",
+              "AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
+    found = []
+    for name, check in checks.items():
+        try:
+            if getattr(torch.cpu, check)():
+                found.append(name)
+        except AttributeError:
+            pass
+    return found
+
+
+def set_deterministic(on: bool, device: str) -> None:
+    """Deterministic kernels or the fastest ones (``torch.use_deterministic_algorithms``, cuDNN, cuBLAS).
+
+    On a GPU, same-seed runs then give the same history; it costs speed (cuDNN benchmarking is off). Ops without
+    a deterministic kernel warn instead of stopping the run. ``CUBLAS_WORKSPACE_CONFIG`` must be set before cuBLAS
+    starts: this sets it unless the environment already does, which works when no GPU work ran before.
+    """
+    cuda = device.startswith("cuda")
+    if on and cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = cuda and not on
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -137,57 +226,50 @@ def flip_variants(augment: Sequence[str]) -> list[tuple[bool, bool]]:
 
 @torch.no_grad()
 def encode_all(model: SegmentationModel, images: torch.Tensor, precision: str, device: str, batch_size: int = 64,
-               channels_last: bool = True, hflip: bool = False, vflip: bool = False):
-    """The frozen encoder's features for every image (after the given flips), kept on the CPU."""
-    spec = model.spec
-    outputs = None
-    for rows in batch_indices(len(images), batch_size, None):
-        batch = images[rows]
+               channels_last: bool = True, hflip: bool = False, vflip: bool = False) -> list[torch.Tensor]:
+    """The frozen encoder's features for every image (after the given flips), on ``device``: a list with one
+    ``N×C×h×w`` tensor per level the decoder reads (the deepest map alone, or the skips then the deepest)."""
+    outputs: list[torch.Tensor] = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
         if hflip:
             batch = batch.flip(-1)
         if vflip:
             batch = batch.flip(-2)
-        x = _to_input(batch, spec, device, channels_last)
         with autocast(precision, device):
-            features = model.encode(x)
+            features = model.encode(_to_input(batch, model.spec, device, channels_last))
         features = [features] if torch.is_tensor(features) else features
-        if outputs is None:
-            outputs = [[] for _ in features]
+        if not outputs:
+            outputs = [torch.empty((len(images), *f.shape[1:]), dtype=f.dtype, device=f.device) for f in features]
         for store, feature in zip(outputs, features):
-            store.append(feature.cpu())
-    joined = [torch.cat(store) for store in outputs]
-    return joined[0] if len(joined) == 1 else joined
+            store[start:start + len(feature)] = feature
+    return outputs
 
 
-def _select_features(features, rows: torch.Tensor):
-    return features[rows] if torch.is_tensor(features) else [f[rows] for f in features]
+def _select_features(features: list[torch.Tensor], rows: torch.Tensor, channels_last: bool) -> list[torch.Tensor]:
+    return [_format(level[rows], channels_last) for level in features]
 
 
-def _cached_batch(cache: list, variants: torch.Tensor, rows: torch.Tensor, device: str):
+def _cached_batch(cache: list[torch.Tensor], variants: torch.Tensor, rows: torch.Tensor,
+                  channels_last: bool) -> list[torch.Tensor]:
     """Features for ``rows`` from the flip variant each image drew (``variants``: one index per row).
 
-    ``cache`` holds one entry per flip variant: a tensor (the deepest map) or, for a decoder with skips, a list
-    of tensors (one per level); the result has the same form.
+    ``cache`` holds one ``V×N×C×h×w`` tensor per level (V flip variants); one gather per level, on the cache's
+    device, with nothing read back to the host.
     """
-    def gather(stores: list[torch.Tensor]) -> torch.Tensor:
-        out = torch.empty((len(rows), *stores[0].shape[1:]), dtype=stores[0].dtype)
-        for v, store in enumerate(stores):
-            chosen = variants == v
-            if chosen.any():
-                out[chosen] = store[rows[chosen]]
-        return out.to(device)
+    return [_format(level[variants, rows], channels_last) for level in cache]
 
-    if torch.is_tensor(cache[0]):
-        return gather(cache)
-    return [gather([variant[level] for variant in cache]) for level in range(len(cache[0]))]
+
+def _format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 # ----------------------------------------------------------------------------- one step, one epoch, one evaluation
 
 
 def _to_input(images_uint8: torch.Tensor, spec, device: str, channels_last: bool) -> torch.Tensor:
-    x = normalize(images_uint8, spec.mean, spec.std).to(device)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    """uint8 images → normalised float input on ``device`` (moved as uint8, a quarter of the bytes)."""
+    return _format(normalize(images_uint8.to(device, non_blocking=True), spec.mean, spec.std), channels_last)
 
 
 def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -226,25 +308,23 @@ def evaluate(model: SegmentationModel, split: DecodedSplit, config: TrainConfig,
     """Loss and per-image counts over the **whole** split (threshold 0.5 on probabilities)."""
     model.eval()
     criterion = loss_fn(config.loss)
-    total, counts, kept = 0.0, [], []
+    total = torch.zeros((), dtype=torch.float64, device=config.device)  # read once, after the loop
+    counts, kept = [], []
     for rows in batch_indices(len(split), config.eval_batch_size, None):
-        targets = split.masks[rows].float().to(config.device)
+        targets = split.masks[rows].to(config.device, non_blocking=True).float()
         with autocast(precision, config.device):
             if features is not None:
-                logits = model.decoder(_move(_select_features(features, rows), config.device))
+                logits = model.decoder(_select_features(features, rows, config.channels_last))
             else:
                 logits = model(_to_input(split.images[rows], model.spec, config.device, config.channels_last))
         logits = logits.float()
-        total += float(criterion(logits, targets)) * len(rows)
+        total += criterion(logits, targets).double() * len(rows)
         probabilities = torch.sigmoid(logits)
-        counts.append(metrics.confusion_counts(probabilities, targets).cpu())
+        counts.append(metrics.confusion_counts(probabilities, targets))
         if keep_probabilities:
-            kept.append(probabilities.cpu())
-    return Evaluation(total / len(split), torch.cat(counts), torch.cat(kept) if keep_probabilities else None)
-
-
-def _move(features, device: str):
-    return features.to(device) if torch.is_tensor(features) else [f.to(device) for f in features]
+            kept.append(probabilities)
+    return Evaluation(float(total) / len(split), torch.cat(counts).cpu(),
+                      torch.cat(kept).cpu() if keep_probabilities else None)
 
 
 def build_optimizer(model: SegmentationModel, config: TrainConfig) -> torch.optim.AdamW:
@@ -263,43 +343,62 @@ def build_optimizer(model: SegmentationModel, config: TrainConfig) -> torch.opti
 
 def train_epoch(model: SegmentationModel, split: DecodedSplit, optimizer, config: TrainConfig, precision: str,
                 generator: torch.Generator, feature_cache: list | None = None,
-                on_step: Callable[[int], None] | None = None, desc: str = "train") -> float:
+                on_step: Callable[[int], None] | None = None, desc: str = "train",
+                scaler: torch.amp.GradScaler | None = None) -> float:
     """One pass over ``split`` in seeded random order; returns the mean training loss.
 
-    Raises ``TrainingDiverged`` on a NaN or infinite loss (before the optimiser steps on it).
+    Raises ``TrainingDiverged`` on a NaN or infinite loss: on the CPU before the optimiser steps on it; on a GPU,
+    where checking each step would make the host wait for the device, at the end of the epoch (whose checkpoint
+    is then not written). Images, masks and cached features are used where they are (``split`` on the GPU when
+    ``fit`` put it there); the shuffling and augmentation draws come from the CPU ``generator``.
     """
     model.train()
     criterion = loss_fn(config.loss)
-    total, seen = 0.0, 0
+    scaler = scaler or grad_scaler(precision, config.device)
+    check_each_step = not config.device.startswith("cuda")
+    losses, seen = [], 0
     chunks = batch_indices(len(split), config.batch_size, generator, drop_single=not model.freeze_encoder)
     horizontal_choices = 2 if "hflip" in config.augment else 1
     for step, rows in enumerate(progress_bar(chunks, total=len(chunks), desc=desc)):
         draws = draw_augmentation(len(rows), config.augment, generator)
-        masks = split.masks[rows]
+        masks = split.masks[rows].to(config.device, non_blocking=True)
         if feature_cache is not None:
             inputs = _cached_batch(feature_cache, _variant_index(draws, len(rows), horizontal_choices), rows,
-                                   config.device)
+                                   config.channels_last)
             _, masks = apply_augmentation(masks, masks, draws)  # flip the masks like the cached features
         else:
-            images, masks = apply_augmentation(split.images[rows], masks, draws)
+            images = split.images[rows].to(config.device, non_blocking=True)
+            images, masks = apply_augmentation(images, masks, draws)
             inputs = _to_input(images, model.spec, config.device, config.channels_last)
-        targets = masks.float().to(config.device)
+        targets = masks.float()
         with autocast(precision, config.device):
             logits = model.decoder(inputs) if feature_cache is not None else model(inputs)
         loss = criterion(logits, targets)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at batch {step}. Training stopped; the last complete epoch's checkpoint "
-                "is kept. Fix: lower the learning rates, or use precision='fp32'."
-            )
+        if check_each_step:
+            _check_finite(loss.detach().view(1), step)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(rows)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.detach().double() * len(rows))
         seen += len(rows)
         if on_step is not None:
             on_step(step)
-    return total / max(seen, 1)
+    if not losses:
+        return 0.0
+    per_batch = torch.stack(losses)  # the one read of the epoch's losses from the device
+    _check_finite(per_batch, 0)
+    return float(per_batch.sum()) / seen
+
+
+def _check_finite(weighted_losses: torch.Tensor, first_step: int) -> None:
+    finite = torch.isfinite(weighted_losses)
+    if not bool(finite.all()):
+        step = first_step + int((~finite).nonzero()[0, 0])
+        raise TrainingDiverged(
+            f"loss became {float(weighted_losses[step - first_step])} at batch {step}. Training stopped; the last "
+            "complete epoch's checkpoint is kept. Fix: lower the learning rates, or use precision='fp32'."
+        )
 
 
 def _variant_index(draws: dict, count: int, horizontal_choices: int) -> torch.Tensor:
@@ -312,8 +411,20 @@ def _variant_index(draws: dict, count: int, horizontal_choices: int) -> torch.Te
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _rng_state(generator: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+def _rng_state(generator: torch.Generator, device: str) -> dict:
+    """Every random stream a resumed run must continue: torch's CPU and (on a GPU) CUDA state, and the generator
+    that shuffles and draws augmentations."""
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator, device: str) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if device.startswith("cuda") and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
 
 
 def _save(obj, path: Path) -> None:
@@ -371,6 +482,7 @@ class FitResult:
     used_feature_cache: bool
     seconds: float
     timings: dict = field(default_factory=dict)
+    trained_on: dict = field(default_factory=dict)  # device, its name, precision, deterministic
 
 
 @dataclass
@@ -384,16 +496,36 @@ class _Progress:
 
 @dataclass
 class _Features:
-    """The frozen encoder's cached features (``train``: one entry per flip variant), or all None."""
+    """The frozen encoder's cached features, each a list with one tensor per level the decoder reads
+    (``train``: ``V×N×…``, one slice per flip variant), or all None."""
 
     train: list | None = None
-    val: object = None
-    test: object = None
+    val: list | None = None
+    test: list | None = None
+
+
+class FeatureStore:
+    """The frozen encoder's features, shared by the seeds of a run: keyed by the encoder's starting weights (their
+    SHA-256) and everything else that decides the features, so seeds starting from the same weights compute them
+    once, and seeds with their own random encoders each get their own. Holds one data set: make one per data set."""
+
+    def __init__(self) -> None:
+        self._features: dict[tuple, _Features] = {}
+        self.built = 0  # how many times features were computed (the cache-sharing test reads it)
+
+    def get(self, model: SegmentationModel, data: ReportData, config: TrainConfig, precision: str) -> _Features:
+        key = (model.encoder_weights.get("sha256") or id(model), bool(getattr(model.decoder, "needs_skips", False)),
+               tuple(flip_variants(config.augment)), config.monitor_test, precision, config.device,
+               config.channels_last, id(data))
+        if key not in self._features:
+            self._features[key] = _encode_splits(model, data, config, precision)
+            self.built += 1
+        return self._features[key]
 
 
 def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir: str | Path,
         on_step: Callable[[int, int], None] | None = None, resume: bool = True, verbose: bool = True,
-        label: str = "", later_epochs: int = 0) -> FitResult:
+        label: str = "", later_epochs: int = 0, features: FeatureStore | None = None) -> FitResult:
     """Train for ``config.epochs`` epochs; select the checkpoint with the best validation mean IoU; score the
     test set once with it.
 
@@ -405,34 +537,49 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
 
     With ``verbose``, one line per epoch: ``label`` (e.g. "task2 seed 0"), losses, validation IoU, seconds and
     an ETA that includes ``later_epochs`` still to come after this run (the study's next seeds).
+
+    On a GPU the data set is copied to the device once, for the whole run. ``features`` shares the frozen
+    encoder's features between the seeds of a run (see ``FeatureStore``). Each history row says where the
+    epoch's time went: ``train_seconds``, ``eval_seconds``, ``checkpoint_seconds`` and their sum, ``epoch_seconds``.
     """
     start = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(config.precision, config.device)
+    set_deterministic(config.deterministic, config.device)
     generator = seed_everything(config.seed)
     optimizer = _place(model, config)
+    scaler = grad_scaler(precision, config.device)
+    trained_on = {"device": config.device, "device_name": device_name(config.device), "precision": precision,
+                  "deterministic": config.deterministic}
     fingerprint, weights = run_fingerprint(model, data, config)
-    progress = _resume_or_start(model, optimizer, generator, fingerprint, weights, config, run_dir, resume,
+    progress = _resume_or_start(model, optimizer, scaler, generator, fingerprint, weights, config, run_dir, resume,
                                 (label or str(run_dir)) if verbose else None)
+    data = on_device(data, config.device)
     timings = {"feature_cache_s": 0.0}
-    features = _Features()
+    cached = _Features()
     if uses_feature_cache(model, config) and len(progress.rows) < config.epochs:
         t0 = time.perf_counter()
-        features = _encode_splits(model, data, config, precision)
+        cached = (features or FeatureStore()).get(model, data, config, precision)
         timings["feature_cache_s"] = time.perf_counter() - t0
 
     epoch_times: list[float] = []
+    meta = {**model_meta(model, fingerprint["image_size"]), "trained_on": trained_on}
     for epoch in range(len(progress.rows) + 1, config.epochs + 1):
-        row = _one_epoch(model, data, optimizer, config, precision, generator, features, epoch, on_step)
+        row = _one_epoch(model, data, optimizer, config, precision, generator, cached, epoch, on_step, scaler)
+        t0 = time.perf_counter()
         progress.rows.append(row)
         if row["val_iou_mean"] > progress.best_iou:  # selection: validation only
             progress.best_iou, progress.best_epoch = row["val_iou_mean"], epoch
-            _save({"model": model.state_dict(), "meta": model_meta(model, fingerprint["image_size"]), "epoch": epoch,
-                   "val_iou_mean": progress.best_iou, "config": fingerprint}, run_dir / "best.pt")
-        _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(generator),
-               "history": progress.rows, "best_iou": progress.best_iou, "best_epoch": progress.best_epoch,
-               "fingerprint": fingerprint, "encoder_weights": weights}, run_dir / "last.pt")
+            _save({"model": model.state_dict(), "meta": meta, "epoch": epoch, "val_iou_mean": progress.best_iou,
+                   "config": fingerprint}, run_dir / "best.pt")
+        row["checkpoint_seconds"] = time.perf_counter() - t0  # last.pt's copy of this row: best.pt's time only
+        _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+               "rng": _rng_state(generator, config.device), "history": progress.rows, "best_iou": progress.best_iou,
+               "best_epoch": progress.best_epoch, "fingerprint": fingerprint, "encoder_weights": weights,
+               "trained_on": trained_on}, run_dir / "last.pt")
+        row["checkpoint_seconds"] = time.perf_counter() - t0
+        row["epoch_seconds"] += row["checkpoint_seconds"]
         epoch_times.append(row["epoch_seconds"])
         if verbose:
             remaining = (config.epochs - epoch + later_epochs) * sum(epoch_times) / len(epoch_times)
@@ -442,7 +589,18 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
     final_val, final_test = _score_selected(model, data, config, precision, run_dir / "best.pt")
     timings["final_eval_s"] = time.perf_counter() - t0
     return FitResult(pd.DataFrame(progress.rows), progress.best_epoch, final_test, final_val, run_dir, precision,
-                     uses_feature_cache(model, config), time.perf_counter() - start, timings)
+                     uses_feature_cache(model, config), time.perf_counter() - start, timings, trained_on)
+
+
+def on_device(data: ReportData, device: str) -> ReportData:
+    """``data`` with its images and masks on ``device`` (copied once; the same object on the CPU)."""
+    if not device.startswith("cuda"):
+        return data
+
+    def move(split: DecodedSplit) -> DecodedSplit:
+        return replace(split, images=split.images.to(device), masks=split.masks.to(device))
+
+    return replace(data, train=move(data.train), val=move(data.val), test=move(data.test))
 
 
 def _place(model: SegmentationModel, config: TrainConfig) -> torch.optim.Optimizer:
@@ -463,7 +621,7 @@ def run_fingerprint(model: SegmentationModel, data: ReportData, config: TrainCon
     return fingerprint, weights
 
 
-def _resume_or_start(model, optimizer, generator: torch.Generator, fingerprint: dict, weights: dict,
+def _resume_or_start(model, optimizer, scaler, generator: torch.Generator, fingerprint: dict, weights: dict,
                      config: TrainConfig, run_dir: Path, resume: bool, announce: str | None) -> _Progress:
     """Continue from ``last.pt`` when asked and it matches (else ``CheckpointMismatch``); or start afresh."""
     last_path = run_dir / "last.pt"
@@ -476,8 +634,9 @@ def _resume_or_start(model, optimizer, generator: torch.Generator, fingerprint: 
     _check_resumable(state, fingerprint, weights, config.epochs, last_path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    generator.set_state(state["rng"]["generator"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"], generator, config.device)
     if announce:
         print(f"{announce}: resuming after epoch {len(state['history'])} of {config.epochs}", flush=True)
     return _Progress(state["history"], state["best_iou"], state["best_epoch"])
@@ -487,27 +646,44 @@ def _encode_splits(model: SegmentationModel, data: ReportData, config: TrainConf
     """The frozen encoder's features: every training image in each flip variant, validation and (monitored) test."""
     model.eval()
 
-    def encode(images, hflip=False, vflip=False):
-        return encode_all(model, images, precision, config.device, config.eval_batch_size, config.channels_last,
-                          hflip, vflip)
+    def encode(images):
+        return encode_all(model, images, precision, config.device, config.eval_batch_size, config.channels_last)
 
-    return _Features([encode(data.train.images, h, v) for h, v in flip_variants(config.augment)],
-                     encode(data.val.images), encode(data.test.images) if config.monitor_test else None)
+    return _Features(encode_variants(model, data.train.images, config, precision), encode(data.val.images),
+                     encode(data.test.images) if config.monitor_test else None)
+
+
+def encode_variants(model: SegmentationModel, images: torch.Tensor, config: TrainConfig,
+                    precision: str) -> list[torch.Tensor]:
+    """The training cache: per level, a ``V×N×…`` tensor of the features of every image in each of the V flip
+    variants ``config.augment`` can draw (filled variant by variant, so there is never a second copy)."""
+    variants = flip_variants(config.augment)
+    stacked: list[torch.Tensor] = []
+    for index, (h, v) in enumerate(variants):
+        levels = encode_all(model, images, precision, config.device, config.eval_batch_size, config.channels_last,
+                            h, v)
+        if not stacked:
+            stacked = [torch.empty((len(variants), *level.shape), dtype=level.dtype, device=level.device)
+                       for level in levels]
+        for store, level in zip(stacked, levels):
+            store[index] = level
+    return stacked
 
 
 def _one_epoch(model, data: ReportData, optimizer, config: TrainConfig, precision: str, generator: torch.Generator,
-               features: _Features, epoch: int, on_step) -> dict:
+               features: _Features, epoch: int, on_step, scaler) -> dict:
     """Train one epoch, evaluate validation (and monitor test); the epoch's row of the history."""
     t0 = time.perf_counter()
     train_loss = train_epoch(model, data.train, optimizer, config, precision, generator, features.train,
                              on_step=(lambda step: on_step(epoch, step)) if on_step else None,
-                             desc=f"epoch {epoch}/{config.epochs}")
-    train_seconds = time.perf_counter() - t0
+                             desc=f"epoch {epoch}/{config.epochs}", scaler=scaler)
+    t1 = time.perf_counter()
     row = {"epoch": epoch, "train_loss": train_loss,
            **_prefixed("val", evaluate(model, data.val, config, precision, features.val).summary())}
     if config.monitor_test:
         row.update(_prefixed("test", evaluate(model, data.test, config, precision, features.test).summary()))
-    return {**row, "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - t0}
+    t2 = time.perf_counter()
+    return {**row, "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "epoch_seconds": t2 - t0}
 
 
 def _score_selected(model, data: ReportData, config: TrainConfig, precision: str, best_path: Path):

@@ -12,10 +12,11 @@ from isic_utils.training import (
     TrainingDiverged,
     fit,
     load_checkpoint,
+    TIMING_COLUMNS,
     resolve_precision,
 )
 
-VOLATILE = ["train_seconds", "epoch_seconds"]
+VOLATILE = list(TIMING_COLUMNS)
 
 
 def config(**changes):
