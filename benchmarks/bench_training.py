@@ -1,50 +1,62 @@
 """Benchmark (not a test): the naive pipeline vs this project's, side by side in ONE run, on the same images.
 
 naive   : decode + resize every image every epoch (PIL, DataLoader), fp32, contiguous, default AdamW, batch 16,
-          task 1 runs the frozen encoder on every batch.
-project : decode once into a uint8 tensor, batches sliced in memory, channels_last, fused AdamW, batch 32,
-          precision "auto" (bf16 only where the CPU has native bf16), task 1 on cached encoder features.
+          task 1 runs the frozen encoder on every batch; batches copied to the device one by one.
+project : decode once into a uint8 tensor (on the device), batches sliced in memory, channels_last, fused AdamW,
+          batch 32, precision "auto" (bf16 only where the hardware has native bf16, fp16 on an older GPU), task 1
+          on cached encoder features; one read of the losses per epoch.
 
-Prints images/s for a task 1 epoch, a task 2 epoch and a test-set evaluation, the speed-ups, and the achieved
-GFLOP/s of the training step against the matmul peak measured in this run (fp32 and bf16).
+Prints the machine (CPU model and vector extensions, or the GPU), the fp32 and bf16 matmul peaks measured in this
+run, images/s for a task 1 epoch, a task 2 epoch and a test-set evaluation, the speed-ups, and the achieved
+GFLOP/s against the peak. On a CPU also: two seeds trained side by side in one-thread workers (the ``jobs``
+parameter) against one two-thread process; where the hardware computes bf16 natively, the project's bf16 path
+against its own fp32 path (speed, and validation IoU after the same epochs).
 
-    python benchmarks/bench_training.py [--train 128] [--test 96]
+    python benchmarks/bench_training.py [--train 128] [--test 96] [--device auto|cpu|cuda]
 Uses $ISIC_SAMPLE_DIR/isic2016-train-512 (or ../shared/data beside the checkout) when present, else synthetic data.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from isic_utils import data as D  # noqa: E402
-from isic_utils.model import build_model  # noqa: E402
+from isic_utils.model import ENCODERS, build_model  # noqa: E402
 from isic_utils.synthetic import make_synthetic_isic  # noqa: E402
 from isic_utils.training import (  # noqa: E402
     TrainConfig,
     build_optimizer,
-    encode_all,
+    cpu_flags,
+    cpu_has_native_bf16,
+    cuda_has_native_bf16,
+    device_name,
+    encode_variants,
     evaluate,
-    flip_variants,
     loss_fn,
+    resolve_device,
     resolve_precision,
     set_threads,
     train_epoch,
 )
 
 
-def find_images(n_train: int, n_test: int):
-    sample = os.environ.get("ISIC_SAMPLE_DIR") or (ROOT.parent / "shared" / "data")
+def find_images(n_train: int, n_test: int, sample_dir: str | Path | None = None):
+    sample = sample_dir or os.environ.get("ISIC_SAMPLE_DIR") or (ROOT.parent / "shared" / "data")
     real = Path(sample) / "isic2016-train-512"
+    if not D.has_split(real, "train") and D.has_split(Path(sample), "train"):
+        real = Path(sample)
     if D.has_split(real, "train"):
         pairs = D.find_pairs(real, "train")
         return pairs[:n_train], pairs[n_train:n_train + n_test], f"real ISIC images from {real}"
@@ -66,15 +78,16 @@ class DecodeEveryTime(torch.utils.data.Dataset):
 
         pair = self.pairs[k]
         image = Image.open(pair.image).convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
-        image = torch.from_numpy(__import__("numpy").asarray(image).copy()).permute(2, 0, 1)
+        image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
         mask = D.read_mask(pair.mask, self.size).float()
         return D.normalize(image.unsqueeze(0), self.mean, self.std)[0], mask
 
 
-def naive_epoch(model, loader, optimizer=None):
+def naive_epoch(model, loader, device: str, optimizer=None) -> None:
     criterion = loss_fn("bce")
     model.train(optimizer is not None)
     for images, masks in loader:
+        images, masks = images.to(device), masks.to(device)
         if optimizer is None:
             with torch.no_grad():
                 criterion(model(images), masks)
@@ -83,18 +96,28 @@ def naive_epoch(model, loader, optimizer=None):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    _sync(device)
 
 
-def timed(fn) -> float:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str = "cpu") -> float:
+    _sync(device)
     start = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - start
 
 
-def matmul_peak(dtype, n=2048, repeats=5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(dtype, device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an n×n matmul in ``dtype`` on ``device``, best of ``repeats`` (measured now, in this run)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     a @ b
-    seconds = min(timed(lambda: a @ b) for _ in range(repeats))
+    seconds = min(timed(lambda: a @ b, device) for _ in range(repeats))
     return 2 * n ** 3 / seconds / 1e9
 
 
@@ -106,84 +129,146 @@ def forward_gflop(module, x) -> float:
     return counter.get_total_flops() / 1e9 / len(x)
 
 
+def naive_rates(train_pairs, test_pairs, size: int, device: str) -> dict[str, float]:
+    """Images/s of the naive loop: task 1 and task 2 training epochs, test evaluation."""
+    rates = {}
+    mean, std = ENCODERS["mobilenet_v2"].mean, ENCODERS["mobilenet_v2"].std
+    for task, frozen in (("task1", True), ("task2", False)):
+        torch.manual_seed(0)
+        model = build_model(encoder_weights=None, freeze_encoder=frozen).to(device)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        loader = torch.utils.data.DataLoader(DecodeEveryTime(train_pairs, size, mean, std), batch_size=16,
+                                             shuffle=True)
+        if device.startswith("cuda"):  # one warm-up batch so CUDA start-up is not counted
+            naive_epoch(model, [next(iter(loader))], device, optimizer)
+        rates[task] = len(train_pairs) / timed(lambda: naive_epoch(model, loader, device, optimizer), device)
+    test_loader = torch.utils.data.DataLoader(DecodeEveryTime(test_pairs, size, mean, std), batch_size=16)
+    rates["eval"] = len(test_pairs) / timed(lambda: naive_epoch(model, test_loader, device), device)
+    return rates
+
+
+def project_rates(train: D.DecodedSplit, test: D.DecodedSplit, device: str, precision: str,
+                 epochs: int = 1) -> dict[str, float]:
+    """Images/s of the project's own loop (after one warm-up epoch): task 1 on cached features, task 2, evaluation;
+    also the cache's build time and, with ``epochs`` > 1, the validation IoU after that many epochs."""
+    if device.startswith("cuda"):
+        train = D.DecodedSplit(train.ids, train.images.to(device), train.masks.to(device), train.sizes)
+        test = D.DecodedSplit(test.ids, test.images.to(device), test.masks.to(device), test.sizes)
+    rates = {}
+    for task, frozen in (("task1", True), ("task2", False)):
+        torch.manual_seed(0)
+        config = TrainConfig(freeze_encoder=frozen, batch_size=32, precision=precision, augment=("hflip", "vflip"),
+                             device=device)
+        model = build_model(encoder_weights=None, freeze_encoder=frozen).to(device).to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, config)
+        generator = torch.Generator().manual_seed(0)
+        cache, cache_s = None, 0.0
+        if frozen:
+            model.eval()
+            holder = {}
+            cache_s = timed(lambda: holder.update(cache=encode_variants(model, train.images, config, precision)),
+                            device)
+            cache = holder["cache"]
+        train_epoch(model, train, optimizer, config, precision, generator, cache)  # warm-up (allocator, kernels)
+        seconds = timed(lambda: [train_epoch(model, train, optimizer, config, precision, generator, cache)
+                                 for _ in range(epochs)], device) / epochs
+        rates[task] = len(train) / seconds
+        rates[task + "_cache_s"] = cache_s
+        if not frozen:
+            eval_config = TrainConfig(freeze_encoder=False, eval_batch_size=64, precision=precision, device=device)
+            evaluate(model, test, eval_config, precision)
+            holder = {}
+            rates["eval"] = len(test) / timed(
+                lambda: holder.update(e=evaluate(model, test, eval_config, precision)), device)
+            rates["val_iou_after"] = holder["e"].summary()["iou_mean"]
+    return rates
+
+
+def _one_thread_worker(train: D.DecodedSplit) -> float:
+    """Images/s of one task-2 epoch with one thread (after a warm-up epoch); run two at once to see ``jobs``."""
+    torch.set_num_threads(1)
+    return project_rates(train, train, "cpu", resolve_precision("auto"))["task2"]
+
+
+def parallel_seeds_rate(train: D.DecodedSplit, jobs: int) -> float:
+    """Total images/s of ``jobs`` one-thread processes training task 2 at the same time (the ``jobs`` parameter)."""
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(jobs)
+    try:
+        return sum(pool.map(_one_thread_worker, [train] * jobs))
+    finally:
+        pool.close()
+        pool.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=128)
     parser.add_argument("--test", type=int, default=96)
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--no-parallel", action="store_true", help="skip the two-workers measurement (CPU)")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     threads = set_threads()
     train_pairs, test_pairs, source = find_images(args.train, args.test)
-    precision = resolve_precision("auto")
-    print(f"data: {len(train_pairs)} train + {len(test_pairs)} test {source}; {threads} threads; "
-          f"project precision: {precision}")
+    precision = resolve_precision("auto", device)
+    cuda = device.startswith("cuda")
+    native_bf16 = cuda_has_native_bf16() if cuda else cpu_has_native_bf16()
+    print(f"machine: {device_name(device)}; {threads} CPU threads; torch {torch.__version__}")
+    if not cuda:
+        print(f"CPU vector extensions: {', '.join(cpu_flags()) or 'none of AVX2 / AVX-512 / AVX512-BF16 / AMX'}")
+    print(f"data: {len(train_pairs)} train + {len(test_pairs)} test {source}; project precision (auto): {precision}")
+
+    peak32 = matmul_peak(torch.float32, device, n=4096 if cuda else 2048)
+    peak16 = matmul_peak(torch.bfloat16, device, n=4096 if cuda else (2048 if native_bf16 else 512))
+    print(f"matmul peak measured now: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s "
+          f"({'native' if native_bf16 else 'emulated'} bf16)")
 
     torch.manual_seed(0)
     probe = build_model(encoder_weights=None)
     x = torch.zeros(1, 3, args.size, args.size)
     encoder_gf = forward_gflop(probe.encoder, x)
     decoder_gf = forward_gflop(probe.decoder, probe.encoder(x))
-    work = {"task1": 3 * decoder_gf, "task2": 3 * (encoder_gf + decoder_gf)}  # backward ≈ 2× forward
-    mean, std = probe.spec.mean, probe.spec.std
+    work = {"task1": 3 * decoder_gf, "task2": 3 * (encoder_gf + decoder_gf), "eval": encoder_gf + decoder_gf}
 
-    results = {}
-    # ---------------- naive
-    for task, frozen in (("task1", True), ("task2", False)):
-        torch.manual_seed(0)
-        model = build_model(encoder_weights=None, freeze_encoder=frozen)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        loader = torch.utils.data.DataLoader(DecodeEveryTime(train_pairs, args.size, mean, std), batch_size=16,
-                                             shuffle=True)
-        results[("naive", task)] = len(train_pairs) / timed(lambda: naive_epoch(model, loader, optimizer))
-    test_loader = torch.utils.data.DataLoader(DecodeEveryTime(test_pairs, args.size, mean, std), batch_size=16)
-    results[("naive", "eval")] = len(test_pairs) / timed(lambda: naive_epoch(model, test_loader))
-
-    # ---------------- project
+    naive = naive_rates(train_pairs, test_pairs, args.size, device)
     holder = {}
     decode_s = timed(lambda: holder.update(train=D.decode_pairs(train_pairs, args.size, progress=False),
                                            test=D.decode_pairs(test_pairs, args.size, progress=False)))
     train, test = holder["train"], holder["test"]
-    for task, frozen in (("task1", True), ("task2", False)):
-        torch.manual_seed(0)
-        config = TrainConfig(freeze_encoder=frozen, batch_size=32, precision=precision, augment=("hflip", "vflip"))
-        model = build_model(encoder_weights=None, freeze_encoder=frozen).to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(model, config)
-        generator = torch.Generator().manual_seed(0)
-        cache = None
-        cache_s = 0.0
-        if frozen:
-            model.eval()
-            cache_s = timed(lambda: holder.update(cache=[encode_all(model, train.images, precision, "cpu", 64, True, h, v)
-                                                         for h, v in flip_variants(config.augment)]))
-            cache = holder["cache"]
-        train_epoch(model, train, optimizer, config, precision, generator, cache)  # warm-up (allocator, kernels)
-        seconds = timed(lambda: train_epoch(model, train, optimizer, config, precision, generator, cache))
-        results[("project", task)] = len(train) / seconds
-        results[("project", task + " +cache/20")] = len(train) / (seconds + cache_s / 20) if frozen else None
-    eval_config = TrainConfig(freeze_encoder=False, eval_batch_size=64, precision=precision)
-    evaluate(model, test, eval_config, precision)
-    results[("project", "eval")] = len(test) / timed(lambda: evaluate(model, test, eval_config, precision))
+    ours = project_rates(train, test, device, precision)
 
-    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16, n=1024 if precision == "fp32" else 2048)
-    print(f"\nmatmul peak measured now: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
     print(f"forward GFLOP per {args.size}px image: encoder {encoder_gf:.3f}, decoder {decoder_gf:.3f}; "
           f"training step ≈ 3× forward of what trains: task 1 {work['task1']:.2f}, task 2 {work['task2']:.2f}")
     print(f"decode once: {len(train) + len(test)} images in {decode_s:.1f} s "
           f"({(len(train) + len(test)) / decode_s:.0f} images/s; cached on disk afterwards)\n")
-    print(f"{'':18s}{'naive img/s':>12s}{'project img/s':>15s}{'speed-up':>10s}{'project GFLOP/s':>17s}{'% of peak':>11s}")
-    peak = peak16 if precision == "bf16" else peak32
-    for task in ("task1", "task2", "eval"):
-        naive, ours = results[("naive", task)], results[("project", task)]
-        if task == "eval":
-            gflops = ours * (encoder_gf + decoder_gf)
-        else:
-            gflops = ours * work[task]
-        label = {"task1": "task 1 epoch", "task2": "task 2 epoch", "eval": "test evaluation"}[task]
-        print(f"{label:18s}{naive:12.1f}{ours:15.1f}{ours / naive:9.2f}x{gflops:17.1f}{100 * gflops / peak:10.1f}%")
-    amortised = results[("project", "task1 +cache/20")]
-    print(f"{'task 1 incl. cache':18s}{results[('naive', 'task1')]:12.1f}{amortised:15.1f}"
-          f"{amortised / results[('naive', 'task1')]:9.2f}x   (feature cache built once, amortised over 20 epochs)")
-    print(f"\nproject precision {precision} (auto): peak used for % is {'bf16' if precision == 'bf16' else 'fp32'}")
+    peak = peak16 if precision in ("bf16", "fp16") else peak32
+    print(f"{'':20s}{'naive img/s':>12s}{'project img/s':>15s}{'speed-up':>10s}{'project GFLOP/s':>17s}"
+          f"{'% of peak':>11s}")
+    for task, label in (("task1", "task 1 epoch"), ("task2", "task 2 epoch"), ("eval", "test evaluation")):
+        gflops = ours[task] * work[task]
+        print(f"{label:20s}{naive[task]:12.1f}{ours[task]:15.1f}{ours[task] / naive[task]:9.2f}x{gflops:17.1f}"
+              f"{100 * gflops / peak:10.1f}%")
+    amortised = len(train) / (len(train) / ours["task1"] + ours["task1_cache_s"] / 20)
+    print(f"{'task 1 incl. cache':20s}{naive['task1']:12.1f}{amortised:15.1f}{amortised / naive['task1']:9.2f}x"
+          "   (feature cache built once, amortised over 20 epochs)")
+    print(f"\n% of peak is against the {'bf16' if peak is peak16 else 'fp32'} matmul peak (project precision "
+          f"{precision}).")
+
+    if not cuda and not args.no_parallel and threads >= 2:
+        jobs = threads
+        together = parallel_seeds_rate(train, jobs)
+        print(f"\ntask 2, {jobs} seeds side by side (jobs={jobs}, one thread each): {together:.1f} img/s in all vs "
+              f"{ours['task2']:.1f} img/s for one {threads}-thread process: {together / ours['task2']:.2f}x")
+    if native_bf16 and precision != "fp32":
+        epochs = 3
+        fp32 = project_rates(train, test, device, "fp32", epochs)
+        low = project_rates(train, test, device, precision, epochs)
+        print(f"\n{precision} vs the project's own fp32 path ({epochs} task-2 epochs each, same seed): "
+              f"{low['task2']:.1f} vs {fp32['task2']:.1f} img/s ({low['task2'] / fp32['task2']:.2f}x); "
+              f"IoU on the test images after warm-up + {epochs} epochs: {low['val_iou_after']:.4f} vs "
+              f"{fp32['val_iou_after']:.4f} (difference {abs(low['val_iou_after'] - fp32['val_iou_after']):.4f})")
 
 
 if __name__ == "__main__":

@@ -140,6 +140,15 @@ class RunResult:
     def best_epoch(self) -> int:
         return self.results[0]["best_epoch"]
 
+    @property
+    def trained_on(self) -> str:
+        """Where the lowest seed trained, in words: "NVIDIA H100 (cuda, bf16)", "AMD EPYC (AVX2) (cpu, fp32)"."""
+        where = self.results[0].get("trained_on") or {}
+        if not where:
+            return "unrecorded hardware (a run trained before devices were recorded)"
+        return (f"{where['device_name']} ({where['device']}, {where['precision']}"
+                f"{', deterministic' if where.get('deterministic') else ''})")
+
 
 _NOT_THE_EXPERIMENT = ("seeds", "resume", "output_dir", "jobs")  # keys that do not change what one seed's run is
 
