@@ -6,7 +6,7 @@ DATA ?= synthetic
 # torch/torchvision: any release in the pyproject ranges; this pin matches the wheels tested here.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup report demo test bench clean
+.PHONY: setup report demo test bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: setup  ## unit tests and the end-to-end notebook run on tiny data
 
 bench: setup  ## speed benchmark: naive vs this project's pipeline, same data, one run
 	$(PY) benchmarks/bench_training.py
+
+gpu-check: setup  ## prove the CUDA path (tools/gpu_check.py); says so and exits 0 without a GPU. DATA_DIR=, WEIGHTS= optional
+	$(PY) tools/gpu_check.py $(if $(DATA_DIR),--data $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
 clean:
 	rm -rf outputs

@@ -247,7 +247,7 @@ def encode_all(model: SegmentationModel, images: torch.Tensor, precision: str, d
 
 
 def _select_features(features: list[torch.Tensor], rows: torch.Tensor, channels_last: bool) -> list[torch.Tensor]:
-    return [_format(level[rows], channels_last) for level in features]
+    return [_format(level[rows.to(level.device)], channels_last) for level in features]
 
 
 def _cached_batch(cache: list[torch.Tensor], variants: torch.Tensor, rows: torch.Tensor,
@@ -257,7 +257,7 @@ def _cached_batch(cache: list[torch.Tensor], variants: torch.Tensor, rows: torch
     ``cache`` holds one ``V×N×C×h×w`` tensor per level (V flip variants); one gather per level, on the cache's
     device, with nothing read back to the host.
     """
-    return [_format(level[variants, rows], channels_last) for level in cache]
+    return [_format(level[variants.to(level.device), rows.to(level.device)], channels_last) for level in cache]
 
 
 def _format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -311,6 +311,7 @@ def evaluate(model: SegmentationModel, split: DecodedSplit, config: TrainConfig,
     total = torch.zeros((), dtype=torch.float64, device=config.device)  # read once, after the loop
     counts, kept = [], []
     for rows in batch_indices(len(split), config.eval_batch_size, None):
+        rows = rows.to(split.masks.device)
         targets = split.masks[rows].to(config.device, non_blocking=True).float()
         with autocast(precision, config.device):
             if features is not None:
@@ -361,6 +362,7 @@ def train_epoch(model: SegmentationModel, split: DecodedSplit, optimizer, config
     horizontal_choices = 2 if "hflip" in config.augment else 1
     for step, rows in enumerate(progress_bar(chunks, total=len(chunks), desc=desc)):
         draws = draw_augmentation(len(rows), config.augment, generator)
+        rows = rows.to(split.masks.device)  # the data's device (the GPU when fit put it there)
         masks = split.masks[rows].to(config.device, non_blocking=True)
         if feature_cache is not None:
             inputs = _cached_batch(feature_cache, _variant_index(draws, len(rows), horizontal_choices), rows,
