@@ -81,7 +81,7 @@ class TrainConfig:
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-TIMING_COLUMNS = ("train_seconds", "eval_seconds", "checkpoint_seconds", "epoch_seconds")  # vary run to run
+TIMING_COLUMNS = ("train_seconds", "eval_seconds", "epoch_seconds")  # history columns that vary run to run
 
 
 def cpu_has_native_bf16() -> bool:
@@ -541,8 +541,9 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
     an ETA that includes ``later_epochs`` still to come after this run (the study's next seeds).
 
     On a GPU the data set is copied to the device once, for the whole run. ``features`` shares the frozen
-    encoder's features between the seeds of a run (see ``FeatureStore``). Each history row says where the
-    epoch's time went: ``train_seconds``, ``eval_seconds``, ``checkpoint_seconds`` and their sum, ``epoch_seconds``.
+    encoder's features between the seeds of a run (see ``FeatureStore``). Where the time went: each history row
+    has ``train_seconds``, ``eval_seconds`` and their sum ``epoch_seconds``; ``FitResult.timings`` the feature
+    cache, the checkpoints written (all epochs together) and the final scoring.
     """
     start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -558,7 +559,7 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
     progress = _resume_or_start(model, optimizer, scaler, generator, fingerprint, weights, config, run_dir, resume,
                                 (label or str(run_dir)) if verbose else None)
     data = on_device(data, config.device)
-    timings = {"feature_cache_s": 0.0}
+    timings = {"feature_cache_s": 0.0, "checkpoint_s": 0.0}
     cached = _Features()
     if uses_feature_cache(model, config) and len(progress.rows) < config.epochs:
         t0 = time.perf_counter()
@@ -575,14 +576,12 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
             progress.best_iou, progress.best_epoch = row["val_iou_mean"], epoch
             _save({"model": model.state_dict(), "meta": meta, "epoch": epoch, "val_iou_mean": progress.best_iou,
                    "config": fingerprint}, run_dir / "best.pt")
-        row["checkpoint_seconds"] = time.perf_counter() - t0  # last.pt's copy of this row: best.pt's time only
         _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                "rng": _rng_state(generator, config.device), "history": progress.rows, "best_iou": progress.best_iou,
                "best_epoch": progress.best_epoch, "fingerprint": fingerprint, "encoder_weights": weights,
                "trained_on": trained_on}, run_dir / "last.pt")
-        row["checkpoint_seconds"] = time.perf_counter() - t0
-        row["epoch_seconds"] += row["checkpoint_seconds"]
-        epoch_times.append(row["epoch_seconds"])
+        timings["checkpoint_s"] += time.perf_counter() - t0
+        epoch_times.append(row["epoch_seconds"] + time.perf_counter() - t0)
         if verbose:
             remaining = (config.epochs - epoch + later_epochs) * sum(epoch_times) / len(epoch_times)
             print(epoch_line(label, row, config.epochs, remaining), flush=True)

@@ -110,7 +110,7 @@ def _run_rows(label: str, params: dict, data, device: str) -> dict:
     history = fitted.history
     epochs = history.tail(max(1, len(history) - 1))  # the first epoch includes start-up (kernels, cuDNN tuning)
     evaluated = len(data.val) + (len(data.test) if params["monitor_test"] else 0)
-    per_epoch = float(epochs["epoch_seconds"].median())
+    per_epoch = float(epochs["epoch_seconds"].median()) + fitted.timings["checkpoint_s"] / max(1, len(history))
     return {
         "check": label, "device": fitted.trained_on["device"], "precision": fitted.precision,
         "train img/s": len(data.train) / float(epochs["train_seconds"].median()),
