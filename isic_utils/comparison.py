@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from . import failures
 from .experiments import SavedRun
 
 SPREAD_COLUMNS = {
@@ -88,6 +89,8 @@ def written_reading(runs: dict[str, SavedRun], tests: pd.DataFrame) -> str:
     else:
         lines.append("- One seed per run: differences smaller than a few hundredths may be seed noise "
                      "(set `seeds: [0, 1, 2]` for the spread).")
+    lines.append("\nWhere each run fails (per-image JA averaged over seeds; lesion area from the ground truth):\n")
+    lines.append(failures.reading({name: failures.seed_mean_frame(run) for name, run in runs.items()}))
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import params as P
+from . import report
 from .experiments import describe_data
 from .files import atomic_path, locked, write_json, write_text
 from .model import resolve_weights
@@ -72,14 +73,21 @@ class _LineEcho:
         pass
 
 
-def export_html(notebook_path: Path, html_path: Path) -> Path:
-    """Export an executed notebook to a self-contained HTML page (figures embedded)."""
+def export_html(notebook_path: Path, html_path: Path, reader: bool = False) -> Path:
+    """Export an executed notebook to a self-contained HTML page (figures embedded). ``reader``: the reader's copy,
+    with the code and the prompts left out (nbconvert's exclude-input): text, tables and figures only."""
     import nbformat
     from nbconvert import HTMLExporter
 
     notebook = nbformat.read(notebook_path, as_version=4)
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(notebook)
+    exporter = HTMLExporter(template_name="lab", exclude_input=reader, exclude_input_prompt=reader,
+                            exclude_output_prompt=reader)
+    body, _ = exporter.from_notebook_node(notebook)
     return write_text(html_path, body)
+
+
+def reader_name(step_name: str) -> str:
+    return f"{step_name}_reader.html"
 
 
 def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str | None = None,
@@ -141,9 +149,11 @@ def _memory_note() -> str:
 
 
 def export_chapter(step: Step, out_dir: Path) -> Path:
-    """Export ``<step>.ipynb`` to HTML; a failure raises ``ChapterFailed`` saying the notebook itself is kept."""
+    """Export ``<step>.ipynb`` to HTML, the reader's copy (no code) first; a failure raises ``ChapterFailed`` saying
+    the notebook itself is kept."""
     notebook = out_dir / f"{step.name}.ipynb"
     try:
+        export_html(notebook, out_dir / reader_name(step.name), reader=True)
         return export_html(notebook, out_dir / f"{step.name}.html")
     except Exception as exc:
         raise ChapterFailed(
@@ -201,7 +211,8 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
             timings[step.name] = 0.0
             continue
         echo(f"report: {step.name:8s} running {NOTEBOOKS[step.chapter]} ...")
-        (out_dir / f"{step.name}.html").unlink(missing_ok=True)  # never leave a page of an older run beside it
+        for page in (f"{step.name}.html", reader_name(step.name)):  # never leave a page of an older run beside it
+            (out_dir / page).unlink(missing_ok=True)
         seconds = _run_or_explain(step, values, out_dir, root, kernel, echo)
         timings[step.name] = seconds
         with locked(out_dir):  # another `report --only …` may have finished a chapter meanwhile: keep its entry
@@ -219,28 +230,45 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
 
 
 def write_index(out_dir: Path, steps: list[Step], resolved: dict, state: dict) -> Path:
-    """``index.html``: what data the report ran on, links to each chapter, its tables and figures."""
+    """``index.html``, the answer first: what data the report ran on, Table 9 and the headline figure (the same test
+    images predicted by every run), one line per chapter saying what it found (from its saved numbers), then the
+    links: each chapter in full and as a reader's copy (no code), its tables and figures."""
     first = resolved[steps[0].name]
     note = describe_data(first).replace("**", "").replace("`", "")
-    items = []
+    answer = report.answer_section(out_dir)
+    found, files_ = [], []
     for step in steps:
         seconds = state.get(step.name, {}).get("seconds")
         timing = f" ({seconds / 60:.1f} min)" if seconds is not None else ""
-        links = [f'<a href="{step.name}.html">{step.name}.html</a>', f'<a href="{step.name}.ipynb">notebook</a>']
-        folder = out_dir / step.name
+        links = (f'<a href="{reader_name(step.name)}">read</a> · <a href="{step.name}.html">with code</a> · '
+                 f'<a href="{step.name}.ipynb">notebook</a>')
+        finding = report.chapter_finding(out_dir, step.name, step.chapter)
+        found.append(f"<li><b>{html.escape(step.name)}</b> — {html.escape(finding)} <small>({links})</small></li>")
         extras = []
         for kind in ("tables", "figures"):
-            for path in sorted((folder / kind).glob("*.csv" if kind == "tables" else "*.png")):
+            for path in sorted((out_dir / step.name / kind).glob("*.csv" if kind == "tables" else "*.png")):
                 extras.append(f'<a href="{step.name}/{kind}/{path.name}">{path.name}</a>')
-        items.append(f"<li><b>{html.escape(step.name)}</b>{timing}: {' · '.join(links)}"
-                     + (f"<br><small>{' · '.join(extras)}</small>" if extras else "") + "</li>")
+        files_.append(f"<li><b>{html.escape(step.name)}</b>{timing}: {links}"
+                      + (f"<br><small>{' · '.join(extras)}</small>" if extras else "") + "</li>")
     page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>ISIC 2016 segmentation report — {html.escape(first['profile'])}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.5}}
-.note{{background:#fff3cd;padding:.6em 1em;border-radius:4px}}</style></head><body>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>ISIC 2016 segmentation report — {html.escape(first['profile'])}</title>
+<style>
+body{{font-family:system-ui,sans-serif;max-width:68em;margin:1.5em auto;padding:0 1em;line-height:1.45;color:#222}}
+h1{{font-size:1.6em;margin-bottom:.2em}} h2{{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}}
+.note{{background:#fff3cd;padding:.5em 1em;border-radius:4px}} .answer{{font-size:1.08em}}
+table{{border-collapse:collapse;font-size:.92em;margin:.6em 0;display:block;overflow-x:auto}}
+th,td{{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}} th{{background:#f3f3f3}}
+figure{{margin:1em 0}} figure img{{max-width:100%;height:auto;border:1px solid #eee}}
+figcaption{{font-size:.9em;color:#555}} li{{margin:.35em 0}} small{{color:#555}}
+</style></head><body>
 <h1>Skin-lesion segmentation on ISIC 2016 with a MobileNetV2 encoder</h1>
-<p class="note">Profile <b>{html.escape(first['profile'])}</b>: {html.escape(note)}</p>
-<ol>{''.join(items)}</ol>
+<p class="note">Profile <b>{html.escape(first['profile'])}</b>: {html.escape(note)} {html.escape(report.data_line(out_dir))}</p>
+{answer}
+<h2>What each chapter found</h2>
+<ul>{''.join(found)}</ul>
+<h2>Files</h2>
+<ol>{''.join(files_)}</ol>
 </body></html>
 """
     target = out_dir / "index.html"

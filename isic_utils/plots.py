@@ -1,5 +1,6 @@
 """Every figure of the report: one function each, returning the matplotlib Figure; ``save_figure`` writes PNGs;
-``run_figures`` and ``compare_predictions_figure`` draw a chapter's figures from its runs."""
+``run_figures``, ``failure_figures``, ``compare_predictions_figure`` and ``compare_failures_figure`` draw a
+chapter's figures from its runs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from . import data
+from . import data, failures
 from .experiments import RunResult, SavedRun, prepare_data
 from .files import atomic_path
 
@@ -178,6 +179,51 @@ def per_image_distribution(per_image: dict[str, pd.DataFrame], metric: str = "io
     return fig
 
 
+def worst_cases(images: torch.Tensor, masks: torch.Tensor, probabilities: torch.Tensor, ids: Sequence[str],
+                scores: Sequence[float], title: str = "", axes_row=None):
+    """Images with the ground truth (green) and the prediction (magenta, probability > 0.5) outlined, JA in each
+    title. Draws into ``axes_row`` when given (one row of a larger figure), else into a figure of its own."""
+    fig = None
+    if axes_row is None:
+        fig, axes = plt.subplots(1, len(images), figsize=(2.4 * len(images), 2.9), squeeze=False)
+        axes_row = axes[0]
+    for k, ax in enumerate(axes_row):
+        if k >= len(images):
+            ax.axis("off")
+            continue
+        _show_image(ax, images[k], f"{ids[k]}\nJA {scores[k]:.2f}")
+        ax.contour(masks[k].squeeze(0).float().numpy(), levels=[0.5], colors="lime", linewidths=1.2)
+        predicted = (probabilities[k].squeeze(0).float() > 0.5).float().numpy()
+        if 0 < predicted.sum() < predicted.size:
+            ax.contour(predicted, levels=[0.5], colors="magenta", linewidths=1.2)
+        ax.title.set_fontsize(8)
+    if title:
+        axes_row[0].set_ylabel(title)
+        axes_row[0].yaxis.label.set_visible(True)
+    if fig is not None:
+        fig.suptitle(f"{title + ': ' if title else ''}worst test images — green: ground truth, magenta: prediction",
+                     fontsize=9)
+        fig.tight_layout()
+    return fig
+
+
+def ja_vs_size(frames: dict[str, pd.DataFrame]):
+    """Per-image test JA against lesion area (% of the image) and against original image size, one colour per run."""
+    long = pd.concat([frame.assign(run=name) for name, frame in frames.items()], ignore_index=True)
+    long["lesion area (% of image)"] = 100 * long["lesion_area"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, column in zip(axes, ("lesion area (% of image)", "megapixels")):
+        sns.scatterplot(data=long, x=column, y="iou", hue="run", ax=ax, s=14, alpha=0.7, legend=ax is axes[0])
+        ax.axhline(failures.FAIL_BELOW, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(column if column != "megapixels" else "original image size (megapixels)")
+    axes[0].set_xscale("log")
+    axes[0].set_ylabel("test JA per image")
+    axes[0].set_title(f"JA against lesion area (dashed: JA {failures.FAIL_BELOW})", fontsize=10)
+    axes[1].set_title("JA against original image size", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------- a chapter's figures
 
 
@@ -201,6 +247,17 @@ def run_figures(result: RunResult, n_images: int = 6) -> dict[str, object]:
     return figures
 
 
+def failure_figures(result: RunResult, k: int = 6) -> dict[str, object]:
+    """The training chapter's "where it fails" figures for the lowest seed: its ``k`` worst test images with both
+    outlines, and JA against lesion area and image size; saved under the run's ``figures/``."""
+    frame = failures.per_image_frame(result.per_image[int(result.seeds_table["seed"].iloc[0])])
+    figures = {"worst": _worst_of(result.data.test, result.probabilities, frame, k, result.name),
+               "ja_vs_size": ja_vs_size({result.name: frame})}
+    for key, fig in figures.items():
+        save_figure(fig, result.run_dir, key)
+    return figures
+
+
 def compare_predictions_figure(params: dict, runs: dict[str, SavedRun], count: int = 6):
     """The same test images (chosen by spread of difficulty) with each run's predicted mask."""
     dataset = prepare_data(params, progress=False)
@@ -211,3 +268,22 @@ def compare_predictions_figure(params: dict, runs: dict[str, SavedRun], count: i
     rows = sorted({order[int(k * (len(order) - 1) / max(1, count - 1))] for k in range(min(count, len(order)))})
     predicted = {name: run.probabilities[rows] for name, run in runs.items()}
     return compare_predictions(test.images[rows], test.masks[rows], predicted, [test.ids[k] for k in rows])
+
+
+def _worst_of(test: data.DecodedSplit, probabilities: torch.Tensor, frame: pd.DataFrame, k: int, title: str = "",
+              axes_row=None):
+    bad = failures.worst(frame, k)
+    rows = [test.ids.index(i) for i in bad["id"]]
+    return worst_cases(test.images[rows], test.masks[rows], probabilities[rows], list(bad["id"]),
+                       bad["iou"].tolist(), title, axes_row)
+
+
+def compare_failures_figure(params: dict, runs: dict[str, SavedRun], k: int = 6):
+    """For each run (one row), its ``k`` worst test images (JA averaged over seeds; outlines from the lowest seed)."""
+    test = prepare_data(params, progress=False).test
+    fig, axes = plt.subplots(len(runs), k, figsize=(2.4 * k, 2.8 * len(runs)), squeeze=False)
+    for row, (name, run) in zip(axes, runs.items()):
+        _worst_of(test, run.probabilities, failures.seed_mean_frame(run), k, name, row)
+    fig.suptitle("each run's worst test images — green: ground truth, magenta: prediction", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,15 +1,16 @@
-"""Tables (pandas) and writing outputs atomically to a run's folder.
-
-Every file is written to a temporary name beside its target and renamed into place, so a killed run never
-leaves a half-written table, figure, checkpoint or page that a later chapter would read.
+"""The report's tables (pandas): per epoch, the compact summary, parameters, EDA, the student report vs ours; and
+what the index page says first: the answer, Table 9, one finding per chapter, all read from the saved tables.
 """
 
 from __future__ import annotations
 
+import html
+import json
 from pathlib import Path
 
 import pandas as pd
 
+from . import failures
 from .data import check_alignment
 from .experiments import RunResult
 from .files import save_table, write_text
@@ -51,41 +52,28 @@ def epoch_table(history: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_table(history: pd.DataFrame, final_val: dict, final_test: dict, best_epoch: int) -> pd.DataFrame:
-    """The summary (the report's Tables 2 and 6) in two blocks.
-
-    ``over epochs``: mean losses and min / max / mean of the per-epoch IoU, Dice and accuracy, as the report
-    printed them. ``selected``: the checkpoint chosen by validation IoU (epoch ``best_epoch``), scored once on the
-    whole validation and test sets; these are the numbers to quote.
+    """The summary (the report's Tables 2 and 6) as one compact table: for each split, the min / max / mean over
+    epochs of loss, IoU, Dice and pixel accuracy (per-image means), as the report printed them, then the checkpoint
+    chosen by validation IoU (epoch ``best_epoch``) scored once on the whole split — the numbers to quote — and,
+    for the test set, at each image's original size (challenge-style). Test rows over epochs say ``[monitor]``:
+    choosing among them would be choosing on the test set.
     """
+    metrics_ = {"loss": "loss", "IoU": "iou_mean", "Dice": "dice_mean", "accuracy": "accuracy_mean"}
     rows = []
-
-    def monitor(split: str) -> str:  # a test number over epochs is what test-set selection would pick
-        return " [monitor]" if split == "test" else ""
-
-    for split in ("train", "val", "test"):
-        if f"{split}_loss" in history:
-            rows.append({"block": "over epochs", "quantity": f"mean {split} loss{monitor(split)}",
-                         "value": history[f"{split}_loss"].mean()})
-    for split in ("val", "test"):
-        for name in ("iou", "dice"):
-            column = f"{split}_{name}_mean"
-            if column in history:
-                for stat in ("min", "max", "mean"):
-                    rows.append({"block": "over epochs", "quantity": f"{stat} {split} {name} (mean/img){monitor(split)}",
-                                 "value": getattr(history[column], stat)()})
-        if f"{split}_accuracy_mean" in history:
-            rows.append({"block": "over epochs", "quantity": f"mean {split} pixel accuracy{monitor(split)}",
-                         "value": history[f"{split}_accuracy_mean"].mean()})
-    rows.append({"block": "selected", "quantity": "epoch chosen by validation IoU", "value": best_epoch})
-    for split, values in (("val", final_val), ("test", final_test)):
-        for key in ("loss", "iou_mean", "iou_pooled", "dice_mean", "dice_pooled", "accuracy_mean",
-                    "sensitivity_mean", "specificity_mean"):
-            if key in values:
-                rows.append({"block": "selected", "quantity": f"{split} {key} (model resolution)", "value": values[key]})
-        for key, value in values.items():
-            if "original size" in key:
-                rows.append({"block": "selected", "quantity": f"{split} {key}", "value": value})
-    return pd.DataFrame(rows)
+    for split, final in (("val", final_val), ("test", final_test)):
+        label = "validation" if split == "val" else "test"
+        columns = {name: f"{split}_{key}" for name, key in metrics_.items()}
+        if f"{split}_iou_mean" in history:
+            for stat in ("min", "max", "mean"):
+                rows.append({"split": label, "row": f"{stat} over epochs" + (" [monitor]" if split == "test" else ""),
+                             **{name: getattr(history[column], stat)() if column in history else None
+                                for name, column in columns.items()}})
+        rows.append({"split": label, "row": f"selected checkpoint (epoch {best_epoch})",
+                     **{name: final.get(key) for name, key in metrics_.items()}})
+        original = {name: final.get(f"{key} (original size)") for name, key in metrics_.items() if key != "loss"}
+        if any(value is not None for value in original.values()):
+            rows.append({"split": label, "row": "selected checkpoint, original size", "loss": None, **original})
+    return pd.DataFrame(rows, columns=["split", "row", *metrics_])
 
 
 def parameter_table(module, name: str) -> pd.DataFrame:
@@ -156,6 +144,18 @@ def counts_table(dataset) -> pd.DataFrame:
                         + [{"split": "test source", "images": dataset.test_source}])
 
 
+def size_overview(sizes: pd.DataFrame) -> pd.DataFrame:
+    """Original sizes at a glance: per dimension (width, height, megapixels) the images, distinct values, min,
+    median and max, and how many distinct (width, height) pairs there are (the full list: ``size_summary``)."""
+    values = sizes.assign(megapixels=sizes["width"] * sizes["height"] / 1e6)
+    rows = [{"dimension": column, "images": int(values[column].count()), "distinct": int(values[column].nunique()),
+             "min": values[column].min(), "median": values[column].median(), "max": values[column].max()}
+            for column in ("width", "height", "megapixels")]
+    rows.append({"dimension": "width × height", "images": int(len(sizes)),
+                 "distinct": int(len(sizes.groupby(["width", "height"])))})
+    return pd.DataFrame(rows, columns=["dimension", "images", "distinct", "min", "median", "max"])
+
+
 def size_summary(sizes: pd.DataFrame) -> pd.DataFrame:
     """Distinct original sizes and how many images have each, most common first."""
     table = sizes.groupby(["width", "height"]).size().reset_index(name="images")
@@ -200,3 +200,100 @@ def run_tables(run: RunResult) -> dict[str, pd.DataFrame]:
                                             parameter_table(run.model, "whole model")], ignore_index=True),
                                  run.run_dir, "parameters"),
     }
+
+
+# ----------------------------------------------------------------------------- the index page: the answer first
+
+
+def _table(folder: Path, name: str) -> pd.DataFrame | None:
+    path = folder / "tables" / f"{name}.csv"
+    return pd.read_csv(path) if path.exists() else None
+
+
+def data_line(out_dir: Path) -> str:
+    """"Data: 516 train / 129 validation / 161 test images." from the EDA chapter's counts ('' before it ran)."""
+    counts = _table(out_dir / "eda", "counts")
+    if counts is None:
+        return ""
+    images = dict(zip(counts["split"], counts["images"]))
+    return (f"Data: {images.get('train')} train / {images.get('validation')} validation / {images.get('test')} test "
+            f"images.")
+
+
+def _run_finding(folder: Path) -> str:
+    seeds = _table(folder, "seeds")
+    info_path = folder / "run.json"
+    if seeds is None or not info_path.exists():
+        return "not run yet."
+    info = json.loads(info_path.read_text())
+    scores = seeds["test_iou_mean_orig"]
+    spread = f" ± {scores.std(ddof=1):.3f} over {len(seeds)} seeds" if len(seeds) > 1 else ""
+    first = int(seeds["seed"].iloc[0])
+    per_image = _table(folder, f"per_image_test_seed{first}")
+    fails = "" if per_image is None else (
+        f"; {int((per_image['iou'] < failures.FAIL_BELOW).sum())} of {len(per_image)} test images below JA "
+        f"{failures.FAIL_BELOW} (seed {first})")
+    trained = (info.get("trained_on") or {}).get(str(first), {})
+    where = f"; trained on {trained['device_name']} ({trained['precision']})" if trained else ""
+    return (f"test JA {scores.mean():.3f}{spread} (mean per image, original size); checkpoint of epoch "
+            f"{int(seeds['best_epoch'].iloc[0])} of {info['params']['epochs']} chosen on validation (val IoU "
+            f"{seeds['val_iou_mean'].iloc[0]:.3f}){fails}; encoder: {info['weights']}{where}.")
+
+
+def _compare_finding(out_dir: Path) -> str:
+    folder = out_dir / "compare"
+    table, tests = _table(folder, "comparison"), _table(folder, "wilcoxon")
+    if table is None:
+        return "not run yet."
+    means = {}
+    for name in table["run"]:
+        seeds = _table(out_dir / name, "seeds")
+        if seeds is not None:
+            means[name] = float(seeds["test_iou_mean_orig"].mean())
+    best = max(means, key=means.get)
+    line = f"{best} segments the test set best: mean per-image JA {means[best]:.3f}"
+    others = []
+    for _, row in (tests if tests is not None else pd.DataFrame()).iterrows():
+        if best in (row["A"], row["B"]):
+            other = row["A"] if row["B"] == best else row["B"]
+            gain = row["mean B − A"] if row["B"] == best else -row["mean B − A"]
+            others.append(f"{gain:+.3f} over {other} (Wilcoxon p {row['p-value']:.2g})")
+    return line + ("; " + ", ".join(others) if others else "") + "."
+
+
+def _eda_finding(out_dir: Path) -> str:
+    folder = out_dir / "eda"
+    sizes = _table(folder, "sizes")
+    line = data_line(out_dir)
+    if sizes is None:
+        return line or "not run yet."
+    smallest = sizes.loc[(sizes["width"] * sizes["height"]).idxmin()]
+    largest = sizes.loc[(sizes["width"] * sizes["height"]).idxmax()]
+    alignment = _table(folder, "alignment")
+    checked = "" if alignment is None else " Every image was checked against its own mask (see the alignment table)."
+    return (f"{line} Original sizes from {smallest['width']}×{smallest['height']} to {largest['width']}×"
+            f"{largest['height']} ({len(sizes)} distinct), resized to the model's square input.{checked}")
+
+
+def chapter_finding(out_dir: Path, name: str, chapter: str) -> str:
+    """One sentence of what chapter ``name`` found, from the numbers it saved."""
+    if chapter == "eda":
+        return _eda_finding(out_dir)
+    if chapter == "compare":
+        return _compare_finding(out_dir)
+    return _run_finding(out_dir / name)
+
+
+def answer_section(out_dir: Path) -> str:
+    """HTML for the top of ``index.html``: the answer in one sentence, Table 9 and the headline figure."""
+    folder = out_dir / "compare"
+    table = _table(folder, "comparison")
+    if table is None:
+        return "<p>The comparison chapter has not run yet: the answer appears here once it has.</p>"
+    figure = folder / "figures" / "predictions.png"
+    picture = (f'<figure><img src="compare/figures/predictions.png" alt="the same test images predicted by every run">'
+               "<figcaption>The same test images (from easy to hard for the first run), their ground truth, and each "
+               "run's prediction.</figcaption></figure>") if figure.exists() else ""
+    return (f'<h2>The answer</h2><p class="answer">{html.escape(_compare_finding(out_dir))}</p>'
+            "<h3>Table 9 — test scores per run (validation-selected checkpoints; mean ± std over seeds)</h3>"
+            + table.to_html(index=False, border=0, na_rep="", classes="table9") + picture)

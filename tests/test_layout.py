@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "isic_utils"
 
 # Bottom to top: a module may import only modules listed before it.
-LAYERS = ["files", "data", "synthetic", "metrics", "model", "training", "params", "experiments", "comparison",
+LAYERS = ["files", "data", "synthetic", "metrics", "model", "training", "params", "experiments", "failures", "comparison",
           "plots", "report", "pipeline", "predict", "__main__"]
 
 

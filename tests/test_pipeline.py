@@ -78,8 +78,10 @@ def test_tables_have_the_right_columns_and_rows(tiny_report):
                        "test pixel acc (mean/img) [monitor]"):
             assert column in epochs, (run, column)
         summary = pd.read_csv(out / run / "tables" / "summary.csv")
-        assert {"block", "quantity", "value"} <= set(summary.columns)
-        assert "epoch chosen by validation IoU" in set(summary["quantity"])
+        assert list(summary.columns) == ["split", "row", "loss", "IoU", "Dice", "accuracy"]
+        assert len(summary) <= 10 and summary["row"].str.startswith("selected checkpoint (epoch").sum() == 2
+        quartiles = pd.read_csv(out / run / "tables" / "ja_by_lesion_size.csv")
+        assert list(quartiles["lesion size"]) == ["Q1 (smallest)", "Q2", "Q3", "Q4 (largest)"]
         parameters = pd.read_csv(out / run / "tables" / "parameters.csv")
         decoder = parameters.set_index("part").loc["decoder"]
         assert decoder["total"] == 13_272_065
@@ -88,9 +90,9 @@ def test_tables_have_the_right_columns_and_rows(tiny_report):
         per_image = pd.read_csv(out / run / "tables" / "per_image_test_seed0.csv")
         assert len(per_image) == 6 and {"id", "width", "height", "iou", "dice"} <= set(per_image.columns)
         assert (out / run / "decoder_parameters.txt").read_text().startswith("blocks.0.weight")
-        for figure in ("loss", "iou", "dice", "accuracy", "predictions"):
+        for figure in ("loss", "iou", "dice", "accuracy", "predictions", "worst", "ja_vs_size"):
             assert (out / run / "figures" / f"{figure}.png").stat().st_size > 5000
-    for table in ("counts", "sizes", "pixel_stats", "alignment"):
+    for table in ("counts", "sizes", "size_overview", "pixel_stats", "alignment"):
         assert not pd.read_csv(out / "eda" / "tables" / f"{table}.csv").empty
     for figure in ("fig1_samples", "fig2_sizes", "fig3_augmentations"):
         assert (out / "eda" / "figures" / f"{figure}.png").exists()
@@ -161,3 +163,22 @@ def test_a_chapter_survives_run_all_twice_in_one_kernel(tiny_report, tmp_path):
         setup = next(i for i, c in enumerate(notebook.cells) if "from_notebook" in c.source)
         client.execute_cell(notebook.cells[setup], setup)
     assert len(pd.read_csv(tmp_path / "out" / "task1" / "tables" / "epochs.csv")) == 2
+
+
+def test_the_index_gives_the_answer_first_and_every_chapter_has_a_readers_copy(tiny_report):
+    out, timings, *_ = tiny_report
+    index = (out / "index.html").read_text()
+    answer = index.index("The answer")
+    assert answer < index.index("What each chapter found") < index.index("Files")
+    assert "Table 9" in index and '<table' in index and "JA / IoU (mean per image, original size)" in index
+    assert '<img src="compare/figures/predictions.png"' in index
+    assert "segments the test set best" in index and "test JA" in index and "Data: " in index
+    for name in timings:
+        assert f'href="{name}_reader.html"' in index
+        reader = (out / f"{name}_reader.html").read_text()
+        assert 'class="jp-CodeMirrorEditor' not in reader and "from_notebook" not in reader, name  # no code cells
+        assert "Synthetic data" in reader, name  # the outputs and the text are all there
+    full = (out / "task2.html").read_text()
+    assert 'class="jp-CodeMirrorEditor' in full and "from_notebook" in full  # the full page keeps the code
+    for figure in ("worst", "ja_vs_size"):
+        assert (out / "compare" / "figures" / f"{figure}.png").stat().st_size > 5000

@@ -333,9 +333,9 @@ def test_the_summary_labels_test_numbers_over_epochs_as_monitoring():
                             "test_dice_mean": [0.5, 0.2], "val_accuracy_mean": [0.8, 0.9],
                             "test_accuracy_mean": [0.7, 0.6]})
     table = report.summary_table(history, {"iou_mean": 0.3}, {"iou_mean": 0.1}, 2)
-    over_epochs = table[table["block"] == "over epochs"]["quantity"]
-    test_rows = [q for q in over_epochs if "test" in q]
-    assert test_rows and all("[monitor]" in q for q in test_rows)
+    over_epochs = table[table["row"].str.contains("over epochs")]
+    assert set(over_epochs["split"]) == {"validation", "test"}
+    assert all(over_epochs["row"].str.contains(r"\[monitor\]") == (over_epochs["split"] == "test"))
 
 
 PARALLEL_SEED = """

@@ -1,0 +1,82 @@
+"""Where the models fail: each test image's Jaccard beside its lesion's area (the fraction of the image the ground
+truth covers, at original size) and the image's original size; JA by lesion-size quartile; the worst images; and
+sentences saying what these show. Everything is computed from the per-image test tables a run writes.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from scipy.stats import spearmanr
+
+from .experiments import SavedRun
+
+FAIL_BELOW = 0.65  # the ISIC 2018 threshold-Jaccard rule: an image below this Jaccard counts as a failure
+
+
+def per_image_frame(per_image: pd.DataFrame) -> pd.DataFrame:
+    """A per-image test table with ``lesion_area`` (ground-truth pixels / all pixels, original size) and
+    ``megapixels`` (original width × height) added."""
+    table = per_image.copy()
+    pixels = table[["tp", "fp", "fn", "tn"]].sum(axis=1)
+    table["lesion_area"] = (table["tp"] + table["fn"]) / pixels
+    table["megapixels"] = table["width"] * table["height"] / 1e6 if "width" in table else pixels / 1e6
+    return table
+
+
+def seed_mean_frame(run: SavedRun) -> pd.DataFrame:
+    """``per_image_frame`` of the run's lowest seed, with ``iou`` averaged over every seed of the run (the ground
+    truth, hence lesion area and size, is the same for every seed)."""
+    seeds = sorted(run.per_image)
+    table = per_image_frame(run.per_image[seeds[0]])
+    table["iou"] = pd.concat([run.per_image[s].set_index("id")["iou"] for s in seeds], axis=1).mean(axis=1) \
+        .reindex(table["id"]).to_numpy()
+    return table
+
+
+def size_quartiles(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """JA by lesion-size quartile: one row per quartile of lesion area (its range and image count), and for each
+    run the mean JA and the share of images below ``FAIL_BELOW``. Quartiles come from the ground truth, so they are
+    the same images for every run."""
+    first = next(iter(frames.values()))
+    quartile = pd.qcut(first["lesion_area"].rank(method="first"), 4, labels=False)
+    rows = []
+    for q in range(4):
+        chosen = (quartile == q).to_numpy()
+        areas = first["lesion_area"][chosen]
+        row = {"lesion size": ["Q1 (smallest)", "Q2", "Q3", "Q4 (largest)"][q],
+               "lesion area (% of image)": f"{100 * areas.min():.1f}–{100 * areas.max():.1f}",
+               "images": int(chosen.sum())}
+        for name, frame in frames.items():
+            scores = frame["iou"].to_numpy()[chosen]
+            row[f"{name} JA"] = float(scores.mean())
+            row[f"{name} JA < {FAIL_BELOW}"] = f"{(scores < FAIL_BELOW).mean():.0%}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def worst(frame: pd.DataFrame, k: int = 6) -> pd.DataFrame:
+    """The ``k`` test images with the lowest JA (id, JA, lesion area, megapixels), worst first."""
+    return frame.nsmallest(k, "iou")[["id", "iou", "lesion_area", "megapixels"]].reset_index(drop=True)
+
+
+def reading(frames: dict[str, pd.DataFrame]) -> str:
+    """What the failure analysis shows, one bullet per run, from the numbers."""
+    lines = []
+    quartiles = size_quartiles(frames)
+    for name, frame in frames.items():
+        failures = int((frame["iou"] < FAIL_BELOW).sum())
+        line = (f"- **{name}**: {failures} of {len(frame)} test images ({failures / len(frame):.0%}) score JA below "
+                f"{FAIL_BELOW}; mean JA {quartiles[f'{name} JA'].iloc[0]:.3f} on the smallest quarter of lesions "
+                f"vs {quartiles[f'{name} JA'].iloc[-1]:.3f} on the largest")
+        if len(frame) >= 4 and frame["iou"].nunique() > 1:
+            for column, label in (("lesion_area", "lesion area"), ("megapixels", "original image size")):
+                if frame[column].nunique() > 1:
+                    rho, p = spearmanr(frame[column], frame["iou"])
+                    trend = "rises with" if rho > 0 else "falls with"
+                    strength = "weakly " if abs(rho) < 0.3 else ""
+                    line += f"; JA {strength}{trend} {label} (Spearman ρ {rho:+.2f}, p {p:.2g})"
+        worst_row = frame.loc[frame["iou"].idxmin()]
+        line += (f". Worst: {worst_row['id']} (JA {worst_row['iou']:.2f}, lesion {100 * worst_row['lesion_area']:.1f}% "
+                 f"of the image).")
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""Where the models fail, and the tables a person reads: lesion area and image size per test image, JA by
+lesion-size quartile, the worst images, the reading; the compact summary and the EDA size overview."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from isic_utils import experiments, failures, report
+
+
+def per_image(areas, ious, width=100, height=50):
+    """Hand-made per-image rows: ``areas`` (fraction of the image that is lesion) and the JA of each image."""
+    pixels = width * height
+    rows = []
+    for k, (area, iou) in enumerate(zip(areas, ious)):
+        lesion = int(round(area * pixels))
+        tp = int(round(iou * lesion))  # a prediction inside the lesion: JA = tp / lesion
+        rows.append({"id": f"ISIC_{k:07d}", "width": width, "height": height + k, "tp": tp, "fp": 0,
+                     "fn": lesion - tp, "tn": pixels + k * width - lesion, "iou": iou})
+    return pd.DataFrame(rows)
+
+
+def test_lesion_area_and_megapixels_come_from_the_ground_truth():
+    frame = failures.per_image_frame(per_image([0.1, 0.5], [0.2, 0.9]))
+    assert frame["lesion_area"].tolist() == pytest.approx([0.1, 0.5 * 5000 / 5100])
+    assert frame["megapixels"].tolist() == pytest.approx([0.005, 0.0051])
+
+
+def test_quartiles_of_lesion_size_hold_the_same_images_for_every_run():
+    areas = [0.01, 0.02, 0.03, 0.04, 0.2, 0.3, 0.4, 0.5]
+    small_fail = failures.per_image_frame(per_image(areas, [0.1, 0.3, 0.6, 0.7, 0.8, 0.8, 0.9, 0.9]))
+    even = failures.per_image_frame(per_image(areas, [0.8] * 8))
+    table = failures.size_quartiles({"a": small_fail, "b": even})
+    assert table["images"].tolist() == [2, 2, 2, 2]
+    assert table["a JA"].tolist() == pytest.approx([0.2, 0.65, 0.8, 0.9])
+    assert table["a JA < 0.65"].tolist() == ["100%", "50%", "0%", "0%"]
+    assert table["b JA"].tolist() == pytest.approx([0.8] * 4)
+    assert table["lesion area (% of image)"].iloc[0].startswith("1.0–")
+    worst = failures.worst(small_fail, 2)
+    assert worst["id"].tolist() == ["ISIC_0000000", "ISIC_0000001"]
+    reading = failures.reading({"a": small_fail})
+    assert "3 of 8 test images (38%) score JA below 0.65" in reading
+    assert "0.200 on the smallest quarter of lesions vs 0.900 on the largest" in reading
+    assert "rises with lesion area (Spearman ρ +" in reading and "Worst: ISIC_0000000 (JA 0.10" in reading
+
+
+def test_seed_mean_frame_averages_each_image_over_seeds():
+    first = per_image([0.1, 0.2], [0.2, 0.4])
+    second = first.copy()
+    second["iou"] = [0.4, 0.8]
+    run = experiments.SavedRun("r", Path("."), {}, pd.DataFrame({"seed": [0, 1]}), pd.DataFrame(),
+                               {0: first, 1: second.iloc[::-1].reset_index(drop=True)}, torch.zeros(0))
+    assert failures.seed_mean_frame(run)["iou"].tolist() == pytest.approx([0.3, 0.6])
+
+
+def test_the_summary_is_one_compact_table_with_the_selected_checkpoint_per_split():
+    history = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [1, 0.5, 0.4], "val_loss": [0.9, 0.6, 0.7],
+                            "test_loss": [1, 0.7, 0.8], "val_iou_mean": [0.2, 0.5, 0.4],
+                            "test_iou_mean": [0.3, 0.1, 0.6], "val_dice_mean": [0.3, 0.6, 0.5],
+                            "test_dice_mean": [0.4, 0.2, 0.7], "val_accuracy_mean": [0.8, 0.9, 0.85],
+                            "test_accuracy_mean": [0.7, 0.6, 0.75]})
+    final_test = {"loss": 0.7, "iou_mean": 0.1, "dice_mean": 0.2, "accuracy_mean": 0.6,
+                  "iou_mean (original size)": 0.12, "dice_mean (original size)": 0.22,
+                  "accuracy_mean (original size)": 0.61}
+    table = report.summary_table(history, {"loss": 0.6, "iou_mean": 0.5, "dice_mean": 0.6, "accuracy_mean": 0.9},
+                                 final_test, 2)
+    assert list(table.columns) == ["split", "row", "loss", "IoU", "Dice", "accuracy"] and len(table) == 9
+    rows = table.set_index(["split", "row"])
+    assert rows.loc[("validation", "max over epochs"), "IoU"] == 0.5
+    assert rows.loc[("test", "mean over epochs [monitor]"), "IoU"] == pytest.approx(1 / 3)
+    assert rows.loc[("validation", "selected checkpoint (epoch 2)"), "loss"] == 0.6
+    assert rows.loc[("test", "selected checkpoint, original size"), "IoU"] == 0.12
+    assert np.isnan(rows.loc[("test", "selected checkpoint, original size"), "loss"])
+
+
+def test_the_eda_size_overview_sums_up_every_size():
+    sizes = pd.DataFrame({"width": [1022, 1022, 3008, 640], "height": [767, 767, 2000, 480]})
+    table = report.size_overview(sizes).set_index("dimension")
+    assert table.loc["width", "min"] == 640 and table.loc["width", "max"] == 3008 and table.loc["width", "median"] == 1022
+    assert table.loc["megapixels", "max"] == pytest.approx(6.016)
+    assert table.loc["width × height", "distinct"] == 3 and table.loc["width × height", "images"] == 4
