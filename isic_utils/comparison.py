@@ -11,6 +11,7 @@ from .experiments import SavedRun
 
 SPREAD_COLUMNS = {
     "test_iou_mean_orig": "JA / IoU (mean per image, original size)",
+    "test_threshold_iou_mean_orig": "threshold JA (ISIC 2018: an image below 0.65 scores 0)",
     "test_iou_pooled_orig": "IoU (pooled pixels, original size)",
     "test_dice_mean_orig": "Dice (mean per image)",
     "test_accuracy_mean_orig": "pixel accuracy (mean per image)",
@@ -26,6 +27,9 @@ def comparison_table(runs: dict[str, SavedRun]) -> pd.DataFrame:
     for name, run in runs.items():
         row = {"run": name, "seeds": len(run.seeds)}
         for column, label in SPREAD_COLUMNS.items():
+            if column not in run.seeds:  # a run trained before this score existed
+                row[label] = "— (retrain to score)"
+                continue
             values = run.seeds[column]
             row[label] = f"{values.mean():.4f} ± {values.std(ddof=1):.4f}" if len(values) > 1 else f"{values.mean():.4f}"
         rows.append(row)
@@ -89,8 +93,9 @@ def written_reading(runs: dict[str, SavedRun], tests: pd.DataFrame) -> str:
     else:
         lines.append("- One seed per run: differences smaller than a few hundredths may be seed noise "
                      "(set `seeds: [0, 1, 2]` for the spread).")
-    lines.append("\nWhere each run fails (per-image JA averaged over seeds; lesion area from the ground truth):\n")
-    lines.append(failures.reading({name: failures.seed_mean_frame(run) for name, run in runs.items()}))
+    if all({"tp", "fp", "fn", "tn"} <= set(table) for run in runs.values() for table in run.per_image.values()):
+        lines.append("\nWhere each run fails (per-image JA averaged over seeds; lesion area from the ground truth):\n")
+        lines.append(failures.reading({name: failures.seed_mean_frame(run) for name, run in runs.items()}))
     return "\n".join(lines)
 
 

@@ -9,8 +9,9 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from .experiments import SavedRun
+from .metrics import THRESHOLD_JACCARD
 
-FAIL_BELOW = 0.65  # the ISIC 2018 threshold-Jaccard rule: an image below this Jaccard counts as a failure
+FAIL_BELOW = THRESHOLD_JACCARD  # the ISIC 2018 rule: an image below this Jaccard counts as a failure
 
 
 def per_image_frame(per_image: pd.DataFrame) -> pd.DataFrame:
@@ -72,9 +73,11 @@ def reading(frames: dict[str, pd.DataFrame]) -> str:
             for column, label in (("lesion_area", "lesion area"), ("megapixels", "original image size")):
                 if frame[column].nunique() > 1:
                     rho, p = spearmanr(frame[column], frame["iou"])
-                    trend = "rises with" if rho > 0 else "falls with"
-                    strength = "weakly " if abs(rho) < 0.3 else ""
-                    line += f"; JA {strength}{trend} {label} (Spearman ρ {rho:+.2f}, p {p:.2g})"
+                    if p >= 0.05:
+                        trend = "shows no clear trend with"
+                    else:
+                        trend = ("weakly " if abs(rho) < 0.3 else "") + ("rises with" if rho > 0 else "falls with")
+                    line += f"; JA {trend} {label} (Spearman ρ {rho:+.2f}, p {p:.2g})"
         worst_row = frame.loc[frame["iou"].idxmin()]
         line += (f". Worst: {worst_row['id']} (JA {worst_row['iou']:.2f}, lesion {100 * worst_row['lesion_area']:.1f}% "
                  f"of the image).")

@@ -12,7 +12,8 @@ positives/negatives; every metric is then reported two ways:
   ``torchmetrics.BinaryJaccardIndex`` computes when fed every pixel).
 
 Definitions: IoU (Jaccard) = TP / (TP + FP + FN); Dice = 2TP / (2TP + FP + FN); pixel accuracy =
-(TP + TN) / all; sensitivity = TP / (TP + FN); specificity = TN / (TN + FP).
+(TP + TN) / all; sensitivity = TP / (TP + FN); specificity = TN / (TN + FP); threshold Jaccard (the ISIC 2018
+ranking rule, as the challenge's scorer ``isic-challenge-scoring`` computes it) = IoU where IoU ≥ 0.65, else 0.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 
 from .data import read_mask
 
-METRICS = ("iou", "dice", "accuracy", "sensitivity", "specificity")
+METRICS = ("iou", "threshold_iou", "dice", "accuracy", "sensitivity", "specificity")
+THRESHOLD_JACCARD = 0.65  # the ISIC 2018 ranking rule: an image scoring Jaccard below this counts 0
 
 
 def confusion_counts(probabilities: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -49,8 +51,10 @@ def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
 def scores(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     """Scores from ``K×4`` counts (per image, or one pooled row): a dict of ``K`` float64 tensors."""
     tp, fp, fn, tn = counts.double().unbind(1)
+    iou = _ratio(tp, tp + fp + fn)
     return {
-        "iou": _ratio(tp, tp + fp + fn),
+        "iou": iou,
+        "threshold_iou": torch.where(iou >= THRESHOLD_JACCARD, iou, torch.zeros_like(iou)),
         "dice": _ratio(2 * tp, 2 * tp + fp + fn),
         "accuracy": _ratio(tp + tn, tp + fp + fn + tn),
         "sensitivity": _ratio(tp, tp + fn),
@@ -78,7 +82,8 @@ def summarize(counts: torch.Tensor) -> dict[str, float]:
     summary = {}
     for name in METRICS:
         summary[f"{name}_mean"] = float(per_image[name].mean())
-        summary[f"{name}_pooled"] = float(pooled[name][0])
+        if name != "threshold_iou":  # a rule for single images: pooling pixels first has no meaning for it
+            summary[f"{name}_pooled"] = float(pooled[name][0])
     return summary
 
 

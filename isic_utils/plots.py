@@ -216,7 +216,6 @@ def ja_vs_size(frames: dict[str, pd.DataFrame]):
         sns.scatterplot(data=long, x=column, y="iou", hue="run", ax=ax, s=14, alpha=0.7, legend=ax is axes[0])
         ax.axhline(failures.FAIL_BELOW, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xlabel(column if column != "megapixels" else "original image size (megapixels)")
-    axes[0].set_xscale("log")
     axes[0].set_ylabel("test JA per image")
     axes[0].set_title(f"JA against lesion area (dashed: JA {failures.FAIL_BELOW})", fontsize=10)
     axes[1].set_title("JA against original image size", fontsize=10)

@@ -235,9 +235,12 @@ def _run_finding(folder: Path) -> str:
         f"{failures.FAIL_BELOW} (seed {first})")
     trained = (info.get("trained_on") or {}).get(str(first), {})
     where = f"; trained on {trained['device_name']} ({trained['precision']})" if trained else ""
+    weights = (info.get("encoder_weights") or {}).get(str(first), {})
+    encoder = weights.get("source", "unrecorded") + (" (ImageNet weights were unavailable)"
+                                                     if weights.get("fallback") else "")
     return (f"test JA {scores.mean():.3f}{spread} (mean per image, original size); checkpoint of epoch "
             f"{int(seeds['best_epoch'].iloc[0])} of {info['params']['epochs']} chosen on validation (val IoU "
-            f"{seeds['val_iou_mean'].iloc[0]:.3f}){fails}; encoder: {info['weights']}{where}.")
+            f"{seeds['val_iou_mean'].iloc[0]:.3f}){fails}; encoder: {encoder}{where}.")
 
 
 def _compare_finding(out_dir: Path) -> str:
@@ -297,3 +300,11 @@ def answer_section(out_dir: Path) -> str:
     return (f'<h2>The answer</h2><p class="answer">{html.escape(_compare_finding(out_dir))}</p>'
             "<h3>Table 9 — test scores per run (validation-selected checkpoints; mean ± std over seeds)</h3>"
             + table.to_html(index=False, border=0, na_rep="", classes="table9") + picture)
+
+
+def for_reading(table: pd.DataFrame, digits: int = 3):
+    """``table`` as a chapter shows it: no index column, numbers rounded to ``digits`` decimals, blanks for missing
+    values (the CSV under ``tables/`` keeps full precision)."""
+    p_values = {column: "{:.2g}" for column in table.columns if "p-value" in str(column)}  # 1e-11 is not 0.000
+    return (table.style.hide(axis="index").format(precision=digits, na_rep="", thousands=",")
+            .format(p_values, na_rep=""))
