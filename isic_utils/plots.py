@@ -197,9 +197,9 @@ def worst_cases(images: torch.Tensor, masks: torch.Tensor, probabilities: torch.
         if 0 < predicted.sum() < predicted.size:
             ax.contour(predicted, levels=[0.5], colors="magenta", linewidths=1.2)
         ax.title.set_fontsize(8)
-    if title:
-        axes_row[0].set_ylabel(title)
-        axes_row[0].yaxis.label.set_visible(True)
+    if title:  # the run's name beside its row (the image axes themselves are hidden)
+        axes_row[0].text(-0.06, 0.5, title, transform=axes_row[0].transAxes, rotation=90, ha="right", va="center",
+                         fontsize=10, fontweight="bold")
     if fig is not None:
         fig.suptitle(f"{title + ': ' if title else ''}worst test images — green: ground truth, magenta: prediction",
                      fontsize=9)

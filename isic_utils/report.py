@@ -305,6 +305,6 @@ def answer_section(out_dir: Path) -> str:
 def for_reading(table: pd.DataFrame, digits: int = 3):
     """``table`` as a chapter shows it: no index column, numbers rounded to ``digits`` decimals, blanks for missing
     values (the CSV under ``tables/`` keeps full precision)."""
-    p_values = {column: "{:.2g}" for column in table.columns if "p-value" in str(column)}  # 1e-11 is not 0.000
-    return (table.style.hide(axis="index").format(precision=digits, na_rep="", thousands=",")
-            .format(p_values, na_rep=""))
+    styled = table.style.hide(axis="index").format(precision=digits, na_rep="", thousands=",")
+    p_values = [column for column in table.columns if "p-value" in str(column)]  # 1.6e-11 must not read 0.000
+    return styled.format("{:.2g}", subset=p_values, na_rep="") if p_values else styled

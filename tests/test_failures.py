@@ -84,3 +84,11 @@ def test_the_eda_size_overview_sums_up_every_size():
     assert table.loc["width", "min"] == 640 and table.loc["width", "max"] == 3008 and table.loc["width", "median"] == 1022
     assert table.loc["megapixels", "max"] == pytest.approx(6.016)
     assert table.loc["width × height", "distinct"] == 3 and table.loc["width × height", "images"] == 4
+
+
+def test_tables_for_reading_hide_the_index_and_round_but_keep_small_p_values():
+    table = pd.DataFrame({"score": [0.123456, None], "parameters": [13272065, 2], "p-value": [1.6e-11, 0.5]})
+    page = report.for_reading(table).to_html()
+    assert ">0.123<" in page and ">13,272,065<" in page and ">1.6e-11<" in page and "0.123456" not in page
+    assert "row_heading" not in page  # no index column
+    assert table["score"].iloc[0] == 0.123456  # the table itself (and its CSV) keeps full precision
