@@ -287,7 +287,7 @@ def test_a_killed_kernel_is_named_as_such(tmp_path):
 
 
 def test_a_failed_html_export_keeps_the_notebook_and_is_redone_alone(tmp_path, monkeypatch):
-    def no_export(*args):
+    def no_export(*args, **kwargs):
         raise RuntimeError("pandoc exploded")
 
     overrides = {"output_dir": str(tmp_path / "out"), "data_dir": str(tmp_path / "data")}
