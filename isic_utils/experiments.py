@@ -271,7 +271,6 @@ def _fit_in_workers(params: dict, data: ReportData, jobs: int, threads: int,
             _print_lines(lines)
             for future in done:
                 future.result()  # raises the worker's error, which stops the rest below
-        _print_lines(lines)
         finished = True
         return {futures[future]: future.result() for future in futures}
     finally:

@@ -513,7 +513,6 @@ class FeatureStore:
 
     def __init__(self) -> None:
         self._features: dict[tuple, _Features] = {}
-        self.built = 0  # how many times features were computed (the cache-sharing test reads it)
 
     def get(self, model: SegmentationModel, data: ReportData, config: TrainConfig, precision: str) -> _Features:
         key = (model.encoder_weights.get("sha256") or id(model), bool(getattr(model.decoder, "needs_skips", False)),
@@ -521,7 +520,6 @@ class FeatureStore:
                config.channels_last, id(data))
         if key not in self._features:
             self._features[key] = _encode_splits(model, data, config, precision)
-            self.built += 1
         return self._features[key]
 
 
