@@ -148,12 +148,15 @@ def size_overview(sizes: pd.DataFrame) -> pd.DataFrame:
     """Original sizes at a glance: per dimension (width, height, megapixels) the images, distinct values, min,
     median and max, and how many distinct (width, height) pairs there are (the full list: ``size_summary``)."""
     values = sizes.assign(megapixels=sizes["width"] * sizes["height"] / 1e6)
+    def plain(value, pixels: bool):  # pixels stay whole numbers (602, not 602.000); a median may be a half
+        return int(value) if pixels and float(value).is_integer() else float(value)
+
     rows = [{"dimension": column, "images": int(values[column].count()), "distinct": int(values[column].nunique()),
-             "min": values[column].min(), "median": values[column].median(), "max": values[column].max()}
+             **{k: plain(getattr(values[column], k)(), column != "megapixels") for k in ("min", "median", "max")}}
             for column in ("width", "height", "megapixels")]
     rows.append({"dimension": "width × height", "images": int(len(sizes)),
                  "distinct": int(len(sizes.groupby(["width", "height"])))})
-    return pd.DataFrame(rows, columns=["dimension", "images", "distinct", "min", "median", "max"])
+    return pd.DataFrame(rows, columns=["dimension", "images", "distinct", "min", "median", "max"], dtype=object)
 
 
 def size_summary(sizes: pd.DataFrame) -> pd.DataFrame:
@@ -278,17 +281,34 @@ def _eda_finding(out_dir: Path) -> str:
             f"{largest['height']} ({len(sizes)} distinct), resized to the model's square input.{checked}")
 
 
+def _external_finding(out_dir: Path) -> str:
+    gap = _table(out_dir / "external", "gap")
+    if gap is None:
+        return "not run yet."
+    if gap.empty:
+        return "no external set was found (see the chapter for where to get PH2)."
+    parts = []
+    for _, row in gap.iterrows():
+        name = row["external set"]
+        parts.append(f"{row['run']} JA {row[f'JA {name}']:.3f} on {name} vs {row['JA ISIC test']:.3f} on the ISIC "
+                     f"test set ({row['JA gap']:+.3f})")
+    return "; ".join(parts) + "."
+
+
 def chapter_finding(out_dir: Path, name: str, chapter: str) -> str:
     """One sentence of what chapter ``name`` found, from the numbers it saved."""
     if chapter == "eda":
         return _eda_finding(out_dir)
+    if chapter == "external":
+        return _external_finding(out_dir)
     if chapter == "compare":
         return _compare_finding(out_dir)
     return _run_finding(out_dir / name)
 
 
 def answer_section(out_dir: Path) -> str:
-    """HTML for the top of ``index.html``: the answer in one sentence, Table 9 and the headline figure."""
+    """HTML for the top of ``index.html``: the answer in one sentence (and, when the external chapter ran, how each
+    run fares on another clinic's images), Table 9 and the headline figure."""
     folder = out_dir / "compare"
     table = _table(folder, "comparison")
     if table is None:
@@ -297,7 +317,10 @@ def answer_section(out_dir: Path) -> str:
     picture = (f'<figure><img src="compare/figures/predictions.png" alt="the same test images predicted by every run">'
                "<figcaption>The same test images (from easy to hard for the first run), their ground truth, and each "
                "run's prediction.</figcaption></figure>") if figure.exists() else ""
-    return (f'<h2>The answer</h2><p class="answer">{html.escape(_compare_finding(out_dir))}</p>'
+    elsewhere = _external_finding(out_dir)
+    elsewhere = ("" if elsewhere == "not run yet." else
+                 f'<p class="answer">On another clinic\'s images: {html.escape(elsewhere)}</p>')
+    return (f'<h2>The answer</h2><p class="answer">{html.escape(_compare_finding(out_dir))}</p>{elsewhere}'
             "<h3>Table 9 — test scores per run (validation-selected checkpoints; mean ± std over seeds)</h3>"
             + table.to_html(index=False, border=0, na_rep="", classes="table9") + picture)
 

@@ -92,3 +92,13 @@ def test_tables_for_reading_hide_the_index_and_round_but_keep_small_p_values():
     assert ">0.123<" in page and ">13,272,065<" in page and ">1.6e-11<" in page and "0.123456" not in page
     assert "row_heading" not in page  # no index column
     assert table["score"].iloc[0] == 0.123456  # the table itself (and its CSV) keeps full precision
+
+
+def test_the_size_overview_shows_pixels_as_whole_numbers():
+    """The EDA's size table read '602.000' for a width: pixel counts stay whole, megapixels keep decimals."""
+    from isic_utils import report
+
+    sizes = pd.DataFrame({"width": [602, 700, 1000, 1500], "height": [400, 500, 600, 700]})
+    page = report.for_reading(report.size_overview(sizes)).to_html()
+    assert ">602<" in page and ">1,500<" in page and ">850<" in page and "602.000" not in page
+    assert ">0.241<" in page
