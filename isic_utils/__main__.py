@@ -1,4 +1,5 @@
-"""Command line: ``python -m isic_utils report`` and ``python -m isic_utils predict``."""
+"""Command line: ``python -m isic_utils report``, ``python -m isic_utils predict`` and
+``python -m isic_utils options`` (what each generalisation option of task 3 buys)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,21 @@ def main(argv: list[str] | None = None) -> int:
     rep = commands.add_parser("report", help="run every chapter with papermill and export HTML")
     rep.add_argument("--data", default="synthetic", help="data profile in params/profiles/ (default: synthetic)")
     rep.add_argument("--force", action="store_true", help="rerun every chapter, retraining the runs from scratch")
-    rep.add_argument("--only", nargs="*", help="run only these steps (eda task1 task2 task3 compare)")
+    rep.add_argument("--only", nargs="*", help="run only these steps (eda task1 task2 task3 external compare)")
     rep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
     pred = commands.add_parser("predict", help="write masks at original size for a folder of images")
     pred.add_argument("--checkpoint", required=True, help="a best.pt from a training run")
-    pred.add_argument("--input", required=True, help="folder of JPEG/PNG images")
+    pred.add_argument("--input", required=True, help="folder of JPEG/PNG/BMP/TIFF images")
     pred.add_argument("--output", required=True, help="folder for <id>_Segmentation.png masks")
     pred.add_argument("--overlays", action="store_true", help="also write <id>_overlay.jpg")
+    pred.add_argument("--tta", choices=["none", "flips"], help="test-time flips (default: as the run was scored)")
+    pred.add_argument("--postprocess", choices=["none", "largest_component"],
+                      help="keep the largest lesion, holes filled (default: as the run was scored)")
+    opt = commands.add_parser("options", help="train task 3 without and with each generalisation option, score them "
+                                              "on validation and the external sets (outputs/<profile>/options)")
+    opt.add_argument("--data", default="synthetic", help="data profile in params/profiles/ (default: synthetic)")
+    opt.add_argument("--epochs", type=int, help="epochs per run (default: task 3's)")
+    opt.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
     args = parser.parse_args(argv)
 
     from .data import DataError
@@ -43,10 +52,15 @@ def main(argv: list[str] | None = None) -> int:
             from .pipeline import run_report
 
             run_report(args.data, force=args.force, only=args.only, overrides=_parse_set(args.set))
+        elif args.command == "options":
+            from .generalisation import options_study
+
+            options_study(args.data, args.epochs, _parse_set(args.set))
         else:
             from .predict import predict_folder
 
-            written = predict_folder(args.checkpoint, args.input, args.output, args.overlays)
+            written = predict_folder(args.checkpoint, args.input, args.output, args.overlays, args.tta,
+                                     args.postprocess)
             print(f"wrote {len(written)} masks to {args.output}")
     except (ParameterError, ChapterFailed, DataError, CheckpointMismatch, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

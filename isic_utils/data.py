@@ -24,6 +24,15 @@ Conversions (applied silently, because each has one obvious meaning):
 
 Ignored: stray files (``.DS_Store``, ``*_superpixels.png``, ``__MACOSX``, anything not named ``ISIC_<digits>``).
 
+External sets (another clinic's images, e.g. PH2) are read by ``find_external_pairs`` with the same error policy:
+images ``*.jpg|*.jpeg|*.png|*.bmp|*.tif`` matched by a glob, each mask found by a naming rule relative to its image's
+folder (``{stem}_Segmentation.png``, ``../masks/{stem}.png``, PH2's ``../{stem}_lesion/{stem}_lesion.bmp``), masks
+1-bit, grey or RGB with equal channels.
+
+Colour constancy (``color_constancy``: shades of grey, Minkowski norm 6) is applied to the decoded, resized uint8
+images by one function, ``apply_color_constancy``, wherever a model sees images: training, evaluation, ``predict``
+and the external chapter.
+
 Decoding happens once: images are resized to ``image_size`` (antialiased bilinear), masks with
 nearest-neighbour, and the uint8 tensors are cached on disk keyed by the source files and the size.
 """
@@ -54,6 +63,15 @@ SPLIT_FOLDERS = {
 OFFICIAL_COUNTS = {"train": 900, "test": 379}
 ISIC2016_URL = "https://isic-challenge-data.s3.amazonaws.com/2016"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+EXTERNAL_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+# Named layouts of external sets: a glob for the images under the set's folder, and the mask's path relative to
+# each image's folder ({stem}: the image's name without its suffix).
+EXTERNAL_LAYOUTS = {
+    "ph2": {"images": "**/*_Dermoscopic_Image/*.bmp", "masks": "../{stem}_lesion/{stem}_lesion.bmp"},
+    "isic": {"images": "*", "masks": "{stem}_Segmentation.png"},
+    "masks_folder": {"images": "images/*", "masks": "../masks/{stem}.png"},
+}
+PH2_URL = "https://www.fc.up.pt/addi/ph2%20database.html"
 MASK_SUFFIX = "_Segmentation.png"
 _ID = re.compile(r"^(ISIC_\d+)$")
 _MASK = re.compile(r"^(ISIC_\d+)_Segmentation\.png$", re.IGNORECASE)
@@ -133,6 +151,47 @@ def find_pairs(root: str | Path, split: str) -> list[Pair]:
 def has_split(root: str | Path, split: str) -> bool:
     """True when both official folders of ``split`` exist under ``root``."""
     return all((Path(root) / name).is_dir() for name in SPLIT_FOLDERS[split])
+
+
+def find_external_pairs(root: str | Path, images: str = "*", masks: str = "{stem}_Segmentation.png") -> list[Pair]:
+    """Pair an external set's images with their masks: every ``*.jpg|*.jpeg|*.png|*.bmp|*.tif`` file matching the
+    glob ``images`` under ``root``, its mask at ``masks.format(stem=...)`` relative to the image's folder.
+
+    Files that are some image's mask, hidden files and ``*_superpixels`` files are not images. Returns pairs sorted
+    by id (the image's stem). Raises ``DataError`` for a missing folder, no images, an image without its mask, or two
+    images with one stem; a mask of another size than its image is refused when decoded.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"external data folder {root} not found. Point the set's dir (or its environment variable) at "
+                        "the folder holding the images and masks.")
+    candidates = sorted(p for p in root.glob(images) if p.is_file() and p.suffix.lower() in EXTERNAL_IMAGE_SUFFIXES
+                        and not p.name.startswith(".") and "__MACOSX" not in p.parts
+                        and not p.stem.endswith("_superpixels"))
+    mask_of = {p: (p.parent / masks.format(stem=p.stem)) for p in candidates}
+    mask_paths = {os.path.normpath(m) for m in mask_of.values()}
+    pairs: dict[str, Pair] = {}
+    missing = []
+    for path in candidates:
+        if os.path.normpath(path) in mask_paths:  # a mask the images glob also matched
+            continue
+        mask = Path(os.path.normpath(mask_of[path]))
+        if path.stem in pairs:
+            raise DataError(f"two images with the id {path.stem} under {root}: {pairs[path.stem].image} and {path}. "
+                            "Keep one file per id.")
+        if not mask.is_file():
+            missing.append((path, mask))
+            continue
+        pairs[path.stem] = Pair(path.stem, path, mask)
+    if missing:
+        image, mask = missing[0]
+        raise DataError(f"mask missing for {image}: expected {mask} (mask rule {masks!r})"
+                        + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                        + ". Restore the mask, remove the image, or fix the set's masks rule in the profile.")
+    if not pairs:
+        raise DataError(f"no images ({', '.join('*' + s for s in EXTERNAL_IMAGE_SUFFIXES)}) matching {images!r} under "
+                        f"{root}. Check the folder, or the set's images glob / layout in the profile.")
+    return [pairs[k] for k in sorted(pairs)]
 
 
 # ----------------------------------------------------------------------------- download
@@ -514,8 +573,31 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (x - mean_t) / std_t
 
 
-AUGMENTATIONS = ("hflip", "vflip", "rot90", "color_jitter")
+COLOR_CONSTANCY = ("none", "shades_of_grey")
+
+
+def apply_color_constancy(images: torch.Tensor, method: str = "none", power: int = 6) -> torch.Tensor:
+    """Colour constancy on uint8 ``N×3×H×W`` images (the one implementation: training, evaluation, ``predict``).
+
+    ``shades_of_grey`` (Finlayson & Trezzi 2004; for dermoscopy Barata et al. 2015): each image's illuminant is the
+    Minkowski ``power``-mean of each channel; each channel is scaled so that the illuminant becomes neutral grey with
+    the same norm, then clipped to [0, 255]. Removes a camera's or a lamp's colour cast; ``none`` returns ``images``.
+    """
+    if method == "none":
+        return images
+    if method != "shades_of_grey":
+        raise ValueError(f"color_constancy must be one of {list(COLOR_CONSTANCY)}, got {method!r}")
+    x = images.double()
+    illuminant = x.pow(power).mean(dim=(-2, -1), keepdim=True).pow(1.0 / power)  # N×3×1×1
+    unit = illuminant / illuminant.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    scaled = x / (unit * 3 ** 0.5).clamp(min=1e-12)
+    return scaled.round_().clamp_(0, 255).to(torch.uint8)
+
+
+AUGMENTATIONS = ("hflip", "vflip", "rot90", "color_jitter", "scale_rotate", "color_strong")
 COLOR_JITTER = 0.2  # brightness, contrast and saturation factors in [1 - j, 1 + j], hue shift in ±j/10
+SCALE_ROTATE = {"zoom": (1.0, 1.5), "degrees": 20.0}  # random resized crop (area 44–100%) and a small rotation
+COLOR_STRONG = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.4, "hue": 0.05, "gamma": (0.7, 1.5)}
 
 
 def draw_augmentation(count: int, augment: Sequence[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -528,7 +610,46 @@ def draw_augmentation(count: int, augment: Sequence[str], generator: torch.Gener
         draws["rot90"] = torch.randint(0, 4, (count,), generator=generator)
     if "color_jitter" in augment:
         draws["jitter"] = torch.rand(count, 4, generator=generator)
+    if "scale_rotate" in augment:  # zoom, angle, x and y offset of the crop, each uniform in [0, 1)
+        draws["scale_rotate"] = torch.rand(count, 4, generator=generator)
+    if "color_strong" in augment:  # brightness, contrast, saturation, hue, gamma
+        draws["color_strong"] = torch.rand(count, 5, generator=generator)
     return draws
+
+
+def _scale_rotate(images: torch.Tensor, masks: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random resized crop (zoom in by 1–1.5×, at a random offset inside the image) turned by up to ±20°, for the
+    whole batch in one ``grid_sample`` (bilinear for images, nearest for masks, borders reflected)."""
+    low, high = SCALE_ROTATE["zoom"]
+    u = u.to(images.device, torch.float32)
+    zoom = low + (high - low) * u[:, 0]
+    angle = torch.deg2rad(SCALE_ROTATE["degrees"] * (2 * u[:, 1] - 1))
+    reach = 1 - 1 / zoom  # how far the crop's centre may move, in [-1, 1] coordinates
+    shift_x, shift_y = reach * (2 * u[:, 2] - 1), reach * (2 * u[:, 3] - 1)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    moved = torch.nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection",
+                                            align_corners=False)
+    moved_masks = torch.nn.functional.grid_sample(masks.float(), grid, mode="nearest", padding_mode="reflection",
+                                                  align_corners=False)
+    return moved.round_().clamp_(0, 255).to(images.dtype), moved_masks.round_().to(masks.dtype)
+
+
+def _color_strong(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Stronger colour changes than ``color_jitter`` (another camera, another lamp): brightness, contrast and
+    saturation factors, a hue shift and a gamma, per image."""
+    from torchvision.transforms.v2 import functional as F
+
+    c = COLOR_STRONG
+    out = []
+    for image, (b, k, s, h, g) in zip(images, u.tolist()):
+        image = F.adjust_brightness(image, 1 + c["brightness"] * (2 * b - 1))
+        image = F.adjust_contrast(image, 1 + c["contrast"] * (2 * k - 1))
+        image = F.adjust_saturation(image, 1 + c["saturation"] * (2 * s - 1))
+        image = F.adjust_hue(image, c["hue"] * (2 * h - 1))
+        out.append(F.adjust_gamma(image, c["gamma"][0] + (c["gamma"][1] - c["gamma"][0]) * g))
+    return torch.stack(out)
 
 
 def _where(selected: torch.Tensor, changed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
@@ -570,6 +691,10 @@ def apply_augmentation(images: torch.Tensor, masks: torch.Tensor, draws: dict[st
             image = F.adjust_saturation(image, saturation)
             jittered.append(F.adjust_hue(image, (hue - 1) / 10))
         images = torch.stack(jittered)
+    if "scale_rotate" in draws:
+        images, masks = _scale_rotate(images, masks, draws["scale_rotate"])
+    if "color_strong" in draws:
+        images = _color_strong(images, draws["color_strong"])
     return images, masks
 
 
@@ -587,6 +712,8 @@ def augmentation_examples(images: torch.Tensor, masks: torch.Tensor, seed: int =
         "vertical flip": apply_augmentation(images, masks, {"vflip": every}),
         "90° rotation": apply_augmentation(images, masks, {"rot90": torch.randint(1, 4, (count,), generator=generator)}),
         "colour jitter": apply_augmentation(images, masks, draw_augmentation(count, ["color_jitter"], generator)),
+        "crop and rotation": apply_augmentation(images, masks, draw_augmentation(count, ["scale_rotate"], generator)),
+        "strong colour": apply_augmentation(images, masks, draw_augmentation(count, ["color_strong"], generator)),
     }
 
 

@@ -111,6 +111,7 @@ def train_config(params: dict, seed: int) -> TrainConfig:
         augment=tuple(params["augment"]), loss=params["loss"], precision=params["precision"],
         monitor_test=params["monitor_test"], feature_cache=params["feature_cache"],
         device=resolve_device(params["device"]), deterministic=params["deterministic"],
+        color_constancy=params["color_constancy"], tta=params["tta"], postprocess=params["postprocess"],
     )
 
 
@@ -184,12 +185,18 @@ def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult
         trained = {seed: _fit_seed(params, data, seed, params["epochs"] * (len(seeds) - k - 1), verbose, store)
                    for k, seed in enumerate(seeds)}
     fits = {seed: fitted for seed, (fitted, _, _) in trained.items()}
-    # challenge-style scores of every seed at once: each full-size test mask is read from disk once
-    challenge = metrics.original_size_counts([fits[seed].test.probabilities for seed in seeds], data.test)
-    for seed, counts in zip(seeds, challenge):
+    # challenge-style scores of every seed at once: each full-size mask is read from disk once
+    post = params["postprocess"]
+    challenge = metrics.original_size_counts([fits[seed].test.probabilities for seed in seeds], data.test,
+                                             postprocess=post)
+    challenge_val = metrics.original_size_counts([fits[seed].val.probabilities for seed in seeds], data.val,
+                                                 postprocess=post)
+    for seed, counts, val_counts in zip(seeds, challenge, challenge_val):
         result, weights, note = trained[seed]
         seed_dir = run_dir / f"seed{seed}"
         save_table(metrics.per_image_table(counts, data.test.ids, data.test.sizes), run_dir, f"per_image_test_seed{seed}")
+        save_table(metrics.per_image_table(val_counts, data.val.ids, data.val.sizes), run_dir,
+                   f"per_image_val_seed{seed}")
         with atomic_path(seed_dir / "test_probabilities.pt") as tmp:
             torch.save(result.test.probabilities, tmp)
         with atomic_path(seed_dir / "history.csv") as tmp:
@@ -198,6 +205,7 @@ def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult
         write_json(seed_dir / "result.json", {
             "seed": seed, "run_key": key, "best_epoch": result.best_epoch,
             "val": result.val.summary(), "test": result.test.summary(), "test_orig": metrics.summarize(counts),
+            "val_orig": metrics.summarize(val_counts),
             "precision": result.precision, "feature_cache": result.used_feature_cache,
             "train_minutes": result.seconds / 60, "trained_on": result.trained_on,
             "encoder_weights": weights, "weights_note": note,
@@ -303,6 +311,7 @@ def _merge_seeds(params: dict, data: ReportData, run_dir: Path, key: str, model,
         "seed": r["seed"], "best_epoch": r["best_epoch"], "val_iou_mean": r["val"]["iou_mean"],
         "test_iou_mean_model_px": r["test"]["iou_mean"], "test_iou_pooled_model_px": r["test"]["iou_pooled"],
         **{f"test_{k}_orig": v for k, v in r["test_orig"].items()},
+        **({"val_iou_mean_orig": r["val_orig"]["iou_mean"]} if "val_orig" in r else {}),
         "precision": r["precision"], "device": r.get("trained_on", {}).get("device", "cpu"),
         "feature_cache": r["feature_cache"], "train_minutes": r["train_minutes"],
     } for r in results]

@@ -18,6 +18,7 @@ ranking rule, as the challenge's scorer ``isic-challenge-scoring`` computes it) 
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -87,22 +88,56 @@ def summarize(counts: torch.Tensor) -> dict[str, float]:
     return summary
 
 
-def original_size_counts(probabilities, data_split, threshold: float = 0.5):
+POSTPROCESSING = ("none", "largest_component")
+
+
+def postprocess_mask(mask: torch.Tensor, method: str = "none") -> torch.Tensor:
+    """Post-process a binary ``H×W`` (or ``1×…×H×W``) mask: ``largest_component`` keeps the largest 8-connected
+    foreground component and fills its holes (one lesion per dermoscopy image); ``none`` returns it unchanged.
+    An empty mask stays empty."""
+    if method == "none":
+        return mask
+    if method != "largest_component":
+        raise ValueError(f"postprocess must be one of {list(POSTPROCESSING)}, got {method!r}")
+    from scipy import ndimage
+
+    array = mask.detach().cpu().numpy().astype(bool)
+    plane = array.reshape(array.shape[-2:])
+    labels, count = ndimage.label(plane, structure=np.ones((3, 3), dtype=bool))
+    if count > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        plane = labels == int(sizes.argmax())
+    plane = ndimage.binary_fill_holes(plane)
+    return torch.from_numpy(plane.reshape(array.shape)).to(mask.device, mask.dtype)
+
+
+def full_size_mask(probabilities: torch.Tensor, size: tuple[int, int], threshold: float = 0.5,
+                   postprocess: str = "none") -> torch.Tensor:
+    """A ``1×1×h×w`` probability map → the binary ``1×1×H×W`` mask at the image's original (width, height) =
+    ``size``: bilinear upsampling, threshold, then ``postprocess``. The one path from a model's output to a mask,
+    for scoring and for ``predict``."""
+    width, height = size
+    upsampled = torch.nn.functional.interpolate(probabilities.float(), size=(height, width), mode="bilinear",
+                                                align_corners=False)
+    return postprocess_mask(upsampled > threshold, postprocess)
+
+
+def original_size_counts(probabilities, data_split, threshold: float = 0.5, postprocess: str = "none"):
     """Challenge-style counts: each probability map upsampled (bilinear) to its image's original size,
-    thresholded at ``threshold``, and compared with the original full-size mask.
+    thresholded at ``threshold`` (then post-processed), and compared with the original full-size mask.
 
     ``probabilities``: one ``N×1×h×w`` tensor, or a list of them (a run's seeds), for which each full-size mask is
-    read once and a list of counts is returned.
+    read once and a list of counts is returned. ``postprocess``: one method for all, or a list (one per map).
     """
     several = isinstance(probabilities, (list, tuple))
     maps = list(probabilities) if several else [probabilities]
+    methods = list(postprocess) if isinstance(postprocess, (list, tuple)) else [postprocess] * len(maps)
     counts: list[list[torch.Tensor]] = [[] for _ in maps]
     for k, pair in enumerate(data_split.sources):
-        width, height = data_split.sizes[k]
         mask = read_mask(pair.mask, None).float().unsqueeze(0)
-        for store, maps_k in zip(counts, maps):
-            upsampled = torch.nn.functional.interpolate(maps_k[k:k + 1].float(), size=(height, width),
-                                                        mode="bilinear", align_corners=False)
-            store.append(confusion_counts(upsampled, mask, threshold))
+        for store, maps_k, method in zip(counts, maps, methods):
+            predicted = full_size_mask(maps_k[k:k + 1], data_split.sizes[k], threshold, method)
+            store.append(confusion_counts(predicted.float(), mask, 0.5))
     joined = [torch.cat(store) for store in counts]
     return joined if several else joined[0]

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .data import AUGMENTATIONS
+from .data import AUGMENTATIONS, COLOR_CONSTANCY, EXTERNAL_LAYOUTS
 
 # key: (allowed types, default). Data keys are shared by every chapter.
 DATA_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
@@ -59,10 +59,29 @@ CHAPTER_KEYS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "monitor_test": ((bool,), True),
         "feature_cache": ((bool,), True),
         "resume": ((bool,), True),  # continue finished or interrupted seeds; false (or report --force) retrains
+        "color_constancy": ((str,), "none"),  # shades_of_grey: every image the model sees, in training and after
+        "tta": ((str,), "none"),  # flips: the final scores average the four flips' probabilities
+        "postprocess": ((str,), "none"),  # largest_component: one lesion, holes filled, before scoring at full size
+    },
+    "external": {
+        "runs": ((list,), ["task1", "task2"]),
+        "external": ((list,), []),  # sets from another source: see EXTERNAL_KEYS and the profiles
+        "n_samples": ((int,), 6),
     },
     "compare": {
         "runs": ((list,), ["task1", "task2"]),
     },
+}
+# What one external set in a profile's ``external`` list may say (name is required).
+EXTERNAL_KEYS = {
+    "name": "the set's name in tables (e.g. PH2)",
+    "dir": "its folder (relative to the project, or absolute)",
+    "env": "an environment variable that, when set, names the folder instead (e.g. PH2_DIR)",
+    "layout": f"a named layout: {', '.join(EXTERNAL_LAYOUTS)}",
+    "images": "a glob for the images under the folder (overrides the layout's)",
+    "masks": "the mask's path relative to each image's folder, with {stem} (overrides the layout's)",
+    "source": "where users get the data (shown when the folder is missing)",
+    "synthetic": "generate a synthetic other-clinic set of this many cases in PH2's layout (offline profiles)",
 }
 
 CHOICES = {
@@ -72,6 +91,9 @@ CHOICES = {
     "loss": ("bce", "bce+dice"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
+    "color_constancy": COLOR_CONSTANCY,
+    "tta": ("none", "flips"),
+    "postprocess": ("none", "largest_component"),
 }
 FRACTIONS = ("holdout_fraction", "val_fraction")
 RATES = ("encoder_lr", "decoder_lr")
@@ -228,10 +250,44 @@ def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> lis
             if not path.is_file():
                 problems.append(f"encoder_weights file {weights} not found (looked at {path}); give an existing "
                                 "state_dict path, 'imagenet', or null")
-    if chapter == "compare":
+    if chapter == "external":
+        problems += check_external(values.get("external"))
+    if chapter in ("compare", "external"):
         runs = values.get("runs")
         if isinstance(runs, list) and (len(runs) < 1 or not all(isinstance(r, str) for r in runs)):
             problems.append(f"runs must be a non-empty list of run names, got {runs!r}")
+    return problems
+
+
+def check_external(sets) -> list[str]:
+    """Problems with a profile's ``external`` list (each entry a mapping of EXTERNAL_KEYS, with a unique name)."""
+    if not isinstance(sets, list):
+        return []
+    problems, names = [], set()
+    for k, entry in enumerate(sets):
+        where = f"external[{k}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where} must be a mapping with keys {sorted(EXTERNAL_KEYS)}, got {entry!r}")
+            continue
+        unknown = sorted(set(entry) - set(EXTERNAL_KEYS))
+        if unknown:
+            problems.append(f"{where}: unknown key(s) {unknown}{suggest(unknown, EXTERNAL_KEYS)}; valid: "
+                            f"{sorted(EXTERNAL_KEYS)}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name or "/" in name:
+            problems.append(f"{where}: name must be a non-empty string without '/', got {name!r}")
+        elif name in names:
+            problems.append(f"{where}: the name {name!r} is used twice")
+        names.add(name)
+        if "layout" in entry and entry["layout"] not in EXTERNAL_LAYOUTS:
+            problems.append(f"{where}: layout must be one of {list(EXTERNAL_LAYOUTS)}, got {entry['layout']!r}")
+        if "masks" in entry and (not isinstance(entry["masks"], str) or "{stem}" not in entry["masks"]):
+            problems.append(f"{where}: masks must be a path with {{stem}} (e.g. '{{stem}}_Segmentation.png'), "
+                            f"got {entry['masks']!r}")
+        if "synthetic" in entry and (not isinstance(entry["synthetic"], int) or entry["synthetic"] < 2):
+            problems.append(f"{where}: synthetic must be a number of cases >= 2, got {entry['synthetic']!r}")
+        if "dir" not in entry and "env" not in entry and "synthetic" not in entry:
+            problems.append(f"{where}: give dir, env or synthetic: where the set is")
     return problems
 
 

@@ -22,22 +22,28 @@ from pathlib import Path
 from . import params as P
 from . import report
 from .experiments import describe_data
+from .external import external_sets
 from .files import atomic_path, locked, write_json, write_text
 from .model import resolve_weights
 
-NOTEBOOKS = {"eda": "01_eda.ipynb", "train": "02_train.ipynb", "compare": "03_compare.ipynb"}
+NOTEBOOKS = {"eda": "01_eda.ipynb", "train": "02_train.ipynb", "compare": "03_compare.ipynb",
+             "external": "04_external.ipynb"}
+READS_RUNS = ("external", "compare")  # chapters that read the training runs' outputs (stale once a run retrains)
 
 
 @dataclass(frozen=True)
 class Step:
-    name: str  # output name: eda, task1, task2, task3, compare
-    chapter: str  # eda | train | compare
+    name: str  # output name: eda, task1, task2, task3, external, compare
+    chapter: str  # eda | train | external | compare
     run_file: str  # params/<name>.yaml
 
 
 def steps_for(profile_values: dict) -> list[Step]:
+    """EDA, one training chapter per run, the external validation when the profile lists external sets, the
+    comparison."""
     runs = profile_values.get("runs", ["task1", "task2"])
-    return ([Step("eda", "eda", "eda.yaml")] + [Step(run, "train", f"{run}.yaml") for run in runs]
+    external = [Step("external", "external", "external.yaml")] if profile_values.get("external") else []
+    return ([Step("eda", "eda", "eda.yaml")] + [Step(run, "train", f"{run}.yaml") for run in runs] + external
             + [Step("compare", "compare", "compare.yaml")])
 
 
@@ -51,6 +57,8 @@ def _fingerprint(values: dict) -> str:
     kept = {k: v for k, v in values.items() if k not in ("resume", "jobs")}
     if "encoder_weights" in kept:
         kept["resolved_encoder_weights"] = resolve_weights(kept["encoder_weights"])
+    if kept.get("external"):  # a set's folder that appeared (PH2 unpacked, $PH2_DIR set) is new input
+        kept["resolved_external"] = [(s.name, str(s.root), s.found) for s in external_sets(values)]
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -180,7 +188,7 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
     for step in steps:
         chapter_overrides = {k: v for k, v in (overrides or {}).items() if k in P.schema(step.chapter)}
         values = P.resolve(step.chapter, root / "params" / step.run_file, profile, chapter_overrides, root)
-        if step.chapter == "compare":
+        if step.chapter in READS_RUNS:
             values["runs"] = [s.name for s in steps if s.chapter == "train"]
         if force and step.chapter == "train":
             values["resume"] = False  # --force retrains; a plain rerun continues finished or interrupted seeds
@@ -200,7 +208,7 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
         key = _fingerprint(values)
         done = state.get(step.name, {})
         executed = done.get("fingerprint") == key and (out_dir / f"{step.name}.ipynb").exists()
-        stale = step.chapter == "compare" and any(  # a run retrained since the comparison was written
+        stale = step.chapter in READS_RUNS and any(  # a run retrained since the comparison was written
             state.get(s.name, {}).get("finished", 0) > done.get("finished", 0) for s in steps if s.chapter == "train")
         if executed and not force and not stale:
             if (out_dir / f"{step.name}.html").exists():

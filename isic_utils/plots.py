@@ -1,6 +1,6 @@
 """Every figure of the report: one function each, returning the matplotlib Figure; ``save_figure`` writes PNGs;
-``run_figures``, ``failure_figures``, ``compare_predictions_figure`` and ``compare_failures_figure`` draw a
-chapter's figures from its runs."""
+``run_figures``, ``failure_figures``, ``compare_predictions_figure``, ``compare_failures_figure`` and
+``external_figures`` draw a chapter's figures from its runs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from . import data, failures
+from . import data, external, failures
 from .experiments import RunResult, SavedRun, prepare_data
 from .files import atomic_path
 
@@ -286,3 +286,52 @@ def compare_failures_figure(params: dict, runs: dict[str, SavedRun], k: int = 6)
     fig.suptitle("each run's worst test images — green: ground truth, magenta: prediction", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def external_distribution(result: dict):
+    """Per-image JA of each run on the ISIC test set and on each external set (box + strip, seeds averaged)."""
+    frames = []
+    for name, run in result["runs"].items():
+        test = pd.concat([t.set_index("id")["iou"] for t in run.per_image.values()], axis=1).mean(axis=1)
+        frames.append(pd.DataFrame({"run": name, "data": external.TEST_NAME, "iou": test.to_numpy()}))
+        for (run_name, split), scored in result["scored"].items():
+            if run_name != name or split == "validation":
+                continue
+            own = scored.own_tables()
+            ja = pd.concat([t.set_index("id")["iou"] for t in own.values()], axis=1).mean(axis=1)
+            frames.append(pd.DataFrame({"run": name, "data": split, "iou": ja.to_numpy()}))
+    long = pd.concat(frames, ignore_index=True)
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    sns.boxplot(data=long, x="run", y="iou", hue="data", ax=ax, fliersize=0)
+    sns.stripplot(data=long, x="run", y="iou", hue="data", dodge=True, ax=ax, size=2, alpha=0.5,
+                  palette=["black"] * long["data"].nunique(), legend=False)
+    ax.axhline(failures.FAIL_BELOW, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_ylabel("JA per image (original size)")
+    ax.set_title("ISIC test set vs the external sets (dashed: JA 0.65)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def external_worst_figure(result: dict, split_name: str, k: int = 6):
+    """For each run (one row), its ``k`` worst images of the external set ``split_name``, both outlines drawn."""
+    runs = list(result["runs"])
+    fig, axes = plt.subplots(len(runs), k, figsize=(2.4 * k, 2.8 * len(runs)), squeeze=False)
+    for row, name in zip(axes, runs):
+        split, probabilities, table = external.worst_external(result, name, split_name, k)
+        _worst_of(split, probabilities, failures.per_image_frame(table), k, name, row)
+    fig.suptitle(f"each run's worst {split_name} images — green: ground truth, magenta: prediction", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def external_figures(result: dict, out_dir: str | Path) -> dict[str, object]:
+    """The external chapter's figures, saved under ``out_dir/figures``."""
+    figures = {}
+    if result["gap"].empty:
+        return figures
+    figures["ja_distribution"] = external_distribution(result)
+    for split in {s for (_, s) in result["scored"] if s != "validation"}:
+        figures[f"worst_{split}"] = external_worst_figure(result, split)
+    for key, fig in figures.items():
+        save_figure(fig, out_dir, key)
+    return figures

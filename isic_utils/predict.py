@@ -12,57 +12,47 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import IMAGE_SUFFIXES, DataError, decode_pairs, normalize, read_image, read_mask
+from .data import EXTERNAL_IMAGE_SUFFIXES, DataError, decode_pairs, read_image, read_mask
 from .files import atomic_path
-from .metrics import confusion_counts, original_size_counts
-from .model import build_model
-from .training import CheckpointMismatch, load_checkpoint
+from .metrics import confusion_counts, full_size_mask, original_size_counts
+from .training import load_trained, predicted_probabilities
 
 
 def load_predictor(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model a ``best.pt`` describes and load its weights (``weights_only=True``)."""
-    state = load_checkpoint(checkpoint)
-    if not isinstance(state, dict) or "meta" not in state or "model" not in state:
-        raise CheckpointMismatch(f"{checkpoint} is not a best.pt written by this project's training (no 'meta').")
-    meta = state["meta"]
-    model = build_model(meta["encoder"], encoder_weights=None, decoder=meta["decoder"], dropout=meta["dropout"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointMismatch(
-            f"{checkpoint} holds weights that do not fit a {meta['encoder']} + {meta['decoder']} model: {exc}"
-        ) from exc
-    return model.eval(), meta
+    """Rebuild the model a ``best.pt`` describes and load its weights (see ``training.load_trained``)."""
+    return load_trained(checkpoint)
 
 
-@torch.inference_mode()
-def predict_probabilities(model, meta: dict, images_uint8: torch.Tensor) -> torch.Tensor:
-    """Probability maps ``N×1×S×S`` for uint8 ``N×3×S×S`` images at the checkpoint's image size."""
-    x = normalize(images_uint8, meta["mean"], meta["std"])
-    return torch.sigmoid(model(x).float())
+def predict_probabilities(model, meta: dict, images_uint8: torch.Tensor, tta: str | None = None) -> torch.Tensor:
+    """Probability maps ``N×1×S×S`` for uint8 ``N×3×S×S`` images at the checkpoint's image size, with the run's
+    colour constancy and (unless ``tta`` says otherwise) its test-time flips."""
+    return predicted_probabilities(model, meta, images_uint8, tta)
 
 
 def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: str | Path,
-                   overlays: bool = False) -> list[Path]:
+                   overlays: bool = False, tta: str | None = None, postprocess: str | None = None) -> list[Path]:
     """Write a 0/255 PNG mask at original size for every image in ``input_dir``; returns the mask paths.
 
-    Every JPEG/PNG is read (``*_Segmentation.png`` and ``*_superpixels.png`` files are masks, not inputs, and are
-    skipped); an unreadable file raises ``DataError`` naming it.
+    Every JPEG/PNG/BMP/TIFF is read (``*_Segmentation``, ``*_lesion`` and ``*_superpixels`` files are masks, not
+    inputs, and are skipped); an unreadable file raises ``DataError`` naming it. The checkpoint's colour constancy is
+    always applied (the model was trained on such images); its test-time flips and post-processing unless ``tta`` /
+    ``postprocess`` say otherwise ("none", "flips", "largest_component").
     """
     model, meta = load_predictor(checkpoint)
+    tta = meta["tta"] if tta is None else tta
+    postprocess = meta["postprocess"] if postprocess is None else postprocess
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    files = sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not p.stem.endswith(("_Segmentation", "_superpixels")))
+    files = sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in EXTERNAL_IMAGE_SUFFIXES
+                   and not p.stem.endswith(("_Segmentation", "_superpixels", "_lesion")))
     if not files:
-        raise DataError(f"no .jpg/.jpeg/.png images in {input_dir}. Point --input at a folder of images.")
+        raise DataError(f"no .jpg/.jpeg/.png/.bmp/.tif images in {input_dir}. Point --input at a folder of images.")
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in files:
         image, (width, height) = read_image(path, meta["image_size"])
-        probabilities = predict_probabilities(model, meta, image.unsqueeze(0))
-        full = torch.nn.functional.interpolate(probabilities, size=(height, width), mode="bilinear",
-                                               align_corners=False)
-        mask = ((full[0, 0] > meta["threshold"]).numpy().astype(np.uint8)) * 255
+        probabilities = predict_probabilities(model, meta, image.unsqueeze(0), tta)
+        full = full_size_mask(probabilities, (width, height), meta["threshold"], postprocess)
+        mask = full[0, 0].numpy().astype(np.uint8) * 255
         target = output_dir / f"{path.stem}_Segmentation.png"
         with atomic_path(target) as tmp:
             Image.fromarray(mask).save(tmp, format="PNG")
@@ -90,7 +80,8 @@ def round_trip(checkpoint: str | Path, pairs: list, output_dir: str | Path) -> d
     written = predict_folder(checkpoint, pairs[0].image.parent, output_dir)
     model, meta = load_predictor(checkpoint)
     decoded = decode_pairs(pairs, meta["image_size"], progress=False)
-    expected = original_size_counts(predict_probabilities(model, meta, decoded.images), decoded)
+    expected = original_size_counts(predict_probabilities(model, meta, decoded.images), decoded,
+                                    postprocess=meta["postprocess"])
     masks = [output_dir / f"{pair.id}_Segmentation.png" for pair in pairs]
     counts = torch.cat([confusion_counts(read_mask(path).float().unsqueeze(0), read_mask(pair.mask).float().unsqueeze(0))
                         for pair, path in zip(pairs, masks)])

@@ -115,3 +115,39 @@ def make_synthetic_isic(root: str | Path, n_train: int = 200, n_test: int = 60, 
             list(pool.map(write, range(count)))
     write_json(marker, settings)
     return root
+
+
+PH2_FOLDER = "PH2 Dataset images"
+
+
+def make_synthetic_external(root: str | Path, count: int = 20, seed: int = 1) -> Path:
+    """Write ``count`` synthetic cases "from another clinic" under ``root`` in PH2's own layout::
+
+        root/PH2 Dataset images/IMD001/IMD001_Dermoscopic_Image/IMD001.bmp
+        root/PH2 Dataset images/IMD001/IMD001_lesion/IMD001_lesion.bmp
+
+    The images are 24-bit BMPs of about 768×576 with another camera's colour cast (bluer, a gamma) and the masks
+    binary BMPs, most 1-bit and every fourth RGB 0/255, as in PH2. Same arguments → same files; skipped when done.
+    """
+    root = Path(root)
+    settings = {"external": count, "seed": seed, "version": 1}
+    marker = root / MARKER
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        return root
+    rng = np.random.default_rng(seed)
+    cast = np.array([0.86, 0.97, 1.12], dtype=np.float32)
+    for k in range(count):
+        case = f"IMD{k + 1:03d}"
+        image, mask = make_lesion_image(seed * 7_000_003 + k)
+        size = (int(rng.integers(761, 769)), int(rng.integers(571, 577)))
+        image, mask = image.resize(size, Image.Resampling.BILINEAR), mask.resize(size, Image.Resampling.NEAREST)
+        pixels = np.asarray(image, dtype=np.float32) / 255
+        shifted = np.clip(255 * (pixels ** 1.15) * cast, 0, 255).astype(np.uint8)
+        folder = root / PH2_FOLDER / case
+        with atomic_path(folder / f"{case}_Dermoscopic_Image" / f"{case}.bmp") as tmp:
+            Image.fromarray(shifted).save(tmp, format="BMP")
+        lesion = mask.convert("RGB") if k % 4 == 3 else mask.convert("1")
+        with atomic_path(folder / f"{case}_lesion" / f"{case}_lesion.bmp") as tmp:
+            lesion.save(tmp, format="BMP")
+    write_json(marker, settings)
+    return root

@@ -29,11 +29,12 @@ import torch
 from torch import nn
 
 from . import metrics
-from .data import DecodedSplit, ReportData, apply_augmentation, draw_augmentation, normalize
+from .data import DecodedSplit, ReportData, apply_augmentation, apply_color_constancy, draw_augmentation, normalize
 from .files import atomic_path, epoch_line, progress_bar
-from .model import SegmentationModel, count_parameters
+from .model import SegmentationModel, build_model, count_parameters
 
 FLIPS = ("hflip", "vflip")
+TTA = ("none", "flips")
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,13 +68,18 @@ class TrainConfig:
     eval_batch_size: int = 64
     device: str = "cpu"  # a resolved device ("cpu", "cuda", "cuda:1"); see resolve_device
     deterministic: bool = False  # deterministic kernels (GPU); the CPU path is deterministic anyway
+    color_constancy: str = "none"  # "shades_of_grey": applied to every image the model sees (data.apply_color_constancy)
+    tta: str = "none"  # "flips": the selected checkpoint's final scoring averages the four flips' probabilities
+    postprocess: str = "none"  # recorded in best.pt for scoring at original size and predict (metrics.postprocess_mask)
 
     def fingerprint(self) -> dict:
         keep = asdict(self)
         keep["augment"] = list(self.augment)
         for volatile in ("precision", "channels_last", "feature_cache", "eval_batch_size", "device", "epochs",
-                         "monitor_test", "deterministic"):
+                         "monitor_test", "deterministic", "tta", "postprocess"):  # not how the weights are trained
             keep.pop(volatile)
+        if keep["color_constancy"] == "none":  # checkpoints from before the option resume as they are
+            keep.pop("color_constancy")
         return keep
 
 
@@ -302,10 +308,27 @@ class Evaluation:
         return {"loss": self.loss, **metrics.summarize(self.counts)}
 
 
+def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Probabilities of ``forward`` (a model: input → logits) on ``x``; with ``tta="flips"`` the mean of the
+    probabilities of the identity and the horizontally, vertically and doubly flipped inputs, each flipped back."""
+    if tta == "none":
+        return torch.sigmoid(forward(x).float())
+    if tta != "flips":
+        raise ValueError(f"tta must be one of {list(TTA)}, got {tta!r}")
+    total = None
+    for dims in ((), (-1,), (-2,), (-2, -1)):
+        flipped = x.flip(dims) if dims else x
+        p = torch.sigmoid(forward(flipped).float())
+        p = p.flip(dims) if dims else p
+        total = p if total is None else total + p
+    return total / 4
+
+
 @torch.inference_mode()
 def evaluate(model: SegmentationModel, split: DecodedSplit, config: TrainConfig, precision: str,
-             features=None, keep_probabilities: bool = False) -> Evaluation:
-    """Loss and per-image counts over the **whole** split (threshold 0.5 on probabilities)."""
+             features=None, keep_probabilities: bool = False, tta: str = "none") -> Evaluation:
+    """Loss and per-image counts over the **whole** split (threshold 0.5 on probabilities); ``tta="flips"``
+    scores the flip-averaged probabilities (the loss then of their logits)."""
     model.eval()
     criterion = loss_fn(config.loss)
     total = torch.zeros((), dtype=torch.float64, device=config.device)  # read once, after the loop
@@ -316,6 +339,10 @@ def evaluate(model: SegmentationModel, split: DecodedSplit, config: TrainConfig,
         with autocast(precision, config.device):
             if features is not None:
                 logits = model.decoder(_select_features(features, rows, config.channels_last))
+            elif tta != "none":
+                averaged = flip_averaged(model, _to_input(split.images[rows], model.spec, config.device,
+                                                          config.channels_last), tta)
+                logits = torch.logit(averaged, eps=1e-6)
             else:
                 logits = model(_to_input(split.images[rows], model.spec, config.device, config.channels_last))
         logits = logits.float()
@@ -468,6 +495,40 @@ def load_checkpoint(path: str | Path) -> dict:
         ) from exc
 
 
+def load_trained(checkpoint: str | Path) -> tuple[SegmentationModel, dict]:
+    """Rebuild the model a ``best.pt`` describes and load its weights (``weights_only=True``); (model in eval mode,
+    its meta: image size, mean/std, threshold, and the colour constancy, test-time flips and post-processing the run
+    was trained and scored with; "none" for checkpoints from before those options)."""
+    state = load_checkpoint(checkpoint)
+    if not isinstance(state, dict) or "meta" not in state or "model" not in state:
+        raise CheckpointMismatch(f"{checkpoint} is not a best.pt written by this project's training (no 'meta').")
+    meta = {"color_constancy": "none", "tta": "none", "postprocess": "none", **state["meta"]}
+    model = build_model(meta["encoder"], encoder_weights=None, decoder=meta["decoder"], dropout=meta["dropout"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointMismatch(
+            f"{checkpoint} holds weights that do not fit a {meta['encoder']} + {meta['decoder']} model: {exc}"
+        ) from exc
+    return model.eval(), meta
+
+
+@torch.inference_mode()
+def predicted_probabilities(model: SegmentationModel, meta: dict, images_uint8: torch.Tensor,
+                            tta: str | None = None, batch_size: int = 32) -> torch.Tensor:
+    """Probability maps ``N×1×S×S`` (fp32, CPU) for decoded uint8 ``N×3×S×S`` images at the checkpoint's size:
+    the checkpoint's colour constancy, normalisation, then the model (flip-averaged with ``tta``, default the
+    checkpoint's). The path ``predict`` and the external chapter share with training's evaluation."""
+    tta = meta.get("tta", "none") if tta is None else tta
+    device = next(model.parameters()).device
+    images = apply_color_constancy(images_uint8, meta.get("color_constancy", "none"))
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start:start + batch_size].to(device), meta["mean"], meta["std"])
+        out.append(flip_averaged(model, x, tta).cpu())
+    return torch.cat(out)
+
+
 # ----------------------------------------------------------------------------- the fit loop
 
 
@@ -553,6 +614,7 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
     scaler = grad_scaler(precision, config.device)
     trained_on = {"device": config.device, "device_name": device_name(config.device), "precision": precision,
                   "deterministic": config.deterministic}
+    data = with_color_constancy(data, config.color_constancy)
     fingerprint, weights = run_fingerprint(model, data, config)
     progress = _resume_or_start(model, optimizer, scaler, generator, fingerprint, weights, config, run_dir, resume,
                                 (label or str(run_dir)) if verbose else None)
@@ -565,7 +627,8 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
         timings["feature_cache_s"] = time.perf_counter() - t0
 
     epoch_times: list[float] = []
-    meta = {**model_meta(model, fingerprint["image_size"]), "trained_on": trained_on}
+    meta = {**model_meta(model, fingerprint["image_size"]), "trained_on": trained_on,
+            "color_constancy": config.color_constancy, "tta": config.tta, "postprocess": config.postprocess}
     for epoch in range(len(progress.rows) + 1, config.epochs + 1):
         row = _one_epoch(model, data, optimizer, config, precision, generator, cached, epoch, on_step, scaler)
         t0 = time.perf_counter()
@@ -589,6 +652,20 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
     timings["final_eval_s"] = time.perf_counter() - t0
     return FitResult(pd.DataFrame(progress.rows), progress.best_epoch, final_test, final_val, run_dir, precision,
                      uses_feature_cache(model, config), time.perf_counter() - start, timings, trained_on)
+
+
+def with_color_constancy(data: ReportData, method: str) -> ReportData:
+    """``data`` with ``apply_color_constancy(method)`` applied to every split's images (the same object for "none").
+    Computed once per data set and method, so the seeds of a run share it (and their feature cache)."""
+    if method == "none":
+        return data
+    done = data.__dict__.setdefault("_color_constant", {})
+    if method not in done:
+        def apply(split: DecodedSplit) -> DecodedSplit:
+            return replace(split, images=apply_color_constancy(split.images, method))
+
+        done[method] = replace(data, train=apply(data.train), val=apply(data.val), test=apply(data.test))
+    return done[method]
 
 
 def on_device(data: ReportData, device: str) -> ReportData:
@@ -686,10 +763,11 @@ def _one_epoch(model, data: ReportData, optimizer, config: TrainConfig, precisio
 
 
 def _score_selected(model, data: ReportData, config: TrainConfig, precision: str, best_path: Path):
-    """Load the validation-selected weights; evaluate validation and, once, the whole test set (probabilities kept)."""
+    """Load the validation-selected weights; evaluate validation and, once, the whole test set (probabilities kept),
+    with the run's test-time flips when it asks for them (selection itself never uses them)."""
     model.load_state_dict(load_checkpoint(best_path)["model"])
-    return (evaluate(model, data.val, config, precision, keep_probabilities=False),
-            evaluate(model, data.test, config, precision, keep_probabilities=True))
+    return (evaluate(model, data.val, config, precision, keep_probabilities=True, tta=config.tta),
+            evaluate(model, data.test, config, precision, keep_probabilities=True, tta=config.tta))
 
 
 def _check_resumable(state: dict, fingerprint: dict, weights: dict, epochs: int, last_path: Path) -> None:

@@ -25,7 +25,7 @@ COLUMNS = {"iou": "jaccard", "threshold_iou": "threshold_jaccard", "dice": "dice
            "sensitivity": "sensitivity", "specificity": "specificity"}
 
 
-def straddling_probabilities(model, meta, images_uint8):
+def straddling_probabilities(model, meta, images_uint8, tta=None):
     """Probability maps with both classes in every image (darker than the image's mean → lesion), so each score
     is computed on a real prediction rather than an empty one."""
     grey = images_uint8.float().mean(1, keepdim=True)

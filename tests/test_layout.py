@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "isic_utils"
 
 # Bottom to top: a module may import only modules listed before it.
-LAYERS = ["files", "data", "synthetic", "metrics", "model", "training", "params", "experiments", "failures", "comparison",
-          "plots", "report", "pipeline", "predict", "__main__"]
+LAYERS = ["files", "data", "synthetic", "metrics", "model", "training", "params", "experiments", "failures",
+          "external", "generalisation", "comparison", "plots", "report", "pipeline", "predict", "__main__"]
 
 
 def package_imports(path: Path) -> tuple[set[str], list[tuple[int, str]]]:
@@ -64,7 +64,8 @@ def test_applying_a_model_loads_no_plotting():
     assert loaded.stdout.strip() == "[]"
 
 
-CHAPTERS = {"01_eda.ipynb": "eda", "02_train.ipynb": "train", "03_compare.ipynb": "compare"}
+CHAPTERS = {"01_eda.ipynb": "eda", "02_train.ipynb": "train", "03_compare.ipynb": "compare",
+            "04_external.ipynb": "external"}
 
 
 @pytest.mark.parametrize("name, chapter", CHAPTERS.items())

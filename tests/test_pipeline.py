@@ -32,7 +32,7 @@ def tiny_report(tmp_path_factory):
 
 def test_every_chapter_executed_and_exported(tiny_report):
     out, timings, lines, _ = tiny_report
-    assert list(timings) == ["eda", "task1", "task2", "compare"]
+    assert list(timings) == ["eda", "task1", "task2", "external", "compare"]
     for name in timings:
         notebook = json.loads((out / f"{name}.ipynb").read_text())
         errors = [o for c in notebook["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
@@ -103,6 +103,16 @@ def test_tables_have_the_right_columns_and_rows(tiny_report):
     assert len(pd.read_csv(out / "compare" / "tables" / "report_vs_reproduction.csv")) == 2
     for figure in ("val_iou", "val_loss", "predictions", "per_image_iou"):
         assert (out / "compare" / "figures" / f"{figure}.png").exists()
+    # chapter 4: every run on the profile's other-clinic set (PH2's layout) beside the test set, and the gap
+    gap = pd.read_csv(out / "external" / "tables" / "gap.csv")
+    assert list(gap["run"]) == ["task1", "task2"] and set(gap["external set"]) == {"other-clinic"}
+    assert (gap["JA gap"] - (gap["JA other-clinic"] - gap["JA ISIC test"])).abs().max() < 1e-12
+    assert len(pd.read_csv(out / "external" / "tables" / "per_image_other-clinic_task2_seed0.csv")) == 6
+    options = pd.read_csv(out / "external" / "tables" / "inference_options.csv")
+    assert len(options) == 2 * 2 * 4  # runs × (validation, other-clinic) × (flips, largest component) on/off
+    for figure in ("ja_distribution", "worst_other-clinic"):
+        assert (out / "external" / "figures" / f"{figure}.png").stat().st_size > 5000
+    assert len(pd.read_csv(out / "task1" / "tables" / "per_image_val_seed0.csv")) == 4  # validation at full size too
 
 
 def test_rerun_skips_finished_chapters(tiny_report):
@@ -111,7 +121,7 @@ def test_rerun_skips_finished_chapters(tiny_report):
     timings = run_report("tiny", overrides={"output_dir": str(out), "data_dir": str(base / "data")}, root=ROOT,
                          echo=lines.append)
     assert set(timings.values()) == {0.0}
-    assert sum("up to date, skipped" in line for line in lines) == 4
+    assert sum("up to date, skipped" in line for line in lines) == 5
 
 
 def test_failing_chapter_names_notebook_and_cell_and_keeps_partial(tmp_path):
@@ -173,6 +183,7 @@ def test_the_index_gives_the_answer_first_and_every_chapter_has_a_readers_copy(t
     assert "Table 9" in index and '<table' in index and "JA / IoU (mean per image, original size)" in index
     assert '<img src="compare/figures/predictions.png"' in index
     assert "segments the test set best" in index and "test JA" in index and "Data: " in index
+    assert "on other-clinic vs" in index  # the external chapter's finding, from its gap table
     for name in timings:
         assert f'href="{name}_reader.html"' in index
         reader = (out / f"{name}_reader.html").read_text()

@@ -37,7 +37,7 @@ def test_predict_round_trip_at_original_size(trained, tiny_data, tmp_path):
         assert (tmp_path / "out" / f"{pair.id}_overlay.jpg").exists()
 
 
-def hand_set_probabilities(model, meta, images_uint8):
+def hand_set_probabilities(model, meta, images_uint8, tta=None):
     """Probability maps that straddle 0.5 inside every image (darker than the image's mean → above 0.5)."""
     grey = images_uint8.float().mean(1, keepdim=True)
     return torch.sigmoid((grey.mean(dim=(2, 3), keepdim=True) - grey) / 8)

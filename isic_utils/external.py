@@ -1,0 +1,224 @@
+"""External validation: every run's selected checkpoints scored, never retrained, on data from another source (PH2,
+another clinic's camera), at each image's original size, challenge-style, beside the run's ISIC test scores.
+
+A profile lists its external sets (``external:``; see ``params.EXTERNAL_KEYS``). Each set is read by
+``data.find_external_pairs`` with a named layout (PH2's as distributed) or a glob and a mask rule, decoded at each
+run's own image size (cached) and passed through the run's own colour constancy (``training.predicted_probabilities``).
+Test-time flips and post-processing are scored both ways for every run, on validation and on each set, so the
+chapter shows what they buy whatever the run chose.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import metrics
+from .data import EXTERNAL_LAYOUTS, PH2_URL, DataError, DecodedSplit, decode_pairs, find_external_pairs
+from .experiments import SavedRun, data_root, load_run, prepare_data
+from .files import save_table
+from .params import absolute
+from .synthetic import make_synthetic_external
+from .training import load_trained, predicted_probabilities
+
+INFERENCE_OPTIONS = (("none", "none"), ("flips", "none"), ("none", "largest_component"),
+                     ("flips", "largest_component"))  # (tta, postprocess), each scored for every run
+TEST_NAME = "ISIC test"
+
+
+@dataclass(frozen=True)
+class ExternalSet:
+    """One external set as the profile describes it, its folder resolved."""
+
+    name: str
+    root: Path
+    images: str
+    masks: str
+    source: str = ""
+    synthetic: int | None = None
+
+    @property
+    def found(self) -> bool:
+        return self.synthetic is not None or self.root.is_dir()
+
+    def missing_note(self) -> str:
+        where = f" Get it from {self.source}" if self.source else ""
+        return (f"{self.name}: no folder {self.root}; the set is skipped.{where} and unpack it there, or point the "
+                "set's environment variable at it.")
+
+
+def external_sets(params: dict) -> list[ExternalSet]:
+    """The profile's external sets (``params['external']``), folders resolved: ``$env`` when set, else ``dir``;
+    a synthetic set lives in ``data/synthetic-external-<n>``."""
+    sets = []
+    for entry in params.get("external") or []:
+        layout = EXTERNAL_LAYOUTS[entry.get("layout", "isic")]
+        images, masks = entry.get("images", layout["images"]), entry.get("masks", layout["masks"])
+        source = entry.get("source", PH2_URL if entry.get("layout") == "ph2" else "")
+        if entry.get("synthetic"):  # beside the profile's own synthetic data
+            root = data_root({**params, "data_source": "synthetic"}).parent / \
+                f"synthetic-external-{entry['synthetic']}"
+            sets.append(ExternalSet(entry["name"], root, images, masks, "", int(entry["synthetic"])))
+            continue
+        folder = os.environ.get(entry["env"]) if entry.get("env") else None
+        root = absolute(folder or entry.get("dir") or f"data/{entry['name']}")
+        sets.append(ExternalSet(entry["name"], root, images, masks, source))
+    return sets
+
+
+def load_external(external: ExternalSet, image_size: int, cache_dir: str | Path | None = None,
+                  progress: bool = False) -> DecodedSplit:
+    """Find and decode (once, cached) an external set at ``image_size``; ``DataError`` names what is wrong."""
+    if external.synthetic is not None:
+        make_synthetic_external(external.root, external.synthetic)
+    if not external.root.is_dir():
+        raise DataError(external.missing_note())
+    pairs = find_external_pairs(external.root, external.images, external.masks)
+    return decode_pairs(pairs, image_size, cache_dir, progress)
+
+
+@dataclass
+class Scored:
+    """A run scored on one split for every (tta, postprocess): per seed and option, the per-image table."""
+
+    run: str
+    split: str
+    own: tuple[str, str]  # the options the run itself uses
+    tables: dict[tuple[int, str, str], pd.DataFrame]
+
+    def own_tables(self) -> dict[int, pd.DataFrame]:
+        return {seed: table for (seed, tta, post), table in self.tables.items() if (tta, post) == self.own}
+
+
+def score_split(run: SavedRun, split: DecodedSplit, name: str) -> Scored:
+    """Every seed's selected checkpoint (``best.pt``) on ``split`` at original size, with and without test-time
+    flips and post-processing (the run's own colour constancy always: its model was trained on such images)."""
+    params = run.info["params"]
+    tables = {}
+    for seed in run.seeds["seed"].astype(int):
+        model, meta = load_trained(run.run_dir / f"seed{seed}" / "best.pt")
+        probabilities = {tta: predicted_probabilities(model, meta, split.images, tta) for tta in ("none", "flips")}
+        maps = [probabilities[tta] for tta, _ in INFERENCE_OPTIONS]
+        counts = metrics.original_size_counts(maps, split, postprocess=[post for _, post in INFERENCE_OPTIONS])
+        for (tta, post), c in zip(INFERENCE_OPTIONS, counts):
+            tables[(seed, tta, post)] = metrics.per_image_table(c, split.ids, split.sizes)
+    own = (params.get("tta", "none"), params.get("postprocess", "none"))
+    return Scored(run.name, name, own, tables)
+
+
+def _mean(tables: dict[int, pd.DataFrame], metric: str) -> float:
+    """The mean over seeds of each seed's mean per-image score."""
+    return float(pd.Series([t[metric].mean() for t in tables.values()]).mean())
+
+
+SUMMARY_METRICS = {"iou": "JA", "dice": "Dice", "accuracy": "accuracy", "threshold_iou": "threshold JA"}
+
+
+def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bool = False) -> dict:
+    """Score every run on validation and on each external set that is there; write the chapter's tables.
+
+    Returns ``{"sets": [ExternalSet...], "skipped": [notes], "scored": {(run, split): Scored},
+    "splits": {(split, size): DecodedSplit}, "table": ..., "gap": ..., "options": ...}``. Tables (under ``out_dir``):
+    ``per_image_<set>_<run>_seed<k>`` (the run's own options), ``external`` (each run's scores on the ISIC test set
+    and each set), ``gap`` (each set minus the ISIC test set), ``inference_options`` (validation and each set,
+    every combination of test-time flips and post-processing).
+    """
+    sets = external_sets(params)
+    present = [s for s in sets if s.found]
+    skipped = [s.missing_note() for s in sets if not s.found]
+    cache = absolute(params["output_dir"]).parent / "cache"
+    saved = {name: load_run(params["output_dir"], name) for name in runs}
+    splits: dict[tuple[str, int], DecodedSplit] = {}
+    scored: dict[tuple[str, str], Scored] = {}
+    rows, option_rows = [], []
+    for name, run in saved.items():
+        run_params = run.info["params"]
+        size = int(run_params["image_size"])
+        if ("validation", size) not in splits:
+            splits[("validation", size)] = prepare_data({**run_params, "output_dir": params["output_dir"]},
+                                                        progress).val
+        for external in present:
+            if (external.name, size) not in splits:
+                splits[(external.name, size)] = load_external(external, size, cache, progress)
+        test = {int(s): t for s, t in run.per_image.items()}
+        rows.append({"run": name, "data": TEST_NAME, "images": len(next(iter(test.values()))), "seeds": len(test),
+                     **{label: _mean(test, metric) for metric, label in SUMMARY_METRICS.items()}})
+        for split_name in ["validation"] + [s.name for s in present]:
+            result = score_split(run, splits[(split_name, size)], split_name)
+            scored[(name, split_name)] = result
+            plain = _mean({s: t for (s, tta, post), t in result.tables.items() if (tta, post) == ("none", "none")},
+                          "iou")
+            for tta, post in INFERENCE_OPTIONS:
+                chosen = {s: t for (s, a, b), t in result.tables.items() if (a, b) == (tta, post)}
+                option_rows.append({"run": name, "data": split_name, "test-time flips": tta != "none",
+                                    "largest component": post != "none", "JA": _mean(chosen, "iou"),
+                                    "Δ JA": _mean(chosen, "iou") - plain,
+                                    "the run's own scoring": (tta, post) == result.own})
+            if split_name == "validation":
+                continue
+            own = result.own_tables()
+            for seed, table in own.items():
+                save_table(table, out_dir, f"per_image_{split_name}_{name}_seed{seed}")
+            rows.append({"run": name, "data": split_name, "images": len(next(iter(own.values()))), "seeds": len(own),
+                         **{label: _mean(own, metric) for metric, label in SUMMARY_METRICS.items()}})
+    table = save_table(pd.DataFrame(rows), out_dir, "external")
+    gap = save_table(gap_table(table), out_dir, "gap")
+    options = save_table(pd.DataFrame(option_rows), out_dir, "inference_options")
+    return {"sets": sets, "skipped": skipped, "scored": scored, "splits": splits, "table": table, "gap": gap,
+            "options": options, "runs": saved}
+
+
+def gap_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per run and external set: JA / Dice / accuracy on the ISIC test set, on the set, and the gap
+    (set − test; negative: the run does worse on the other source)."""
+    rows = []
+    for run, group in table.groupby("run", sort=False):
+        test = group[group["data"] == TEST_NAME].iloc[0]
+        for _, other in group[group["data"] != TEST_NAME].iterrows():
+            row = {"run": run, "external set": other["data"], "images": int(other["images"])}
+            for label in ("JA", "Dice", "accuracy"):
+                row[f"{label} ISIC test"] = test[label]
+                row[f"{label} {other['data']}"] = other[label]
+                row[f"{label} gap"] = other[label] - test[label]
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def reading(result: dict) -> str:
+    """Sentences on what the external chapter found, from its tables."""
+    gap, options = result["gap"], result["options"]
+    lines = []
+    for note in result["skipped"]:
+        lines.append(note)
+    if gap.empty:
+        return " ".join(lines) or "No external set was scored."
+    for _, row in gap.iterrows():
+        name = row["external set"]
+        lines.append(f"{row['run']}: JA {row['JA ISIC test']:.3f} on the ISIC test set, {row[f'JA {name}']:.3f} on "
+                     f"{name} ({row['images']} images): a gap of {row['JA gap']:+.3f}.")
+    best = gap.loc[gap["JA gap"].idxmax()]
+    lines.append(f"Smallest gap: {best['run']} on {best['external set']} ({best['JA gap']:+.3f}).")
+    for (data_name,), group in options[options["data"] != "validation"].groupby(["data"], sort=False):
+        flips = group[group["test-time flips"] & ~group["largest component"]]["Δ JA"]
+        post = group[~group["test-time flips"] & group["largest component"]]["Δ JA"]
+        lines.append(f"On {data_name}, test-time flips change JA by {flips.min():+.3f} to {flips.max():+.3f} across "
+                     f"runs, the largest-component post-processing by {post.min():+.3f} to {post.max():+.3f}.")
+    return " ".join(lines)
+
+
+def worst_external(result: dict, run: str, split_name: str, k: int = 6) -> tuple[DecodedSplit, torch.Tensor,
+                                                                                  pd.DataFrame]:
+    """(the set at the run's size, the lowest seed's probabilities with the run's own options, its per-image
+    table) for figures of the run on an external set."""
+    saved = result["runs"][run]
+    size = int(saved.info["params"]["image_size"])
+    split = result["splits"][(split_name, size)]
+    scored = result["scored"][(run, split_name)]
+    seed = min(scored.own_tables())
+    model, meta = load_trained(saved.run_dir / f"seed{seed}" / "best.pt")
+    probabilities = predicted_probabilities(model, meta, split.images)
+    return split, probabilities, scored.own_tables()[seed]

@@ -1,0 +1,323 @@
+"""Another clinic: the general external loader (PH2's layout, other naming rules, bad folders), colour constancy
+applied the same way in training, evaluation and predict, test-time flips, post-processing, the new augmentations,
+the external chapter's scoring and the options study."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from isic_utils import params as P
+from isic_utils.data import (EXTERNAL_LAYOUTS, DataError, apply_augmentation, apply_color_constancy, decode_pairs,
+                             draw_augmentation, find_external_pairs, normalize, read_mask)
+from isic_utils.metrics import confusion_counts, original_size_counts, postprocess_mask
+from isic_utils.model import build_model
+from isic_utils.predict import predict_folder
+from isic_utils.synthetic import make_synthetic_external
+from isic_utils.training import TrainConfig, fit, flip_averaged, load_trained, predicted_probabilities
+
+from .conftest import requires
+
+PH2 = EXTERNAL_LAYOUTS["ph2"]
+
+
+@pytest.fixture(scope="module")
+def ph2_like(tmp_path_factory) -> Path:
+    return make_synthetic_external(tmp_path_factory.mktemp("ph2"), count=8)
+
+
+def _copy(root: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(root, target)
+    return target
+
+
+# ----------------------------------------------------------------------------- the loader
+
+
+def test_ph2_layout_with_one_bit_and_rgb_bmp_masks(ph2_like):
+    pairs = find_external_pairs(ph2_like, **PH2)
+    assert [p.id for p in pairs] == [f"IMD{k:03d}" for k in range(1, 9)]
+    modes = {Image.open(p.mask).mode for p in pairs}
+    assert modes == {"1", "RGB"}  # both kinds of PH2 mask are there, and both are read
+    decoded = decode_pairs(pairs, 64, progress=False)
+    for k, pair in enumerate(pairs):
+        full = read_mask(pair.mask)
+        truth = np.asarray(Image.open(pair.mask).convert("L")) > 127
+        assert torch.equal(full[0].bool(), torch.from_numpy(truth))
+        assert decoded.sizes[k] == Image.open(pair.image).size
+        assert 0 < decoded.masks[k].float().mean() < 1
+
+
+@requires("PH2_DIR")
+@pytest.mark.real_data
+def test_the_real_ph2_sample_is_read_as_distributed():
+    pairs = find_external_pairs(os.environ["PH2_DIR"], **PH2)
+    assert len(pairs) == 50
+    decoded = decode_pairs(pairs, 128, progress=False)
+    assert {Image.open(p.mask).mode for p in pairs} == {"1", "RGB"}
+    assert all(760 <= w <= 768 and 570 <= h <= 576 for w, h in decoded.sizes)
+    lesion = decoded.masks.float().mean(dim=(1, 2, 3))
+    assert (lesion > 0.02).all() and (lesion < 0.98).all()
+
+
+def test_other_naming_rules_and_formats(tmp_path):
+    same = tmp_path / "same"
+    same.mkdir()
+    Image.new("RGB", (40, 30), (200, 150, 140)).save(same / "a.tif")
+    Image.new("L", (40, 30), 255).save(same / "a_Segmentation.png")
+    Image.new("RGB", (40, 30), (190, 140, 130)).save(same / "b.jpeg")
+    Image.new("L", (40, 30), 0).save(same / "b_Segmentation.png")
+    pairs = find_external_pairs(same, "*", "{stem}_Segmentation.png")
+    assert [(p.id, p.mask.name) for p in pairs] == [("a", "a_Segmentation.png"), ("b", "b_Segmentation.png")]
+
+    folders = tmp_path / "folders"
+    (folders / "images").mkdir(parents=True)
+    (folders / "masks").mkdir()
+    Image.new("RGB", (20, 20)).save(folders / "images" / "x1.png")
+    Image.new("L", (20, 20), 1).save(folders / "masks" / "x1.png")  # {0, 1} labels
+    pairs = find_external_pairs(folders, **EXTERNAL_LAYOUTS["masks_folder"])
+    assert [p.mask for p in pairs] == [folders / "masks" / "x1.png"]
+    assert decode_pairs(pairs, 32, progress=False).masks.all()
+
+
+def test_a_missing_mask_names_the_image_and_the_expected_path(ph2_like, tmp_path):
+    root = _copy(ph2_like, tmp_path)
+    gone = root / "PH2 Dataset images" / "IMD003" / "IMD003_lesion" / "IMD003_lesion.bmp"
+    gone.unlink()
+    with pytest.raises(DataError, match=r"mask missing for .*IMD003\.bmp: expected .*IMD003_lesion\.bmp"):
+        find_external_pairs(root, **PH2)
+
+
+def test_a_mask_of_another_size_is_refused_naming_it(ph2_like, tmp_path):
+    root = _copy(ph2_like, tmp_path)
+    mask = root / "PH2 Dataset images" / "IMD002" / "IMD002_lesion" / "IMD002_lesion.bmp"
+    Image.open(mask).resize((100, 80)).save(mask, format="BMP")
+    pairs = find_external_pairs(root, **PH2)
+    with pytest.raises(DataError, match=r"IMD002_lesion\.bmp is 100×80 but its image is"):
+        decode_pairs(pairs, 64, progress=False)
+
+
+def test_no_images_or_no_folder_say_so(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no images .* matching .*Dermoscopic_Image.* under .*empty"):
+        find_external_pairs(tmp_path / "empty", **PH2)
+    with pytest.raises(DataError, match=r"external data folder .*nowhere not found"):
+        find_external_pairs(tmp_path / "nowhere", **PH2)
+
+
+def test_a_colour_mask_is_refused(ph2_like, tmp_path):
+    root = _copy(ph2_like, tmp_path)
+    mask = root / "PH2 Dataset images" / "IMD004" / "IMD004_lesion" / "IMD004_lesion.bmp"
+    array = np.asarray(Image.open(mask).convert("RGB")).copy()
+    array[..., 0] = 255 - array[..., 0]
+    Image.fromarray(array).save(mask, format="BMP")
+    with pytest.raises(DataError, match=r"IMD004_lesion\.bmp is a colour mask"):
+        decode_pairs(find_external_pairs(root, **PH2), 64, progress=False)
+
+
+def test_the_profile_says_what_is_wrong_with_an_external_set():
+    problems = P.check_external([{"name": "PH2", "layot": "ph2", "dir": "x"}, {"dir": "y"},
+                                 {"name": "Z", "layout": "nope", "dir": "z"}, {"name": "W", "masks": "mask.png",
+                                                                              "dir": "w"}])
+    text = "\n".join(problems)
+    assert "unknown key(s) ['layot'] (did you mean 'layout'?)" in text
+    assert "external[1]: name must be a non-empty string" in text
+    assert "external[2]: layout must be one of" in text
+    assert "external[3]: masks must be a path with {stem}" in text
+
+
+# ----------------------------------------------------------------------------- colour constancy
+
+
+def test_shades_of_grey_removes_a_colour_cast():
+    rng = np.random.default_rng(0)
+    scene = torch.from_numpy(rng.uniform(60, 200, size=(1, 3, 32, 32))).round().to(torch.uint8)
+    cast = (scene.double() * torch.tensor([1.0, 0.8, 0.6]).view(1, 3, 1, 1)).round().to(torch.uint8)
+    a, b = (apply_color_constancy(x, "shades_of_grey").double() for x in (scene, cast))
+    for out in (a, b):  # the illuminant (the channels' Minkowski 6-means) comes out grey
+        illuminant = out.pow(6).mean(dim=(0, 2, 3)).pow(1 / 6)
+        assert (illuminant.max() - illuminant.min()) / illuminant.mean() < 0.02
+    # the same scene under two lamps: the same image, up to its brightness (which colour constancy keeps)
+    assert (a / a.mean() - b / b.mean()).abs().mean() < 0.02
+    assert (scene / scene.double().mean() - cast / cast.double().mean()).abs().mean() > 0.1  # before: not the same
+    assert torch.equal(apply_color_constancy(scene, "none"), scene)
+    with pytest.raises(ValueError, match="color_constancy must be one of"):
+        apply_color_constancy(scene, "grey_world")
+
+
+def test_colour_constancy_is_applied_alike_in_training_evaluation_and_predict(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(encoder_weights=None, freeze_encoder=False)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone())
+                                           if module.training else None)
+    config = TrainConfig(epochs=1, batch_size=32, precision="fp32", augment=(), monitor_test=False,
+                         color_constancy="shades_of_grey", channels_last=False)
+    result = fit(model, tiny_data, config, tmp_path / "run", verbose=False)
+    hook.remove()
+    spec = model.spec
+    expected = normalize(apply_color_constancy(tiny_data.train.images, "shades_of_grey"), spec.mean, spec.std)
+    plain = normalize(tiny_data.train.images, spec.mean, spec.std)
+    trained_on = torch.cat(seen)
+    assert len(trained_on) == len(expected)
+    for row in trained_on:  # every training input is one of the colour-constant images, none is a raw one
+        assert (expected - row).abs().amax(dim=(1, 2, 3)).min() < 1e-5
+        assert (plain - row).abs().amax(dim=(1, 2, 3)).min() > 1e-2
+    loaded, meta = load_trained(tmp_path / "run" / "best.pt")
+    assert meta["color_constancy"] == "shades_of_grey"
+    # predict's path (raw images in, the checkpoint's colour constancy applied) gives evaluation's probabilities
+    predicted = predicted_probabilities(loaded, meta, tiny_data.test.images)
+    assert torch.allclose(predicted, result.test.probabilities, atol=1e-5)
+    # and the masks predict writes from the image files are the ones the evaluation scores
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for pair in tiny_data.test.sources:
+        shutil.copy(pair.image, inputs / pair.image.name)
+    predict_folder(tmp_path / "run" / "best.pt", inputs, tmp_path / "out")
+    written = torch.cat([confusion_counts(read_mask(tmp_path / "out" / f"{p.id}_Segmentation.png").float()
+                                          .unsqueeze(0), read_mask(p.mask).float().unsqueeze(0))
+                         for p in tiny_data.test.sources])
+    assert torch.equal(written, original_size_counts(result.test.probabilities, tiny_data.test))
+
+
+# ----------------------------------------------------------------------------- test-time flips, post-processing
+
+
+def test_flip_tta_equals_the_plain_prediction_for_a_flip_equivariant_model():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    pointwise = torch.nn.Conv2d(3, 1, 1)  # a 1×1 convolution commutes with flips
+    assert torch.allclose(flip_averaged(pointwise, x, "flips"), torch.sigmoid(pointwise(x)), atol=1e-6)
+    lopsided = torch.nn.Conv2d(3, 1, 3, padding=1)  # a 3×3 kernel does not: averaging the flips changes it
+    assert not torch.allclose(flip_averaged(lopsided, x, "flips"), torch.sigmoid(lopsided(x)), atol=1e-4)
+    symmetric = flip_averaged(lopsided, x, "flips")  # ... into a prediction that is itself flip-equivariant
+    assert torch.allclose(flip_averaged(lopsided, x.flip(-1), "flips"), symmetric.flip(-1), atol=1e-6)
+
+
+def test_largest_component_keeps_one_lesion_and_fills_its_holes():
+    mask = torch.zeros(12, 12, dtype=torch.bool)
+    mask[1:7, 1:7] = True  # the lesion, with a hole
+    mask[3:5, 3:5] = False
+    mask[9:11, 9:11] = True  # a speck elsewhere
+    mask[7, 7] = True  # touches the lesion only at a corner: 8-connected, so part of it
+    out = postprocess_mask(mask, "largest_component")
+    expected = torch.zeros_like(mask)
+    expected[1:7, 1:7] = True
+    expected[7, 7] = True
+    assert torch.equal(out, expected)
+    assert torch.equal(postprocess_mask(mask, "none"), mask)
+    empty = torch.zeros(1, 1, 5, 5, dtype=torch.bool)
+    assert torch.equal(postprocess_mask(empty, "largest_component"), empty)
+
+
+def test_predict_applies_the_post_processing_it_is_asked_for(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    fit(build_model(encoder_weights=None, freeze_encoder=True), tiny_data,
+        TrainConfig(epochs=1, batch_size=8, precision="fp32", augment=(), monitor_test=False), tmp_path / "run",
+        verbose=False)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for pair in tiny_data.test.sources[:3]:
+        shutil.copy(pair.image, inputs / pair.image.name)
+    for post in ("none", "largest_component"):
+        for path in predict_folder(tmp_path / "run" / "best.pt", inputs, tmp_path / post, postprocess=post,
+                                   tta="flips"):
+            mask = read_mask(path)[0].bool()
+            if post == "largest_component":
+                assert torch.equal(postprocess_mask(mask, "largest_component"), mask)
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+
+@pytest.mark.parametrize("name", ["scale_rotate", "color_strong"])
+def test_new_augmentations_move_image_and_mask_together(tiny_data, name):
+    masks = tiny_data.train.masks[:6]
+    images = (masks * 255).expand(-1, 3, -1, -1).contiguous()  # an image that is its own mask
+    draws = draw_augmentation(6, [name], torch.Generator().manual_seed(1))
+    moved, moved_masks = apply_augmentation(images, masks, draws)
+    assert moved.dtype == torch.uint8 and moved_masks.dtype == torch.uint8
+    assert set(moved_masks.unique().tolist()) <= {0, 1}
+    if name == "scale_rotate":
+        agree = ((moved[:, :1] > 127) == moved_masks.bool()).float().mean()
+        assert agree > 0.97 and not torch.equal(moved_masks, masks)
+    else:
+        assert torch.equal(moved_masks, masks) and not torch.equal(moved, images)
+
+
+# ----------------------------------------------------------------------------- the chapter and the study
+
+
+def test_external_scores_equal_a_by_hand_scoring(tmp_path, monkeypatch):
+    """The chapter's per-image table for a run equals scoring the run's checkpoint on the set by hand."""
+    from isic_utils.experiments import prepare_data, train_run
+    from isic_utils.external import external_sets, load_external, validate_external
+
+    monkeypatch.chdir(tmp_path)
+    train = P.resolve("train", Path(P.project_root(Path(__file__).parent)) / "params" / "task1.yaml", "tiny",
+                      {"output_dir": str(tmp_path / "out"), "data_dir": str(tmp_path / "data"), "epochs": 1,
+                       "postprocess": "largest_component"}, P.project_root(Path(__file__).parent))
+    train_run(train, prepare_data(train, progress=False), verbose=False)
+    chapter = P.resolve("external", None, "tiny", {"output_dir": str(tmp_path / "out"),
+                                                    "data_dir": str(tmp_path / "data"), "runs": ["task1"]},
+                        P.project_root(Path(__file__).parent))
+    result = validate_external(chapter, ["task1"], tmp_path / "out" / "external")
+    (other,) = external_sets(chapter)
+    split = load_external(other, 64)
+    model, meta = load_trained(tmp_path / "out" / "task1" / "seed0" / "best.pt")
+    by_hand = original_size_counts(predicted_probabilities(model, meta, split.images, "none"), split,
+                                   postprocess="largest_component")
+    table = pd.read_csv(tmp_path / "out" / "external" / "tables" / f"per_image_{other.name}_task1_seed0.csv")
+    assert table[["tp", "fp", "fn", "tn"]].to_numpy().tolist() == by_hand.tolist()
+    gap = result["gap"].iloc[0]
+    assert gap["JA gap"] == pytest.approx(gap[f"JA {other.name}"] - gap["JA ISIC test"])
+    options = result["options"]
+    assert len(options) == 8 and set(options["data"]) == {"validation", other.name}
+    assert options[options["the run's own scoring"]]["largest component"].all()
+
+
+def test_a_missing_external_folder_is_skipped_with_where_to_get_it(tmp_path, monkeypatch):
+    from isic_utils.external import external_sets
+
+    monkeypatch.setenv("PH2_DIR", str(tmp_path / "no-ph2"))
+    values = P.resolve("external", None, "isic2016_holdout", None, P.project_root(Path(__file__).parent))
+    (ph2,) = external_sets(values)
+    assert ph2.root == tmp_path / "no-ph2" and not ph2.found
+    assert "fc.up.pt" in ph2.missing_note() and "skipped" in ph2.missing_note()
+
+
+@pytest.mark.slow
+def test_the_options_study_measures_each_option_against_the_base(tmp_path):
+    from isic_utils.generalisation import TRAINING_OPTIONS, options_reading, options_study
+
+    lines = []
+    table = options_study("tiny", epochs=1, overrides={"output_dir": str(tmp_path / "out"),
+                                                       "data_dir": str(tmp_path / "data")}, echo=lines.append)
+    assert list(table["option"]) == ["base", *TRAINING_OPTIONS, "test-time flips", "largest component"]
+    assert (table.iloc[0][[c for c in table.columns if c.startswith("Δ ")]] == 0).all()
+    assert {"JA validation", "JA other-clinic"} <= set(table.columns)
+    assert table.drop(columns=["kind", "option"]).notna().all().all()
+    saved = pd.read_csv(tmp_path / "out" / "options" / "tables" / "options.csv")
+    assert list(saved["option"]) == list(table["option"])
+    big = json_params(tmp_path / "out" / "options" / "256_px" / "run.json")
+    assert big["image_size"] == 256 and big["epochs"] == 1
+    assert "Helped everywhere" in options_reading(table)
+
+
+def json_params(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())["params"]
+
+
+def test_passing_tests_leave_no_checkpoints_behind(request):
+    """CI ran out of disk with every test's checkpoints kept: passing tests' tmp_path folders are deleted."""
+    assert request.config.getini("tmp_path_retention_policy") == "failed"
