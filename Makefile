@@ -6,7 +6,7 @@ DATA ?= synthetic
 # torch/torchvision: any release in the pyproject ranges; this pin matches the wheels tested here.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup report demo test bench gpu-check clean
+.PHONY: setup report options demo test bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ setup: $(VENV)/.installed
 
 report: setup  ## the whole report for DATA (synthetic | isic2016 | isic2016_holdout | tiny); SET='seeds=[0,1,2]' overrides
 	$(PY) -m isic_utils report --data $(DATA) $(if $(SET),--set $(SET))
+
+options: setup  ## what each generalisation option of task 3 buys (DATA=, EPOCHS= optional); the comparison shows it
+	$(PY) -m isic_utils options --data $(DATA) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SET),--set $(SET))
 
 demo: setup  ## the smallest end-to-end run (tiny profile, a minute or two)
 	$(PY) -m isic_utils report --data tiny
