@@ -4,7 +4,9 @@ and specificity, and their means, equal what the challenge computes from the sam
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -15,9 +17,12 @@ from isic_challenge_scoring.load_image import iter_image_pairs
 from isic_challenge_scoring.segmentation import SegmentationScore
 
 from isic_utils import predict
+from isic_utils.data import find_pairs
 from isic_utils.metrics import per_image_table
 from isic_utils.model import build_model
 from isic_utils.training import TrainConfig, fit
+
+from .conftest import requires
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*inplace:")  # the scorer uses a pandas idiom newer pandas deprecates
 
@@ -44,13 +49,9 @@ def challenge_scores(truth_dir, prediction_dir) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("id")
 
 
-def test_our_scores_equal_the_challenge_scorers_on_masks_written_by_predict(tiny_data, tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    config = TrainConfig(epochs=1, batch_size=8, precision="fp32", augment=(), monitor_test=False)
-    fit(build_model(encoder_weights=None, freeze_encoder=True), tiny_data, config, tmp_path / "run", verbose=False)
-    monkeypatch.setattr(predict, "predict_probabilities", straddling_probabilities)
-    pairs = tiny_data.test.sources
-    written = predict.round_trip(tmp_path / "run" / "best.pt", pairs, tmp_path / "predicted")
+def _referee(pairs, checkpoint, tmp_path) -> None:
+    """predict writes masks for ``pairs``' images; our per-image and mean scores must equal the challenge's."""
+    written = predict.round_trip(checkpoint, pairs, tmp_path / "predicted")
     truth = tmp_path / "truth"
     truth.mkdir()
     for pair in pairs:
@@ -65,3 +66,28 @@ def test_our_scores_equal_the_challenge_scorers_on_masks_written_by_predict(tiny
     macro = SegmentationScore(iter_image_pairs(truth, tmp_path / "predicted")).macro_average
     for mine, their in COLUMNS.items():
         assert ours[mine].mean() == pytest.approx(macro[their], abs=1e-12), mine
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_data, tmp_path_factory):
+    torch.manual_seed(0)
+    config = TrainConfig(epochs=1, batch_size=8, precision="fp32", augment=(), monitor_test=False)
+    run = tmp_path_factory.mktemp("run")
+    fit(build_model(encoder_weights=None, freeze_encoder=True), tiny_data, config, run, verbose=False)
+    return run / "best.pt"
+
+
+def test_our_scores_equal_the_challenge_scorers_on_masks_written_by_predict(tiny_data, checkpoint, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(predict, "predict_probabilities", straddling_probabilities)
+    _referee(tiny_data.test.sources, checkpoint, tmp_path)
+
+
+@requires("ISIC_SAMPLE_DIR")
+@pytest.mark.real_data
+def test_the_challenge_scorer_agrees_on_real_full_size_masks(checkpoint, tmp_path, monkeypatch):
+    """The 21 real ISIC images at their original sizes (1024×768 to 3072×2304) with their real ground truth."""
+    monkeypatch.setattr(predict, "predict_probabilities", straddling_probabilities)
+    pairs = find_pairs(Path(os.environ["ISIC_SAMPLE_DIR"]) / "isic2016-originals", "train")
+    assert len(pairs) == 21
+    _referee(pairs, checkpoint, tmp_path)
