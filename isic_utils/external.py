@@ -176,6 +176,8 @@ def gap_table(table: pd.DataFrame) -> pd.DataFrame:
     """One row per run and external set: JA / Dice / accuracy on the ISIC test set, on the set, and the gap
     (set − test; negative: the run does worse on the other source)."""
     rows = []
+    if table.empty:
+        return pd.DataFrame(columns=GAP_COLUMNS)
     for run, group in table.groupby("run", sort=False):
         test = group[group["data"] == TEST_NAME].iloc[0]
         for _, other in group[group["data"] != TEST_NAME].iterrows():
@@ -185,7 +187,10 @@ def gap_table(table: pd.DataFrame) -> pd.DataFrame:
                 row[f"{label} {other['data']}"] = other[label]
                 row[f"{label} gap"] = other[label] - test[label]
             rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=GAP_COLUMNS)
+
+
+GAP_COLUMNS = ["run", "external set", "images"]  # the header of a gap table with no external set scored
 
 
 def reading(result: dict) -> str:

@@ -256,26 +256,33 @@ def test_new_augmentations_move_image_and_mask_together(tiny_data, name):
 # ----------------------------------------------------------------------------- the chapter and the study
 
 
-def test_external_scores_equal_a_by_hand_scoring(tmp_path, monkeypatch):
-    """The chapter's per-image table for a run equals scoring the run's checkpoint on the set by hand."""
+@pytest.fixture(scope="module")
+def tiny_task1(tmp_path_factory):
+    """task1 trained one epoch on the tiny profile (post-processing on), in a folder of its own."""
     from isic_utils.experiments import prepare_data, train_run
+
+    base = tmp_path_factory.mktemp("tiny-task1")
+    root = P.project_root(Path(__file__).parent)
+    overrides = {"output_dir": str(base / "out"), "data_dir": str(base / "data")}
+    train = P.resolve("train", root / "params" / "task1.yaml", "tiny",
+                      {**overrides, "epochs": 1, "postprocess": "largest_component"}, root)
+    train_run(train, prepare_data(train, progress=False), verbose=False)
+    return base, overrides, root
+
+
+def test_external_scores_equal_a_by_hand_scoring(tiny_task1):
+    """The chapter's per-image table for a run equals scoring the run's checkpoint on the set by hand."""
     from isic_utils.external import external_sets, load_external, validate_external
 
-    monkeypatch.chdir(tmp_path)
-    train = P.resolve("train", Path(P.project_root(Path(__file__).parent)) / "params" / "task1.yaml", "tiny",
-                      {"output_dir": str(tmp_path / "out"), "data_dir": str(tmp_path / "data"), "epochs": 1,
-                       "postprocess": "largest_component"}, P.project_root(Path(__file__).parent))
-    train_run(train, prepare_data(train, progress=False), verbose=False)
-    chapter = P.resolve("external", None, "tiny", {"output_dir": str(tmp_path / "out"),
-                                                    "data_dir": str(tmp_path / "data"), "runs": ["task1"]},
-                        P.project_root(Path(__file__).parent))
-    result = validate_external(chapter, ["task1"], tmp_path / "out" / "external")
+    base, overrides, root = tiny_task1
+    chapter = P.resolve("external", None, "tiny", {**overrides, "runs": ["task1"]}, root)
+    result = validate_external(chapter, ["task1"], base / "out" / "external")
     (other,) = external_sets(chapter)
     split = load_external(other, 64)
-    model, meta = load_trained(tmp_path / "out" / "task1" / "seed0" / "best.pt")
+    model, meta = load_trained(base / "out" / "task1" / "seed0" / "best.pt")
     by_hand = original_size_counts(predicted_probabilities(model, meta, split.images, "none"), split,
                                    postprocess="largest_component")
-    table = pd.read_csv(tmp_path / "out" / "external" / "tables" / f"per_image_{other.name}_task1_seed0.csv")
+    table = pd.read_csv(base / "out" / "external" / "tables" / f"per_image_{other.name}_task1_seed0.csv")
     assert table[["tp", "fp", "fn", "tn"]].to_numpy().tolist() == by_hand.tolist()
     gap = result["gap"].iloc[0]
     assert gap["JA gap"] == pytest.approx(gap[f"JA {other.name}"] - gap["JA ISIC test"])
@@ -284,14 +291,26 @@ def test_external_scores_equal_a_by_hand_scoring(tmp_path, monkeypatch):
     assert options[options["the run's own scoring"]]["largest component"].all()
 
 
-def test_a_missing_external_folder_is_skipped_with_where_to_get_it(tmp_path, monkeypatch):
-    from isic_utils.external import external_sets
+def test_a_missing_external_folder_is_skipped_with_where_to_get_it(tiny_task1, tmp_path, monkeypatch):
+    from isic_utils import report
+    from isic_utils.external import external_sets, reading, validate_external
 
+    base, overrides, root = tiny_task1
     monkeypatch.setenv("PH2_DIR", str(tmp_path / "no-ph2"))
-    values = P.resolve("external", None, "isic2016_holdout", None, P.project_root(Path(__file__).parent))
+    values = P.resolve("external", None, "isic2016_holdout", None, root)
     (ph2,) = external_sets(values)
     assert ph2.root == tmp_path / "no-ph2" and not ph2.found
     assert "fc.up.pt" in ph2.missing_note() and "skipped" in ph2.missing_note()
+    # the chapter still runs: validation scored, the set named as skipped, an empty gap table the index can read
+    chapter = {**P.resolve("external", None, "tiny", {**overrides, "runs": ["task1"]}, root),
+               "external": values["external"]}
+    out = base / "out" / "external-missing"
+    result = validate_external(chapter, ["task1"], out)
+    assert result["gap"].empty and set(result["options"]["data"]) == {"validation"}
+    assert "no-ph2" in reading(result)
+    (base / "out" / "external").rename(base / "out" / "external-kept")
+    out.rename(base / "out" / "external")
+    assert report.chapter_finding(base / "out", "external", "external").startswith("no external set was found")
 
 
 @pytest.mark.slow
