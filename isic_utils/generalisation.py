@@ -70,15 +70,24 @@ def options_study(profile: str, epochs: int | None = None, overrides: dict | Non
         train_run(values, prepare_data(values), verbose=True)
     out = P.absolute(scoring["output_dir"])
     result = validate_external(scoring, scoring["runs"], out)
-    table = options_table(result["options"], {run_name(o): o for o in runs}, runs["base"]["epochs"])
+    table = options_table(result["options"], {run_name(o): o for o in runs}, runs["base"]["epochs"], result["scored"])
     save_table(table, out, "options")
     echo(f"options: wrote {out / 'tables' / 'options.csv'}")
     return table
 
 
-def options_table(scores: pd.DataFrame, names: dict[str, str], epochs: int) -> pd.DataFrame:
+def _per_image_ja(scored, flips: bool, post: bool) -> pd.Series:
+    """Per-image JA (mean over seeds) of one run on one split, scored with or without flips / post-processing."""
+    chosen = [t.set_index("id")["iou"] for (seed, tta, method), t in scored.tables.items()
+              if (tta != "none", method != "none") == (flips, post)]
+    return pd.concat(chosen, axis=1).mean(axis=1)
+
+
+def options_table(scores: pd.DataFrame, names: dict[str, str], epochs: int, scored: dict | None = None) -> pd.DataFrame:
     """One row per option: JA on validation and on each external set (plain scoring: no flips, no
-    post-processing, except for the inference options, which are the base run scored with them), and Δ vs base."""
+    post-processing, except for the inference options, which are the base run scored with them), Δ vs base, and
+    (with ``scored``, the per-image tables) the standard error of Δ from the paired per-image differences on the
+    same images, so that a change can be told from noise."""
     plain = scores[~scores["test-time flips"] & ~scores["largest component"]]
     splits = list(dict.fromkeys(scores["data"]))
     rows = []
@@ -96,6 +105,15 @@ def options_table(scores: pd.DataFrame, names: dict[str, str], epochs: int) -> p
     base = table.iloc[0]
     for split in splits:
         table[f"Δ {split}"] = table[f"JA {split}"] - base[f"JA {split}"]
+    if scored:
+        for split in splits:
+            reference = _per_image_ja(scored[(base_run, split)], False, False)
+            errors = []
+            for run, option in [*names.items(), *((base_run, o) for o in INFERENCE_OPTIONS)]:
+                flips, post = INFERENCE_OPTIONS.get(option, (False, False))
+                difference = _per_image_ja(scored[(run, split)], flips, post) - reference
+                errors.append(float(difference.std(ddof=1) / len(difference) ** 0.5) if option != "base" else 0.0)
+            table[f"SE Δ {split}"] = errors
     return table
 
 
@@ -110,14 +128,22 @@ def options_reading(table: pd.DataFrame) -> str:
     set, and which options helped on both."""
     deltas = [c for c in table.columns if c.startswith("Δ ")]
     splits = [c[2:] for c in deltas]
+    noise = all(f"SE Δ {s}" in table for s in splits)
     base = table.iloc[0]
-    lines = [f"Measured with {int(base['epochs'])} epochs per run. Base: "
+    lines = [f"Measured with {int(base['epochs'])} epochs per run, one seed. Base: "
              + ", ".join(f"JA {base[f'JA {s}']:.3f} on {s}" for s in splits) + "."]
-    helped = []
+    helped, clearly = [], []
     for _, row in table.iloc[1:].iterrows():
-        changes = ", ".join(f"{row[f'Δ {s}']:+.3f} on {s}" for s in splits)
+        changes = ", ".join(f"{row[f'Δ {s}']:+.3f}" + (f" ± {row[f'SE Δ {s}']:.3f}" if noise else "") + f" on {s}"
+                            for s in splits)
         lines.append(f"{row['option']}: {changes}.")
         if all(row[f"Δ {s}"] > 0 for s in splits):
             helped.append(row["option"])
-    lines.append("Helped everywhere: " + (", ".join(helped) if helped else "none") + ".")
+        if noise and all(row[f"Δ {s}"] > 2 * row[f"SE Δ {s}"] for s in splits):
+            clearly.append(row["option"])
+    lines.append("Better on every split: " + (", ".join(helped) if helped else "none") + ".")
+    if noise:
+        lines.append("Better by more than two standard errors (paired, per image) on every split: "
+                     + (", ".join(clearly) if clearly else "none") + ". A change within two standard errors is "
+                     "not told apart from noise by these images, and another seed's spread comes on top.")
     return " ".join(lines)

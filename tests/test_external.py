@@ -328,7 +328,9 @@ def test_the_options_study_measures_each_option_against_the_base(tmp_path):
     assert list(saved["option"]) == list(table["option"])
     big = json_params(tmp_path / "out" / "options" / "256_px" / "run.json")
     assert big["image_size"] == 256 and big["epochs"] == 1
-    assert "Helped everywhere" in options_reading(table)
+    assert {"SE Δ validation", "SE Δ other-clinic"} <= set(table.columns)
+    assert (table.loc[1:, "SE Δ validation"] >= 0).all() and table.loc[0, "SE Δ validation"] == 0
+    assert "Better on every split" in options_reading(table) and "two standard errors" in options_reading(table)
 
 
 def json_params(path: Path) -> dict:
