@@ -142,6 +142,11 @@ class RunResult:
         return self.results[0]["best_epoch"]
 
     @property
+    def params(self) -> dict:
+        """The run's parameters, as ``run.json`` records them."""
+        return json.loads((self.run_dir / "run.json").read_text())["params"]
+
+    @property
     def trained_on(self) -> str:
         """Where the lowest seed trained, in words: "NVIDIA H100 (cuda, bf16)", "AMD EPYC (AVX2) (cpu, fp32)"."""
         where = self.results[0].get("trained_on") or {}

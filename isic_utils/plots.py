@@ -12,7 +12,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from . import data, external, failures
+from . import data, external, failures, metrics
 from .experiments import RunResult, SavedRun, prepare_data
 from .files import atomic_path
 
@@ -250,11 +250,21 @@ def failure_figures(result: RunResult, k: int = 6) -> dict[str, object]:
     """The training chapter's "where it fails" figures for the lowest seed: its ``k`` worst test images with both
     outlines, and JA against lesion area and image size; saved under the run's ``figures/``."""
     frame = failures.per_image_frame(result.per_image[int(result.seeds_table["seed"].iloc[0])])
-    figures = {"worst": _worst_of(result.data.test, result.probabilities, frame, k, result.name),
+    figures = {"worst": _worst_of(result.data.test, as_scored(result.probabilities, result.params), frame, k,
+                                  result.name),
                "ja_vs_size": ja_vs_size({result.name: frame})}
     for key, fig in figures.items():
         save_figure(fig, result.run_dir, key)
     return figures
+
+
+def as_scored(probabilities: torch.Tensor, params: dict) -> torch.Tensor:
+    """The masks a run's scores come from, at model resolution: probabilities > 0.5, then the run's post-processing
+    (so a figure never shows a speck the scoring removed)."""
+    method = params.get("postprocess", "none")
+    if method == "none":
+        return probabilities
+    return torch.stack([metrics.postprocess_mask(p > 0.5, method) for p in probabilities]).float()
 
 
 def compare_predictions_figure(params: dict, runs: dict[str, SavedRun], count: int = 6):
@@ -265,7 +275,7 @@ def compare_predictions_figure(params: dict, runs: dict[str, SavedRun], count: i
     scores = first.per_image[int(first.seeds["seed"].iloc[0])]["iou"]
     order = scores.sort_values().index.tolist()
     rows = sorted({order[int(k * (len(order) - 1) / max(1, count - 1))] for k in range(min(count, len(order)))})
-    predicted = {name: run.probabilities[rows] for name, run in runs.items()}
+    predicted = {name: as_scored(run.probabilities[rows], run.info["params"]) for name, run in runs.items()}
     return compare_predictions(test.images[rows], test.masks[rows], predicted, [test.ids[k] for k in rows])
 
 
@@ -282,7 +292,7 @@ def compare_failures_figure(params: dict, runs: dict[str, SavedRun], k: int = 6)
     test = prepare_data(params, progress=False).test
     fig, axes = plt.subplots(len(runs), k, figsize=(2.4 * k, 2.8 * len(runs)), squeeze=False)
     for row, (name, run) in zip(axes, runs.items()):
-        _worst_of(test, run.probabilities, failures.seed_mean_frame(run), k, name, row)
+        _worst_of(test, as_scored(run.probabilities, run.info["params"]), failures.seed_mean_frame(run), k, name, row)
     fig.suptitle("each run's worst test images — green: ground truth, magenta: prediction", fontsize=10)
     fig.tight_layout()
     return fig
@@ -318,7 +328,8 @@ def external_worst_figure(result: dict, split_name: str, k: int = 6):
     fig, axes = plt.subplots(len(runs), k, figsize=(2.4 * k, 2.8 * len(runs)), squeeze=False)
     for row, name in zip(axes, runs):
         split, probabilities, table = external.worst_external(result, name, split_name, k)
-        _worst_of(split, probabilities, failures.per_image_frame(table), k, name, row)
+        _worst_of(split, as_scored(probabilities, result["runs"][name].info["params"]), failures.per_image_frame(table),
+                  k, name, row)
     fig.suptitle(f"each run's worst {split_name} images — green: ground truth, magenta: prediction", fontsize=10)
     fig.tight_layout()
     return fig

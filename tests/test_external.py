@@ -342,3 +342,15 @@ def json_params(path: Path) -> dict:
 def test_passing_tests_leave_no_checkpoints_behind(request):
     """CI ran out of disk with every test's checkpoints kept: passing tests' tmp_path folders are deleted."""
     assert request.config.getini("tmp_path_retention_policy") == "failed"
+
+
+def test_figures_show_the_masks_the_scores_come_from():
+    """A run scored with post-processing is drawn post-processed: no speck in a figure that the scoring removed."""
+    from isic_utils.plots import as_scored
+
+    probabilities = torch.zeros(1, 1, 8, 8)
+    probabilities[0, 0, 1:4, 1:4] = 0.9
+    probabilities[0, 0, 6, 6] = 0.9
+    drawn = as_scored(probabilities, {"postprocess": "largest_component"})
+    assert drawn[0, 0, 6, 6] == 0 and drawn[0, 0, 2, 2] == 1
+    assert as_scored(probabilities, {"postprocess": "none"}) is probabilities
