@@ -143,6 +143,11 @@ def options_reading(table: pd.DataFrame) -> str:
             clearly.append(row["option"])
     lines.append("Better on every split: " + (", ".join(helped) if helped else "none") + ".")
     if noise:
+        for split in splits:
+            above = [row["option"] for _, row in table.iloc[1:].iterrows()
+                     if row[f"Δ {split}"] > 2 * row[f"SE Δ {split}"]]
+            lines.append(f"Better by more than two standard errors on {split}: "
+                         + (", ".join(above) if above else "none") + ".")
         lines.append("Better by more than two standard errors (paired, per image) on every split: "
                      + (", ".join(clearly) if clearly else "none") + ". A change within two standard errors is "
                      "not told apart from noise by these images, and another seed's spread comes on top.")
