@@ -103,14 +103,15 @@ def test_force_retrains_and_a_plain_rerun_does_not(monkeypatch, tmp_path):
     assert dict(seen)["task1"] is True
     seen.clear()
     pipeline.run_report("tiny", force=True, overrides=overrides, root=ROOT, echo=lambda *_: None)
-    assert dict(seen) == {"eda": None, "task1": False, "task2": False, "compare": None}
+    assert dict(seen) == {"eda": None, "task1": False, "task2": False, "external": None, "compare": None}
     seen.clear()
     pipeline.run_report("tiny", overrides=overrides, root=ROOT, echo=lambda *_: None)
     assert seen == []  # a forced run leaves the chapters up to date: resume is not part of their fingerprint
     pipeline.run_report("tiny", force=True, only=["task2"], overrides=overrides, root=ROOT, echo=lambda *_: None)
     seen.clear()
     pipeline.run_report("tiny", overrides=overrides, root=ROOT, echo=lambda *_: None)
-    assert seen == [("compare", None)]  # task2 was retrained alone: the comparison is stale, nothing else
+    # task2 was retrained alone: the chapters that read the runs (external validation, comparison) are stale, nothing else
+    assert seen == [("external", None), ("compare", None)]
 
 
 def test_resume_false_retrains_from_scratch(tiny_data, tmp_path):
@@ -396,7 +397,7 @@ def test_selection_follows_validation_even_when_test_disagrees(tiny_data, tmp_pa
 
     val_scores, test_scores = iter([0.2, 0.8, 0.5, 0.8]), iter([0.9, 0.1, 0.95, 0.1])
 
-    def scripted(model, split, config, precision, features=None, keep_probabilities=False):
+    def scripted(model, split, config, precision, features=None, keep_probabilities=False, tta="none"):
         iou = next(val_scores if split is tiny_data.val else test_scores)
         size = split.masks[0].numel()
         tp = int(iou * size)
