@@ -89,6 +89,7 @@ class Scored:
     split: str
     own: tuple[str, str]  # the options the run itself uses
     tables: dict[tuple[int, str, str], pd.DataFrame]
+    probabilities: dict[int, torch.Tensor]  # per seed, with the run's own test-time flips (for figures)
 
     def own_tables(self) -> dict[int, pd.DataFrame]:
         return {seed: table for (seed, tta, post), table in self.tables.items() if (tta, post) == self.own}
@@ -98,7 +99,8 @@ def score_split(run: SavedRun, split: DecodedSplit, name: str) -> Scored:
     """Every seed's selected checkpoint (``best.pt``) on ``split`` at original size, with and without test-time
     flips and post-processing (the run's own colour constancy always: its model was trained on such images)."""
     params = run.info["params"]
-    tables = {}
+    tables, kept = {}, {}
+    own = (params.get("tta", "none"), params.get("postprocess", "none"))
     for seed in run.seeds["seed"].astype(int):
         model, meta = load_trained(run.run_dir / f"seed{seed}" / "best.pt")
         probabilities = {tta: predicted_probabilities(model, meta, split.images, tta) for tta in ("none", "flips")}
@@ -106,8 +108,8 @@ def score_split(run: SavedRun, split: DecodedSplit, name: str) -> Scored:
         counts = metrics.original_size_counts(maps, split, postprocess=[post for _, post in INFERENCE_OPTIONS])
         for (tta, post), c in zip(INFERENCE_OPTIONS, counts):
             tables[(seed, tta, post)] = metrics.per_image_table(c, split.ids, split.sizes)
-    own = (params.get("tta", "none"), params.get("postprocess", "none"))
-    return Scored(run.name, name, own, tables)
+        kept[int(seed)] = probabilities[own[0]]
+    return Scored(run.name, name, own, tables, kept)
 
 
 def _mean(tables: dict[int, pd.DataFrame], metric: str) -> float:
@@ -224,6 +226,4 @@ def worst_external(result: dict, run: str, split_name: str, k: int = 6) -> tuple
     split = result["splits"][(split_name, size)]
     scored = result["scored"][(run, split_name)]
     seed = min(scored.own_tables())
-    model, meta = load_trained(saved.run_dir / f"seed{seed}" / "best.pt")
-    probabilities = predicted_probabilities(model, meta, split.images)
-    return split, probabilities, scored.own_tables()[seed]
+    return split, scored.probabilities[seed], scored.own_tables()[seed]
