@@ -94,6 +94,12 @@ class Scored:
     def own_tables(self) -> dict[int, pd.DataFrame]:
         return {seed: table for (seed, tta, post), table in self.tables.items() if (tta, post) == self.own}
 
+    def per_image_iou(self, flips: bool, post: bool) -> pd.Series:
+        """Per-image JA (mean over seeds, indexed by id), scored with or without flips / post-processing."""
+        chosen = [t.set_index("id")["iou"] for (seed, tta, method), t in self.tables.items()
+                  if (tta != "none", method != "none") == (flips, post)]
+        return pd.concat(chosen, axis=1).mean(axis=1)
+
 
 def score_split(run: SavedRun, split: DecodedSplit, name: str) -> Scored:
     """Every seed's selected checkpoint (``best.pt``) on ``split`` at original size, with and without test-time

@@ -76,13 +76,6 @@ def options_study(profile: str, epochs: int | None = None, overrides: dict | Non
     return table
 
 
-def _per_image_ja(scored, flips: bool, post: bool) -> pd.Series:
-    """Per-image JA (mean over seeds) of one run on one split, scored with or without flips / post-processing."""
-    chosen = [t.set_index("id")["iou"] for (seed, tta, method), t in scored.tables.items()
-              if (tta != "none", method != "none") == (flips, post)]
-    return pd.concat(chosen, axis=1).mean(axis=1)
-
-
 def options_table(scores: pd.DataFrame, names: dict[str, str], epochs: int, scored: dict | None = None) -> pd.DataFrame:
     """One row per option: JA on validation and on each external set (plain scoring: no flips, no
     post-processing, except for the inference options, which are the base run scored with them), Δ vs base, and
@@ -107,11 +100,11 @@ def options_table(scores: pd.DataFrame, names: dict[str, str], epochs: int, scor
         table[f"Δ {split}"] = table[f"JA {split}"] - base[f"JA {split}"]
     if scored:
         for split in splits:
-            reference = _per_image_ja(scored[(base_run, split)], False, False)
+            reference = scored[(base_run, split)].per_image_iou(False, False)
             errors = []
             for run, option in [*names.items(), *((base_run, o) for o in INFERENCE_OPTIONS)]:
                 flips, post = INFERENCE_OPTIONS.get(option, (False, False))
-                difference = _per_image_ja(scored[(run, split)], flips, post) - reference
+                difference = scored[(run, split)].per_image_iou(flips, post) - reference
                 errors.append(float(difference.std(ddof=1) / len(difference) ** 0.5) if option != "base" else 0.0)
             table[f"SE Δ {split}"] = errors
     return table

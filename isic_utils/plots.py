@@ -307,8 +307,7 @@ def external_distribution(result: dict):
         for (run_name, split), scored in result["scored"].items():
             if run_name != name or split == "validation":
                 continue
-            own = scored.own_tables()
-            ja = pd.concat([t.set_index("id")["iou"] for t in own.values()], axis=1).mean(axis=1)
+            ja = scored.per_image_iou(*(option != "none" for option in scored.own))
             frames.append(pd.DataFrame({"run": name, "data": split, "iou": ja.to_numpy()}))
     long = pd.concat(frames, ignore_index=True)
     fig, ax = plt.subplots(figsize=(7.5, 4))
