@@ -17,6 +17,8 @@ from .files import atomic_path
 from .metrics import confusion_counts, full_size_mask, original_size_counts
 from .training import load_trained, predicted_probabilities
 
+NOT_INPUTS = ("_Segmentation", "_superpixels", "_lesion", "_overlay")  # masks, and the overlays predict writes
+
 
 def load_predictor(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild the model a ``best.pt`` describes and load its weights (see ``training.load_trained``)."""
@@ -33,8 +35,8 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
                    overlays: bool = False, tta: str | None = None, postprocess: str | None = None) -> list[Path]:
     """Write a 0/255 PNG mask at original size for every image in ``input_dir``; returns the mask paths.
 
-    Every JPEG/PNG/BMP/TIFF is read (``*_Segmentation``, ``*_lesion`` and ``*_superpixels`` files are masks, not
-    inputs, and are skipped); an unreadable file raises ``DataError`` naming it. The checkpoint's colour constancy is
+    Every JPEG/PNG/BMP/TIFF is read (``*_Segmentation``, ``*_lesion`` and ``*_superpixels`` files are masks and
+    ``*_overlay`` files are what ``overlays`` wrote on an earlier run: not inputs, skipped); an unreadable file raises ``DataError`` naming it. The checkpoint's colour constancy is
     always applied (the model was trained on such images); its test-time flips and post-processing unless ``tta`` /
     ``postprocess`` say otherwise ("none", "flips", "largest_component").
     """
@@ -43,7 +45,7 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
     postprocess = meta["postprocess"] if postprocess is None else postprocess
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     files = sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in EXTERNAL_IMAGE_SUFFIXES
-                   and not p.stem.endswith(("_Segmentation", "_superpixels", "_lesion")))
+                   and not p.stem.endswith(NOT_INPUTS))
     if not files:
         raise DataError(f"no .jpg/.jpeg/.png/.bmp/.tif images in {input_dir}. Point --input at a folder of images.")
     output_dir.mkdir(parents=True, exist_ok=True)
