@@ -314,7 +314,7 @@ def answer_section(out_dir: Path) -> str:
     if table is None:
         return "<p>The comparison chapter has not run yet: the answer appears here once it has.</p>"
     figure = folder / "figures" / "predictions.png"
-    picture = (f'<figure><img src="compare/figures/predictions.png" alt="the same test images predicted by every run">'
+    picture = ('<figure><img src="compare/figures/predictions.png" alt="the same test images predicted by every run">'
                "<figcaption>The same test images (from easy to hard for the first run), their ground truth, and each "
                "run's prediction.</figcaption></figure>") if figure.exists() else ""
     elsewhere = _external_finding(out_dir)

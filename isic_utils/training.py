@@ -29,7 +29,14 @@ import torch
 from torch import nn
 
 from . import metrics
-from .data import DecodedSplit, ReportData, apply_augmentation, apply_color_constancy, draw_augmentation, normalize
+from .data import (
+    DecodedSplit,
+    ReportData,
+    apply_augmentation,
+    apply_color_constancy,
+    draw_augmentation,
+    normalize,
+)
 from .files import atomic_path, epoch_line, progress_bar
 from .model import SegmentationModel, build_model, count_parameters
 
