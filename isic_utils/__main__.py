@@ -15,7 +15,12 @@ def _parse_set(items: list[str]) -> dict:
         if "=" not in item:
             raise SystemExit(f"--set expects KEY=VALUE (a YAML value), got {item!r}")
         key, value = item.split("=", 1)
-        values[key] = yaml.safe_load(value)
+        try:
+            values[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            reason = str(exc).splitlines()[0]
+            raise SystemExit(f"--set {item}: the value is not valid YAML ({reason}). Quote lists and strings as in "
+                             "--set 'seeds=[0, 1, 2]'") from None
     return values
 
 

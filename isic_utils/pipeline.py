@@ -183,6 +183,11 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
     P.check_overrides(overrides or {})  # a key no chapter knows is a typo, not a key for another chapter
     profile_values = P.read_yaml(P.profile_path(profile, root)) if P.profile_path(profile, root).is_file() else {}
     steps = steps_for(profile_values)
+    names = [step.name for step in steps]
+    for name in only or []:  # a typo would otherwise run nothing and say "done"
+        if name not in names:
+            raise P.ParameterError(f"unknown step {name!r}{P.suggest([name], names)} for profile {profile!r}; "
+                                   f"its steps are {', '.join(names)}")
     # validate every chapter before any work
     resolved = {}
     for step in steps:
