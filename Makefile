@@ -6,7 +6,7 @@ DATA ?= synthetic
 # torch/torchvision: any release in the pyproject ranges; this pin matches the wheels tested here.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup report options demo test bench gpu-check clean
+.PHONY: setup report options demo test test-all bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,11 @@ options: setup  ## what each generalisation option of task 3 buys (DATA=, EPOCHS
 demo: setup  ## the smallest end-to-end run (tiny profile, a minute or two)
 	$(PY) -m isic_utils report --data tiny
 
-test: setup  ## unit tests and the end-to-end notebook run on tiny data
-	$(PY) -m pytest -q
+test: setup  ## every behaviour, fast (the inner loop): all tests but the slow end-to-end tier
+	$(PY) -m pytest -q -m "not slow" --durations=15
+
+test-all: setup  ## everything, the slow end-to-end runs included (papermill chapters, the GPU-check rehearsal): what CI runs
+	$(PY) -m pytest -q --durations=15
 
 bench: setup  ## speed benchmark: naive vs this project's pipeline, same data, one run
 	$(PY) benchmarks/bench_training.py

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic data set in the official layout, decoded small."""
+"""Shared fixtures, built once per session: the tiny synthetic data set in the official layout (the tiny profile's
+own: 20 training and 6 test pairs), decoded small, and one small trained checkpoint that predicts real masks."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from isic_utils import params as P
 from isic_utils.data import load_report_data
+from isic_utils.model import build_model
 from isic_utils.synthetic import make_synthetic_isic
+from isic_utils.training import TrainConfig, fit
 
+ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = os.environ.get("ISIC_SAMPLE_DIR")
 WEIGHTS = os.environ.get("ISIC_ENCODER_WEIGHTS")
 
@@ -23,6 +29,8 @@ def _no_weights_env(monkeypatch, request):
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
+    """The tiny profile's data set (``synthetic_train: 20``, ``synthetic_test: 6``, seed 0), made once: pass it as
+    ``data_dir`` and the profile finds it already made instead of generating its own."""
     return make_synthetic_isic(tmp_path_factory.mktemp("synthetic"), n_train=20, n_test=6, seed=0)
 
 
@@ -30,6 +38,37 @@ def synthetic_root(tmp_path_factory) -> Path:
 def tiny_data(synthetic_root, tmp_path_factory):
     return load_report_data(synthetic_root, image_size=64, val_fraction=0.2, seed=0,
                             cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def tiny_params(tmp_path: Path, synthetic_root: Path, run_file: str | None = "task1", chapter: str = "train",
+                **overrides) -> dict:
+    """A chapter's parameters on the tiny profile, writing under ``tmp_path`` and reading the shared data set."""
+    values = {"output_dir": str(tmp_path / "out"), "data_dir": str(synthetic_root), **overrides}
+    run = ROOT / "params" / f"{run_file}.yaml" if run_file else None
+    return P.resolve(chapter, run, "tiny", values, root=ROOT)
+
+
+TRAINED_CONFIG = TrainConfig(freeze_encoder=False, epochs=3, batch_size=8, eval_batch_size=8, precision="fp32",
+                             seed=0, decoder_lr=3e-3, augment=(), loss="bce+dice", monitor_test=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory):
+    """(FitResult, run folder) of a U-Net fine-tuned three epochs on the tiny data: unlike a frozen random encoder
+    (whose masks are empty after a few epochs), its masks hold lesion and background in every test image, so what
+    predict writes and what the scorers compute are real predictions. Read it, never write into it."""
+    torch.manual_seed(0)
+    model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
+    run_dir = tmp_path_factory.mktemp("trained")
+    return fit(model, tiny_data, TRAINED_CONFIG, run_dir, verbose=False), run_dir
+
+
+def assert_same_counts(written: torch.Tensor, expected: torch.Tensor) -> None:
+    """Confusion counts of masks written to files equal those the evaluation computed in memory. One image at a time
+    (predict) and a batch (the evaluation) may sum a logit in another order, so a pixel sitting exactly at the
+    threshold may flip: at most 1e-5 of an image's pixels, never more."""
+    assert written.shape == expected.shape
+    assert (written - expected).abs().max() <= 1e-5 * expected.sum(1).max(), (written - expected).abs().max()
 
 
 def requires(variable: str):

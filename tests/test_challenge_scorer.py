@@ -1,5 +1,5 @@
-"""The ISIC challenge's own scorer (``isic-challenge-scoring``, a dev dependency) as the referee: on masks written
-by ``predict`` at each image's original size, our per-image Jaccard, threshold Jaccard, Dice, accuracy, sensitivity
+"""The ISIC challenge's own scorer (``isic-challenge-scoring``, a dev dependency) as the referee: on masks that a
+trained model's checkpoint gives through ``predict`` at each image's original size, our per-image Jaccard, threshold Jaccard, Dice, accuracy, sensitivity
 and specificity, and their means, equal what the challenge computes from the same files."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from isic_challenge_scoring import metrics as challenge
 from isic_challenge_scoring.confusion import create_binary_confusion_matrix
 from isic_challenge_scoring.load_image import iter_image_pairs
@@ -19,22 +18,13 @@ from isic_challenge_scoring.segmentation import SegmentationScore
 from isic_utils import predict
 from isic_utils.data import find_pairs
 from isic_utils.metrics import per_image_table
-from isic_utils.model import build_model
-from isic_utils.training import TrainConfig, fit
 
-from .conftest import requires
+from .conftest import assert_same_counts, requires
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*inplace:")  # the scorer uses a pandas idiom newer pandas deprecates
 
 COLUMNS = {"iou": "jaccard", "threshold_iou": "threshold_jaccard", "dice": "dice", "accuracy": "accuracy",
            "sensitivity": "sensitivity", "specificity": "specificity"}
-
-
-def straddling_probabilities(model, meta, images_uint8, tta=None):
-    """Probability maps with both classes in every image (darker than the image's mean → lesion), so each score
-    is computed on a real prediction rather than an empty one."""
-    grey = images_uint8.float().mean(1, keepdim=True)
-    return torch.sigmoid((grey.mean(dim=(2, 3), keepdim=True) - grey) / 8)
 
 
 def challenge_scores(truth_dir, prediction_dir) -> pd.DataFrame:
@@ -62,32 +52,22 @@ def _referee(pairs, checkpoint, tmp_path) -> None:
     assert len(theirs) == len(pairs) and (ours["iou"] > 0).all() and (ours["iou"] < 1).all()
     for mine, their in COLUMNS.items():
         assert ours[mine].to_numpy() == pytest.approx(theirs[their].to_numpy(), abs=1e-12), mine
-    assert torch.equal(written["counts"], written["expected"])  # the files score what the evaluation computed
+    assert_same_counts(written["counts"], written["expected"])  # the files score what the evaluation computed
     macro = SegmentationScore(iter_image_pairs(truth, tmp_path / "predicted")).macro_average
     for mine, their in COLUMNS.items():
         assert ours[mine].mean() == pytest.approx(macro[their], abs=1e-12), mine
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_data, tmp_path_factory):
-    torch.manual_seed(0)
-    config = TrainConfig(epochs=1, batch_size=8, precision="fp32", augment=(), monitor_test=False)
-    run = tmp_path_factory.mktemp("run")
-    fit(build_model(encoder_weights=None, freeze_encoder=True), tiny_data, config, run, verbose=False)
-    return run / "best.pt"
-
-
-def test_our_scores_equal_the_challenge_scorers_on_masks_written_by_predict(tiny_data, checkpoint, tmp_path,
-                                                                          monkeypatch):
-    monkeypatch.setattr(predict, "predict_probabilities", straddling_probabilities)
-    _referee(tiny_data.test.sources, checkpoint, tmp_path)
+def test_our_scores_equal_the_challenge_scorers_on_masks_written_by_predict(tiny_data, trained_run, tmp_path):
+    _, run_dir = trained_run
+    _referee(tiny_data.test.sources, run_dir / "best.pt", tmp_path)
 
 
 @requires("ISIC_SAMPLE_DIR")
 @pytest.mark.real_data
-def test_the_challenge_scorer_agrees_on_real_full_size_masks(checkpoint, tmp_path, monkeypatch):
+def test_the_challenge_scorer_agrees_on_real_full_size_masks(trained_run, tmp_path):
     """The 21 real ISIC images at their original sizes (1024×768 to 3072×2304) with their real ground truth."""
-    monkeypatch.setattr(predict, "predict_probabilities", straddling_probabilities)
+    _, run_dir = trained_run
     pairs = find_pairs(Path(os.environ["ISIC_SAMPLE_DIR"]) / "isic2016-originals", "train")
     assert len(pairs) == 21
-    _referee(pairs, checkpoint, tmp_path)
+    _referee(pairs, run_dir / "best.pt", tmp_path)

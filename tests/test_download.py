@@ -195,3 +195,64 @@ def test_an_extraction_killed_half_way_is_redone_not_trusted(server, tmp_path, m
     assert not (root / NAMES["train"][0]).exists()  # nothing half-extracted under the real name
     download_isic2016(root, splits=["train"], base_url=server.url, expected_counts={"train": 3})
     assert len(find_pairs(root, "train")) == 3
+
+
+# ----------------------------------------------------------------------------- the real profile's data path
+
+
+def isic_params(tmp_path, **overrides):
+    from isic_utils import params as P
+
+    root = Path(__file__).resolve().parents[1]
+    values = {"output_dir": str(tmp_path / "out"), "image_size": 32, **overrides}
+    return P.resolve("train", root / "params" / "task1.yaml", "isic2016", values, root=root)
+
+
+@pytest.fixture
+def download_from(server, monkeypatch):
+    """prepare_data's download, pointed at the local server (the real download code; the counts of its archives)."""
+    from functools import partial
+
+    from isic_utils import experiments
+
+    monkeypatch.setattr(experiments, "download_isic2016",
+                        partial(download_isic2016, base_url=server.url, expected_counts={"train": 3, "test": 2}))
+    return server
+
+
+def test_the_real_profile_downloads_into_isic_data_dir_once(download_from, tmp_path, monkeypatch):
+    from isic_utils.experiments import prepare_data
+
+    monkeypatch.setenv("ISIC_DATA_DIR", str(tmp_path / "isic"))
+    params = isic_params(tmp_path)
+    assert params["download"] is True and not params["data_dir"]
+    with pytest.warns(UserWarning, match=r"3 training .* 900\) and 2 test .* 379"):  # a partial copy is named
+        data = prepare_data(params, progress=False)
+    assert len(find_pairs(tmp_path / "isic", "train")) == 3 and data.counts()["test"] == 2
+    assert data.root == tmp_path / "isic"
+    asked = len(download_from.requests)
+    with pytest.warns(UserWarning):
+        prepare_data(params, progress=False)  # in place: nothing downloaded again
+    assert len(download_from.requests) == asked and {name for _, name in download_from.requests} == {
+        f"{n}.zip" for pair in NAMES.values() for n in pair}
+
+
+def test_isic_data_dir_with_the_data_is_read_without_downloading(download_from, tmp_path, monkeypatch):
+    from isic_utils.experiments import prepare_data
+
+    build_archives(tmp_path)
+    for name in (n for pair in NAMES.values() for n in pair):
+        with zipfile.ZipFile(tmp_path / f"{name}.zip") as archive:
+            archive.extractall(tmp_path / "mine", [m for m in archive.namelist() if not m.startswith("__MACOSX")])
+    monkeypatch.setenv("ISIC_DATA_DIR", str(tmp_path / "mine"))
+    with pytest.warns(UserWarning, match="3 training"):
+        data = prepare_data(isic_params(tmp_path), progress=False)
+    assert data.root == tmp_path / "mine" and download_from.requests == []
+
+
+def test_no_data_and_no_download_names_the_fix(tmp_path, monkeypatch):
+    from isic_utils.experiments import prepare_data
+
+    monkeypatch.setenv("ISIC_DATA_DIR", str(tmp_path / "nothing"))
+    with pytest.raises(DataError, match=r"no ISIC 2016 data under .*nothing.*ISIC_DATA_DIR.*download: true"):
+        prepare_data(isic_params(tmp_path, download=False), progress=False)

@@ -57,10 +57,39 @@ def test_imports_flow_one_way_without_function_level_dodges(module):
         assert not nested, f"{module} imports {nested} inside functions"
 
 
+PLOTTING = {"seaborn", "matplotlib", "papermill", "nbconvert"}
+
+
+def third_party_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_applying_a_model_imports_no_plotting_module():
+    """Read from the source: predict and every package module it reaches import none of the plotting or notebook
+    libraries (the test below checks the same in a fresh process)."""
+    reached, todo = set(), ["predict"]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo += package_imports(PACKAGE / f"{module}.py")[0]
+    assert not reached & {"plots", "report", "pipeline", "comparison"}, sorted(reached)
+    for module in reached:
+        assert not third_party_imports(PACKAGE / f"{module}.py") & PLOTTING, module
+
+
+@pytest.mark.slow
 def test_applying_a_model_loads_no_plotting():
     loaded = subprocess.run([sys.executable, "-c", "import sys, isic_utils.predict; "
-                             "print(sorted({m.split('.')[0] for m in sys.modules} & {'seaborn', 'matplotlib', "
-                             "'papermill', 'nbconvert'}))"], capture_output=True, text=True, check=True, cwd=ROOT)
+                             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(PLOTTING)})))"],
+                            capture_output=True, text=True, check=True, cwd=ROOT)
     assert loaded.stdout.strip() == "[]"
 
 
@@ -74,6 +103,8 @@ def test_each_notebook_parameters_cell_holds_the_chapters_defaults(name, chapter
     notebook = json.loads((ROOT / "notebooks" / name).read_text())
     tagged = [c for c in notebook["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, f"{name}: exactly one cell tagged 'parameters'"
+    assert notebook["cells"][0]["cell_type"] == "markdown" and notebook["cells"][1] is tagged[0], \
+        f"{name}: a title, then the parameters cell"
     source = "".join(tagged[0]["source"])
     assert source.startswith(P.OWN_PARAMETERS_HEADER)
     values = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(source).body}

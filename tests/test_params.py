@@ -1,4 +1,3 @@
-import json
 from pathlib import Path
 
 import pytest
@@ -52,18 +51,6 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
 
 def test_int_accepted_where_float_expected():
     assert P.resolve("train", overrides={"decoder_lr": 1}, root=ROOT)["decoder_lr"] == 1.0
-
-
-def test_notebook_parameter_cells_match_the_schema():
-    for name, chapter in (("01_eda", "eda"), ("02_train", "train"), ("03_compare", "compare")):
-        notebook = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
-        tagged = [c for c in notebook["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-        assert len(tagged) == 1, name
-        namespace = {}
-        exec("".join(tagged[0]["source"]), namespace)
-        namespace.pop("__builtins__")
-        assert namespace == P.defaults(chapter), name
-        assert notebook["cells"][0]["cell_type"] == "markdown" and notebook["cells"][1] is tagged[0]
 
 
 def test_from_notebook_flags_a_mistyped_injected_parameter():

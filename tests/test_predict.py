@@ -1,74 +1,115 @@
+"""``predict``: a trained checkpoint applied to a folder of images (JPEG, PNG, BMP, TIFF) from the command line,
+one 0/255 mask per image at its original size that scores exactly what the evaluation computed, with the run's
+test-time flips and post-processing unless told otherwise; masks and overlays in the folder are not inputs."""
+
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from isic_utils.__main__ import main
-from isic_utils.data import read_mask
-from isic_utils.metrics import confusion_counts, original_size_counts, summarize
-from isic_utils.model import build_model
-from isic_utils.predict import load_predictor
-from isic_utils.training import CheckpointMismatch, TrainConfig, fit
+from isic_utils.data import normalize, read_mask
+from isic_utils.metrics import confusion_counts, original_size_counts, postprocess_mask
+from isic_utils.predict import load_predictor, predict_folder
+from isic_utils.training import CheckpointMismatch, predicted_probabilities
+
+from .conftest import assert_same_counts
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    model = build_model(encoder_weights=None, freeze_encoder=True)
-    config = TrainConfig(epochs=2, batch_size=8, precision="fp32", augment=())
-    return fit(model, tiny_data, config, run_dir, verbose=False), run_dir
-
-
-def test_predict_round_trip_at_original_size(trained, tiny_data, tmp_path):
-    result, run_dir = trained
-    inputs = tmp_path / "in"
-    inputs.mkdir()
+@pytest.fixture
+def inputs(tiny_data, tmp_path):
+    """The test images as made (JPEG), beside a mask, an overlay and a text file that are not inputs."""
+    folder = tmp_path / "in"
+    folder.mkdir()
     for pair in tiny_data.test.sources:
-        (inputs / pair.image.name).write_bytes(pair.image.read_bytes())
-    (inputs / "notes.txt").write_text("not an image")
-    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(inputs),
-                 "--output", str(tmp_path / "out"), "--overlays"]) == 0
+        shutil.copy(pair.image, folder / pair.image.name)
+    shutil.copy(tiny_data.test.sources[0].mask, folder / tiny_data.test.sources[0].mask.name)
+    Image.new("RGB", (40, 30)).save(folder / "old_overlay.jpg")  # what --overlays wrote on an earlier run
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def counts_of(folder, tiny_data):
+    return torch.cat([confusion_counts(read_mask(folder / f"{p.id}_Segmentation.png").float().unsqueeze(0),
+                                       read_mask(p.mask).float().unsqueeze(0)) for p in tiny_data.test.sources])
+
+
+def test_predict_writes_the_masks_the_evaluation_scored(trained_run, tiny_data, inputs, tmp_path, capsys):
+    result, run_dir = trained_run
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(inputs), "--output", str(out),
+                 "--overlays"]) == 0
+    assert f"wrote {len(tiny_data.test)} masks" in capsys.readouterr().out  # not the mask, overlay or text file
+    assert sorted(p.name for p in out.glob("*_Segmentation.png")) == sorted(
+        f"{p.id}_Segmentation.png" for p in tiny_data.test.sources)
     for k, pair in enumerate(tiny_data.test.sources):
-        mask_path = tmp_path / "out" / f"{pair.id}_Segmentation.png"
-        written = Image.open(mask_path)
+        written = Image.open(out / f"{pair.id}_Segmentation.png")
         assert written.size == tiny_data.test.sizes[k]  # the image's own original size
-        assert set(np.unique(np.asarray(written)).tolist()) <= {0, 255}
-        assert (tmp_path / "out" / f"{pair.id}_overlay.jpg").exists()
+        assert set(np.unique(np.asarray(written)).tolist()) == {0, 255}  # a real prediction: lesion and skin
+        assert Image.open(out / f"{pair.id}_overlay.jpg").size == tiny_data.test.sizes[k]
+    # the masks score exactly what fit's final scoring computed in memory
+    assert_same_counts(counts_of(out, tiny_data), original_size_counts(result.test.probabilities, tiny_data.test))
 
 
-def hand_set_probabilities(model, meta, images_uint8, tta=None):
-    """Probability maps that straddle 0.5 inside every image (darker than the image's mean → above 0.5)."""
-    grey = images_uint8.float().mean(1, keepdim=True)
-    return torch.sigmoid((grey.mean(dim=(2, 3), keepdim=True) - grey) / 8)
+def test_predict_applies_the_flips_and_post_processing_it_is_asked_for(trained_run, tiny_data, inputs, tmp_path):
+    _, run_dir = trained_run
+    model, meta = load_predictor(run_dir / "best.pt")
+    assert (meta["tta"], meta["postprocess"]) == ("none", "none")  # the run's own: what predict does by default
+    for tta in ("none", "flips"):
+        for post in ("none", "largest_component"):
+            out = tmp_path / f"{tta}-{post}"
+            assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(inputs),
+                         "--output", str(out), "--tta", tta, "--postprocess", post]) == 0
+            probabilities = predicted_probabilities(model, meta, tiny_data.test.images, tta)
+            expected = original_size_counts(probabilities, tiny_data.test, postprocess=post)
+            assert_same_counts(counts_of(out, tiny_data), expected)
+            for source in tiny_data.test.sources:
+                mask = read_mask(out / f"{source.id}_Segmentation.png")[0].bool()
+                assert mask.any() and not mask.all()
+                if post == "largest_component":  # one lesion, no holes: post-processing again changes nothing
+                    assert torch.equal(postprocess_mask(mask, "largest_component"), mask)
+    # the flips are the four flips' average, and they change this model's masks
+    plain = predicted_probabilities(model, meta, tiny_data.test.images, "none")
+    flipped = predicted_probabilities(model, meta, tiny_data.test.images, "flips")
+    assert not torch.equal(plain, flipped)
+    assert not torch.equal(counts_of(tmp_path / "none-none", tiny_data), counts_of(tmp_path / "flips-none", tiny_data))
+    x = normalize(tiny_data.test.images, meta["mean"], meta["std"])
+    with torch.inference_mode():
+        by_hand = sum(torch.sigmoid(model(x.flip(dims))).flip(dims) for dims in ((), (-1,), (-2,), (-2, -1))) / 4
+    assert torch.allclose(flipped, by_hand, atol=1e-5)
 
 
-def test_written_masks_score_exactly_what_the_evaluation_computes(trained, tiny_data, tmp_path, monkeypatch):
-    from isic_utils import predict
-
-    _, run_dir = trained
-    monkeypatch.setattr(predict, "predict_probabilities", hand_set_probabilities)
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for pair in tiny_data.test.sources:
-        (inputs / pair.image.name).write_bytes(pair.image.read_bytes())
-    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(inputs),
-                 "--output", str(tmp_path / "out")]) == 0
-    counts = torch.cat([confusion_counts(read_mask(tmp_path / "out" / f"{pair.id}_Segmentation.png").float().unsqueeze(0),
-                                         read_mask(pair.mask).float().unsqueeze(0)) for pair in tiny_data.test.sources])
-    predicted = counts[:, 0] + counts[:, 1]
-    assert (predicted > 0).all() and (counts[:, 2] + counts[:, 3] > 0).all()  # every mask has both classes
-    expected = original_size_counts(hand_set_probabilities(None, None, tiny_data.test.images), tiny_data.test)
-    assert torch.equal(counts, expected)
-    assert summarize(counts) == summarize(expected)
-
-
-def test_checkpoint_of_another_architecture_is_refused(trained, tmp_path):
-    _, run_dir = trained
+def test_predict_post_processes_the_masks_it_writes(trained_run, tiny_data, tmp_path):
+    """The trained model's masks are single blobs, which post-processing leaves alone. Its head's bias moved so
+    that 98% of pixels are lesion, the same model's masks have holes: ``--postprocess largest_component`` must fill
+    them, ``none`` must keep them."""
+    _, run_dir = trained_run
+    model, meta = load_predictor(run_dir / "best.pt")
+    logits = torch.logit(predicted_probabilities(model, meta, tiny_data.test.images))
     state = torch.load(run_dir / "best.pt", weights_only=True)
-    state["meta"]["decoder"] = "unet"
+    state["model"]["decoder.head.bias"] -= logits.quantile(0.02)
+    torch.save(state, tmp_path / "holes.pt")
+    folder = tiny_data.test.sources[0].image.parent
+    for post in ("none", "largest_component"):
+        assert main(["predict", "--checkpoint", str(tmp_path / "holes.pt"), "--input", str(folder),
+                     "--output", str(tmp_path / post), "--postprocess", post]) == 0
+    changed = 0
+    for source in tiny_data.test.sources:
+        plain, post = (read_mask(tmp_path / kind / f"{source.id}_Segmentation.png")[0].bool()
+                       for kind in ("none", "largest_component"))
+        assert torch.equal(post, postprocess_mask(plain, "largest_component"))
+        changed += not torch.equal(post, plain)
+    assert changed == len(tiny_data.test.sources)
+
+
+def test_checkpoint_of_another_architecture_is_refused(trained_run, tmp_path):
+    _, run_dir = trained_run
+    state = torch.load(run_dir / "best.pt", weights_only=True)
+    state["meta"]["decoder"] = "report"
     torch.save(state, tmp_path / "wrong.pt")
-    with pytest.raises(CheckpointMismatch, match="do not fit a mobilenet_v2 \\+ unet model"):
+    with pytest.raises(CheckpointMismatch, match="do not fit a mobilenet_v2 \\+ report model"):
         load_predictor(tmp_path / "wrong.pt")
 
 
@@ -78,7 +119,33 @@ def test_not_a_checkpoint(tmp_path):
         load_predictor(tmp_path / "junk.pt")
 
 
-def test_empty_input_folder_is_an_error(trained, tmp_path):
-    _, run_dir = trained
+def test_empty_input_folder_is_an_error(trained_run, tmp_path, capsys):
+    _, run_dir = trained_run
     assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(tmp_path),
                  "--output", str(tmp_path / "out")]) == 1
+    assert "no .jpg/.jpeg/.png/.bmp/.tif images in" in capsys.readouterr().err
+
+
+def test_predict_folder_returns_one_mask_per_image(trained_run, tiny_data, inputs, tmp_path):
+    _, run_dir = trained_run
+    written = predict_folder(run_dir / "best.pt", inputs, tmp_path / "out")
+    assert [p.name for p in written] == sorted(f"{p.id}_Segmentation.png" for p in tiny_data.test.sources)
+
+
+def test_png_bmp_and_tiff_inputs_give_the_same_masks(trained_run, tiny_data, tmp_path):
+    """The same pixels saved as PNG, BMP and TIFF (lossless) are read alike and predicted alike."""
+    _, run_dir = trained_run
+    folder = tmp_path / "formats"
+    folder.mkdir()
+    pairs = tiny_data.test.sources[:2]
+    for pair in pairs:
+        pixels = Image.open(pair.image).convert("RGB")
+        for suffix, kind in (("png", "PNG"), ("bmp", "BMP"), ("tif", "TIFF")):
+            pixels.save(folder / f"{pair.id}-{suffix}.{suffix}", format=kind)
+    written = predict_folder(run_dir / "best.pt", folder, tmp_path / "out")
+    assert len(written) == 6
+    for pair in pairs:
+        masks = [np.asarray(Image.open(tmp_path / "out" / f"{pair.id}-{suffix}_Segmentation.png"))
+                 for suffix in ("png", "bmp", "tif")]
+        assert masks[0].shape[::-1] == Image.open(pair.image).size and set(np.unique(masks[0])) == {0, 255}
+        assert all(np.array_equal(masks[0], other) for other in masks[1:])

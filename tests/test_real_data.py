@@ -42,9 +42,12 @@ def test_one_epoch_on_real_images_with_imagenet_weights(tmp_path):
     model = build_model(encoder_weights="imagenet", freeze_encoder=False)  # $ISIC_ENCODER_WEIGHTS stands in
     result = fit(model, data, TrainConfig(freeze_encoder=False, epochs=1, batch_size=16), tmp_path / "run",
                  verbose=False)
+    assert model.encoder_weights["source"].endswith(Path(os.environ["ISIC_ENCODER_WEIGHTS"]).name)
+    # transfer learning shows at once: one epoch of 2 steps from ImageNet weights finds lesions (validation and test
+    # JA 0.44 when measured; a random encoder, trained the same way, finds none: JA 0.0)
     row = result.history.iloc[0]
-    assert torch.isfinite(torch.tensor(row["train_loss"])) and 0 <= row["val_iou_mean"] <= 1
-    assert result.test.counts.shape == (20, 4)
+    assert row["val_iou_mean"] > 0.2
+    assert result.test.counts.shape == (20, 4) and result.test.summary()["iou_mean"] > 0.2
     predict_round_trip(tmp_path / "run" / "best.pt", tmp_path)
 
 

@@ -12,11 +12,11 @@ def digest(root):
 
 
 def test_same_seed_same_files_in_the_official_layout(tmp_path):
-    a = make_synthetic_isic(tmp_path / "a", n_train=4, n_test=2, seed=0)
-    b = make_synthetic_isic(tmp_path / "b", n_train=4, n_test=2, seed=0)
+    a = make_synthetic_isic(tmp_path / "a", n_train=2, n_test=1, seed=0)
+    b = make_synthetic_isic(tmp_path / "b", n_train=2, n_test=1, seed=0)
     assert digest(a) == digest(b)
-    assert len(find_pairs(a, "train")) == 4 and len(find_pairs(a, "test")) == 2
-    assert digest(make_synthetic_isic(tmp_path / "c", n_train=4, n_test=2, seed=1)) != digest(a)
+    assert len(find_pairs(a, "train")) == 2 and len(find_pairs(a, "test")) == 1
+    assert digest(make_synthetic_isic(tmp_path / "c", n_train=2, n_test=1, seed=1)) != digest(a)
 
 
 def test_sizes_vary(synthetic_root):

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,18 @@ from isic_utils import params as P
 from isic_utils.__main__ import main
 from isic_utils.metrics import original_size_counts
 from isic_utils.model import build_model
-from isic_utils.training import TIMING_COLUMNS, CheckpointMismatch, Evaluation, TrainConfig, evaluate, fit, load_checkpoint
+from isic_utils.training import (
+    CheckpointMismatch,
+    Evaluation,
+    TrainConfig,
+    evaluate,
+    fit,
+    load_checkpoint,
+    load_trained,
+    predicted_probabilities,
+)
+
+from .conftest import TRAINED_CONFIG, tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +95,13 @@ def test_the_command_line_names_the_close_match(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_parameters_fail_before_any_work(tmp_path):
+    with pytest.raises(P.ParameterError, match="image_size must be a positive multiple of 32"):
+        pipeline.run_report("tiny", overrides={"output_dir": str(tmp_path / "out"), "image_size": 100}, root=ROOT,
+                            echo=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- 3. --force, resume, a changed run
 
 
@@ -103,7 +122,8 @@ def test_force_retrains_and_a_plain_rerun_does_not(monkeypatch, tmp_path):
     assert dict(seen)["task1"] is True
     seen.clear()
     pipeline.run_report("tiny", force=True, overrides=overrides, root=ROOT, echo=lambda *_: None)
-    assert dict(seen) == {"eda": None, "task1": False, "task2": False, "external": None, "compare": None}
+    assert dict(seen) == {"eda": None, "task1": False, "task2": False, "task3": False, "external": None,
+                          "compare": None}
     seen.clear()
     pipeline.run_report("tiny", overrides=overrides, root=ROOT, echo=lambda *_: None)
     assert seen == []  # a forced run leaves the chapters up to date: resume is not part of their fingerprint
@@ -115,54 +135,88 @@ def test_force_retrains_and_a_plain_rerun_does_not(monkeypatch, tmp_path):
 
 
 def test_resume_false_retrains_from_scratch(tiny_data, tmp_path):
-    cfg = tiny_config(epochs=2)
-    first = fit(tiny_model(cfg), tiny_data, cfg, tmp_path / "run", verbose=False)
-    changed = tiny_model(cfg, seed=5)  # another start: a retrained run must differ, a resumed one would not
+    cfg = tiny_config()
+    first = fit(tiny_model(cfg, decoder="unet"), tiny_data, cfg, tmp_path / "run", verbose=False)
+    changed = tiny_model(cfg, seed=5, decoder="unet")  # another start: a retrained run must differ, a resumed one would not
     again = fit(changed, tiny_data, cfg, tmp_path / "run", resume=False, verbose=False)
     assert not again.history["train_loss"].equals(first.history["train_loss"])
 
 
-def test_a_changed_configuration_says_what_differs_and_what_to_do(tiny_data, tmp_path):
-    cfg = tiny_config()
-    fit(tiny_model(cfg), tiny_data, cfg, tmp_path / "run", verbose=False)
-    other = tiny_config(decoder_lr=5e-4)
+def trained_model(seed: int = 0):
+    """A fresh model of the shared ``trained_run``'s architecture and starting weights (torch seeded as it was)."""
+    torch.manual_seed(seed)
+    return build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
+
+
+def untouched(run_dir: Path) -> dict:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.iterdir()}
+
+
+def test_a_changed_configuration_says_what_differs_and_what_to_do(tiny_data, trained_run):
+    _, run_dir = trained_run
+    before = untouched(run_dir)
+    other = replace(TRAINED_CONFIG, decoder_lr=5e-4)
     with pytest.raises(CheckpointMismatch) as error:
-        fit(tiny_model(other), tiny_data, other, tmp_path / "run", verbose=False)
+        fit(trained_model(), tiny_data, other, run_dir, verbose=False)
     message = str(error.value)
-    assert "decoder_lr: 0.001 → 0.0005" in message and "--force" in message and "resume" in message
+    assert "decoder_lr: 0.003 → 0.0005" in message and "--force" in message and "resume" in message
+    assert "another configuration" in message
     assert "encoder_lr" not in message  # only what differs
+    assert untouched(run_dir) == before  # refused before anything was written
 
 
-def test_fewer_epochs_than_trained_is_refused(tiny_data, tmp_path):
-    cfg = tiny_config(epochs=2)
-    fit(tiny_model(cfg), tiny_data, cfg, tmp_path / "run", verbose=False)
-    shorter = tiny_config(epochs=1)
-    with pytest.raises(CheckpointMismatch, match="2 epochs.*asks for 1"):
-        fit(tiny_model(shorter), tiny_data, shorter, tmp_path / "run", verbose=False)
+def test_fewer_epochs_than_trained_is_refused(tiny_data, trained_run):
+    _, run_dir = trained_run
+    before = untouched(run_dir)
+    shorter = replace(TRAINED_CONFIG, epochs=1)
+    with pytest.raises(CheckpointMismatch, match="3 epochs.*asks for 1"):
+        fit(trained_model(), tiny_data, shorter, run_dir, verbose=False)
+    assert untouched(run_dir) == before
 
 
-# ----------------------------------------------------------------------------- 4. every combination runs
+def test_a_finished_run_asked_again_trains_nothing_and_scores_the_same(tiny_data, trained_run):
+    result, run_dir = trained_run
+    before = untouched(run_dir)
+    steps = []
+    again = fit(trained_model(), tiny_data, TRAINED_CONFIG, run_dir, verbose=False,
+                on_step=lambda epoch, step: steps.append(epoch))
+    assert steps == [] and untouched(run_dir) == before
+    assert torch.equal(again.test.counts, result.test.counts) and again.best_epoch == result.best_epoch
 
 
-@pytest.mark.parametrize("freeze", [True, False])
-@pytest.mark.parametrize("decoder", ["report", "unet"])
-@pytest.mark.parametrize("augment", [(), ("hflip", "vflip"), ("hflip", "vflip", "rot90", "color_jitter")])
+# ----------------------------------------------------------------------------- 4. every model and augmentation trains
+
+ENCODER, DECODER = "encoder.", "decoder."
+# A covering set: every pair of (frozen?, decoder), (frozen?, augmentation) and (decoder, augmentation) is trained once.
+COVERING = [(True, "report", ()), (False, "unet", ()), (True, "unet", ("hflip", "vflip")),
+            (False, "report", ("hflip", "vflip")), (True, "unet", ("hflip", "vflip", "rot90", "color_jitter")),
+            (False, "report", ("hflip", "vflip", "rot90", "color_jitter"))]
+
+
+@pytest.mark.parametrize("freeze, decoder, augment", COVERING)
 def test_every_model_and_augmentation_combination_trains(tiny_data, tmp_path, freeze, decoder, augment):
     cfg = tiny_config(freeze_encoder=freeze, augment=augment, loss="bce+dice" if decoder == "unet" else "bce",
                       monitor_test=True)
-    result = fit(tiny_model(cfg, decoder=decoder), tiny_data, cfg, tmp_path / "run", verbose=False)
-    assert np.isfinite(result.history["train_loss"]).all()
-
-
-def test_frozen_encoder_with_unet_uses_the_feature_cache_and_matches_the_plain_path(tiny_data, tmp_path):
-    cached_cfg = tiny_config(freeze_encoder=True, epochs=2, feature_cache=True)
-    plain_cfg = tiny_config(freeze_encoder=True, epochs=2, feature_cache=False)
-    cached = fit(tiny_model(cached_cfg, decoder="unet"), tiny_data, cached_cfg, tmp_path / "c", verbose=False)
-    plain = fit(tiny_model(plain_cfg, decoder="unet"), tiny_data, plain_cfg, tmp_path / "p", verbose=False)
-    assert cached.used_feature_cache and not plain.used_feature_cache
-    volatile = list(TIMING_COLUMNS)
-    pd.testing.assert_frame_equal(cached.history.drop(columns=volatile), plain.history.drop(columns=volatile),
-                                  rtol=1e-4, atol=1e-5)
+    model = tiny_model(cfg, decoder=decoder)
+    start = {name: tensor.clone() for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    result = fit(model, tiny_data, cfg, tmp_path / "run", verbose=False)
+    row = result.history.iloc[0]
+    assert len(result.history) == 1 and all(np.isfinite(row[c]) for c in ("train_loss", "val_loss", "test_loss"))
+    # the feature cache serves a frozen encoder with flips at most; anything else encodes every batch
+    assert result.used_feature_cache == (freeze and set(augment) <= {"hflip", "vflip"})
+    moved = {name for name, tensor in load_checkpoint(tmp_path / "run" / "best.pt")["model"].items()
+             if name in start and not torch.equal(tensor, start[name])}
+    assert any(name.startswith(DECODER) for name in moved)
+    encoder_moved = {name for name in moved if name.startswith(ENCODER)}
+    if freeze:  # not a weight, not a BatchNorm statistic
+        assert not encoder_moved, sorted(encoder_moved)[:3]
+    else:
+        assert any(name.endswith(".weight") for name in encoder_moved)
+    # the checkpoint rebuilds this architecture and gives the test probabilities the run scored
+    loaded, meta = load_trained(tmp_path / "run" / "best.pt")
+    assert meta["decoder"] == decoder
+    probabilities = predicted_probabilities(loaded, meta, tiny_data.test.images)
+    assert torch.allclose(probabilities, result.test.probabilities, atol=1e-5)
 
 
 def test_limits_too_small_to_split_are_refused_at_validation():
@@ -191,17 +245,17 @@ def test_written_files_get_the_umask_mode(tmp_path, umask, mode):
 # ----------------------------------------------------------------------------- 6. where the weights came from
 
 
-def test_the_encoder_weights_are_recorded_and_a_resume_with_others_is_refused(tiny_data, tmp_path):
-    cfg = tiny_config()
-    model = tiny_model(cfg, seed=1)
-    record = model.encoder_weights
+def test_the_encoder_weights_are_recorded_and_a_resume_with_others_is_refused(tiny_data, trained_run):
+    _, run_dir = trained_run
+    record = trained_model().encoder_weights
     assert record["source"] == "random initialisation" and len(record["sha256"]) == 64
-    fit(model, tiny_data, cfg, tmp_path / "run", verbose=False)
-    meta = load_checkpoint(tmp_path / "run" / "best.pt")["meta"]
+    meta = load_checkpoint(run_dir / "best.pt")["meta"]
     assert meta["encoder_weights"] == record
-    other = tiny_model(cfg, seed=2)  # another encoder (as when ImageNet weights appear after a fallback run)
+    before = untouched(run_dir)
+    other = trained_model(seed=2)  # another encoder (as when ImageNet weights appear after a fallback run)
     with pytest.raises(CheckpointMismatch, match="encoder weights"):
-        fit(other, tiny_data, cfg, tmp_path / "run", verbose=False)
+        fit(other, tiny_data, TRAINED_CONFIG, run_dir, verbose=False)
+    assert untouched(run_dir) == before
 
 
 def test_the_random_fallback_is_named_in_run_json(tiny_data, tmp_path, monkeypatch):
@@ -269,7 +323,9 @@ def test_user_supplied_data_with_other_counts_is_named(tmp_path):
         D.load_report_data(root, 32, expected_counts=D.OFFICIAL_COUNTS, progress=False)
 
 
-def test_a_killed_kernel_is_named_as_such(tmp_path):
+def fake_project(tmp_path: Path, source: str) -> Path:
+    """A project root with the real params and an EDA chapter of one code cell: the pipeline's own handling of a
+    chapter (papermill, failures, export, index) in a second or two, without the real chapter's work."""
     import shutil
 
     import nbformat
@@ -278,30 +334,49 @@ def test_a_killed_kernel_is_named_as_such(tmp_path):
     root = tmp_path / "project"
     shutil.copytree(ROOT / "params", root / "params")
     (root / "notebooks").mkdir()
-    nbformat.write(new_notebook(cells=[new_code_cell("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")],
+    nbformat.write(new_notebook(cells=[new_code_cell(source)],
                                 metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                          "language": "python"}}),
                    root / "notebooks" / "01_eda.ipynb")
+    return root
+
+
+def test_a_killed_kernel_is_named_as_such(tmp_path):
+    root = fake_project(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
     with pytest.raises(pipeline.ChapterFailed, match=r"kernel died.*out of memory.*partly executed notebook"):
         pipeline.run_report("tiny", only=["eda"], overrides={"output_dir": str(tmp_path / "out")}, root=root,
                             echo=lambda *_: None)
+
+
+def test_a_failing_chapter_names_notebook_and_cell_and_keeps_the_partial_notebook(tmp_path):
+    root = fake_project(tmp_path, "print('before')\nraise ValueError('no lesions in this folder')")
+    with pytest.raises(pipeline.ChapterFailed, match=r"(?s)01_eda\.ipynb \(eda\) failed in cell 2 with ValueError: "
+                                                     r"no lesions in this folder.*partly executed notebook is kept"):
+        # cell 1 is the parameters cell papermill injects
+        pipeline.run_report("tiny", only=["eda"], overrides={"output_dir": str(tmp_path / "out")}, root=root,
+                            echo=lambda *_: None)
+    partial = json.loads((tmp_path / "out" / "eda.partial.ipynb").read_text())
+    assert "before" in json.dumps(partial["cells"][-1]["outputs"])  # what ran is kept, with its output
+    assert not (tmp_path / "out" / "eda.ipynb").exists() and not list((tmp_path / "out").glob(".eda.running-*"))
 
 
 def test_a_failed_html_export_keeps_the_notebook_and_is_redone_alone(tmp_path, monkeypatch):
     def no_export(*args, **kwargs):
         raise RuntimeError("pandoc exploded")
 
-    overrides = {"output_dir": str(tmp_path / "out"), "data_dir": str(tmp_path / "data")}
+    root = fake_project(tmp_path, "print('the chapter ran')")
+    overrides = {"output_dir": str(tmp_path / "out")}
     monkeypatch.setattr(pipeline, "export_html", no_export)
     with pytest.raises(pipeline.ChapterFailed, match=r"eda\.ipynb.*HTML.*pandoc exploded"):
-        pipeline.run_report("tiny", only=["eda"], overrides=overrides, root=ROOT, echo=lambda *_: None)
+        pipeline.run_report("tiny", only=["eda"], overrides=overrides, root=root, echo=lambda *_: None)
     notebook = tmp_path / "out" / "eda.ipynb"
     stamp = notebook.stat().st_mtime_ns
     monkeypatch.undo()
     lines = []
-    pipeline.run_report("tiny", only=["eda"], overrides=overrides, root=ROOT, echo=lines.append)
+    pipeline.run_report("tiny", only=["eda"], overrides=overrides, root=root, echo=lines.append)
     assert notebook.stat().st_mtime_ns == stamp  # not executed again
-    assert (tmp_path / "out" / "eda.html").exists() and any("exported" in line for line in lines)
+    assert "the chapter ran" in (tmp_path / "out" / "eda.html").read_text()
+    assert any("exported" in line for line in lines)
 
 
 # ----------------------------------------------------------------------------- 9. numbers exactly as computed
@@ -354,6 +429,7 @@ experiments.train_run(params, data, verbose=False)
 """
 
 
+@pytest.mark.slow
 def test_seeds_trained_in_parallel_processes_keep_each_others_results(synthetic_root, tmp_path):
     out = tmp_path / "out"
     workers = [subprocess.Popen([sys.executable, "-c", PARALLEL_SEED, str(ROOT), str(out), str(synthetic_root),
@@ -365,6 +441,17 @@ def test_seeds_trained_in_parallel_processes_keep_each_others_results(synthetic_
     assert sorted(seeds["seed"]) == [0, 1]
     assert json.loads((out / "task2" / "run.json").read_text())["seeds"] == [0, 1]
     assert experiments.load_run(out, "task2").seeds["seed"].tolist() == [0, 1]
+
+
+def test_a_seed_trained_by_another_call_joins_the_runs_tables(tiny_data, synthetic_root, tmp_path):
+    """What separate processes do, one after the other: each writes its own seed, the run's tables hold both."""
+    for seed in (1, 0):
+        params = tiny_params(tmp_path, synthetic_root, "task1", seeds=[seed], epochs=1, decoder="unet")
+        experiments.train_run(params, tiny_data, verbose=False)
+    out = tmp_path / "out"
+    assert pd.read_csv(out / "task1" / "tables" / "seeds.csv")["seed"].tolist() == [0, 1]
+    assert json.loads((out / "task1" / "run.json").read_text())["seeds"] == [0, 1]
+    assert set(experiments.load_run(out, "task1").per_image) == {0, 1}
 
 
 # ----------------------------------------------------------------------------- 10. one augmentation
@@ -407,7 +494,7 @@ def test_selection_follows_validation_even_when_test_disagrees(tiny_data, tmp_pa
 
     monkeypatch.setattr(training, "evaluate", scripted)
     cfg = tiny_config(epochs=3, monitor_test=True)
-    result = fit(tiny_model(cfg), tiny_data, cfg, tmp_path / "run", verbose=False)
+    result = fit(tiny_model(cfg, decoder="unet"), tiny_data, cfg, tmp_path / "run", verbose=False)
     assert result.best_epoch == 2  # the validation maximum; the test maximum was epoch 3
     assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 2
 
