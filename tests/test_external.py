@@ -305,32 +305,6 @@ def test_a_missing_external_folder_is_skipped_with_where_to_get_it(tiny_task1, t
     assert report.chapter_finding(base / "out", "external", "external").startswith("no external set was found")
 
 
-@pytest.mark.slow
-def test_the_options_study_measures_each_option_against_the_base(tmp_path):
-    from isic_utils.generalisation import TRAINING_OPTIONS, options_reading, options_study
-
-    lines = []
-    table = options_study("tiny", epochs=1, overrides={"output_dir": str(tmp_path / "out"),
-                                                       "data_dir": str(tmp_path / "data")}, echo=lines.append)
-    assert list(table["option"]) == ["base", *TRAINING_OPTIONS, "test-time flips", "largest component"]
-    assert (table.iloc[0][[c for c in table.columns if c.startswith("Δ ")]] == 0).all()
-    assert {"JA validation", "JA other-clinic"} <= set(table.columns)
-    assert table.drop(columns=["kind", "option"]).notna().all().all()
-    saved = pd.read_csv(tmp_path / "out" / "options" / "tables" / "options.csv")
-    assert list(saved["option"]) == list(table["option"])
-    big = json_params(tmp_path / "out" / "options" / "256_px" / "run.json")
-    assert big["image_size"] == 256 and big["epochs"] == 1
-    assert {"SE Δ validation", "SE Δ other-clinic"} <= set(table.columns)
-    assert (table.loc[1:, "SE Δ validation"] >= 0).all() and table.loc[0, "SE Δ validation"] == 0
-    assert "Better on every split" in options_reading(table) and "two standard errors" in options_reading(table)
-
-
-def json_params(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())["params"]
-
-
 def test_figures_show_the_masks_the_scores_come_from():
     """A run scored with post-processing is drawn post-processed: no speck in a figure that the scoring removed."""
     from isic_utils.plots import as_scored

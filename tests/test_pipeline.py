@@ -151,9 +151,19 @@ def test_task3_is_scored_with_its_options(tiny_report):
     assert len(own) == 2 and own["test-time flips"].all() and own["largest component"].all()
 
 
-def test_the_comparison_shows_the_options_study(tiny_report):
+def test_the_options_study_measures_each_option_and_the_comparison_shows_it(tiny_report):
+    from isic_utils.generalisation import TRAINING_OPTIONS, options_reading
+
     out, *_ = tiny_report
     table = pd.read_csv(out / "options" / "tables" / "options.csv")
+    assert list(table["option"]) == ["base", *TRAINING_OPTIONS, "test-time flips", "largest component"]
+    assert (table.iloc[0][[c for c in table.columns if c.startswith("Δ ")]] == 0).all()
+    assert {"JA validation", "JA other-clinic", "SE Δ validation", "SE Δ other-clinic"} <= set(table.columns)
+    assert table.drop(columns=["kind", "option"]).notna().all().all()
+    assert (table.loc[1:, "SE Δ validation"] >= 0).all() and table.loc[0, "SE Δ validation"] == 0
+    big = json.loads((out / "options" / "256_px" / "run.json").read_text())["params"]
+    assert big["image_size"] == 256 and big["epochs"] == 1
+    assert "Better on every split" in options_reading(table) and "two standard errors" in options_reading(table)
     page = (out / "compare_reader.html").read_text()
     assert "Not measured for this profile yet" not in page
     for option in table["option"]:

@@ -422,8 +422,8 @@ from isic_utils import experiments
 from isic_utils.data import load_report_data
 from isic_utils.params import resolve
 root, out, data_root, seed = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
-params = resolve("train", root / "params" / "task2.yaml", "tiny", {"output_dir": out, "seeds": [seed], "epochs": 1},
-                 root=root)
+params = resolve("train", root / "params" / "task2.yaml", "tiny",
+                 {"output_dir": out, "seeds": [seed], "epochs": 1, "decoder": "unet"}, root=root)
 data = load_report_data(data_root, 64, progress=False)
 experiments.train_run(params, data, verbose=False)
 """

@@ -127,19 +127,19 @@ def tiny_tasks(args, out: Path, device: str) -> list[dict]:
 
     rows = []
     for task in ("task1", "task2", "task3"):
-        params = _params(task, "tiny", out, device)
+        params = _params(task, "tiny", out, device, **({"epochs": 1} if args.quick else {}))
         rows.append(_run_rows(f"tiny {task}", params, experiments.prepare_data(params, progress=False), device))
     return rows
 
 
-def _tiny_fit(out: Path, device: str, name: str, on_step=None, resume: bool = False):
+def _tiny_fit(out: Path, device: str, name: str, on_step=None, resume: bool = False, epochs: int = 3):
     from isic_utils import experiments
 
     params = _params("task2", "tiny", out, device, deterministic=True)
     data = experiments.prepare_data(params, progress=False)
     model, _ = experiments.make_model(params, seed=0)
     config = experiments.train_config(params, seed=0)
-    config.epochs = 3
+    config.epochs = epochs
     from isic_utils.training import fit
 
     return fit(model, data, config, out / "checks" / name, on_step=on_step, resume=resume, verbose=False)
@@ -155,25 +155,27 @@ def _same(a, b) -> tuple[bool, float]:
 
 
 def determinism(args, out: Path, device: str) -> list[dict]:
-    first = _tiny_fit(out, device, "same-seed-a")
-    second = _tiny_fit(out, device, "same-seed-b")
+    epochs = 2 if args.quick else 3
+    first = _tiny_fit(out, device, "same-seed-a", epochs=epochs)
+    second = _tiny_fit(out, device, "same-seed-b", epochs=epochs)
     same, difference = _same(first, second)
     return [{"check": "same seed twice (deterministic)", "device": device, "precision": first.precision,
              "result": "identical histories" if same else f"DIFFERENT (largest difference {difference:.2e})"}]
 
 
 def kill_and_resume(args, out: Path, device: str) -> list[dict]:
-    straight = _tiny_fit(out, device, "straight")
+    epochs = 2 if args.quick else 3  # killed in epoch 2 either way
+    straight = _tiny_fit(out, device, "straight", epochs=epochs)
 
     def kill(epoch, step):
         if epoch == 2 and step == 1:
             raise KeyboardInterrupt("simulated kill")
 
     try:
-        _tiny_fit(out, device, "killed", on_step=kill)
+        _tiny_fit(out, device, "killed", on_step=kill, epochs=epochs)
     except KeyboardInterrupt:
         pass
-    resumed = _tiny_fit(out, device, "killed", resume=True)
+    resumed = _tiny_fit(out, device, "killed", resume=True, epochs=epochs)
     same, difference = _same(straight, resumed)
     return [{"check": "killed in epoch 2, resumed", "device": device, "precision": resumed.precision,
              "result": "identical to the uninterrupted run" if same
@@ -198,6 +200,7 @@ def real_tasks(args, out: Path, device: str) -> list[dict]:
 
 def benchmark(args, out: Path, device: str) -> list[dict]:
     import bench_training as B
+
     from isic_utils import data as D
     from isic_utils.training import resolve_precision
 
