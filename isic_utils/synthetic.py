@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .data import SPLIT_FOLDERS, has_split
+from .data import SPLIT_FOLDERS, DataError, has_split
 from .files import atomic_path, write_json
 
 MARKER = "synthetic.json"
@@ -85,10 +85,27 @@ def make_lesion_image(seed: int) -> tuple[Image.Image, Image.Image]:
     return picture, Image.fromarray((mask * 255).astype(np.uint8))
 
 
+def refuse_foreign_files(root: Path, marker: Path) -> None:
+    """Synthetic data replaces only what synthetic generation wrote: a folder holding files but no marker is someone's
+    data (a real ISIC copy named by ``data_dir`` while the profile is synthetic) and is never written into."""
+    if marker.exists() or not root.is_dir():
+        return
+    found = next((p for p in sorted(root.rglob("*")) if p.is_file()), None)
+    if found is not None:
+        raise DataError(
+            f"{root} already holds files that synthetic generation did not write (e.g. {found.relative_to(root)}), "
+            f"so no synthetic data is written there and nothing in it is touched. Fix: for real ISIC data use "
+            f"DATA=isic2016 (data_source: isic2016) with this data_dir; for synthetic data name an empty or new "
+            f"folder, or leave data_dir unset."
+        )
+
+
 def make_synthetic_isic(root: str | Path, n_train: int = 200, n_test: int = 60, seed: int = 0) -> Path:
     """Write ``n_train`` training and ``n_test`` test pairs under ``root`` in the official layout.
 
-    Skips the work when ``root`` already holds a set made with the same arguments. Returns ``root``.
+    Skips the work when ``root`` already holds a set made with the same arguments. Writes only into a folder it
+    owns: an empty or new one, or one holding its marker (``synthetic.json``); a folder with files of its own (real
+    ISIC images, say) is refused with a ``DataError`` and left as it is. Returns ``root``.
     """
     root = Path(root)
     settings = {"n_train": n_train, "n_test": n_test, "seed": seed, "version": 2}
@@ -96,6 +113,8 @@ def make_synthetic_isic(root: str | Path, n_train: int = 200, n_test: int = 60, 
     if marker.exists() and json.loads(marker.read_text()) == settings and has_split(root, "train") \
             and has_split(root, "test"):
         return root
+    refuse_foreign_files(root, marker)
+    write_json(marker, {**settings, "complete": False})  # ours from the first file on: a killed run is redone
     for split, count, first_id in (("train", n_train, 0), ("test", n_test, 1_000_000)):
         image_dir, mask_dir = (root / name for name in SPLIT_FOLDERS[split])
         image_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +153,8 @@ def make_synthetic_external(root: str | Path, count: int = 20, seed: int = 1) ->
     marker = root / MARKER
     if marker.exists() and json.loads(marker.read_text()) == settings:
         return root
+    refuse_foreign_files(root, marker)
+    write_json(marker, {**settings, "complete": False})
     rng = np.random.default_rng(seed)
     cast = np.array([0.86, 0.97, 1.12], dtype=np.float32)
     for k in range(count):

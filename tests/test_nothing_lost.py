@@ -1,0 +1,142 @@
+"""Nothing of the user's is lost: synthetic generation writes only into a folder it owns, predict replaces no file
+unless told to, extraction adds to a folder that exists instead of replacing it, and an archive that would expand
+without end is refused."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+
+import pytest
+from PIL import Image
+
+from isic_utils import data as D
+from isic_utils.__main__ import main
+from isic_utils.data import DataError, safe_extract
+from isic_utils.synthetic import MARKER, make_synthetic_isic
+
+from .test_download import NAMES, build_archives
+
+# ----------------------------------------------------------------------------- synthetic generation
+
+
+def test_synthetic_generation_never_writes_into_someone_elses_data(synthetic_root, tmp_path):
+    """`make report SET='data_dir=/my/isic'` without DATA=isic2016: the real images there must survive."""
+    mine = tmp_path / "my-isic"
+    shutil.copytree(synthetic_root, mine)
+    (mine / MARKER).unlink()  # a real copy: the same layout, no marker of ours
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match=r"my-isic already holds files .*not write.*DATA=isic2016"):
+        make_synthetic_isic(mine, n_train=4, n_test=2)
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+
+
+def test_synthetic_generation_replaces_its_own_set_and_redoes_a_killed_one(tmp_path, monkeypatch):
+    root = make_synthetic_isic(tmp_path / "syn", n_train=3, n_test=1)
+    assert len(D.find_pairs(root, "train")) == 3
+    make_synthetic_isic(root, n_train=2, n_test=1)  # ours (marker): other settings replace it
+    assert len(D.find_pairs(root, "train")) == 2
+    # killed half-way: files written, the marker still says incomplete; the next run redoes it instead of refusing
+    from isic_utils import synthetic
+
+    real = synthetic.make_lesion_image
+    calls = []
+
+    def dies_on_the_third(seed):
+        calls.append(seed)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(seed)
+
+    monkeypatch.setattr(synthetic, "make_lesion_image", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic_isic(tmp_path / "killed", n_train=4, n_test=1)
+    monkeypatch.undo()
+    again = make_synthetic_isic(tmp_path / "killed", n_train=4, n_test=1)
+    assert len(D.find_pairs(again, "train")) == 4 and len(D.find_pairs(again, "test")) == 1
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+@pytest.fixture
+def images(tiny_data, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for pair in tiny_data.test.sources[:2]:
+        shutil.copy(pair.image, folder / pair.image.name)
+    return folder
+
+
+def test_predict_into_its_own_input_folder_keeps_the_ground_truth(trained_run, tiny_data, images, capsys):
+    _, run_dir = trained_run
+    truth = tiny_data.test.sources[0].mask
+    shutil.copy(truth, images / truth.name)  # ground truth beside the images, as in the official layout
+    kept = (images / truth.name).read_bytes()
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(images),
+                 "--output", str(images)]) == 1
+    error = capsys.readouterr().err
+    assert truth.name in error and "--overwrite" in error and "kept" in error
+    assert (images / truth.name).read_bytes() == kept
+    assert sorted(p.name for p in images.iterdir()) == sorted([truth.name] + [p.image.name for p in
+                                                                             tiny_data.test.sources[:2]])
+
+
+def test_predict_again_replaces_only_with_overwrite(trained_run, images, tmp_path):
+    _, run_dir = trained_run
+    arguments = ["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(images), "--output",
+                 str(tmp_path / "out"), "--overlays"]
+    assert main(arguments) == 0
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    assert len(stamps) == 4
+    assert main(arguments) == 1  # refused: nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == stamps
+    assert main(arguments + ["--overwrite"]) == 0
+    assert all(p.stat().st_mtime_ns != stamp for p, stamp in stamps.items())
+
+
+def test_two_inputs_of_one_name_are_refused_before_any_mask(trained_run, images, tmp_path, capsys):
+    _, run_dir = trained_run
+    first = sorted(images.glob("*.jpg"))[0]
+    Image.open(first).save(images / f"{first.stem}.png")
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(images), "--output",
+                 str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert f"{first.name} and {first.stem}.png" in error or f"{first.stem}.png and {first.name}" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_given_as_input_is_a_clear_error(trained_run, images, tmp_path, capsys):
+    _, run_dir = trained_run
+    image = next(images.glob("*.jpg"))
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(image), "--output",
+                 str(tmp_path / "out")]) == 1
+    assert "is a file: point it at a folder of images" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def test_extraction_adds_to_an_existing_folder_and_keeps_its_files(tmp_path):
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    build_archives(archives)
+    root = tmp_path / "isic"
+    data_name, truth_name = NAMES["train"]
+    (root / data_name).mkdir(parents=True)
+    (root / data_name / "my_notes.txt").write_text("mine")
+    (root / data_name / "ISIC_0000000.jpg").write_bytes(b"my own version")  # same name as a member: kept
+    safe_extract(archives / f"{data_name}.zip", root)
+    assert (root / data_name / "my_notes.txt").read_text() == "mine"
+    assert (root / data_name / "ISIC_0000000.jpg").read_bytes() == b"my own version"
+    assert (root / data_name / "ISIC_0000002.jpg").exists()  # the archive's other files were added
+    assert not list(root.glob(".extracting-*"))
+
+
+def test_an_archive_that_expands_without_end_is_refused(tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("ISBI2016_ISIC_Part1_Training_Data/zeros.bin", b"\0" * (4 * 2**20))
+    with pytest.raises(DataError, match=r"would expand to .* GiB"):
+        safe_extract(bomb, tmp_path / "out", max_bytes=2**20)
+    assert not (tmp_path / "out" / "ISBI2016_ISIC_Part1_Training_Data").exists()
