@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--input", required=True, help="folder of JPEG/PNG/BMP/TIFF images")
     pred.add_argument("--output", required=True, help="folder for <id>_Segmentation.png masks")
     pred.add_argument("--overlays", action="store_true", help="also write <id>_overlay.jpg")
+    pred.add_argument("--overwrite", action="store_true",
+                      help="replace masks/overlays that exist already in --output (refused otherwise)")
     pred.add_argument("--tta", choices=["none", "flips"], help="test-time flips (default: as the run was scored)")
     pred.add_argument("--postprocess", choices=["none", "largest_component"],
                       help="keep the largest lesion, holes filled (default: as the run was scored)")
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             from .predict import predict_folder
 
             written = predict_folder(args.checkpoint, args.input, args.output, args.overlays, args.tta,
-                                     args.postprocess)
+                                     args.postprocess, args.overwrite)
             print(f"wrote {len(written)} masks to {args.output}")
     except (ParameterError, ChapterFailed, DataError, CheckpointMismatch, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

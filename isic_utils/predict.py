@@ -32,22 +32,31 @@ def predict_probabilities(model, meta: dict, images_uint8: torch.Tensor, tta: st
 
 
 def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: str | Path,
-                   overlays: bool = False, tta: str | None = None, postprocess: str | None = None) -> list[Path]:
+                   overlays: bool = False, tta: str | None = None, postprocess: str | None = None,
+                   overwrite: bool = False) -> list[Path]:
     """Write a 0/255 PNG mask at original size for every image in ``input_dir``; returns the mask paths.
 
     Every JPEG/PNG/BMP/TIFF is read (``*_Segmentation``, ``*_lesion`` and ``*_superpixels`` files are masks and
     ``*_overlay`` files are what ``overlays`` wrote on an earlier run: not inputs, skipped); an unreadable file raises ``DataError`` naming it. The checkpoint's colour constancy is
     always applied (the model was trained on such images); its test-time flips and post-processing unless ``tta`` /
     ``postprocess`` say otherwise ("none", "flips", "largest_component").
+
+    Nothing is replaced unless ``overwrite``: when a mask or overlay it would write exists already (ground truth
+    beside the images, an earlier run), or two inputs share a name (``a.jpg`` and ``a.png``), it stops before
+    writing anything, naming the files.
     """
     model, meta = load_predictor(checkpoint)
     tta = meta["tta"] if tta is None else tta
     postprocess = meta["postprocess"] if postprocess is None else postprocess
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        what = "is a file" if input_dir.exists() else "does not exist"
+        raise DataError(f"--input {input_dir} {what}: point it at a folder of images.")
     files = sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in EXTERNAL_IMAGE_SUFFIXES
                    and not p.stem.endswith(NOT_INPUTS))
     if not files:
         raise DataError(f"no .jpg/.jpeg/.png/.bmp/.tif images in {input_dir}. Point --input at a folder of images.")
+    _refuse_collisions(files, output_dir, overlays, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in files:
@@ -68,6 +77,27 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
             with atomic_path(output_dir / f"{path.stem}_overlay.jpg") as tmp:
                 Image.fromarray(picture.astype(np.uint8)).save(tmp, format="JPEG", quality=90)
     return written
+
+
+def _refuse_collisions(files: list[Path], output_dir: Path, overlays: bool, overwrite: bool) -> None:
+    """Stop before any work when two inputs would write one mask, or (without ``overwrite``) a file exists."""
+    by_stem: dict[str, list[Path]] = {}
+    for path in files:
+        by_stem.setdefault(path.stem, []).append(path)
+    shared = {stem: paths for stem, paths in by_stem.items() if len(paths) > 1}
+    if shared:
+        stem, paths = next(iter(shared.items()))
+        raise DataError(f"{' and '.join(p.name for p in paths)} in {paths[0].parent} would both be written as "
+                        f"{stem}_Segmentation.png ({len(shared)} such name(s)). Fix: rename or move one of each.")
+    if overwrite:
+        return
+    targets = [output_dir / f"{p.stem}_Segmentation.png" for p in files]
+    targets += [output_dir / f"{p.stem}_overlay.jpg" for p in files] if overlays else []
+    existing = [t for t in targets if t.exists()]
+    if existing:
+        raise DataError(f"{len(existing)} file(s) that predict would write exist already in {output_dir} (e.g. "
+                        f"{existing[0].name}: ground truth, or an earlier run) and are kept. Fix: choose an empty "
+                        "--output folder, or pass --overwrite to replace them.")
 
 
 def round_trip(checkpoint: str | Path, pairs: list, output_dir: str | Path) -> dict:
