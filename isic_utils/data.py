@@ -215,12 +215,17 @@ def verify_zip(path: Path) -> None:
         raise DataError(f"{path} is corrupt (member {bad} fails its CRC check). Delete it and download again.")
 
 
-def safe_extract(archive_path: Path, target: Path) -> list[Path]:
-    """Extract a zip into ``target``; refuses members that would land outside it (``..`` or absolute paths).
+MAX_EXTRACTED_BYTES = 16 * 2**30  # the four official archives hold about 1.5 GB; a zip that claims more is refused
+
+
+def safe_extract(archive_path: Path, target: Path, max_bytes: int = MAX_EXTRACTED_BYTES) -> list[Path]:
+    """Extract a zip into ``target``; refuses members that would land outside it (``..`` or absolute paths) and an
+    archive whose members add up to more than ``max_bytes`` (one that expands without end).
 
     Members are extracted into a staging folder beside ``target`` first; each top-level entry is renamed into
     ``target`` only once the whole archive is out, so a run killed half-way never leaves a folder that a later
-    run would take for a complete split.
+    run would take for a complete split. A folder that exists already is never replaced: the archive's files are
+    added to it and a file of the same name there is kept as it is.
     """
     target = target.resolve()
     staging = target / f".extracting-{archive_path.stem}"
@@ -228,6 +233,11 @@ def safe_extract(archive_path: Path, target: Path) -> list[Path]:
     staging.mkdir(parents=True)
     written = []
     with zipfile.ZipFile(archive_path) as archive:
+        total = sum(member.file_size for member in archive.infolist())
+        if total > max_bytes:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise DataError(f"{archive_path} would expand to {total / 2**30:.1f} GiB (more than {max_bytes / 2**30:.0f} "
+                            "GiB): not an official ISIC archive. Delete it and download again.")
         for member in archive.infolist():
             name = member.filename
             destination = (staging / name).resolve()
@@ -242,12 +252,18 @@ def safe_extract(archive_path: Path, target: Path) -> list[Path]:
             archive.extract(member, staging)
             written.append(target / name)
     for entry in staging.iterdir():
-        final = target / entry.name
-        if final.is_dir():
-            shutil.rmtree(final)
-        os.replace(entry, final)
-    staging.rmdir()
+        _move_in(entry, target / entry.name)
+    shutil.rmtree(staging)
     return written
+
+
+def _move_in(source: Path, final: Path) -> None:
+    """Move ``source`` to ``final``; into an existing folder file by file, keeping every file already there."""
+    if not final.exists():
+        os.replace(source, final)
+    elif source.is_dir() and final.is_dir():
+        for entry in source.iterdir():
+            _move_in(entry, final / entry.name)
 
 
 def download_isic2016(
@@ -260,7 +276,8 @@ def download_isic2016(
 
     Uses torchvision's download helper (progress bar); an archive is downloaded to ``NAME.zip.part`` and
     renamed only once complete and valid, so an interrupted download is redone, never trusted. Splits whose
-    folders already exist are skipped. After extraction the image/mask counts are verified against
+    folders already exist are skipped; into a split's folder that exists alone, the archive's files are added and
+    the files already there are kept (``safe_extract``). After extraction the image/mask counts are verified against
     ``expected_counts`` (default: the official 900 / 379). Returns ``root``.
     """
     from torchvision.datasets.utils import download_url
