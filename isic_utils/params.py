@@ -220,8 +220,11 @@ def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> lis
         if isinstance(values.get(key), float) and not 0 < values[key] < 1:
             problems.append(f"{key} must be in (0, 1), got {values[key]}")
     for key in RATES:
-        if isinstance(values.get(key), float) and values[key] <= 0:
-            problems.append(f"{key} must be > 0, got {values[key]}")
+        if isinstance(values.get(key), float) and not 0 < values[key] < math.inf:
+            problems.append(f"{key} must be a finite number > 0, got {values[key]}")
+    decay = values.get("weight_decay")
+    if isinstance(decay, float) and not 0 <= decay < math.inf:
+        problems.append(f"weight_decay must be a finite number >= 0, got {decay}")
     for key in ("epochs", "batch_size", "n_samples", "synthetic_train", "synthetic_test", "jobs"):
         if isinstance(values.get(key), int) and not isinstance(values[key], bool) and values[key] < 1:
             problems.append(f"{key} must be >= 1, got {values[key]}")

@@ -634,20 +634,22 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
         timings["feature_cache_s"] = time.perf_counter() - t0
 
     epoch_times: list[float] = []
-    meta = {**model_meta(model, fingerprint["image_size"]), "trained_on": trained_on,
-            "color_constancy": config.color_constancy, "tta": config.tta, "postprocess": config.postprocess}
+    meta = _best_meta(model, fingerprint, config, trained_on)
     for epoch in range(len(progress.rows) + 1, config.epochs + 1):
         row = _one_epoch(model, data, optimizer, config, precision, generator, cached, epoch, on_step, scaler)
+        _check_epoch(model, row)  # nothing non-finite is ever saved
         t0 = time.perf_counter()
         progress.rows.append(row)
-        if row["val_iou_mean"] > progress.best_iou:  # selection: validation only
+        improved = row["val_iou_mean"] > progress.best_iou  # selection: validation only
+        if improved:
             progress.best_iou, progress.best_epoch = row["val_iou_mean"], epoch
-            _save({"model": model.state_dict(), "meta": meta, "epoch": epoch, "val_iou_mean": progress.best_iou,
-                   "config": fingerprint}, run_dir / "best.pt")
+        # last.pt first: it records the best epoch, and a crash before best.pt is written is mended on resume
         _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                "rng": _rng_state(generator, config.device), "history": progress.rows, "best_iou": progress.best_iou,
                "best_epoch": progress.best_epoch, "fingerprint": fingerprint, "encoder_weights": weights,
                "trained_on": trained_on}, run_dir / "last.pt")
+        if improved:
+            _save(_best_state(model.state_dict(), meta, epoch, progress.best_iou, fingerprint), run_dir / "best.pt")
         timings["checkpoint_s"] += time.perf_counter() - t0
         epoch_times.append(row["epoch_seconds"] + time.perf_counter() - t0)
         if verbose:
@@ -715,6 +717,7 @@ def _resume_or_start(model, optimizer, scaler, generator: torch.Generator, finge
         return _Progress()
     state = load_checkpoint(last_path)
     _check_resumable(state, fingerprint, weights, config.epochs, last_path)
+    _mend_best(state, model, fingerprint, config, run_dir / "best.pt")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):
@@ -767,6 +770,40 @@ def _one_epoch(model, data: ReportData, optimizer, config: TrainConfig, precisio
         row.update(_prefixed("test", evaluate(model, data.test, config, precision, features.test).summary()))
     t2 = time.perf_counter()
     return {**row, "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "epoch_seconds": t2 - t0}
+
+
+def _check_epoch(model: SegmentationModel, row: dict) -> None:
+    """Stop before an epoch is saved when its validation loss or any weight is not finite (a step on the epoch's
+    last batch can break the weights after the training loss was checked)."""
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken or not math.isfinite(row["val_loss"]):
+        where = f"weights {', '.join(broken[:3])}{' …' if len(broken) > 3 else ''} are not finite" if broken \
+            else f"validation loss is {row['val_loss']}"
+        raise TrainingDiverged(
+            f"epoch {row['epoch']}: {where}. Training stopped before this epoch was saved; the last complete "
+            "epoch's checkpoints are kept. Fix: lower the learning rates, or use precision='fp32'."
+        )
+
+
+def _best_meta(model: SegmentationModel, fingerprint: dict, config: TrainConfig, trained_on: dict) -> dict:
+    """What ``best.pt`` says of itself, so ``predict`` and chapter 4 apply it as the run was scored."""
+    return {**model_meta(model, fingerprint["image_size"]), "trained_on": trained_on,
+            "color_constancy": config.color_constancy, "tta": config.tta, "postprocess": config.postprocess}
+
+
+def _best_state(weights: dict, meta: dict, epoch: int, val_iou: float, fingerprint: dict) -> dict:
+    return {"model": weights, "meta": meta, "epoch": epoch, "val_iou_mean": val_iou, "config": fingerprint}
+
+
+def _mend_best(state: dict, model: SegmentationModel, fingerprint: dict, config: TrainConfig, best_path: Path) -> None:
+    """A run killed between writing ``last.pt`` and ``best.pt`` left ``best.pt`` one improvement behind the history:
+    the best epoch is then the last one trained, whose weights ``last.pt`` holds; write them as ``best.pt``."""
+    best_epoch, trained = state["best_epoch"], len(state["history"])
+    saved = load_checkpoint(best_path).get("epoch") if best_path.exists() else None
+    if best_epoch and saved != best_epoch and best_epoch == trained:
+        meta = _best_meta(model, fingerprint, config, state["trained_on"])
+        _save(_best_state(state["model"], meta, best_epoch, state["best_iou"], fingerprint), best_path)
 
 
 def _score_selected(model, data: ReportData, config: TrainConfig, precision: str, best_path: Path):

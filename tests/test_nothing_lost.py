@@ -8,13 +8,16 @@ import shutil
 import zipfile
 
 import pytest
+import torch
 from PIL import Image
 
 from isic_utils import data as D
 from isic_utils.__main__ import main
 from isic_utils.data import DataError, safe_extract
+from isic_utils.model import build_model
 from isic_utils.synthetic import MARKER, make_synthetic_isic
 
+from .conftest import ROOT
 from .test_download import NAMES, build_archives
 
 # ----------------------------------------------------------------------------- synthetic generation
@@ -140,3 +143,72 @@ def test_an_archive_that_expands_without_end_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"would expand to .* GiB"):
         safe_extract(bomb, tmp_path / "out", max_bytes=2**20)
     assert not (tmp_path / "out" / "ISBI2016_ISIC_Part1_Training_Data").exists()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_a_kill_between_the_two_checkpoint_writes_is_mended_on_resume(tiny_data, tmp_path, monkeypatch):
+    """Killed after last.pt and before best.pt of an improving epoch: the history names an epoch best.pt does not
+    hold. The resume writes best.pt from last.pt's weights, so best.pt and the history agree again."""
+    from isic_utils import training
+
+    cfg = training.TrainConfig(freeze_encoder=False, epochs=2, batch_size=8, eval_batch_size=8, precision="fp32",
+                               decoder_lr=3e-3, augment=(), monitor_test=False)
+
+    def model():
+        torch.manual_seed(0)
+        return build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
+
+    straight = training.fit(model(), tiny_data, cfg, tmp_path / "straight", verbose=False)
+    assert straight.best_epoch == 2  # epoch 2 improves: its best.pt is the write that the kill loses
+    real_save = training._save
+
+    def killed_at_best(state, path):
+        if path.name == "best.pt" and state["epoch"] == 2:
+            raise KeyboardInterrupt("killed between last.pt and best.pt")
+        real_save(state, path)
+
+    monkeypatch.setattr(training, "_save", killed_at_best)
+    with pytest.raises(KeyboardInterrupt):
+        training.fit(model(), tiny_data, cfg, tmp_path / "run", verbose=False)
+    monkeypatch.undo()
+    assert training.load_checkpoint(tmp_path / "run" / "last.pt")["best_epoch"] == 2
+    assert training.load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 1  # behind the history
+    resumed = training.fit(model(), tiny_data, cfg, tmp_path / "run", verbose=False)
+    best = training.load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == resumed.best_epoch == 2
+    expected = training.load_checkpoint(tmp_path / "straight" / "best.pt")["model"]
+    assert all(torch.equal(best["model"][k], expected[k]) for k in expected)
+    assert torch.equal(resumed.test.counts, straight.test.counts)
+
+
+def test_weights_broken_by_the_last_step_of_an_epoch_are_never_saved(tiny_data, tmp_path):
+    from isic_utils import training
+
+    cfg = training.TrainConfig(freeze_encoder=False, epochs=2, batch_size=8, eval_batch_size=8, precision="fp32",
+                               augment=(), monitor_test=False)
+    torch.manual_seed(0)
+    model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
+    steps = len(tiny_data.train) // cfg.batch_size + bool(len(tiny_data.train) % cfg.batch_size)
+
+    def break_after_last_step(epoch, step):  # runs before the step: the epoch's last step then trains on inf
+        if epoch == 2 and step == steps - 1:
+            with torch.no_grad():
+                model.decoder.head.weight.fill_(float("inf"))
+
+    with pytest.raises(training.TrainingDiverged, match=r"epoch 2: .*not finite.*before this epoch was saved"):
+        training.fit(model, tiny_data, cfg, tmp_path / "run", on_step=break_after_last_step, verbose=False)
+    for name in ("best.pt", "last.pt"):
+        state = training.load_checkpoint(tmp_path / "run" / name)
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), name
+    assert len(training.load_checkpoint(tmp_path / "run" / "last.pt")["history"]) == 1
+
+
+@pytest.mark.parametrize("key, value", [("decoder_lr", float("inf")), ("encoder_lr", float("nan")),
+                                        ("weight_decay", -0.01), ("weight_decay", float("inf"))])
+def test_values_that_poison_a_run_are_refused_at_validation(key, value):
+    from isic_utils import params as P
+
+    with pytest.raises(P.ParameterError, match=rf"{key} must be a finite number"):
+        P.resolve("train", profile="tiny", overrides={key: value}, root=ROOT)
