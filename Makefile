@@ -23,7 +23,7 @@ report: setup  ## the whole report for DATA (synthetic | isic2016 | isic2016_hol
 options: setup  ## what each generalisation option of task 3 buys (DATA=, EPOCHS= optional); the comparison shows it
 	$(PY) -m isic_utils options --data $(DATA) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SET),--set $(SET))
 
-demo: setup  ## the smallest end-to-end run (tiny profile, a minute or two)
+demo: setup  ## the smallest end-to-end run (tiny profile: every chapter, tasks 1-3, about two minutes)
 	$(PY) -m isic_utils report --data tiny
 
 test: setup  ## every behaviour, fast (the inner loop): all tests but the slow end-to-end tier
