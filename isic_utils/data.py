@@ -327,6 +327,10 @@ def _open(path: Path) -> Image.Image:
         image.load()
     except PermissionError as exc:
         raise DataError(f"cannot read {path}: permission denied. Fix its permissions (chmod a+r).") from exc
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path} is larger than Pillow's safety limit of {Image.MAX_IMAGE_PIXELS:,} pixels ({exc}). "
+                        "If it is a genuine image of yours, downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS before "
+                        "running.") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         size = path.stat().st_size if path.exists() else 0
         what = "is empty (0 bytes)" if size == 0 else f"cannot be decoded ({exc})"
@@ -334,7 +338,8 @@ def _open(path: Path) -> Image.Image:
     return image
 
 
-WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I")
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+MASK_MODES = ("1", "L", "P", "LA", "RGB", "RGBA", *WIDE_GREY_MODES)
 
 
 def displayed_size(image: Image.Image) -> tuple[int, int]:
@@ -344,9 +349,13 @@ def displayed_size(image: Image.Image) -> tuple[int, int]:
 
 
 def to_8bit(array: np.ndarray) -> np.ndarray:
-    """16- or 32-bit grey values to uint8, scaled, not clipped: by 255/65535 when any value exceeds 255, else kept."""
+    """16-bit, 32-bit or floating-point grey values to uint8, scaled to the range they use, never wrapped: floats
+    in [0, 1] by 255; values up to 255 kept; up to 65535 (16-bit) by 255/65535; beyond that (32-bit) by
+    255/(2³²−1). Negative values become 0."""
     wide = array.astype(np.float64)
-    return (wide * (255.0 / (65535 if wide.max() > 255 else 255))).round().astype(np.uint8)
+    top = wide.max(initial=0)
+    full = 1.0 if array.dtype.kind == "f" and top <= 1 else 255 if top <= 255 else 65535 if top <= 65535 else 2**32 - 1
+    return np.clip(wide * (255.0 / full), 0, 255).round().astype(np.uint8)
 
 
 def read_image(path: str | Path, size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -389,6 +398,9 @@ def read_mask(path: str | Path, size: int | None = None, expected_size: tuple[in
             f"mask {path} is {image.size[0]}×{image.size[1]} but its image is {expected_size[0]}×{expected_size[1]}. "
             "The mask must have its image's size: re-export it at the image's size."
         )
+    if image.mode not in MASK_MODES:
+        raise DataError(f"{path} is a {image.mode} image; masks must be single-channel 0/255 (grey, 1-bit or RGB with "
+                        "equal channels): re-export it as a grayscale PNG.")
     array = np.asarray(image)
     if image.mode in ("RGB", "RGBA"):
         channels = array[..., :3]

@@ -299,3 +299,34 @@ def test_pixel_stats_and_alignment(tiny_data):
     table = D.check_alignment(tiny_data.train)
     assert table["mask_named_for_image"].all()
     assert (table["lesion_fraction"] > 0).all() and table["lesion_darker_than_skin"].all()
+
+
+def test_wide_and_float_grey_values_are_scaled_not_wrapped(tmp_path):
+    """A 32-bit value of 70000 once became 16 (wrapped past 255); a float TIFF in [0, 1] became black."""
+    cases = {
+        "int32.tif": (np.array([[0, 70000], [140000, 2**31 - 1]], np.int32), [0, 0, 0, 127]),
+        "float01.tif": (np.array([[0.0, 0.5], [1.0, 0.25]], np.float32), [0, 128, 255, 64]),
+        "grey16.png": (np.array([[0, 65535], [32768, 255]], np.uint16), [0, 255, 128, 1]),
+    }
+    for name, (array, expected) in cases.items():
+        Image.fromarray(array).save(tmp_path / name)
+        tensor, _ = D.read_image(tmp_path / name)
+        assert tensor[0].flatten().tolist() == expected, name
+    assert D.to_8bit(np.array([-5, 300], np.int32)).tolist() == [0, 1]  # negatives to 0, never wrapped
+
+
+def test_a_cmyk_mask_is_refused_naming_it(tmp_path):
+    mask = Image.fromarray(np.zeros((30, 40, 3), np.uint8)).convert("CMYK")
+    mask.save(tmp_path / "m.jpg")
+    with pytest.raises(D.DataError, match=r"m\.jpg is a CMYK image; masks must be single-channel"):
+        D.read_mask(tmp_path / "m.jpg")
+
+
+def test_an_image_past_pillows_safety_limit_is_a_clear_error(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "huge.png")
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(tmp_path / "huge_mask.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,200 pixels is then a "decompression bomb"
+    with pytest.raises(D.DataError, match=r"huge\.png is larger than Pillow's safety limit.*MAX_IMAGE_PIXELS"):
+        D.read_image(tmp_path / "huge.png", 32)
+    with pytest.raises(D.DataError, match=r"huge_mask\.png is larger than Pillow's safety limit"):
+        D.read_mask(tmp_path / "huge_mask.png")
