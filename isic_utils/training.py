@@ -510,7 +510,13 @@ def load_trained(checkpoint: str | Path) -> tuple[SegmentationModel, dict]:
     if not isinstance(state, dict) or "meta" not in state or "model" not in state:
         raise CheckpointMismatch(f"{checkpoint} is not a best.pt written by this project's training (no 'meta').")
     meta = {"color_constancy": "none", "tta": "none", "postprocess": "none", **state["meta"]}
-    model = build_model(meta["encoder"], encoder_weights=None, decoder=meta["decoder"], dropout=meta["dropout"])
+    try:
+        model = build_model(meta["encoder"], encoder_weights=None, decoder=meta["decoder"], dropout=meta["dropout"])
+    except (KeyError, ValueError) as exc:  # an encoder or decoder this version does not know
+        raise CheckpointMismatch(
+            f"{checkpoint} describes a model this version cannot build (encoder {meta.get('encoder')!r}, decoder "
+            f"{meta.get('decoder')!r}: {exc}). Use the version of isic_utils that trained it, or retrain."
+        ) from exc
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

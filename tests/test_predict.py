@@ -113,6 +113,16 @@ def test_checkpoint_of_another_architecture_is_refused(trained_run, tmp_path):
         load_predictor(tmp_path / "wrong.pt")
 
 
+@pytest.mark.parametrize("key, value", [("encoder", "resnet50"), ("decoder", "fpn")])
+def test_a_checkpoint_of_a_model_this_version_cannot_build_is_named(trained_run, tmp_path, key, value):
+    _, run_dir = trained_run
+    state = torch.load(run_dir / "best.pt", weights_only=True)
+    state["meta"][key] = value
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(CheckpointMismatch, match=rf"other\.pt describes a model this version cannot build.*{value}"):
+        load_predictor(tmp_path / "other.pt")
+
+
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointMismatch, match="cannot be read"):
