@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import params as P
 from . import report
-from .experiments import describe_data
+from .experiments import data_root, describe_data
 from .external import external_sets
 from .files import atomic_path, locked, write_json, write_text
 from .model import resolve_weights
@@ -52,11 +52,14 @@ class ChapterFailed(RuntimeError):
 
 
 def _fingerprint(values: dict) -> str:
-    """What decides a chapter's output: its parameters (not ``resume`` or ``jobs``, which are how to get there) and
-    where ``encoder_weights: imagenet`` resolves to (``$ISIC_ENCODER_WEIGHTS`` may point elsewhere since the last run)."""
+    """What decides a chapter's output: its parameters (not ``resume`` or ``jobs``, which are how to get there), the
+    folder its data resolves to, and where ``encoder_weights: imagenet`` resolves to (``$ISIC_DATA_DIR`` and
+    ``$ISIC_ENCODER_WEIGHTS`` may point elsewhere since the last run)."""
     kept = {k: v for k, v in values.items() if k not in ("resume", "jobs")}
     if "encoder_weights" in kept:
         kept["resolved_encoder_weights"] = resolve_weights(kept["encoder_weights"])
+    if "data_source" in kept:  # where the data resolves ($ISIC_DATA_DIR may point elsewhere since the last run)
+        kept["resolved_data_root"] = str(data_root(values))
     if kept.get("external"):  # a set's folder that appeared (PH2 unpacked, $PH2_DIR set) is new input
         kept["resolved_external"] = [(s.name, str(s.root), s.found) for s in external_sets(values)]
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -16,6 +16,7 @@ start from the same encoder weights.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import platform
@@ -707,7 +708,9 @@ def run_fingerprint(model: SegmentationModel, data: ReportData, config: TrainCon
     image_size = int(data.train.images.shape[-1])
     meta = model_meta(model, image_size)
     weights = meta.pop("encoder_weights")
+    ids = "\n".join(sorted(data.train.ids)) + "\n--\n" + "\n".join(sorted(data.val.ids))
     fingerprint = {**config.fingerprint(), "image_size": image_size, **meta, "train_ids": len(data.train),
+                   "data_ids_sha256": hashlib.sha256(ids.encode()).hexdigest(),
                    "params": count_parameters(model)["total"], "encoder_sha256": weights.get("sha256")}
     return fingerprint, weights
 
@@ -820,6 +823,9 @@ def _score_selected(model, data: ReportData, config: TrainConfig, precision: str
             evaluate(model, data.test, config, precision, keep_probabilities=True, tta=config.tta))
 
 
+ADDED_TO_FINGERPRINT = ("data_ids_sha256",)  # compared only where a checkpoint has them: older runs still resume
+
+
 def _check_resumable(state: dict, fingerprint: dict, weights: dict, epochs: int, last_path: Path) -> None:
     """Raise ``CheckpointMismatch`` unless ``state`` (a ``last.pt``) continues the run ``fingerprint`` describes."""
     run = last_path.parent.parent.name
@@ -827,6 +833,7 @@ def _check_resumable(state: dict, fingerprint: dict, weights: dict, epochs: int,
            f"(`python -m isic_utils report --force --only {run}` plus your --set; with papermill `-p resume False`; "
            "in the notebook `resume = False`). To keep the trained run, give the new one another output_dir.")
     saved = state.get("fingerprint") or {}
+    fingerprint = {k: v for k, v in fingerprint.items() if k in saved or k not in ADDED_TO_FINGERPRINT}
     if saved != fingerprint:
         changes = []
         for key in sorted(set(saved) | set(fingerprint)):

@@ -212,3 +212,47 @@ def test_values_that_poison_a_run_are_refused_at_validation(key, value):
 
     with pytest.raises(P.ParameterError, match=rf"{key} must be a finite number"):
         P.resolve("train", profile="tiny", overrides={key: value}, root=ROOT)
+
+
+# ----------------------------------------------------------------------------- another data folder
+
+
+def test_a_chapter_is_stale_when_the_data_folder_points_elsewhere(monkeypatch, tmp_path):
+    from isic_utils import params as P
+    from isic_utils import pipeline
+
+    values = P.resolve("train", ROOT / "params" / "task2.yaml", "isic2016", root=ROOT)
+    monkeypatch.setenv("ISIC_DATA_DIR", str(tmp_path / "copy-a"))
+    first = pipeline._fingerprint(values)
+    monkeypatch.setenv("ISIC_DATA_DIR", str(tmp_path / "copy-b"))
+    assert pipeline._fingerprint(values) != first
+
+
+def test_a_run_refuses_to_resume_on_other_images_of_the_same_count(tiny_data, trained_run):
+    from dataclasses import replace
+
+    from isic_utils import training
+    from tests.conftest import TRAINED_CONFIG
+
+    _, run_dir = trained_run
+    renamed = replace(tiny_data.train, ids=[f"OTHER_{k}" for k in range(len(tiny_data.train))])
+    other = replace(tiny_data, train=renamed)
+    torch.manual_seed(0)
+    model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
+    with pytest.raises(training.CheckpointMismatch, match="data_ids_sha256"):
+        training.fit(model, other, TRAINED_CONFIG, run_dir, verbose=False)
+
+
+def test_a_checkpoint_from_before_the_ids_fingerprint_still_resumes(tiny_data, trained_run, tmp_path):
+    from isic_utils import training
+    from tests.conftest import TRAINED_CONFIG
+
+    result, run_dir = trained_run
+    shutil.copytree(run_dir, tmp_path / "old")
+    state = training.load_checkpoint(tmp_path / "old" / "last.pt")
+    del state["fingerprint"]["data_ids_sha256"]  # as written by the previous version
+    torch.save(state, tmp_path / "old" / "last.pt")
+    torch.manual_seed(0)
+    model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
+    again = training.fit(model, tiny_data, TRAINED_CONFIG, tmp_path / "old", verbose=False)
+    assert torch.equal(again.test.counts, result.test.counts)
