@@ -27,13 +27,65 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMPORARY_SUFFIX}"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield tmp
+        _fsync(tmp)  # the bytes are on disk before the name points at them: a crash leaves the old file or the new
         os.replace(tmp, target)
+        _fsync(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def _fsync(path: Path) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder on a system that cannot open one (Windows)
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process, or a system that cannot ask
+        return True
+    return True
+
+
+def remove_leftovers(folder: str | Path, below: bool = False) -> list[Path]:
+    """Delete what killed processes left in ``folder`` (and every folder under it with ``below``):
+    ``.NAME.PID.xxxx.tmp`` files of ``atomic_path`` and ``.STEP.running-PID.ipynb`` notebooks of a chapter, whose
+    process PID is gone. Files of a process still running are kept. Returns the deleted paths."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in (folder.rglob(".*") if below else folder.glob(".*")):
+        if not path.is_file():
+            continue
+        parts = path.name.split(".")
+        pid = None
+        if path.name.endswith(TEMPORARY_SUFFIX) and len(parts) >= 5 and parts[-3].isdigit():
+            pid = int(parts[-3])  # ".", NAME (may hold dots), PID, random, "tmp"
+        elif path.name.endswith(".ipynb") and ".running-" in path.name:
+            number = path.name.rsplit(".running-", 1)[1].removesuffix(".ipynb")
+            pid = int(number) if number.isdigit() else None
+        if pid is not None and pid != os.getpid() and not _alive(pid):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from . import params as P
 from . import report
 from .experiments import data_root, describe_data
 from .external import external_sets
-from .files import atomic_path, locked, write_json, write_text
+from .files import atomic_path, locked, remove_leftovers, write_json, write_text
 from .model import resolve_weights
 
 NOTEBOOKS = {"eda": "01_eda.ipynb", "train": "02_train.ipynb", "compare": "03_compare.ipynb",
@@ -203,6 +203,7 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
         resolved[step.name] = values
     out_dir = P.absolute(resolved["eda"]["output_dir"], root)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out_dir, below=True)  # what killed chapters and processes left (their PIDs are gone)
     state_path = out_dir / "pipeline.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     timings: dict[str, float] = {}

@@ -38,7 +38,7 @@ from .data import (
     draw_augmentation,
     normalize,
 )
-from .files import atomic_path, epoch_line, progress_bar
+from .files import atomic_path, epoch_line, progress_bar, remove_leftovers
 from .model import SegmentationModel, build_model, count_parameters
 
 FLIPS = ("hflip", "vflip")
@@ -621,6 +621,7 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
     start = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(run_dir)  # a killed run's half-written checkpoint copies
     precision = resolve_precision(config.precision, config.device)
     set_deterministic(config.deterministic, config.device)
     generator = seed_everything(config.seed)

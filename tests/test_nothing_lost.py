@@ -4,8 +4,10 @@ without end is refused."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import zipfile
+from dataclasses import replace
 
 import pytest
 import torch
@@ -256,3 +258,47 @@ def test_a_checkpoint_from_before_the_ids_fingerprint_still_resumes(tiny_data, t
     model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
     again = training.fit(model, tiny_data, TRAINED_CONFIG, tmp_path / "old", verbose=False)
     assert torch.equal(again.test.counts, result.test.counts)
+
+
+# ----------------------------------------------------------------------------- leftovers of killed processes
+
+
+def test_leftovers_of_dead_processes_are_removed_and_a_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from isic_utils.files import remove_leftovers
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    dead, live = finished.pid, os.getppid()
+    folder = tmp_path / "run"
+    (folder / "tables").mkdir(parents=True)
+    leftovers = [folder / f".last.pt.{dead}.ab12cd34.tmp", folder / f".task2.running-{dead}.ipynb",
+                 folder / "tables" / f".epochs.csv.{dead}.0a0b0c0d.tmp"]
+    kept = [folder / f".best.pt.{live}.ab12cd34.tmp", folder / f".task1.running-{live}.ipynb", folder / "last.pt",
+            folder / ".lock"]
+    for path in leftovers + kept:
+        path.write_bytes(b"x")
+    assert sorted(remove_leftovers(folder)) == sorted(leftovers[:2])
+    assert not leftovers[0].exists() and not leftovers[1].exists() and leftovers[2].exists()  # not below
+    assert remove_leftovers(folder, below=True) == [leftovers[2]]
+    assert all(path.exists() for path in kept)
+
+
+def test_a_run_killed_while_writing_a_checkpoint_leaves_nothing_behind_after_the_rerun(tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    from isic_utils import training
+    from tests.conftest import TRAINED_CONFIG
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    (run_dir / f".last.pt.{finished.pid}.deadbeef.tmp").write_bytes(b"\0" * 1000)  # a SIGKILLed torch.save
+    torch.manual_seed(0)
+    model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
+    training.fit(model, tiny_data, replace(TRAINED_CONFIG, epochs=1), run_dir, verbose=False)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "last.pt"]
