@@ -220,16 +220,22 @@ def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult
         return _merge_seeds(params, data, run_dir, key, model, fits)
 
 
+SEED_RESULTS = ("result.json", "history.csv", "test_probabilities.pt")  # written once a seed is trained and scored
+
+
 def _fit_seed(params: dict, data: ReportData, seed: int, later_epochs: int, verbose: bool,
               store: FeatureStore) -> tuple[FitResult, dict, str]:
     """Train (or resume) one seed into ``seed<k>/``; (its fit, its encoder's starting-weights record, the note)."""
     model, note = make_model(params, seed)
     label = f"{params['run_name']} seed {seed}"
+    seed_dir = absolute(params["output_dir"]) / params["run_name"] / f"seed{seed}"
+    if not params["resume"]:  # a retrain: the old results no longer describe the checkpoints about to be written
+        for stale in SEED_RESULTS:
+            (seed_dir / stale).unlink(missing_ok=True)
     if verbose:
         print(f"— {label}: encoder {note}", flush=True)
-    result = fit(model, data, train_config(params, seed), absolute(params["output_dir"]) / params["run_name"] /
-                 f"seed{seed}", resume=params["resume"], verbose=verbose, label=label, later_epochs=later_epochs,
-                 features=store)
+    result = fit(model, data, train_config(params, seed), seed_dir, resume=params["resume"], verbose=verbose,
+                 label=label, later_epochs=later_epochs, features=store)
     return result, model.encoder_weights, note
 
 

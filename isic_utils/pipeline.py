@@ -230,6 +230,10 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
         echo(f"report: {step.name:8s} running {NOTEBOOKS[step.chapter]} ...")
         for page in (f"{step.name}.html", reader_name(step.name)):  # never leave a page of an older run beside it
             (out_dir / page).unlink(missing_ok=True)
+        with locked(out_dir):  # not up to date until it finishes: an interrupted chapter (a killed --force) reruns
+            state = json.loads(state_path.read_text()) if state_path.exists() else {}
+            if state.pop(step.name, None) is not None:
+                write_json(state_path, state)
         seconds = _run_or_explain(step, values, out_dir, root, kernel, echo)
         timings[step.name] = seconds
         with locked(out_dir):  # another `report --only …` may have finished a chapter meanwhile: keep its entry

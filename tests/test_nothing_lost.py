@@ -302,3 +302,53 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_nothing_behind_after_the
     model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
     training.fit(model, tiny_data, replace(TRAINED_CONFIG, epochs=1), run_dir, verbose=False)
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "last.pt"]
+
+
+# ----------------------------------------------------------------------------- an interrupted --force
+
+
+def test_an_interrupted_forced_chapter_runs_again_on_the_next_plain_report(monkeypatch, tmp_path):
+    from isic_utils import pipeline
+
+    seen, fail = [], {"task2"}
+
+    def fake_chapter(step, values, out_dir, root, kernel=None, echo=print):
+        seen.append(step.name)
+        if step.name in fail:
+            raise KeyboardInterrupt("killed")
+        (out_dir / f"{step.name}.ipynb").write_text("{}")
+        return 0.0
+
+    monkeypatch.setattr(pipeline, "run_chapter", fake_chapter)
+    monkeypatch.setattr(pipeline, "export_chapter", lambda step, out_dir: (out_dir / f"{step.name}.html").write_text(""))
+    monkeypatch.setattr(pipeline, "write_index", lambda *a, **k: None)
+    overrides = {"output_dir": str(tmp_path / "out")}
+    fail.clear()
+    pipeline.run_report("tiny", overrides=overrides, root=ROOT, echo=lambda *_: None)
+    fail.add("task2")
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_report("tiny", force=True, only=["task2"], overrides=overrides, root=ROOT, echo=lambda *_: None)
+    fail.clear()
+    seen.clear()
+    pipeline.run_report("tiny", overrides=overrides, root=ROOT, echo=lambda *_: None)
+    assert seen == ["task2", "external", "compare"]  # not "up to date": the old notebook is not the run's any more
+
+
+def test_a_retrained_seed_drops_its_old_results_before_training(tiny_data, synthetic_root, tmp_path, monkeypatch):
+    from isic_utils import experiments
+
+    from .conftest import tiny_params
+
+    params = tiny_params(tmp_path, synthetic_root, "task1", epochs=1, decoder="unet")
+    experiments.train_run(params, tiny_data, verbose=False)
+    seed_dir = tmp_path / "out" / "task1" / "seed0"
+    assert (seed_dir / "result.json").exists()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed in the retrain")
+
+    monkeypatch.setattr(experiments, "fit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        experiments.train_run({**params, "resume": False}, tiny_data, verbose=False)
+    assert not any((seed_dir / name).exists() for name in experiments.SEED_RESULTS)
