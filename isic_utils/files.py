@@ -106,6 +106,33 @@ def locked(folder: str | Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class FolderBusy(RuntimeError):
+    """Another process holds the folder's lock (it is training that run right now)."""
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold ``folder/.lock`` for as long as the block runs, or raise ``FolderBusy`` at once when another process
+    holds it: two processes must never train one run folder (their checkpoints would overwrite each other)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusy(f"{folder} is in use: another process is {what} there right now. Wait for it to "
+                             "finish, or give this run another output_dir (or another seed).") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def write_text(target: str | Path, text: str) -> Path:
     """Write ``text`` to ``target`` atomically."""
     with atomic_path(target) as tmp:

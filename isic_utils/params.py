@@ -246,6 +246,8 @@ def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> lis
         seeds = values.get("seeds")
         if isinstance(seeds, list) and (not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
             problems.append(f"seeds must be a non-empty list of integers, got {seeds!r}")
+        elif isinstance(seeds, list) and len(set(seeds)) < len(seeds):
+            problems.append(f"seeds must not repeat (each seed trains into its own folder), got {seeds}")
         weights = values.get("encoder_weights")
         if isinstance(weights, str) and weights not in ("imagenet", "none"):
             path = Path(weights).expanduser()

@@ -38,7 +38,7 @@ from .data import (
     draw_augmentation,
     normalize,
 )
-from .files import atomic_path, epoch_line, progress_bar, remove_leftovers
+from .files import atomic_path, epoch_line, exclusive, progress_bar, remove_leftovers
 from .model import SegmentationModel, build_model, count_parameters
 
 FLIPS = ("hflip", "vflip")
@@ -616,11 +616,16 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
     On a GPU the data set is copied to the device once, for the whole run. ``features`` shares the frozen
     encoder's features between the seeds of a run (see ``FeatureStore``). Where the time went: each history row
     has ``train_seconds``, ``eval_seconds`` and their sum ``epoch_seconds``; ``FitResult.timings`` the feature
-    cache, the checkpoints written (all epochs together) and the final scoring.
+    cache, the checkpoints written (all epochs together) and the final scoring. The run folder is locked while
+    it trains: a second process asking for it gets ``FolderBusy`` at once.
     """
+    with exclusive(run_dir, "training this run"):  # one process at a time per run folder
+        return _fit(model, data, config, Path(run_dir), on_step, resume, verbose, label, later_epochs, features)
+
+
+def _fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir: Path, on_step, resume: bool,
+         verbose: bool, label: str, later_epochs: int, features: FeatureStore | None) -> FitResult:
     start = time.perf_counter()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     remove_leftovers(run_dir)  # a killed run's half-written checkpoint copies
     precision = resolve_precision(config.precision, config.device)
     set_deterministic(config.deterministic, config.device)

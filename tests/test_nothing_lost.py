@@ -301,7 +301,8 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_nothing_behind_after_the
     torch.manual_seed(0)
     model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
     training.fit(model, tiny_data, replace(TRAINED_CONFIG, epochs=1), run_dir, verbose=False)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == ["best.pt", "last.pt"]
+    assert not list(run_dir.glob("*.tmp"))
 
 
 # ----------------------------------------------------------------------------- an interrupted --force
@@ -352,3 +353,33 @@ def test_a_retrained_seed_drops_its_old_results_before_training(tiny_data, synth
     with pytest.raises(KeyboardInterrupt):
         experiments.train_run({**params, "resume": False}, tiny_data, verbose=False)
     assert not any((seed_dir / name).exists() for name in experiments.SEED_RESULTS)
+
+
+# ----------------------------------------------------------------------------- one process per run folder
+
+
+def test_a_run_folder_in_training_refuses_a_second_process(tiny_data, tmp_path):
+    import fcntl
+
+    from isic_utils import training
+    from isic_utils.files import FolderBusy
+    from tests.conftest import TRAINED_CONFIG
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "a") as other:  # another process training this folder holds its lock
+        fcntl.flock(other, fcntl.LOCK_EX)
+        torch.manual_seed(0)
+        model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
+        with pytest.raises(FolderBusy, match=r"run is in use: another process is training this run"):
+            training.fit(model, tiny_data, TRAINED_CONFIG, run_dir, verbose=False)
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written
+    # released: the same call trains
+    training.fit(model, tiny_data, replace(TRAINED_CONFIG, epochs=1), run_dir, verbose=False)
+
+
+def test_a_seed_listed_twice_is_refused_at_validation():
+    from isic_utils import params as P
+
+    with pytest.raises(P.ParameterError, match=r"seeds must not repeat .* got \[0, 0\]"):
+        P.resolve("train", profile="tiny", overrides={"seeds": [0, 0], "jobs": 2}, root=ROOT)
