@@ -83,3 +83,67 @@ def test_a_run_killed_then_asked_again_ends_as_if_never_killed(uninterrupted, sy
     experiments.train_run(params, experiments.prepare_data(params, progress=False), verbose=False)
     assert _per_image(out) == uninterrupted
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+KILLED_EXTRACTION = """
+import os, signal, sys, zipfile
+from isic_utils import data
+real, done = zipfile.ZipFile.extract, []
+def extract(self, member, path=None, pwd=None):
+    done.append(member)
+    if len(done) == 3:  # part of the images are out
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, member, path, pwd)
+zipfile.ZipFile.extract = extract
+data.download_isic2016(sys.argv[1], ["train"], base_url="http://127.0.0.1:9/unused", expected_counts={"train": 3})
+"""
+
+
+def test_an_extraction_killed_then_asked_again_gives_the_whole_split(tmp_path):
+    from isic_utils.data import download_isic2016, find_pairs
+
+    from .test_download import build_archives
+
+    root = tmp_path / "isic"
+    root.mkdir()
+    build_archives(root, counts={"train": 3})  # the archives are there: no download, only extraction
+    killed = subprocess.run([sys.executable, "-c", KILLED_EXTRACTION, str(root)], capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert list(root.glob(".extracting-*"))  # what the kill left: a staging folder, no split folder
+    assert not (root / "ISBI2016_ISIC_Part1_Training_Data").exists()
+    download_isic2016(root, ["train"], base_url="http://127.0.0.1:9/unused", expected_counts={"train": 3})
+    assert len(find_pairs(root, "train")) == 3 and not list(root.glob(".extracting-*"))
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+from pathlib import Path
+from isic_utils import pipeline
+def export_html(notebook_path, html_path, reader=False):
+    tmp = html_path.parent / f".{html_path.name}.{os.getpid()}.0badc0de.tmp"
+    tmp.write_text("<html><body>half a pa")
+    os.kill(os.getpid(), signal.SIGKILL)
+pipeline.export_html = export_html
+pipeline.run_report("tiny", only=["eda"], overrides={"output_dir": sys.argv[2]}, root=Path(sys.argv[1]),
+                    echo=lambda *_: None)
+"""
+
+
+def test_an_export_killed_then_asked_again_is_exported_alone(tmp_path):
+    from isic_utils import pipeline
+
+    from .test_user_paths import fake_project
+
+    root = fake_project(tmp_path, "print('the chapter ran')")
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(root), str(out)], capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert list(out.glob(".*.tmp")) and not (out / "eda.html").exists()
+    stamp = (out / "eda.ipynb").stat().st_mtime_ns
+    lines = []
+    pipeline.run_report("tiny", only=["eda"], overrides={"output_dir": str(out)}, root=root, echo=lines.append)
+    assert (out / "eda.ipynb").stat().st_mtime_ns == stamp and any("exported" in line for line in lines)
+    assert "the chapter ran" in (out / "eda.html").read_text()
+    assert not list(out.rglob("*.tmp"))
