@@ -219,17 +219,6 @@ def test_values_that_poison_a_run_are_refused_at_validation(key, value):
 # ----------------------------------------------------------------------------- another data folder
 
 
-def test_a_chapter_is_stale_when_the_data_folder_points_elsewhere(monkeypatch, tmp_path):
-    from isic_utils import params as P
-    from isic_utils import pipeline
-
-    values = P.resolve("train", ROOT / "params" / "task2.yaml", "isic2016", root=ROOT)
-    monkeypatch.setenv("ISIC_DATA_DIR", str(tmp_path / "copy-a"))
-    first = pipeline._fingerprint(values)
-    monkeypatch.setenv("ISIC_DATA_DIR", str(tmp_path / "copy-b"))
-    assert pipeline._fingerprint(values) != first
-
-
 def test_a_run_refuses_to_resume_on_other_images_of_the_same_count(tiny_data, trained_run):
     from dataclasses import replace
 

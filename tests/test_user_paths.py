@@ -275,11 +275,12 @@ def test_the_random_fallback_is_named_in_run_json(tiny_data, tmp_path, monkeypat
     assert weights["fallback"] is True and weights["source"] == "random initialisation"
 
 
-def test_a_chapter_is_stale_when_the_imagenet_weights_point_elsewhere(monkeypatch, tmp_path):
+@pytest.mark.parametrize("variable", ["ISIC_ENCODER_WEIGHTS", "ISIC_DATA_DIR"])
+def test_a_chapter_is_stale_when_its_weights_or_data_point_elsewhere(monkeypatch, tmp_path, variable):
     values = P.resolve("train", ROOT / "params" / "task2.yaml", "isic2016", root=ROOT)
-    monkeypatch.setenv("ISIC_ENCODER_WEIGHTS", str(tmp_path / "a.pth"))
+    monkeypatch.setenv(variable, str(tmp_path / "a"))
     first = pipeline._fingerprint(values)
-    monkeypatch.setenv("ISIC_ENCODER_WEIGHTS", str(tmp_path / "b.pth"))
+    monkeypatch.setenv(variable, str(tmp_path / "b"))
     assert pipeline._fingerprint(values) != first
     assert pipeline._fingerprint({**values, "resume": False}) == pipeline._fingerprint(values)
 
