@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sys
 import uuid
 from collections.abc import Iterable, Iterator
@@ -27,7 +28,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMPORARY_SUFFIX}"
+    tmp = target.parent / f".{target.name}.{process_tag()}.{uuid.uuid4().hex[:8]}{TEMPORARY_SUFFIX}"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield tmp
@@ -54,6 +55,20 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
+def process_tag() -> str:
+    """``HOST-PID``: names this process's temporary files, so that ``remove_leftovers`` on one machine never takes a
+    file of a process running on another machine that shares the folder for one of its own dead processes."""
+    return f"{socket.gethostname().replace('.', '_').replace('-', '_')}-{os.getpid()}"
+
+
+def _leftover_pid(tag: str) -> int | None:
+    """The PID in ``tag`` when it names a process of this machine (``HOST-PID``, or a bare PID from older versions)."""
+    host, _, pid = tag.rpartition("-")
+    if not pid.isdigit() or (host and host != process_tag().rpartition("-")[0]):
+        return None
+    return int(pid)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -66,8 +81,9 @@ def _alive(pid: int) -> bool:
 
 def remove_leftovers(folder: str | Path, below: bool = False) -> list[Path]:
     """Delete what killed processes left in ``folder`` (and every folder under it with ``below``):
-    ``.NAME.PID.xxxx.tmp`` files of ``atomic_path`` and ``.STEP.running-PID.ipynb`` notebooks of a chapter, whose
-    process PID is gone. Files of a process still running are kept. Returns the deleted paths."""
+    ``.NAME.HOST-PID.xxxx.tmp`` files of ``atomic_path`` and ``.STEP.running-HOST-PID.ipynb`` notebooks of a
+    chapter, whose process (on this machine) is gone. Files of a process still running, or of another machine's, are
+    kept. Returns the deleted paths."""
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
@@ -77,11 +93,10 @@ def remove_leftovers(folder: str | Path, below: bool = False) -> list[Path]:
             continue
         parts = path.name.split(".")
         pid = None
-        if path.name.endswith(TEMPORARY_SUFFIX) and len(parts) >= 5 and parts[-3].isdigit():
-            pid = int(parts[-3])  # ".", NAME (may hold dots), PID, random, "tmp"
+        if path.name.endswith(TEMPORARY_SUFFIX) and len(parts) >= 5:
+            pid = _leftover_pid(parts[-3])  # ".", NAME (may hold dots), HOST-PID, random, "tmp"
         elif path.name.endswith(".ipynb") and ".running-" in path.name:
-            number = path.name.rsplit(".running-", 1)[1].removesuffix(".ipynb")
-            pid = int(number) if number.isdigit() else None
+            pid = _leftover_pid(path.name.rsplit(".running-", 1)[1].removesuffix(".ipynb"))
         if pid is not None and pid != os.getpid() and not _alive(pid):
             path.unlink(missing_ok=True)
             removed.append(path)

@@ -23,7 +23,7 @@ from . import params as P
 from . import report
 from .experiments import data_root, describe_data
 from .external import external_sets
-from .files import atomic_path, locked, remove_leftovers, write_json, write_text
+from .files import atomic_path, locked, process_tag, remove_leftovers, write_json, write_text
 from .model import resolve_weights
 
 NOTEBOOKS = {"eda": "01_eda.ipynb", "train": "02_train.ipynb", "compare": "03_compare.ipynb",
@@ -113,7 +113,7 @@ def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str
     source = root / "notebooks" / NOTEBOOKS[step.chapter]
     target = out_dir / f"{step.name}.ipynb"
     partial = out_dir / f"{step.name}.partial.ipynb"
-    running = out_dir / f".{step.name}.running-{os.getpid()}.ipynb"  # one per process: seeds may run side by side
+    running = out_dir / f".{step.name}.running-{process_tag()}.ipynb"  # one per process: seeds may run side by side
     start = time.perf_counter()
     try:
         pm.execute_notebook(str(source), str(running), parameters=values, cwd=str(root), progress_bar=False,

@@ -119,9 +119,9 @@ def test_an_extraction_killed_then_asked_again_gives_the_whole_split(tmp_path):
 KILLED_EXPORT = """
 import os, signal, sys
 from pathlib import Path
-from isic_utils import pipeline
+from isic_utils import files, pipeline
 def export_html(notebook_path, html_path, reader=False):
-    tmp = html_path.parent / f".{html_path.name}.{os.getpid()}.0badc0de.tmp"
+    tmp = html_path.parent / f".{html_path.name}.{files.process_tag()}.0badc0de.tmp"
     tmp.write_text("<html><body>half a pa")
     os.kill(os.getpid(), signal.SIGKILL)
 pipeline.export_html = export_html

@@ -256,17 +256,19 @@ def test_leftovers_of_dead_processes_are_removed_and_a_live_ones_kept(tmp_path):
     import subprocess
     import sys
 
-    from isic_utils.files import remove_leftovers
+    from isic_utils.files import process_tag, remove_leftovers
 
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     dead, live = finished.pid, os.getppid()
     folder = tmp_path / "run"
     (folder / "tables").mkdir(parents=True)
-    leftovers = [folder / f".last.pt.{dead}.ab12cd34.tmp", folder / f".task2.running-{dead}.ipynb",
-                 folder / "tables" / f".epochs.csv.{dead}.0a0b0c0d.tmp"]
-    kept = [folder / f".best.pt.{live}.ab12cd34.tmp", folder / f".task1.running-{live}.ipynb", folder / "last.pt",
-            folder / ".lock"]
+    host = process_tag().rpartition("-")[0]
+    leftovers = [folder / f".last.pt.{host}-{dead}.ab12cd34.tmp", folder / f".task2.running-{host}-{dead}.ipynb",
+                 folder / "tables" / f".epochs.csv.{host}-{dead}.0a0b0c0d.tmp"]
+    kept = [folder / f".best.pt.{host}-{live}.ab12cd34.tmp", folder / f".task1.running-{host}-{live}.ipynb",
+            folder / f".last.pt.othermachine-{dead}.ab12cd34.tmp",  # another machine sharing the folder: its own
+            folder / "last.pt", folder / ".lock"]
     for path in leftovers + kept:
         path.write_bytes(b"x")
     assert sorted(remove_leftovers(folder)) == sorted(leftovers[:2])
@@ -280,13 +282,15 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_nothing_behind_after_the
     import sys
 
     from isic_utils import training
+    from isic_utils.files import process_tag
     from tests.conftest import TRAINED_CONFIG
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
-    (run_dir / f".last.pt.{finished.pid}.deadbeef.tmp").write_bytes(b"\0" * 1000)  # a SIGKILLed torch.save
+    host = process_tag().rpartition("-")[0]
+    (run_dir / f".last.pt.{host}-{finished.pid}.deadbeef.tmp").write_bytes(b"\0" * 1000)  # a SIGKILLed torch.save
     torch.manual_seed(0)
     model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
     training.fit(model, tiny_data, replace(TRAINED_CONFIG, epochs=1), run_dir, verbose=False)
