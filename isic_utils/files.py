@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+TEMPORARY_SUFFIX = ".tmp"
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
@@ -37,9 +39,6 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         _fsync(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-TEMPORARY_SUFFIX = ".tmp"
 
 
 def _fsync(path: Path) -> None:
@@ -103,9 +102,15 @@ def remove_leftovers(folder: str | Path, below: bool = False) -> list[Path]:
     return removed
 
 
+class FolderBusy(RuntimeError):
+    """Another process holds the folder's lock (it is training that run right now)."""
+
+
 @contextlib.contextmanager
-def locked(folder: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder/.lock`` (processes writing one run's shared tables take turns)."""
+def locked(folder: str | Path, busy: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder/.lock`` for as long as the block runs. Processes writing one run's shared
+    tables take turns (wait for it); with ``busy`` (what the holder is doing, e.g. "training this run") a lock held
+    by another process raises ``FolderBusy`` at once instead: two processes must never train one run folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a") as handle:
@@ -114,33 +119,10 @@ def locked(folder: str | Path) -> Iterator[None]:
         except ImportError:  # Windows: no advisory locks; parallel seeds there are not supported
             yield
             return
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-class FolderBusy(RuntimeError):
-    """Another process holds the folder's lock (it is training that run right now)."""
-
-
-@contextlib.contextmanager
-def exclusive(folder: str | Path, what: str) -> Iterator[None]:
-    """Hold ``folder/.lock`` for as long as the block runs, or raise ``FolderBusy`` at once when another process
-    holds it: two processes must never train one run folder (their checkpoints would overwrite each other)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as handle:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks
-            yield
-            return
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
         except BlockingIOError:
-            raise FolderBusy(f"{folder} is in use: another process is {what} there right now. Wait for it to "
+            raise FolderBusy(f"{folder} is in use: another process is {busy} there right now. Wait for it to "
                              "finish, or give this run another output_dir (or another seed).") from None
         try:
             yield

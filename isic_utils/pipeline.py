@@ -230,16 +230,11 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
         echo(f"report: {step.name:8s} running {NOTEBOOKS[step.chapter]} ...")
         for page in (f"{step.name}.html", reader_name(step.name)):  # never leave a page of an older run beside it
             (out_dir / page).unlink(missing_ok=True)
-        with locked(out_dir):  # not up to date until it finishes: an interrupted chapter (a killed --force) reruns
-            state = json.loads(state_path.read_text()) if state_path.exists() else {}
-            if state.pop(step.name, None) is not None:
-                write_json(state_path, state)
+        # not up to date until it finishes: an interrupted chapter (a killed --force) runs again next time
+        state = _record(out_dir, step.name, None)
         seconds = _run_or_explain(step, values, out_dir, root, kernel, echo)
         timings[step.name] = seconds
-        with locked(out_dir):  # another `report --only …` may have finished a chapter meanwhile: keep its entry
-            state = json.loads(state_path.read_text()) if state_path.exists() else {}
-            state[step.name] = {"fingerprint": key, "seconds": seconds, "finished": time.time()}
-            write_json(state_path, state)
+        state = _record(out_dir, step.name, {"fingerprint": key, "seconds": seconds, "finished": time.time()})
         export_chapter(step, out_dir)
         echo(f"report: {step.name:8s} done in {seconds / 60:.1f} min")
     write_index(out_dir, steps, resolved, state)
@@ -248,6 +243,20 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
          + f"; total {total / 60:.1f} min")
     echo(f"report: open {out_dir / 'index.html'}")
     return timings
+
+
+def _record(out_dir: Path, name: str, entry: dict | None) -> dict:
+    """Set (or with ``None`` drop) one chapter's entry in ``pipeline.json``, re-read under the folder's lock: another
+    ``report --only …`` may have finished a chapter meanwhile, and its entry is kept. Returns the whole state."""
+    path = out_dir / "pipeline.json"
+    with locked(out_dir):
+        state = json.loads(path.read_text()) if path.exists() else {}
+        if entry is None:
+            state.pop(name, None)
+        else:
+            state[name] = entry
+        write_json(path, state)
+    return state
 
 
 def write_index(out_dir: Path, steps: list[Step], resolved: dict, state: dict) -> Path:

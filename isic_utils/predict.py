@@ -37,8 +37,8 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
     """Write a 0/255 PNG mask at original size for every image in ``input_dir``; returns the mask paths.
 
     Every JPEG/PNG/BMP/TIFF is read (``*_Segmentation``, ``*_lesion`` and ``*_superpixels`` files are masks and
-    ``*_overlay`` files are what ``overlays`` wrote on an earlier run: not inputs, skipped); an unreadable file raises ``DataError`` naming it. The checkpoint's colour constancy is
-    always applied (the model was trained on such images); its test-time flips and post-processing unless ``tta`` /
+    ``*_overlay`` files are what ``overlays`` wrote on an earlier run: not inputs, skipped); an unreadable file
+    raises ``DataError`` naming it. The checkpoint's colour constancy is always applied (the model was trained on such images); its test-time flips and post-processing unless ``tta`` /
     ``postprocess`` say otherwise ("none", "flips", "largest_component").
 
     Nothing is replaced unless ``overwrite``: when a mask or overlay it would write exists already (ground truth

@@ -38,7 +38,7 @@ from .data import (
     draw_augmentation,
     normalize,
 )
-from .files import atomic_path, epoch_line, exclusive, progress_bar, remove_leftovers
+from .files import atomic_path, epoch_line, locked, progress_bar, remove_leftovers
 from .model import SegmentationModel, build_model, count_parameters
 
 FLIPS = ("hflip", "vflip")
@@ -619,7 +619,7 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
     cache, the checkpoints written (all epochs together) and the final scoring. The run folder is locked while
     it trains: a second process asking for it gets ``FolderBusy`` at once.
     """
-    with exclusive(run_dir, "training this run"):  # one process at a time per run folder
+    with locked(run_dir, busy="training this run"):  # one process at a time per run folder
         return _fit(model, data, config, Path(run_dir), on_step, resume, verbose, label, later_epochs, features)
 
 
@@ -790,8 +790,9 @@ def _one_epoch(model, data: ReportData, optimizer, config: TrainConfig, precisio
 def _check_epoch(model: SegmentationModel, row: dict) -> None:
     """Stop before an epoch is saved when its validation loss or any weight is not finite (a step on the epoch's
     last batch can break the weights after the training loss was checked)."""
-    broken = [name for name, tensor in model.state_dict().items()
-              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    weights = {name: tensor for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    finite = torch.stack([torch.isfinite(tensor).all() for tensor in weights.values()]).cpu()  # one read per epoch
+    broken = [name for name, ok in zip(weights, finite.tolist()) if not ok]
     if broken or not math.isfinite(row["val_loss"]):
         where = f"weights {', '.join(broken[:3])}{' …' if len(broken) > 3 else ''} are not finite" if broken \
             else f"validation loss is {row['val_loss']}"

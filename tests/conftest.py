@@ -52,15 +52,19 @@ TRAINED_CONFIG = TrainConfig(freeze_encoder=False, epochs=3, batch_size=8, eval_
                              seed=0, decoder_lr=3e-3, augment=(), loss="bce+dice", monitor_test=False)
 
 
+def unet_model(seed: int = 0):
+    """A fresh fine-tunable U-Net model, torch seeded first: with seed 0, the ``trained_run``'s starting weights."""
+    torch.manual_seed(seed)
+    return build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
+
+
 @pytest.fixture(scope="session")
 def trained_run(tiny_data, tmp_path_factory):
     """(FitResult, run folder) of a U-Net fine-tuned three epochs on the tiny data: unlike a frozen random encoder
     (whose masks are empty after a few epochs), its masks hold lesion and background in every test image, so what
     predict writes and what the scorers compute are real predictions. Read it, never write into it."""
-    torch.manual_seed(0)
-    model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
     run_dir = tmp_path_factory.mktemp("trained")
-    return fit(model, tiny_data, TRAINED_CONFIG, run_dir, verbose=False), run_dir
+    return fit(unet_model(), tiny_data, TRAINED_CONFIG, run_dir, verbose=False), run_dir
 
 
 def assert_same_counts(written: torch.Tensor, expected: torch.Tensor) -> None:

@@ -16,10 +16,9 @@ from PIL import Image
 from isic_utils import data as D
 from isic_utils.__main__ import main
 from isic_utils.data import DataError, safe_extract
-from isic_utils.model import build_model
 from isic_utils.synthetic import MARKER, make_synthetic_isic
 
-from .conftest import ROOT
+from .conftest import ROOT, unet_model
 from .test_download import NAMES, build_archives
 
 # ----------------------------------------------------------------------------- synthetic generation
@@ -158,11 +157,7 @@ def test_a_kill_between_the_two_checkpoint_writes_is_mended_on_resume(tiny_data,
     cfg = training.TrainConfig(freeze_encoder=False, epochs=2, batch_size=8, eval_batch_size=8, precision="fp32",
                                decoder_lr=3e-3, augment=(), monitor_test=False)
 
-    def model():
-        torch.manual_seed(0)
-        return build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
-
-    straight = training.fit(model(), tiny_data, cfg, tmp_path / "straight", verbose=False)
+    straight = training.fit(unet_model(), tiny_data, cfg, tmp_path / "straight", verbose=False)
     assert straight.best_epoch == 2  # epoch 2 improves: its best.pt is the write that the kill loses
     real_save = training._save
 
@@ -173,11 +168,11 @@ def test_a_kill_between_the_two_checkpoint_writes_is_mended_on_resume(tiny_data,
 
     monkeypatch.setattr(training, "_save", killed_at_best)
     with pytest.raises(KeyboardInterrupt):
-        training.fit(model(), tiny_data, cfg, tmp_path / "run", verbose=False)
+        training.fit(unet_model(), tiny_data, cfg, tmp_path / "run", verbose=False)
     monkeypatch.undo()
     assert training.load_checkpoint(tmp_path / "run" / "last.pt")["best_epoch"] == 2
     assert training.load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 1  # behind the history
-    resumed = training.fit(model(), tiny_data, cfg, tmp_path / "run", verbose=False)
+    resumed = training.fit(unet_model(), tiny_data, cfg, tmp_path / "run", verbose=False)
     best = training.load_checkpoint(tmp_path / "run" / "best.pt")
     assert best["epoch"] == resumed.best_epoch == 2
     expected = training.load_checkpoint(tmp_path / "straight" / "best.pt")["model"]
@@ -190,8 +185,7 @@ def test_weights_broken_by_the_last_step_of_an_epoch_are_never_saved(tiny_data, 
 
     cfg = training.TrainConfig(freeze_encoder=False, epochs=2, batch_size=8, eval_batch_size=8, precision="fp32",
                                augment=(), monitor_test=False)
-    torch.manual_seed(0)
-    model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
+    model = unet_model()
     steps = len(tiny_data.train) // cfg.batch_size + bool(len(tiny_data.train) % cfg.batch_size)
 
     def break_after_last_step(epoch, step):  # runs before the step: the epoch's last step then trains on inf
@@ -228,8 +222,7 @@ def test_a_run_refuses_to_resume_on_other_images_of_the_same_count(tiny_data, tr
     _, run_dir = trained_run
     renamed = replace(tiny_data.train, ids=[f"OTHER_{k}" for k in range(len(tiny_data.train))])
     other = replace(tiny_data, train=renamed)
-    torch.manual_seed(0)
-    model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
+    model = unet_model()
     with pytest.raises(training.CheckpointMismatch, match="data_ids_sha256"):
         training.fit(model, other, TRAINED_CONFIG, run_dir, verbose=False)
 
@@ -243,8 +236,7 @@ def test_a_checkpoint_from_before_the_ids_fingerprint_still_resumes(tiny_data, t
     state = training.load_checkpoint(tmp_path / "old" / "last.pt")
     del state["fingerprint"]["data_ids_sha256"]  # as written by the previous version
     torch.save(state, tmp_path / "old" / "last.pt")
-    torch.manual_seed(0)
-    model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
+    model = unet_model()
     again = training.fit(model, tiny_data, TRAINED_CONFIG, tmp_path / "old", verbose=False)
     assert torch.equal(again.test.counts, result.test.counts)
 
@@ -291,8 +283,7 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_nothing_behind_after_the
     finished.wait()
     host = process_tag().rpartition("-")[0]
     (run_dir / f".last.pt.{host}-{finished.pid}.deadbeef.tmp").write_bytes(b"\0" * 1000)  # a SIGKILLed torch.save
-    torch.manual_seed(0)
-    model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
+    model = unet_model()
     training.fit(model, tiny_data, replace(TRAINED_CONFIG, epochs=1), run_dir, verbose=False)
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == ["best.pt", "last.pt"]
     assert not list(run_dir.glob("*.tmp"))
@@ -362,8 +353,7 @@ def test_a_run_folder_in_training_refuses_a_second_process(tiny_data, tmp_path):
     run_dir.mkdir()
     with open(run_dir / ".lock", "a") as other:  # another process training this folder holds its lock
         fcntl.flock(other, fcntl.LOCK_EX)
-        torch.manual_seed(0)
-        model = build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
+        model = unet_model()
         with pytest.raises(FolderBusy, match=r"run is in use: another process is training this run"):
             training.fit(model, tiny_data, TRAINED_CONFIG, run_dir, verbose=False)
         assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written

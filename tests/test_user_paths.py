@@ -38,7 +38,7 @@ from isic_utils.training import (
     predicted_probabilities,
 )
 
-from .conftest import TRAINED_CONFIG, tiny_params
+from .conftest import TRAINED_CONFIG, tiny_params, unet_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,12 +142,6 @@ def test_resume_false_retrains_from_scratch(tiny_data, tmp_path):
     assert not again.history["train_loss"].equals(first.history["train_loss"])
 
 
-def trained_model(seed: int = 0):
-    """A fresh model of the shared ``trained_run``'s architecture and starting weights (torch seeded as it was)."""
-    torch.manual_seed(seed)
-    return build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
-
-
 def untouched(run_dir: Path) -> dict:
     return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.iterdir()}
 
@@ -157,7 +151,7 @@ def test_a_changed_configuration_says_what_differs_and_what_to_do(tiny_data, tra
     before = untouched(run_dir)
     other = replace(TRAINED_CONFIG, decoder_lr=5e-4)
     with pytest.raises(CheckpointMismatch) as error:
-        fit(trained_model(), tiny_data, other, run_dir, verbose=False)
+        fit(unet_model(), tiny_data, other, run_dir, verbose=False)
     message = str(error.value)
     assert "decoder_lr: 0.003 → 0.0005" in message and "--force" in message and "resume" in message
     assert "another configuration" in message
@@ -170,7 +164,7 @@ def test_fewer_epochs_than_trained_is_refused(tiny_data, trained_run):
     before = untouched(run_dir)
     shorter = replace(TRAINED_CONFIG, epochs=1)
     with pytest.raises(CheckpointMismatch, match="3 epochs.*asks for 1"):
-        fit(trained_model(), tiny_data, shorter, run_dir, verbose=False)
+        fit(unet_model(), tiny_data, shorter, run_dir, verbose=False)
     assert untouched(run_dir) == before
 
 
@@ -178,7 +172,7 @@ def test_a_finished_run_asked_again_trains_nothing_and_scores_the_same(tiny_data
     result, run_dir = trained_run
     before = untouched(run_dir)
     steps = []
-    again = fit(trained_model(), tiny_data, TRAINED_CONFIG, run_dir, verbose=False,
+    again = fit(unet_model(), tiny_data, TRAINED_CONFIG, run_dir, verbose=False,
                 on_step=lambda epoch, step: steps.append(epoch))
     assert steps == [] and untouched(run_dir) == before
     assert torch.equal(again.test.counts, result.test.counts) and again.best_epoch == result.best_epoch
@@ -247,12 +241,12 @@ def test_written_files_get_the_umask_mode(tmp_path, umask, mode):
 
 def test_the_encoder_weights_are_recorded_and_a_resume_with_others_is_refused(tiny_data, trained_run):
     _, run_dir = trained_run
-    record = trained_model().encoder_weights
+    record = unet_model().encoder_weights
     assert record["source"] == "random initialisation" and len(record["sha256"]) == 64
     meta = load_checkpoint(run_dir / "best.pt")["meta"]
     assert meta["encoder_weights"] == record
     before = untouched(run_dir)
-    other = trained_model(seed=2)  # another encoder (as when ImageNet weights appear after a fallback run)
+    other = unet_model(seed=2)  # another encoder (as when ImageNet weights appear after a fallback run)
     with pytest.raises(CheckpointMismatch, match="encoder weights"):
         fit(other, tiny_data, TRAINED_CONFIG, run_dir, verbose=False)
     assert untouched(run_dir) == before
