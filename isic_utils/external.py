@@ -21,7 +21,7 @@ from . import metrics
 from .data import EXTERNAL_LAYOUTS, PH2_URL, DataError, DecodedSplit, decode_pairs, find_external_pairs
 from .experiments import SavedRun, data_root, load_run, prepare_data
 from .files import save_table
-from .params import absolute
+from .params import absolute, project_root
 from .synthetic import make_synthetic_external
 from .training import load_trained, predicted_probabilities
 
@@ -44,6 +44,14 @@ class ExternalSet:
     @property
     def found(self) -> bool:
         return self.synthetic is not None or self.root.is_dir()
+
+    def shown_as(self) -> str:
+        """Where the set is, as a page may say it: relative to the project when inside it (a report handed to
+        someone else names no folder of the author's machine), else only the folder's name."""
+        try:
+            return str(self.root.relative_to(project_root()))
+        except ValueError:
+            return f"…/{self.root.name}"
 
     def missing_note(self) -> str:
         where = f" Get it from {self.source}" if self.source else ""

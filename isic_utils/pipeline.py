@@ -122,8 +122,22 @@ def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str
         if running.exists():
             running.replace(partial)
         raise
+    _relative_paths(running, source, root)
     running.replace(target)
     return time.perf_counter() - start
+
+
+def _relative_paths(notebook: Path, source: Path, root: Path) -> None:
+    """Papermill records the absolute input and output paths in the executed notebook; a report handed to someone
+    else must not carry the author's folders, so they become the chapter's source relative to the project and the
+    notebook's own name."""
+    import nbformat
+
+    executed = nbformat.read(notebook, as_version=4)
+    recorded = executed.metadata.get("papermill", {})
+    recorded["input_path"] = str(source.relative_to(root))
+    recorded["output_path"] = notebook.name.split(".running-")[0].lstrip(".") + ".ipynb"
+    nbformat.write(executed, notebook)
 
 
 def _run_or_explain(step: Step, values: dict, out_dir: Path, root: Path, kernel: str | None, echo) -> float:

@@ -69,6 +69,18 @@ def test_every_chapter_executed_and_exported(tiny_report):
     assert any("chapter times" in line for line in lines)
 
 
+def test_pages_and_notebooks_name_no_folder_of_this_machine(tiny_report, synthetic_root):
+    """Papermill's recorded paths and chapter 4's line on the external set were absolute: a report handed over
+    carried the author's folders."""
+    out, timings, *_ = tiny_report
+    for name in timings:
+        recorded = json.loads((out / f"{name}.ipynb").read_text())["metadata"]["papermill"]
+        assert recorded["input_path"].startswith("notebooks/") and recorded["output_path"] == f"{name}.ipynb"
+        assert str(ROOT) not in json.dumps(recorded["input_path"]), name
+    page = (out / "external_reader.html").read_text()
+    assert "other-clinic" in page and str(synthetic_root.parent) not in page
+
+
 def test_the_terminal_shows_one_line_per_epoch_while_a_chapter_runs(tiny_report):
     out, _, lines, _ = tiny_report
     for run in RUNS:
