@@ -21,7 +21,7 @@ import torch
 
 from . import metrics
 from .data import OFFICIAL_COUNTS, DataError, ReportData, download_isic2016, has_split, load_report_data
-from .files import atomic_path, locked, read_table, save_table, write_json
+from .files import atomic_path, locked, read_table, save_table, shown_path, write_json
 from .model import EncoderWeightsError, build_model
 from .params import absolute, project_root
 from .synthetic import make_synthetic_isic
@@ -36,19 +36,10 @@ def data_root(params: dict) -> Path:
         return absolute(params["data_dir"])
     if params["data_source"] == "isic2016" and os.environ.get(DATA_ENV):
         return absolute(os.environ[DATA_ENV])
-    colab = Path("/content")
-    base = colab if _in_colab() else project_root()
+    base = project_root()  # in Colab the project's folder on Drive (the notebooks' setup cell), so data outlives it
     if params["data_source"] == "synthetic":  # one folder per size, so profiles never overwrite each other
         return base / "data" / f"synthetic-{params['synthetic_train']}-{params['synthetic_test']}"
     return base / "data" / "isic2016"
-
-
-def _in_colab() -> bool:
-    try:
-        import google.colab  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def describe_data(params: dict) -> str:
@@ -58,7 +49,7 @@ def describe_data(params: dict) -> str:
                 "show the pipeline works; they say nothing about real lesion segmentation.")
     test = ("the official test set" if params["test_split"] == "official"
             else f"a held-out {params['holdout_fraction']:.0%} of the training ids as test set (not the official test set)")
-    return f"**ISIC 2016 Part 1** images from `{data_root(params)}`, with {test}."
+    return f"**ISIC 2016 Part 1** images from `{shown_path(data_root(params), DATA_ENV)}`, with {test}."
 
 
 def prepare_data(params: dict, progress: bool = True) -> ReportData:
@@ -212,7 +203,8 @@ def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult
             "val": result.val.summary(), "test": result.test.summary(), "test_orig": metrics.summarize(counts),
             "val_orig": metrics.summarize(val_counts),
             "precision": result.precision, "feature_cache": result.used_feature_cache,
-            "train_minutes": result.seconds / 60, "trained_on": result.trained_on,
+            "train_minutes": float(result.history["epoch_seconds"].sum()) / 60,  # the epochs' time: a resume adds none
+            "trained_on": result.trained_on,
             "encoder_weights": weights, "weights_note": note,
         })
     model, _ = make_model(params, seeds[0])

@@ -1,9 +1,12 @@
 """Parameters of each chapter: their types and defaults (the report's configuration), profiles, validation.
 
-A chapter's parameters come from, lowest to highest precedence: the defaults here (the same literals as the
-notebook's ``parameters`` cell), ``params/<chapter>.yaml``, the data profile ``params/profiles/<name>.yaml``
-(keys the chapter does not take are ignored, so one profile serves every chapter), then explicit overrides.
-``validate`` checks everything before any work and reports every problem at once with the valid keys.
+A chapter's parameters come from, lowest to highest precedence: the defaults here, ``params/<run>.yaml`` (the
+training chapter's ``run``: task1, task2, task3; the other chapters' own file), the data profile
+``params/profiles/<profile>.yaml`` (keys the chapter does not take are ignored, so one profile serves every
+chapter), then what is set explicitly (``report --set``, papermill's ``-p``/``-f``, a line added to the notebook's
+parameters cell). ``chapter_values`` is that resolution; the pipeline and a notebook opened by hand both call it, so
+a chapter names only its profile and run and is the report's chapter wherever it runs. Everything is checked
+before any work and every problem reported at once, with the valid keys.
 """
 
 from __future__ import annotations
@@ -11,13 +14,13 @@ from __future__ import annotations
 import ast
 import difflib
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .data import AUGMENTATIONS, COLOR_CONSTANCY, EXTERNAL_LAYOUTS
+from .files import project_root
 
 # key: (allowed types, default). Data keys are shared by every chapter.
 DATA_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
@@ -38,7 +41,8 @@ DATA_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
 CHAPTER_KEYS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "eda": {"n_samples": ((int,), 6)},
     "train": {
-        "run_name": ((str,), "task1"),
+        "run": ((str,), "task1"),  # which params/<run>.yaml: task1, task2, task3
+        "run_name": ((str,), "task1"),  # the run's folder under output_dir (default: the run)
         "freeze_encoder": ((bool,), True),
         "encoder_lr": ((float,), 1e-4),
         "decoder_lr": ((float,), 1e-3),
@@ -113,20 +117,6 @@ def defaults(chapter: str) -> dict[str, Any]:
     return {key: (list(value) if isinstance(value, list) else value) for key, (_, value) in schema(chapter).items()}
 
 
-def project_root(start: str | Path | None = None) -> Path:
-    """The folder holding ``params/profiles`` at or above ``start`` (default: the working directory).
-
-    Relative paths in parameters are taken from there, so a notebook opened in ``notebooks/`` and a papermill
-    run from the repository root read and write the same folders. Without a checkout (a pip install in Colab)
-    it is the working directory.
-    """
-    here = Path(start or os.getcwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "params" / "profiles").is_dir():
-            return folder
-    return here
-
-
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -145,6 +135,35 @@ def profile_path(profile: str, root: Path | None = None) -> Path:
     return root / "params" / "profiles" / f"{profile}.yaml"
 
 
+SELECTORS = ("profile", "run")  # what a notebook's parameters cell names; the rest follows from them
+CHAPTER_FILES = {"eda": "eda", "external": "external", "compare": "compare"}  # params/<name>.yaml; train: the run
+
+
+def run_file(chapter: str, run: str | None = None, root: Path | None = None) -> Path:
+    """``params/<run>.yaml`` for the training chapter, ``params/<chapter>.yaml`` for the others."""
+    root = root or project_root()
+    if chapter != "train":
+        return root / "params" / f"{CHAPTER_FILES[chapter]}.yaml"
+    path = root / "params" / f"{run or defaults('train')['run']}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / "params").glob("*.yaml") if p.stem not in CHAPTER_FILES.values())
+        raise ParameterError(f"unknown run {run!r} (no {path}){suggest([str(run)], known)}; known runs: {known}")
+    return path
+
+
+def chapter_values(chapter: str, profile: str | None = None, run: str | None = None,
+                   overrides: dict[str, Any] | None = None, root: Path | None = None) -> dict[str, Any]:
+    """A chapter's parameters, as the report resolves them: defaults ← ``params/<run>.yaml`` ← the profile ←
+    ``overrides``; ``run`` names the training chapter's run file (ignored by the others)."""
+    root = root or project_root()
+    profile = profile or defaults(chapter)["profile"]
+    run = (run or defaults("train")["run"]) if chapter == "train" else None
+    values = resolve(chapter, run_file(chapter, run, root), profile, overrides, root)
+    if chapter == "train" and values["run"] != run:
+        raise ParameterError(f"params/{run}.yaml says run: {values['run']!r}; a run file names its own run")
+    return values
+
+
 def resolve(chapter: str, run_file: str | Path | None = None, profile: str | None = None,
             overrides: dict[str, Any] | None = None, root: Path | None = None) -> dict[str, Any]:
     """Merge defaults ← run file ← profile ← overrides for ``chapter`` and validate the result."""
@@ -152,13 +171,19 @@ def resolve(chapter: str, run_file: str | Path | None = None, profile: str | Non
     values = defaults(chapter)
     sources: list[tuple[str, dict]] = []
     if run_file is not None:
-        sources.append((str(run_file), read_yaml(run_file)))
+        given = read_yaml(run_file)
+        if chapter == "train":  # a run's folder is named after the run unless its file says otherwise
+            values["run_name"] = given.get("run", values["run"])
+        sources.append((str(run_file), given))
     if profile is not None:
         path = profile_path(profile, root)
         if not path.is_file():
             known = sorted(p.stem for p in path.parent.glob("*.yaml"))
             raise ParameterError(f"unknown data profile {profile!r} (no {path}); known profiles: {known}")
         profile_values = read_yaml(path)
+        if profile_values.get("profile", profile) != profile:
+            raise ParameterError(f"{path} says profile: {profile_values['profile']!r}; a profile file names itself "
+                                 f"(profile: {profile})")
         profile_values = {k: v for k, v in profile_values.items() if k in schema(chapter) or k not in _ALL_KEYS}
         sources.append((str(path), {"profile": profile, **profile_values}))
     if overrides:
@@ -331,11 +356,15 @@ def parameter_cell_names(history: list[str]) -> set[str] | None:
 
 
 def from_notebook(chapter: str, namespace: dict[str, Any]) -> dict[str, Any]:
-    """Collect and validate the chapter's parameters from a notebook's globals (after papermill injected them).
+    """The chapter's parameters in a notebook: ``chapter_values`` for the ``profile`` and ``run`` its parameters cells
+    name, with every other name those cells assign (a line added by hand, papermill's ``-p``/``-f``) as an override.
 
     In a kernel, the parameters are the names the parameters cells assign (see ``parameter_cell_names``): a
     mistyped one is reported with the close match, and a second Run All, Restart & Run All or one cell run again
-    all give the same result. Outside a kernel (a plain dict) every plain variable counts.
+    all give the same result. Outside a kernel (a plain dict) every plain variable counts. Values as papermill's
+    ``-p`` passes them (YAML text such as ``'[0, 1]'``, ``true``) are read as YAML where the key takes no string;
+    keys that only other chapters take (``-f`` of a profile's file) are left to them; and values equal to those of
+    the profile's or the run's own file (``-f`` of that file) are that file's layer, not overrides.
     """
     history = namespace.get("In")
     given = parameter_cell_names(history) if isinstance(history, list) else None
@@ -343,13 +372,39 @@ def from_notebook(chapter: str, namespace: dict[str, Any]) -> dict[str, Any]:
         given = {name for name, value in namespace.items()
                  if not (name.startswith("_") or name in ("In", "Out", "get_ipython", "exit", "quit", "open")
                          or callable(value) or type(value).__name__ == "module")}
-    values = {name: namespace[name] for name in schema(chapter) if name in namespace}
-    unknown = sorted(given - set(schema(chapter)))
-    problems = [f"unknown parameter {name!r}{suggest([name], schema(chapter))}" for name in unknown]
-    problems += check(chapter, values)
-    if problems:
+    keys = schema(chapter)
+    unknown = sorted(name for name in given if name not in keys and name not in _ALL_KEYS and name not in SELECTORS)
+    if unknown:
+        problems = [f"unknown parameter {name!r}{suggest([name], keys)}" for name in unknown]
         raise ParameterError(_message(chapter, problems))
-    return {**defaults(chapter), **values}
+    values = {name: _from_text(name, namespace[name], keys) for name in sorted(given) if name in keys}
+    profile, run = values.pop("profile", None), values.pop("run", None)
+    root = project_root()
+    for name, layer in ((profile, "profile"), (run, "run")):
+        if not isinstance(name, (str, type(None))):
+            raise ParameterError(_message(chapter, [f"{layer} must be str, got {name!r}"]))
+    for path in (profile_path(profile or defaults(chapter)["profile"], root),
+                 run_file(chapter, run, root) if chapter == "train" else None):
+        own = read_yaml(path) if path is not None and path.is_file() else {}
+        if own and all(values.get(k, _MISSING) == v for k, v in own.items() if k in keys and k not in SELECTORS):
+            values = {k: v for k, v in values.items() if k not in own}  # that file passed whole with -f
+    return chapter_values(chapter, profile, run, values, root)
+
+
+_MISSING = object()
+
+
+def _from_text(name: str, value: Any, keys: dict) -> Any:
+    """``value`` read as YAML when it is text and ``name`` takes no text (papermill's ``-p seeds '[0,1]'``, ``-p
+    download true``); otherwise as given, for the checks to judge."""
+    types = keys[name][0]
+    if not isinstance(value, str) or str in types:
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return parsed if isinstance(parsed, types) or (float in types and isinstance(parsed, int)) else value
 
 
 def absolute(path: str | Path, root: Path | None = None) -> Path:

@@ -23,12 +23,25 @@ from . import params as P
 from . import report
 from .experiments import data_root, describe_data
 from .external import external_sets
-from .files import atomic_path, locked, process_tag, remove_leftovers, write_json, write_text
+from .files import (
+    PROGRESS_ENV,
+    TEMPORARY_SUFFIX,
+    atomic_path,
+    locked,
+    process_tag,
+    remove_leftovers,
+    write_json,
+    write_text,
+)
 from .model import resolve_weights
 
 NOTEBOOKS = {"eda": "01_eda.ipynb", "train": "02_train.ipynb", "compare": "03_compare.ipynb",
              "external": "04_external.ipynb"}
 READS_RUNS = ("external", "compare")  # chapters that read the training runs' outputs (stale once a run retrains)
+
+
+# ipykernel ≥ 7.4 warns on every start that its local TCP sockets are not encrypted; the terminal keeps errors only.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,24 @@ def steps_for(profile_values: dict) -> list[Step]:
     external = [Step("external", "external", "external.yaml")] if profile_values.get("external") else []
     return ([Step("eda", "eda", "eda.yaml")] + [Step(run, "train", f"{run}.yaml") for run in runs] + external
             + [Step("compare", "compare", "compare.yaml")])
+
+
+def chapter_parameters(step: Step, steps: list[Step], profile: str, overrides: dict | None, force: bool,
+                       root: Path) -> dict:
+    """What the report sets for a chapter beyond its profile: the run, the overrides it takes, the runs to read when
+    they differ from the profile's, and ``resume: false`` under ``--force``. Papermill injects exactly these (and the
+    profile), so the executed notebook says how to run the chapter again, and the notebook resolves the rest itself
+    (``params.chapter_values``), as it does when opened by hand."""
+    given = {k: v for k, v in (overrides or {}).items() if k in P.schema(step.chapter)}
+    if step.chapter == "train":
+        given["run"] = step.name
+        if force:
+            given["resume"] = False  # --force retrains; a plain rerun continues finished or interrupted seeds
+    if step.chapter in READS_RUNS:
+        runs = [s.name for s in steps if s.chapter == "train"]
+        if P.chapter_values(step.chapter, profile, None, given, root)["runs"] != runs:
+            given["runs"] = runs
+    return given
 
 
 class ChapterFailed(RuntimeError):
@@ -84,6 +115,55 @@ class _LineEcho:
         pass
 
 
+class _ProgressRelay:
+    """Follows the progress file a chapter's bars draw into (``$ISIC_PROGRESS_FILE``: decoding, extraction,
+    downloads, batches) and echoes its updates, at most one every two seconds per bar, as ``  <step> | <bar>``: the
+    terminal sees progress while the notebook keeps one line per stage."""
+
+    def __init__(self, path: Path, sink: _LineEcho):
+        import threading
+
+        self.path, self.sink, self.last, self.offset = path, sink, "", 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self):
+        self.path.touch()
+        self.previous = os.environ.get(PROGRESS_ENV)
+        os.environ[PROGRESS_ENV] = str(self.path)  # the chapter's kernel (and its workers) inherit it
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+        if self.previous is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = self.previous
+        self.path.unlink(missing_ok=True)
+
+    def _follow(self) -> None:
+        while not self.stopped.wait(0.5):
+            self._read()
+        self._read()
+
+    def _read(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as handle:
+                handle.seek(self.offset)
+                text = handle.read()
+                self.offset = handle.tell()
+        except FileNotFoundError:
+            return
+        for update in text.replace("\r", "\n").split("\n"):
+            update = update.strip()
+            started = "%|" in update and not update.split("%|")[0].endswith(" 0")
+            if started and update != self.last:  # a bar's update, not its opening at 0% or its clearing
+                self.last = update
+                self.sink.write(update + "\n")
+
+
 def export_html(notebook_path: Path, html_path: Path, reader: bool = False) -> Path:
     """Export an executed notebook to a self-contained HTML page (figures embedded). ``reader``: the reader's copy,
     with the code and the prompts left out (nbconvert's exclude-input): text, tables and figures only."""
@@ -114,10 +194,13 @@ def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str
     target = out_dir / f"{step.name}.ipynb"
     partial = out_dir / f"{step.name}.partial.ipynb"
     running = out_dir / f".{step.name}.running-{process_tag()}.ipynb"  # one per process: seeds may run side by side
+    relay = out_dir / f".{step.name}-progress.{process_tag()}.relay{TEMPORARY_SUFFIX}"
     start = time.perf_counter()
     try:
-        pm.execute_notebook(str(source), str(running), parameters=values, cwd=str(root), progress_bar=False,
-                            kernel_name=kernel, log_output=False, stdout_file=_LineEcho(echo, step.name))
+        with _ProgressRelay(relay, _LineEcho(echo, step.name)):
+            pm.execute_notebook(str(source), str(running), parameters=values, cwd=str(root), progress_bar=False,
+                                kernel_name=kernel, log_output=False, stdout_file=_LineEcho(echo, step.name),
+                                extra_arguments=KERNEL_ARGUMENTS)
     except BaseException:
         if running.exists():
             running.replace(partial)
@@ -206,15 +289,11 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
             raise P.ParameterError(f"unknown step {name!r}{P.suggest([name], names)} for profile {profile!r}; "
                                    f"its steps are {', '.join(names)}")
     # validate every chapter before any work
-    resolved = {}
+    resolved, injected = {}, {}
     for step in steps:
-        chapter_overrides = {k: v for k, v in (overrides or {}).items() if k in P.schema(step.chapter)}
-        values = P.resolve(step.chapter, root / "params" / step.run_file, profile, chapter_overrides, root)
-        if step.chapter in READS_RUNS:
-            values["runs"] = [s.name for s in steps if s.chapter == "train"]
-        if force and step.chapter == "train":
-            values["resume"] = False  # --force retrains; a plain rerun continues finished or interrupted seeds
-        resolved[step.name] = values
+        given = chapter_parameters(step, steps, profile, overrides, force, root)
+        resolved[step.name] = P.chapter_values(step.chapter, profile, given.get("run"), given, root)
+        injected[step.name] = {**given, "profile": profile}
     out_dir = P.absolute(resolved["eda"]["output_dir"], root)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out_dir, below=True)  # what killed chapters and processes left (their PIDs are gone)
@@ -246,7 +325,7 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
             (out_dir / page).unlink(missing_ok=True)
         # not up to date until it finishes: an interrupted chapter (a killed --force) runs again next time
         state = _record(out_dir, step.name, None)
-        seconds = _run_or_explain(step, values, out_dir, root, kernel, echo)
+        seconds = _run_or_explain(step, injected[step.name], out_dir, root, kernel, echo)
         timings[step.name] = seconds
         state = _record(out_dir, step.name, {"fingerprint": key, "seconds": seconds, "finished": time.time()})
         export_chapter(step, out_dir)

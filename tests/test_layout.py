@@ -18,7 +18,7 @@ PACKAGE = ROOT / "isic_utils"
 
 # Bottom to top: a module may import only modules listed before it.
 LAYERS = ["files", "data", "synthetic", "metrics", "model", "training", "params", "experiments", "failures",
-          "external", "generalisation", "comparison", "plots", "report", "pipeline", "predict", "__main__"]
+          "external", "generalisation", "comparison", "plots", "report", "pipeline", "handover", "predict", "__main__"]
 
 
 def package_imports(path: Path) -> tuple[set[str], list[tuple[int, str]]]:
@@ -98,8 +98,10 @@ CHAPTERS = {"01_eda.ipynb": "eda", "02_train.ipynb": "train", "03_compare.ipynb"
 
 
 @pytest.mark.parametrize("name, chapter", CHAPTERS.items())
-def test_each_notebook_parameters_cell_holds_the_chapters_defaults(name, chapter):
-    """The notebooks are the source a user edits: their parameters cell must stay the schema's defaults."""
+def test_each_notebook_parameters_cell_names_only_the_profile_and_run(name, chapter):
+    """The parameters cell names what selects the report's chapter (the profile; the training chapter's run), at the
+    schema's defaults, and nothing else: every other value comes from the same files the report reads, so a cell
+    cannot drift from the profile (it held 25 literals that differed from the synthetic profile's)."""
     notebook = json.loads((ROOT / "notebooks" / name).read_text())
     tagged = [c for c in notebook["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, f"{name}: exactly one cell tagged 'parameters'"
@@ -108,8 +110,18 @@ def test_each_notebook_parameters_cell_holds_the_chapters_defaults(name, chapter
     source = "".join(tagged[0]["source"])
     assert source.startswith(P.OWN_PARAMETERS_HEADER)
     values = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(source).body}
-    assert values == P.defaults(chapter)
+    selectors = [key for key in P.SELECTORS if key in P.schema(chapter)]
+    assert values == {key: P.defaults(chapter)[key] for key in selectors}
     assert all(not c.get("outputs") for c in notebook["cells"] if c["cell_type"] == "code"), f"{name}: strip outputs"
+
+
+def test_every_chapter_has_the_same_setup_cell():
+    """One setup cell (the package from the checkout or, in Colab, from Drive) in every chapter, right after the
+    parameters: a fix made in one chapter and not the others is a chapter that fails in a fresh kernel."""
+    cells = {name: "".join(json.loads((ROOT / "notebooks" / name).read_text())["cells"][2]["source"])
+             for name in [*CHAPTERS, "run_in_colab.ipynb"]}
+    assert len(set(cells.values())) == 1, "the chapters' setup cells differ"
+    assert next(iter(cells.values())).startswith("# Setup: makes `isic_utils` importable")
 
 
 def test_the_readme_layout_names_every_module():

@@ -2,6 +2,7 @@
 with papermill (EDA, tasks 1–3, the external chapter, the comparison with its options table), every expected file
 checked; then the chapters run by hand against that report (plain papermill, Run All twice) continue it."""
 
+import contextlib
 import json
 import os
 import stat
@@ -12,11 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 
 from isic_utils.generalisation import options_study
-from isic_utils.params import resolve
 from isic_utils.pipeline import run_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,19 +25,43 @@ pytestmark = pytest.mark.slow
 RUNS = ["task1", "task2", "task3"]
 
 
+def project_copy(base: Path, synthetic_root: Path) -> Path:
+    """A user's checkout: the project's params and notebooks (the package is the installed one), with the tiny
+    profile's data set already made where the profile looks for it."""
+    import shutil
+
+    root = base / "project"
+    for folder in ("params", "notebooks"):
+        shutil.copytree(ROOT / folder, root / folder)
+    (root / "data").mkdir()
+    (root / "data" / "synthetic-20-6").symlink_to(synthetic_root)  # where the tiny profile's data is made
+    return root
+
+
+@contextlib.contextmanager
+def inside(folder: Path):
+    """Run from ``folder``, as a user runs the command from the project's root."""
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory, synthetic_root):
-    base = tmp_path_factory.mktemp("report")
-    out = base / "out"
-    overrides = {"output_dir": str(out), "data_dir": str(synthetic_root)}
+    """`make demo` in a user's checkout, nothing overridden: the options study, then the tiny report."""
+    root = project_copy(tmp_path_factory.mktemp("report"), synthetic_root)
     lines = []
     old = os.umask(0o022)  # what most users have: their report must be readable by others
     try:
-        options_study("tiny", epochs=1, overrides=overrides, echo=lines.append)  # the comparison shows its table
-        timings = run_report("tiny", overrides=overrides, root=ROOT, echo=lines.append)
+        with inside(root):
+            options_study("tiny", epochs=1, root=root, echo=lines.append)  # the comparison shows its table
+            timings = run_report("tiny", root=root, echo=lines.append)
     finally:
         os.umask(old)
-    return out, timings, lines, overrides
+    return root / "outputs" / "tiny", timings, lines, root
 
 
 def assert_figure(path: Path) -> None:
@@ -64,21 +87,52 @@ def test_every_chapter_executed_and_exported(tiny_report):
         assert "application/vnd.jupyter.widget" not in raw and "application/vnd.jupyter.widget" not in page, name
         streams = [o for c in notebook["cells"] for o in c.get("outputs", []) if o.get("output_type") == "stream"]
         assert not any("\r" in "".join(o["text"]) for o in streams), name  # no carriage-return progress bars
+        assert "%|" not in raw and "%|" not in page and "Downloading" not in page, name  # no bar fragments
     index = (out / "index.html").read_text()
     assert "Synthetic data" in index and all(f'href="{n}.html"' in index for n in timings)
     assert any("chapter times" in line for line in lines)
 
 
-def test_pages_and_notebooks_name_no_folder_of_this_machine(tiny_report, synthetic_root):
-    """Papermill's recorded paths and chapter 4's line on the external set were absolute: a report handed over
-    carried the author's folders."""
-    out, timings, *_ = tiny_report
+def test_no_page_table_or_record_names_a_folder_of_this_machine(tiny_report, synthetic_root):
+    """`grep -r` of the outputs for the project's folder, the data's and the home folder finds nothing: papermill's
+    recorded paths, chapter 4's line on the external set, run records and pages carried them."""
+    out, timings, _, root = tiny_report
     for name in timings:
         recorded = json.loads((out / f"{name}.ipynb").read_text())["metadata"]["papermill"]
         assert recorded["input_path"].startswith("notebooks/") and recorded["output_path"] == f"{name}.ipynb"
-        assert str(ROOT) not in json.dumps(recorded["input_path"]), name
-    page = (out / "external_reader.html").read_text()
-    assert "other-clinic" in page and str(synthetic_root.parent) not in page
+    folders = [str(root), str(ROOT), str(synthetic_root), str(Path.home())]
+    named = [p for p in out.rglob("*") if p.is_file() and p.suffix not in (".pt",)
+             and any(f in p.read_text(errors="replace") for f in folders)]
+    assert not named, named
+
+
+def test_the_report_packs_into_a_bundle_that_opens_anywhere(tiny_report, tmp_path):
+    """`python -m isic_utils pack`: pages, tables and figures, no checkpoints or caches; every page stands alone."""
+    import zipfile
+
+    from isic_utils.__main__ import main
+
+    out, timings, _, root = tiny_report
+    with inside(root):
+        assert main(["pack", "--data", "tiny"]) == 0
+    bundle = root / "outputs" / "tiny-report.zip"
+    with zipfile.ZipFile(bundle) as archive:
+        names = archive.namelist()
+        archive.extractall(tmp_path)
+    assert all(n.startswith("tiny-report/") for n in names)
+    assert not [n for n in names if n.endswith((".pt", ".lock", "pipeline.json")) or "/." in n]
+    unpacked = tmp_path / "tiny-report"
+    assert bundle.stat().st_size < sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 10
+    index = (unpacked / "index.html").read_text()
+    assert '<img src="data:image/png;base64,' in index  # the headline figure travels inside the page
+    for name in timings:
+        for page in (f"{name}.html", f"{name}_reader.html"):
+            text = (unpacked / page).read_text()
+            assert f'href="{page}"' in index, page
+            assert "<img" not in text or 'src="data:image' in text, page
+            sources = [s for s in text.split('src="')[1:] if not s.startswith(("data:", "http"))]
+            assert not sources, (page, sources[:1])  # nothing read from a file beside the page
+    assert (unpacked / "task1" / "tables" / "per_image_test_seed0.csv").is_file()
 
 
 def test_the_terminal_shows_one_line_per_epoch_while_a_chapter_runs(tiny_report):
@@ -183,9 +237,10 @@ def test_the_options_study_measures_each_option_and_the_comparison_shows_it(tiny
 
 
 def test_rerun_skips_finished_chapters(tiny_report):
-    out, _, _, overrides = tiny_report
+    out, _, _, root = tiny_report
     lines = []
-    timings = run_report("tiny", overrides=overrides, root=ROOT, echo=lines.append)
+    with inside(root):
+        timings = run_report("tiny", root=root, echo=lines.append)
     assert set(timings.values()) == {0.0}
     assert sum("up to date, skipped" in line for line in lines) == len(RUNS) + 3
 
@@ -196,7 +251,7 @@ def test_the_index_gives_the_answer_first_and_every_chapter_has_a_readers_copy(t
     answer = index.index("The answer")
     assert answer < index.index("What each chapter found") < index.index("Files")
     assert "Table 9" in index and '<table' in index and "JA / IoU (mean per image, original size)" in index
-    assert '<img src="compare/figures/predictions.png"' in index
+    assert '<img src="data:image/png;base64,' in index  # the headline figure, embedded: the page stands alone
     assert "segments the test set best" in index and "test JA" in index and "Data: " in index
     assert "on other-clinic vs" in index  # the external chapter's finding, from its gap table
     for name in timings:
@@ -218,37 +273,70 @@ def _trained_files(out: Path, run: str) -> dict:
     return {p: p.stat().st_mtime_ns for name in ("best.pt", "last.pt") for p in (out / run).glob(f"seed*/{name}")}
 
 
-def test_plain_papermill_continues_the_reports_run(tiny_report, tmp_path):
-    out, _, _, overrides = tiny_report
-    values = resolve("train", ROOT / "params" / "task2.yaml", "tiny", overrides, root=ROOT)
-    (tmp_path / "task2.yaml").write_text(yaml.safe_dump(values))
-    before, per_image = _trained_files(out, "task2"), (out / "task2" / "tables" / "per_image_test_seed0.csv").read_text()
-    target = tmp_path / "task2.ipynb"
-    completed = subprocess.run(
-        [sys.executable, "-m", "papermill", "notebooks/02_train.ipynb", str(target), "-f", str(tmp_path / "task2.yaml"),
-         "--no-progress-bar"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _papermill(root: Path, target: Path, *arguments: str) -> None:
+    completed = subprocess.run([sys.executable, "-m", "papermill", "notebooks/02_train.ipynb", str(target), *arguments,
+                                "--no-progress-bar"], cwd=root, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def test_plain_papermill_with_a_profile_and_run_continues_the_reports_run(tiny_report, tmp_path):
+    """`papermill -p profile tiny -p run task2` is the report's task 2 chapter; so is `-f` of the profile's and the
+    run's files, with list and boolean values given as text (-p seeds '[0]' -p download false)."""
+    out, _, _, root = tiny_report
+    before, per_image = _trained_files(out, "task2"), (out / "task2" / "tables" / "per_image_test_seed0.csv").read_text()
+    _papermill(root, tmp_path / "a.ipynb", "-p", "profile", "tiny", "-p", "run", "task2")
+    _papermill(root, tmp_path / "b.ipynb", "-f", "params/profiles/tiny.yaml", "-f", "params/task2.yaml",
+               "-p", "seeds", "[0]", "-p", "download", "false")
     assert _trained_files(out, "task2") == before  # resumed: no epoch trained, no checkpoint written
     assert (out / "task2" / "tables" / "per_image_test_seed0.csv").read_text() == per_image
-    assert "resuming after epoch 2 of 2" in target.read_text()
+    for name in ("a", "b"):
+        assert "resuming after epoch 2 of 2" in (tmp_path / f"{name}.ipynb").read_text(), name
+
+
+def _by_hand(root: Path, name: str, cells: str, runs: int = 1):
+    """The committed chapter ``name`` run in a kernel started in ``notebooks/``, as JupyterLab runs it, its
+    parameters cell's selector lines replaced by ``cells`` (what the user types) and nothing else changed; each
+    cell in order, ``runs`` times in the same kernel (Run All, Run All again). Returns the executed notebook."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    parameters = notebook.cells[1]
+    parameters.source = "\n".join(line for line in parameters.source.splitlines()
+                                   if not line.startswith(("profile =", "run ="))) + "\n" + cells
+    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(root / "notebooks")}})
+    with client.setup_kernel():
+        for _ in range(runs):
+            for index, cell in enumerate(notebook.cells):
+                client.execute_cell(cell, index)  # raises CellExecutionError on the first failing cell
+    return notebook
+
+
+def _tables(out: Path, chapter: str) -> dict:
+    return {p.name: p.read_bytes() for p in sorted((out / chapter / "tables").glob("*.csv"))}
+
+
+def test_chapters_opened_by_hand_with_only_the_profile_set_are_the_reports(tiny_report):
+    """Right after `make demo`: open a chapter from notebooks/, set profile = 'tiny' (and the run), Run All. The
+    training chapter resumes and trains nothing; every chapter writes the tables the report wrote, byte for byte.
+    (The cell used to hold 25 literals of its own: epochs 20 and batch 32 met a resume refusal.)"""
+    out, _, _, root = tiny_report
+    before = {run: _trained_files(out, run) for run in RUNS}
+    tables = {chapter: _tables(out, chapter) for chapter in ("task2", "external", "compare")}
+    executed = _by_hand(root, "02_train.ipynb", "profile = 'tiny'\nrun = 'task2'")
+    assert "resuming after epoch 2 of 2" in json.dumps(executed.cells[4].outputs)
+    _by_hand(root, "04_external.ipynb", "profile = 'tiny'")
+    _by_hand(root, "03_compare.ipynb", "profile = 'tiny'")
+    assert {run: _trained_files(out, run) for run in RUNS} == before
+    for chapter, written in tables.items():
+        assert _tables(out, chapter) == written, chapter
 
 
 def test_a_chapter_survives_run_all_twice_in_one_kernel(tiny_report):
-    """What a JupyterLab / Colab user does: Run All, then Run All again (and one cell again) in the same kernel."""
-    from nbclient import NotebookClient
-    from papermill.iorw import load_notebook_node
-    from papermill.parameterize import parameterize_notebook
-
-    out, _, _, overrides = tiny_report
-    values = resolve("train", ROOT / "params" / "task1.yaml", "tiny", overrides, root=ROOT)
+    """What a JupyterLab / Colab user does: Run All, then Run All again, in the same kernel."""
+    out, _, _, root = tiny_report
     before = _trained_files(out, "task1")
-    notebook = parameterize_notebook(load_notebook_node(str(ROOT / "notebooks" / "02_train.ipynb")), values)
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
-    with client.setup_kernel():
-        for _ in range(2):
-            for index, cell in enumerate(notebook.cells):
-                client.execute_cell(cell, index)  # raises CellExecutionError on the first failing cell
-        setup = next(i for i, c in enumerate(notebook.cells) if "from_notebook" in c.source)
-        client.execute_cell(notebook.cells[setup], setup)
+    _by_hand(root, "02_train.ipynb", "profile = 'tiny'\nrun = 'task1'", runs=2)
     assert len(pd.read_csv(out / "task1" / "tables" / "epochs.csv")) == 2
     assert _trained_files(out, "task1") == before

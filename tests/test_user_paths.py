@@ -109,7 +109,9 @@ def test_force_retrains_and_a_plain_rerun_does_not(monkeypatch, tmp_path):
     seen = []
 
     def fake_chapter(step, values, out_dir, root, kernel=None, echo=print):
-        seen.append((step.name, values.get("resume")))
+        given = {k: v for k, v in values.items() if k not in P.SELECTORS}  # what the notebook resolves from them
+        resolved = P.chapter_values(step.chapter, values["profile"], values.get("run"), given, root)
+        seen.append((step.name, resolved.get("resume")))
         (out_dir / f"{step.name}.ipynb").write_text("{}")
         (out_dir / f"{step.name}.html").write_text("")
         return 0.0
@@ -508,3 +510,22 @@ def test_a_file_edited_in_place_is_decoded_again(tmp_path):
     assert path.stat().st_size == size
     after = D.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
     assert before.masks[0].sum() == 0 and after.masks[0].all()
+
+
+def test_progress_reaches_the_terminal_and_the_notebook_keeps_one_line(tmp_path):
+    """While a chapter decodes (downloads, extracts), its bar is relayed to the terminal under `report`; the notebook
+    and its page get one line for the stage, no bar fragments (tqdm wrote nothing there, so `make report` was silent
+    for the minutes real data takes to decode)."""
+    root = fake_project(tmp_path, "import time\nfrom isic_utils.files import progress_bar\n"
+                                  "for _ in progress_bar(range(10), total=10, desc='decode', unit='images'):\n"
+                                  "    time.sleep(0.4)")
+    lines = []
+    pipeline.run_report("tiny", only=["eda"], overrides={"output_dir": str(tmp_path / "out")}, root=root,
+                        echo=lines.append)
+    bars = [line for line in lines if line.startswith("  eda | decode:") and "%|" in line]
+    assert bars and all("/10 [" in line for line in bars), lines
+    assert "  eda | decode: 10 images in" in "\n".join(lines)
+    notebook = json.loads((tmp_path / "out" / "eda.ipynb").read_text())
+    streams = "".join("".join(o.get("text", "")) for c in notebook["cells"] for o in c.get("outputs", []))
+    assert streams.startswith("decode: 10 images in") and streams.count("\n") == 1 and "%|" not in streams
+    assert not list((tmp_path / "out").glob(".*relay*")) and pipeline.PROGRESS_ENV not in os.environ
