@@ -6,7 +6,7 @@ DATA ?= synthetic
 # torch/torchvision: any release in the pyproject ranges; this pin matches the wheels tested here.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup report options demo test test-all bench gpu-check clean
+.PHONY: setup report options demo pack test test-all bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ options: setup  ## what each generalisation option of task 3 buys (DATA=, EPOCHS
 
 demo: setup  ## the smallest end-to-end run (tiny profile: every chapter, tasks 1-3, about two minutes)
 	$(PY) -m isic_utils report --data tiny
+
+pack: setup  ## the finished report for DATA as one zip to hand over (pages, tables, figures; no checkpoints)
+	$(PY) -m isic_utils pack --data $(DATA)
 
 test: setup  ## every behaviour, fast (the inner loop): all tests but the slow end-to-end tier
 	$(PY) -m pytest -q -m "not slow" --durations=15

@@ -1,5 +1,6 @@
-"""Command line: ``python -m isic_utils report``, ``python -m isic_utils predict`` and
-``python -m isic_utils options`` (what each generalisation option of task 3 buys)."""
+"""Command line: ``python -m isic_utils report``, ``python -m isic_utils predict``,
+``python -m isic_utils options`` (what each generalisation option of task 3 buys) and ``python -m isic_utils pack``
+(the finished report as one zip to hand over)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     opt.add_argument("--data", default="synthetic", help="data profile in params/profiles/ (default: synthetic)")
     opt.add_argument("--epochs", type=int, help="epochs per run (default: task 3's)")
     opt.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
+    pack = commands.add_parser("pack", help="zip a finished report's pages, tables and figures to hand over (no "
+                                             "checkpoints, no caches)")
+    pack.add_argument("--data", default="synthetic", help="data profile whose report to pack (default: synthetic)")
+    pack.add_argument("--output", help="the zip to write (default: outputs/<profile>-report.zip)")
     args = parser.parse_args(argv)
 
     from .data import DataError
@@ -63,6 +68,17 @@ def main(argv: list[str] | None = None) -> int:
             from .generalisation import options_study
 
             options_study(args.data, args.epochs, _parse_set(args.set))
+        elif args.command == "pack":
+            from .handover import pack_report
+            from .params import absolute, chapter_values
+
+            out_dir = absolute(chapter_values("eda", args.data)["output_dir"])
+            target, size, named = pack_report(out_dir, args.output)
+            print(f"packed {out_dir.name}'s report into {target} ({size / 2**20:.1f} MB): open index.html in the "
+                  "unpacked folder")
+            for path in named:
+                print(f"warning: {path} names a folder of this machine (a data_dir or weights path given as an "
+                      "absolute path?)", file=sys.stderr)
         else:
             from .predict import predict_folder
 

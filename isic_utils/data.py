@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .files import atomic_path, progress_bar
+from .files import atomic_path, progress_bar, third_party_progress
 
 SPLIT_FOLDERS = {
     "train": ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
@@ -238,7 +238,8 @@ def safe_extract(archive_path: Path, target: Path, max_bytes: int = MAX_EXTRACTE
             shutil.rmtree(staging, ignore_errors=True)
             raise DataError(f"{archive_path} would expand to {total / 2**30:.1f} GiB (more than {max_bytes / 2**30:.0f} "
                             "GiB): not an official ISIC archive. Delete it and download again.")
-        for member in archive.infolist():
+        members = archive.infolist()
+        for member in progress_bar(members, total=len(members), desc=f"extract {archive_path.name}", unit="files"):
             name = member.filename
             destination = (staging / name).resolve()
             if name.startswith(("/", "\\")) or ".." in Path(name).parts or not destination.is_relative_to(staging):
@@ -299,7 +300,8 @@ def download_isic2016(
                 partial = root / f"{name}.zip.part"
                 partial.unlink(missing_ok=True)
                 try:
-                    download_url(f"{base_url}/{name}.zip", str(root), filename=partial.name)
+                    with third_party_progress():  # its bar in the terminal, never in a notebook
+                        download_url(f"{base_url}/{name}.zip", str(root), filename=partial.name)
                 except Exception as exc:
                     partial.unlink(missing_ok=True)
                     raise DataError(
@@ -308,6 +310,7 @@ def download_isic2016(
                     ) from exc
                 verify_zip(partial)
                 os.replace(partial, archive)
+                print(f"download: {archive.name} ({archive.stat().st_size / 2**20:.0f} MB)", flush=True)
             safe_extract(archive, root)
         pairs = find_pairs(root, split)
         if expected_counts.get(split) is not None and len(pairs) != expected_counts[split]:
@@ -499,7 +502,8 @@ def decode_pairs(
     # PIL releases the GIL while decoding, so threads use both cores.
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         results = pool.map(lambda pair: _decode_pair(pair, image_size), pairs)
-        for k, (image, mask, size) in enumerate(progress_bar(results, total=count, desc="decode", enabled=progress)):
+        shown = progress_bar(results, total=count, desc="decode", enabled=progress, unit="images")
+        for k, (image, mask, size) in enumerate(shown):
             images[k], masks[k], sizes[k] = image, mask, size
     decoded = DecodedSplit([p.id for p in pairs], images, masks, sizes, list(pairs))
     if cache_file is not None:

@@ -20,8 +20,8 @@ import torch
 from . import metrics
 from .data import EXTERNAL_LAYOUTS, PH2_URL, DataError, DecodedSplit, decode_pairs, find_external_pairs
 from .experiments import SavedRun, data_root, load_run, prepare_data
-from .files import save_table
-from .params import absolute, project_root
+from .files import save_table, shown_path
+from .params import absolute
 from .synthetic import make_synthetic_external
 from .training import load_trained, predicted_probabilities
 
@@ -40,6 +40,7 @@ class ExternalSet:
     masks: str
     source: str = ""
     synthetic: int | None = None
+    env: str | None = None  # the environment variable that may name the folder (how pages name it)
 
     @property
     def found(self) -> bool:
@@ -48,10 +49,7 @@ class ExternalSet:
     def shown_as(self) -> str:
         """Where the set is, as a page may say it: relative to the project when inside it (a report handed to
         someone else names no folder of the author's machine), else only the folder's name."""
-        try:
-            return str(self.root.relative_to(project_root()))
-        except ValueError:
-            return f"…/{self.root.name}"
+        return shown_path(self.root, self.env)
 
     def missing_note(self) -> str:
         where = f" Get it from {self.source}" if self.source else ""
@@ -74,7 +72,7 @@ def external_sets(params: dict) -> list[ExternalSet]:
             continue
         folder = os.environ.get(entry["env"]) if entry.get("env") else None
         root = absolute(folder or entry.get("dir") or f"data/{entry['name']}")
-        sets.append(ExternalSet(entry["name"], root, images, masks, source))
+        sets.append(ExternalSet(entry["name"], root, images, masks, source, env=entry.get("env")))
     return sets
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import shown_path, third_party_progress
+
 WEIGHTS_ENV = "ISIC_ENCODER_WEIGHTS"
 
 
@@ -76,7 +78,8 @@ def build_encoder(name: str = "mobilenet_v2", weights: str | None = "imagenet") 
         return torchvision.models.mobilenet_v2(weights=None).features
     if weights == "imagenet":
         try:
-            net = torchvision.models.mobilenet_v2(weights=torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1)
+            with third_party_progress():  # torch.hub's "Downloading: …" line and bar: the terminal, not the notebook
+                net = torchvision.models.mobilenet_v2(weights=torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1)
         except Exception as exc:  # URLError, socket errors, a corrupt cached file
             raise EncoderWeightsError(
                 f"could not download the ImageNet weights for {name} ({type(exc).__name__}: {exc}). "
@@ -246,8 +249,8 @@ def weights_source(weights: str | None) -> str:
         return "random initialisation"
     if resolved == "imagenet":
         return "ImageNet weights (torchvision IMAGENET1K_V1)"
-    return f"ImageNet weights from {Path(resolved).expanduser().resolve()}" if weights == "imagenet" \
-        else f"weights from {Path(resolved).expanduser().resolve()}"
+    return f"ImageNet weights from {shown_path(resolved, WEIGHTS_ENV)}" if weights == "imagenet" \
+        else f"weights from {shown_path(resolved)}"
 
 
 def state_sha256(module: nn.Module) -> str:

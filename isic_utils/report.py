@@ -4,6 +4,7 @@ what the index page says first: the answer, Table 9, one finding per chapter, al
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 from pathlib import Path
@@ -306,6 +307,11 @@ def chapter_finding(out_dir: Path, name: str, chapter: str) -> str:
     return _run_finding(out_dir / name)
 
 
+def embedded_png(path: Path) -> str:
+    """A PNG as a ``data:`` URI: the page shows it wherever it is copied, alone or in a bundle."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
 def answer_section(out_dir: Path) -> str:
     """HTML for the top of ``index.html``: the answer in one sentence (and, when the external chapter ran, how each
     run fares on another clinic's images), Table 9 and the headline figure."""
@@ -314,7 +320,8 @@ def answer_section(out_dir: Path) -> str:
     if table is None:
         return "<p>The comparison chapter has not run yet: the answer appears here once it has.</p>"
     figure = folder / "figures" / "predictions.png"
-    picture = ('<figure><img src="compare/figures/predictions.png" alt="the same test images predicted by every run">'
+    picture = (f'<figure><img src="{embedded_png(figure) if figure.exists() else ""}" '
+               'alt="the same test images predicted by every run">'
                "<figcaption>The same test images (from easy to hard for the first run), their ground truth, and each "
                "run's prediction.</figcaption></figure>") if figure.exists() else ""
     elsewhere = _external_finding(out_dir)

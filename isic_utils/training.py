@@ -395,7 +395,7 @@ def train_epoch(model: SegmentationModel, split: DecodedSplit, optimizer, config
     losses, seen = [], 0
     chunks = batch_indices(len(split), config.batch_size, generator, drop_single=not model.freeze_encoder)
     horizontal_choices = 2 if "hflip" in config.augment else 1
-    for step, rows in enumerate(progress_bar(chunks, total=len(chunks), desc=desc)):
+    for step, rows in enumerate(progress_bar(chunks, total=len(chunks), desc=desc, unit="batches", summary=False)):
         draws = draw_augmentation(len(rows), config.augment, generator)
         rows = rows.to(split.masks.device)  # the data's device (the GPU when fit put it there)
         masks = split.masks[rows].to(config.device, non_blocking=True)
