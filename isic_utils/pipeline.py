@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -113,6 +114,17 @@ class _LineEcho:
 
     def flush(self) -> None:
         pass
+
+
+class _KnownToTheChapter(logging.Filter):
+    """Papermill warns "Passed unknown parameter" for every value the parameters cell does not assign; a chapter's
+    cell names only its profile and run and takes every other key (``params.from_notebook`` checks them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passed unknown parameter")
+
+
+logging.getLogger("papermill").addFilter(_KnownToTheChapter())
 
 
 class _ProgressRelay:

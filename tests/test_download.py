@@ -256,3 +256,21 @@ def test_no_data_and_no_download_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("ISIC_DATA_DIR", str(tmp_path / "nothing"))
     with pytest.raises(DataError, match=r"no ISIC 2016 data under .*nothing.*ISIC_DATA_DIR.*download: true"):
         prepare_data(isic_params(tmp_path, download=False), progress=False)
+
+
+def test_download_progress_goes_to_the_relay_and_the_notebook_gets_one_line_per_archive(server, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Under `report`, torchvision's download bar and the extraction bar go to the file the report relays to the
+    terminal; what the chapter prints (its notebook, its page) is one line per archive, and stderr stays empty."""
+    from isic_utils.files import PROGRESS_ENV
+
+    relay = tmp_path / "relay.log"
+    monkeypatch.setenv(PROGRESS_ENV, str(relay))
+    download_isic2016(tmp_path / "isic", base_url=server.url, expected_counts={"train": 3, "test": 2})
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    lines = captured.out.splitlines()
+    assert sum(line.startswith("download: ISBI2016_ISIC_Part1_") and line.endswith("MB)") for line in lines) == 4
+    assert not [line for line in lines if "%|" in line or "\r" in line]
+    drawn = relay.read_text()
+    assert "extract ISBI2016_ISIC_Part1_Training_Data.zip" in drawn and "100%" in drawn  # torchvision's bar, then ours
