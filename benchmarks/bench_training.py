@@ -32,36 +32,33 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from isic_utils import data as D  # noqa: E402
-from isic_utils.model import ENCODERS, build_model  # noqa: E402
-from isic_utils.synthetic import make_synthetic_isic  # noqa: E402
-from isic_utils.training import (  # noqa: E402
-    TrainConfig,
-    build_optimizer,
+from isic_utils import decoding, sources, transforms  # noqa: E402
+from isic_utils.devices import (  # noqa: E402
     cpu_flags,
     cpu_has_native_bf16,
     cuda_has_native_bf16,
     device_name,
-    encode_variants,
-    evaluate,
-    loss_fn,
     resolve_device,
     resolve_precision,
     set_threads,
-    train_epoch,
 )
+from isic_utils.features import encode_variants  # noqa: E402
+from isic_utils.model import ENCODERS, build_model  # noqa: E402
+from isic_utils.params import TrainConfig  # noqa: E402
+from isic_utils.synthetic import make_synthetic_isic  # noqa: E402
+from isic_utils.training import build_optimizer, evaluate, loss_fn, train_epoch  # noqa: E402
 
 
 def find_images(n_train: int, n_test: int, sample_dir: str | Path | None = None):
     sample = sample_dir or os.environ.get("ISIC_SAMPLE_DIR") or (ROOT.parent / "shared" / "data")
     real = Path(sample) / "isic2016-train-512"
-    if not D.has_split(real, "train") and D.has_split(Path(sample), "train"):
+    if not sources.has_split(real, "train") and sources.has_split(Path(sample), "train"):
         real = Path(sample)
-    if D.has_split(real, "train"):
-        pairs = D.find_pairs(real, "train")
+    if sources.has_split(real, "train"):
+        pairs = sources.find_pairs(real, "train")
         return pairs[:n_train], pairs[n_train:n_train + n_test], f"real ISIC images from {real}"
     root = make_synthetic_isic(Path(tempfile.gettempdir()) / "isic-bench-synthetic", n_train, n_test)
-    return D.find_pairs(root, "train"), D.find_pairs(root, "test"), "synthetic images (no real data found)"
+    return sources.find_pairs(root, "train"), sources.find_pairs(root, "test"), "synthetic images (no real data found)"
 
 
 class DecodeEveryTime(torch.utils.data.Dataset):
@@ -79,8 +76,8 @@ class DecodeEveryTime(torch.utils.data.Dataset):
         pair = self.pairs[k]
         image = Image.open(pair.image).convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
         image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-        mask = D.read_mask(pair.mask, self.size).float()
-        return D.normalize(image.unsqueeze(0), self.mean, self.std)[0], mask
+        mask = decoding.read_mask(pair.mask, self.size).float()
+        return transforms.normalize(image.unsqueeze(0), self.mean, self.std)[0], mask
 
 
 def naive_epoch(model, loader, device: str, optimizer=None) -> None:
@@ -147,13 +144,13 @@ def naive_rates(train_pairs, test_pairs, size: int, device: str) -> dict[str, fl
     return rates
 
 
-def project_rates(train: D.DecodedSplit, test: D.DecodedSplit, device: str, precision: str,
+def project_rates(train: decoding.DecodedSplit, test: decoding.DecodedSplit, device: str, precision: str,
                  epochs: int = 1) -> dict[str, float]:
     """Images/s of the project's own loop (after one warm-up epoch): task 1 on cached features, task 2, evaluation;
     also the cache's build time and, with ``epochs`` > 1, the validation IoU after that many epochs."""
     if device.startswith("cuda"):
-        train = D.DecodedSplit(train.ids, train.images.to(device), train.masks.to(device), train.sizes)
-        test = D.DecodedSplit(test.ids, test.images.to(device), test.masks.to(device), test.sizes)
+        train = decoding.DecodedSplit(train.ids, train.images.to(device), train.masks.to(device), train.sizes)
+        test = decoding.DecodedSplit(test.ids, test.images.to(device), test.masks.to(device), test.sizes)
     rates = {}
     for task, frozen in (("task1", True), ("task2", False)):
         torch.manual_seed(0)
@@ -184,13 +181,13 @@ def project_rates(train: D.DecodedSplit, test: D.DecodedSplit, device: str, prec
     return rates
 
 
-def _one_thread_worker(train: D.DecodedSplit) -> float:
+def _one_thread_worker(train: decoding.DecodedSplit) -> float:
     """Images/s of one task-2 epoch with one thread (after a warm-up epoch); run two at once to see ``jobs``."""
     torch.set_num_threads(1)
     return project_rates(train, train, "cpu", resolve_precision("auto"))["task2"]
 
 
-def parallel_seeds_rate(train: D.DecodedSplit, jobs: int) -> float:
+def parallel_seeds_rate(train: decoding.DecodedSplit, jobs: int) -> float:
     """Total images/s of ``jobs`` one-thread processes training task 2 at the same time (the ``jobs`` parameter)."""
     context = multiprocessing.get_context("spawn")
     pool = context.Pool(jobs)
@@ -234,8 +231,8 @@ def main() -> None:
 
     naive = naive_rates(train_pairs, test_pairs, args.size, device)
     holder = {}
-    decode_s = timed(lambda: holder.update(train=D.decode_pairs(train_pairs, args.size, progress=False),
-                                           test=D.decode_pairs(test_pairs, args.size, progress=False)))
+    decode_s = timed(lambda: holder.update(train=decoding.decode_pairs(train_pairs, args.size, progress=False),
+                                           test=decoding.decode_pairs(test_pairs, args.size, progress=False)))
     train, test = holder["train"], holder["test"]
     ours = project_rates(train, test, device, precision)
 

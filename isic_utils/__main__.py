@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     pack.add_argument("--output", help="the zip to write (default: outputs/<profile>-report.zip)")
     args = parser.parse_args(argv)
 
-    from .data import DataError
+    from .inference import CheckpointMismatch
     from .params import ParameterError
     from .pipeline import ChapterFailed
-    from .training import CheckpointMismatch
+    from .sources import DataError
 
     try:
         if args.command == "report":

@@ -20,12 +20,16 @@ import pandas as pd
 import torch
 
 from . import metrics
-from .data import OFFICIAL_COUNTS, DataError, ReportData, download_isic2016, has_split, load_report_data
+from .data import ReportData, load_report_data
+from .devices import resolve_device, set_threads
+from .features import FeatureStore
 from .files import atomic_path, locked, read_table, save_table, shown_path, write_json
+from .inference import load_checkpoint
 from .model import EncoderWeightsError, build_model
-from .params import absolute, project_root
+from .params import TrainConfig, absolute, project_root
+from .sources import OFFICIAL_COUNTS, DataError, download_isic2016, has_split
 from .synthetic import make_synthetic_isic
-from .training import FeatureStore, FitResult, TrainConfig, fit, load_checkpoint, resolve_device, set_threads
+from .training import FitResult, fit
 
 DATA_ENV = "ISIC_DATA_DIR"
 
@@ -96,14 +100,7 @@ def make_model(params: dict, seed: int | None = None):
 
 
 def train_config(params: dict, seed: int) -> TrainConfig:
-    return TrainConfig(
-        freeze_encoder=params["freeze_encoder"], encoder_lr=params["encoder_lr"], decoder_lr=params["decoder_lr"],
-        weight_decay=params["weight_decay"], epochs=params["epochs"], batch_size=params["batch_size"], seed=seed,
-        augment=tuple(params["augment"]), loss=params["loss"], precision=params["precision"],
-        monitor_test=params["monitor_test"], feature_cache=params["feature_cache"],
-        device=resolve_device(params["device"]), deterministic=params["deterministic"],
-        color_constancy=params["color_constancy"], tta=params["tta"], postprocess=params["postprocess"],
-    )
+    return TrainConfig.from_params(params, seed, resolve_device(params["device"]))
 
 
 @dataclass

@@ -18,12 +18,13 @@ import pandas as pd
 import torch
 
 from . import metrics
-from .data import EXTERNAL_LAYOUTS, PH2_URL, DataError, DecodedSplit, decode_pairs, find_external_pairs
+from .decoding import DecodedSplit, decode_pairs
 from .experiments import SavedRun, data_root, load_run, prepare_data
 from .files import save_table, shown_path
+from .inference import load_trained, predicted_probabilities
 from .params import absolute
+from .sources import EXTERNAL_LAYOUTS, PH2_URL, DataError, find_external_pairs
 from .synthetic import make_synthetic_external
-from .training import load_trained, predicted_probabilities
 
 INFERENCE_OPTIONS = (("none", "none"), ("flips", "none"), ("none", "largest_component"),
                      ("flips", "largest_component"))  # (tta, postprocess), each scored for every run

@@ -1,4 +1,4 @@
-"""Encoders (a registry carrying their pretrained settings) and the decoders.
+"""Encoders (a registry carrying their pretrained settings) and the decoders (a registry of builders).
 
 - ``ENCODERS["mobilenet_v2"]``: torchvision's MobileNetV2 ``features`` (2,223,872 parameters; 1280×4×4 at 128×128),
   with ImageNet mean/std, the indices of its stride-2/4/8/16 outputs for skip connections, and its weights.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,7 +172,19 @@ class UNetDecoder(nn.Module):
         return self.head(self.dropout(x))
 
 
-DECODERS = {"report": ReportDecoder, "unet": UNetDecoder}
+def report_decoder(spec: EncoderSpec, dropout: float) -> nn.Module:
+    return ReportDecoder(spec.out_channels, dropout=dropout)
+
+
+def unet_decoder(spec: EncoderSpec, dropout: float) -> nn.Module:
+    return UNetDecoder(spec.out_channels, spec.skip_channels, dropout=dropout)
+
+
+# The decoder registry: name → builder(encoder spec, dropout). ``build_model`` builds from it and records the name and
+# arguments in the model (``built_with``), checkpoints store them, and ``inference.load_trained`` rebuilds from them:
+# a decoder added here trains, saves, loads and predicts with no other change (a decoder that needs the encoder's
+# skips says so with ``needs_skips = True``). The parameters' ``decoder`` choices are this registry's names.
+DECODERS: dict[str, Callable[[EncoderSpec, float], nn.Module]] = {"report": report_decoder, "unet": unet_decoder}
 
 
 class SegmentationModel(nn.Module):
@@ -231,12 +244,10 @@ def build_model(
     spec = ENCODERS[encoder]
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; known: {sorted(DECODERS)}")
-    if decoder == "unet":
-        head = UNetDecoder(spec.out_channels, spec.skip_channels, dropout=dropout)
-    else:
-        head = ReportDecoder(spec.out_channels, dropout=dropout)
+    head = DECODERS[decoder](spec, float(dropout))
     features = build_encoder(encoder, encoder_weights)
     model = SegmentationModel(features, head, spec, freeze_encoder)
+    model.built_with = {"encoder": encoder, "decoder": decoder, "dropout": float(dropout)}  # what rebuilds it
     model.encoder_weights = {"source": weights_source(encoder_weights), "sha256": state_sha256(features),
                              "fallback": False}
     return model

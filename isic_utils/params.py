@@ -14,13 +14,17 @@ from __future__ import annotations
 import ast
 import difflib
 import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .data import AUGMENTATIONS, COLOR_CONSTANCY, EXTERNAL_LAYOUTS
 from .files import project_root
+from .model import DECODERS
+from .sources import EXTERNAL_LAYOUTS
+from .transforms import AUGMENTATIONS, COLOR_CONSTANCY
 
 # key: (allowed types, default). Data keys are shared by every chapter.
 DATA_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
@@ -91,7 +95,7 @@ EXTERNAL_KEYS = {
 CHOICES = {
     "data_source": ("synthetic", "isic2016"),
     "test_split": ("official", "holdout"),
-    "decoder": ("report", "unet"),
+    "decoder": DECODERS,  # the registry itself: a decoder registered there is a valid choice
     "loss": ("bce", "bce+dice"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
@@ -101,6 +105,59 @@ CHOICES = {
 }
 FRACTIONS = ("holdout_fraction", "val_fraction")
 RATES = ("encoder_lr", "decoder_lr")
+
+
+def _default(key: str):
+    """The training chapter's default for ``key`` (a list as a tuple): the trainer's config takes its defaults here."""
+    value = CHAPTER_KEYS["train"][key][1]
+    return tuple(value) if isinstance(value, list) else value
+
+
+TRAINER_ONLY = ("seed", "channels_last", "eval_batch_size", "device")  # the trainer's own fields (not parameters)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run's result (its fingerprint guards resume). A field named like a
+    training parameter has that parameter's default (``CHAPTER_KEYS``: one source for name, type and default) and
+    is filled from it by ``from_params``; the trainer's own are one ``seed`` of ``seeds``, the memory format, the
+    evaluation batch and the resolved ``device`` (``cpu``, ``cuda``, ``cuda:1``; ``devices.resolve_device``)."""
+
+    freeze_encoder: bool = _default("freeze_encoder")
+    encoder_lr: float = _default("encoder_lr")
+    decoder_lr: float = _default("decoder_lr")
+    weight_decay: float = _default("weight_decay")
+    epochs: int = _default("epochs")
+    batch_size: int = _default("batch_size")
+    seed: int = 0
+    augment: Sequence[str] = _default("augment")
+    loss: str = _default("loss")
+    precision: str = _default("precision")
+    channels_last: bool = True
+    feature_cache: bool = _default("feature_cache")  # used only when the encoder is frozen and augmentation is flips
+    monitor_test: bool = _default("monitor_test")  # score the test set every epoch (monitoring, never selection)
+    eval_batch_size: int = 64
+    device: str = "cpu"
+    deterministic: bool = _default("deterministic")
+    color_constancy: str = _default("color_constancy")  # applied to every image the model sees
+    tta: str = _default("tta")  # "flips": the selected checkpoint's final scoring averages the four flips
+    postprocess: str = _default("postprocess")  # recorded in best.pt for scoring at original size and predict
+
+    @classmethod
+    def from_params(cls, values: dict[str, Any], seed: int, device: str) -> TrainConfig:
+        """The config of one seed of a resolved training chapter, on a resolved ``device``."""
+        given = {f.name: values[f.name] for f in fields(cls) if f.name in values and f.name not in TRAINER_ONLY}
+        return cls(**{**given, "augment": tuple(values["augment"])}, seed=seed, device=device)
+
+    def fingerprint(self) -> dict:
+        keep = asdict(self)
+        keep["augment"] = list(self.augment)
+        for volatile in ("precision", "channels_last", "feature_cache", "eval_batch_size", "device", "epochs",
+                         "monitor_test", "deterministic", "tta", "postprocess"):  # not how the weights are trained
+            keep.pop(volatile)
+        if keep["color_constancy"] == "none":  # checkpoints from before the option resume as they are
+            keep.pop("color_constancy")
+        return keep
 
 
 class ParameterError(ValueError):

@@ -12,7 +12,8 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from . import data, external, failures, metrics
+from . import external, failures, metrics, transforms
+from .decoding import DecodedSplit
 from .experiments import RunResult, SavedRun, prepare_data
 from .files import atomic_path
 
@@ -74,11 +75,11 @@ def size_distribution(sizes: pd.DataFrame):
 def augmentation_examples(images: torch.Tensor, masks: torch.Tensor, rows: int = 3):
     """Figure 3: each augmentation training uses, alone, on a few images with their masks.
 
-    The panels come from ``data.augmentation_examples``, i.e. the very ``apply_augmentation`` the training loop
+    The panels come from ``transforms.each_augmentation``, i.e. the very ``apply_augmentation`` the training loop
     calls (same colour-jitter strength), so the figure shows what the model saw.
     """
     count = min(rows, len(images))
-    panels = data.augmentation_examples(images[:count], masks[:count])
+    panels = transforms.each_augmentation(images[:count], masks[:count])
     fig, axes = plt.subplots(2 * count, len(panels), figsize=(2.3 * len(panels), 4.6 * count), squeeze=False)
     for c, (name, (shown_images, shown_masks)) in enumerate(panels.items()):
         for r in range(count):
@@ -279,7 +280,7 @@ def compare_predictions_figure(params: dict, runs: dict[str, SavedRun], count: i
     return compare_predictions(test.images[rows], test.masks[rows], predicted, [test.ids[k] for k in rows])
 
 
-def _worst_of(test: data.DecodedSplit, probabilities: torch.Tensor, frame: pd.DataFrame, k: int, title: str = "",
+def _worst_of(test: DecodedSplit, probabilities: torch.Tensor, frame: pd.DataFrame, k: int, title: str = "",
               axes_row=None):
     bad = failures.worst(frame, k)
     rows = [test.ids.index(i) for i in bad["id"]]

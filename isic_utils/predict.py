@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import EXTERNAL_IMAGE_SUFFIXES, DataError, decode_pairs, read_image, read_mask
+from .decoding import decode_pairs, read_image, read_mask
 from .files import atomic_path
+from .inference import load_trained, predicted_probabilities
 from .metrics import confusion_counts, full_size_mask, original_size_counts
-from .training import load_trained, predicted_probabilities
+from .sources import EXTERNAL_IMAGE_SUFFIXES, DataError
 
 NOT_INPUTS = ("_Segmentation", "_superpixels", "_lesion", "_overlay")  # masks, and the overlays predict writes
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import failures
-from .data import check_alignment
+from .eda import check_alignment
 from .experiments import RunResult
 from .files import save_table, write_text
 from .model import IMAGENET_MEAN, IMAGENET_STD, count_parameters

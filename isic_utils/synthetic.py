@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .data import SPLIT_FOLDERS, DataError, has_split
 from .files import atomic_path, write_json
+from .sources import SPLIT_FOLDERS, DataError, has_split
 
 MARKER = "synthetic.json"
 

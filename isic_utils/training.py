@@ -1,28 +1,20 @@
-"""Training and evaluation: batches sliced from memory, one epoch, one evaluation, the fit loop with
-per-epoch atomic checkpoints, resume, selection on validation and one final scoring of the test set.
+"""Training: batches sliced from memory, one epoch, one evaluation, the fit loop with per-epoch atomic checkpoints,
+resume, selection on validation and one final scoring of the test set.
 
-Speed (see ``benchmarks/bench_training.py``): the data set is one uint8 tensor in memory — on the GPU when
-training runs there — and batches are sliced, augmented and normalised in batch on that device; the model runs
-``channels_last``; AdamW is ``fused``. ``precision="auto"`` (``resolve_precision``) uses bf16 autocast only where
-the hardware computes bf16 natively (a CPU with AMX or AVX512-BF16, a GPU with native bf16), fp16 autocast with a
-``GradScaler`` on an older GPU (a Colab T4), fp32 elsewhere; emulated bf16 is never chosen. On a GPU nothing
-waits for the device inside an epoch: losses and counts accumulate there and are read once.
-
-With a frozen encoder and at most flip augmentation, the encoder's features are computed once per image and flip
-(``feature_cache``), which gives the same result as encoding every batch (the encoder is deterministic in eval
-mode) at a fraction of the cost; a ``FeatureStore`` shared by a run's seeds computes them once for all seeds that
-start from the same encoder weights.
+Speed (see ``benchmarks/bench_training.py``): the data set is one uint8 tensor in memory — on the GPU when training
+runs there — and batches are sliced, augmented and normalised in batch on that device; the model runs
+``channels_last``; AdamW is ``fused``. On a GPU nothing waits for the device inside an epoch: losses and counts
+accumulate there and are read once. The device and precision come from ``devices``, the frozen encoder's features
+from ``features``, the trained model's application from ``inference``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
-import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -30,186 +22,22 @@ import torch
 from torch import nn
 
 from . import metrics
-from .data import (
-    DecodedSplit,
-    ReportData,
-    apply_augmentation,
-    apply_color_constancy,
-    draw_augmentation,
-    normalize,
-)
+from .data import ReportData
+from .decoding import DecodedSplit
+from .devices import autocast, device_name, grad_scaler, resolve_precision, seed_everything, set_deterministic
+from .features import Features, FeatureStore, cached_batch, select_features, uses_feature_cache, variant_index
 from .files import atomic_path, epoch_line, locked, progress_bar, remove_leftovers
-from .model import SegmentationModel, build_model, count_parameters
-
-FLIPS = ("hflip", "vflip")
-TTA = ("none", "flips")
+from .inference import CheckpointMismatch, flip_averaged, load_checkpoint, model_meta, to_input
+from .model import SegmentationModel, count_parameters
+from .params import TrainConfig
+from .transforms import apply_augmentation, apply_color_constancy, draw_augmentation
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-class CheckpointMismatch(RuntimeError):
-    """A checkpoint holds another configuration than the one asked for."""
-
-
-# ----------------------------------------------------------------------------- configuration
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides a training run's result (its fingerprint guards resume)."""
-
-    freeze_encoder: bool = True
-    encoder_lr: float = 1e-4
-    decoder_lr: float = 1e-3
-    weight_decay: float = 0.01
-    epochs: int = 20
-    batch_size: int = 32
-    seed: int = 0
-    augment: Sequence[str] = ("hflip", "vflip")
-    loss: str = "bce"  # "bce" or "bce+dice"
-    precision: str = "auto"  # "auto", "fp32", "bf16"
-    channels_last: bool = True
-    feature_cache: bool = True  # used only when the encoder is frozen and augmentation is flips at most
-    monitor_test: bool = True  # score the test set every epoch (monitoring only, never for selection)
-    eval_batch_size: int = 64
-    device: str = "cpu"  # a resolved device ("cpu", "cuda", "cuda:1"); see resolve_device
-    deterministic: bool = False  # deterministic kernels (GPU); the CPU path is deterministic anyway
-    color_constancy: str = "none"  # "shades_of_grey": applied to every image the model sees (data.apply_color_constancy)
-    tta: str = "none"  # "flips": the selected checkpoint's final scoring averages the four flips' probabilities
-    postprocess: str = "none"  # recorded in best.pt for scoring at original size and predict (metrics.postprocess_mask)
-
-    def fingerprint(self) -> dict:
-        keep = asdict(self)
-        keep["augment"] = list(self.augment)
-        for volatile in ("precision", "channels_last", "feature_cache", "eval_batch_size", "device", "epochs",
-                         "monitor_test", "deterministic", "tta", "postprocess"):  # not how the weights are trained
-            keep.pop(volatile)
-        if keep["color_constancy"] == "none":  # checkpoints from before the option resume as they are
-            keep.pop("color_constancy")
-        return keep
-
-
-# ----------------------------------------------------------------------------- device, precision, determinism
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
 TIMING_COLUMNS = ("train_seconds", "eval_seconds", "epoch_seconds")  # history columns that vary run to run
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 natively (AMX tiles or AVX512-BF16)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # older torch
-        return False
-
-
-def cuda_has_native_bf16() -> bool:
-    """True when the current GPU computes bf16 natively (Ampere and later), not through emulation."""
-    try:
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # torch < 2.3 has no including_emulation and answers for native support only
-        return bool(torch.cuda.is_bf16_supported())
-
-
-def resolve_precision(precision: str, device: str = "cpu") -> str:
-    """The autocast precision a run uses: ``fp32``, ``bf16`` or ``fp16`` (CUDA only, with a ``GradScaler``).
-
-    ``auto``: on a GPU, bf16 where it is native (A100, H100, L4…), else fp16 (T4, V100); on a CPU, bf16 with AMX or
-    AVX512-BF16, else fp32. Emulated bf16 (many times slower than fp32) is never chosen by ``auto``.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    cuda = device.startswith("cuda")
-    if precision == "fp16" and not cuda:
-        raise ValueError("precision 'fp16' is for CUDA GPUs (autocast with a gradient scaler); on a CPU use 'auto', "
-                         "'fp32' or 'bf16'.")
-    if precision != "auto":
-        return precision
-    if cuda:
-        return "bf16" if cuda_has_native_bf16() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-def autocast(precision: str, device: str):
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(kind, dtype=dtype, enabled=precision in ("bf16", "fp16"))
-
-
-def grad_scaler(precision: str, device: str) -> torch.amp.GradScaler:
-    """Loss scaling for fp16 (its gradients underflow without it); a no-op for every other precision."""
-    return torch.amp.GradScaler("cuda" if device.startswith("cuda") else "cpu", enabled=precision == "fp16")
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without a GPU is an error naming the fix."""
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {device!r} was asked for, but torch {torch.__version__} sees no CUDA GPU. Fix: device: auto "
-            "(the GPU when there is one, else the CPU) or cpu; in Colab, Runtime → Change runtime type → GPU.")
-    return device
-
-
-def device_name(device: str) -> str:
-    """What the device is, for run.json: the GPU's name, or the CPU's model and its vector extensions."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{cpu_model()} ({', '.join(cpu_flags()) or 'no AVX2'})"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's vector extensions that decide the speed of training here: AVX2, AVX-512, AVX512-BF16, AMX."""
-    checks = {"AVX2": "_is_avx2_supported", "AVX-512": "_is_avx512_supported",
-              "AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
-    found = []
-    for name, check in checks.items():
-        try:
-            if getattr(torch.cpu, check)():
-                found.append(name)
-        except AttributeError:
-            pass
-    return found
-
-
-def set_deterministic(on: bool, device: str) -> None:
-    """Deterministic kernels or the fastest ones (``torch.use_deterministic_algorithms``, cuDNN, cuBLAS).
-
-    On a GPU, same-seed runs then give the same history; it costs speed (cuDNN benchmarking is off). Ops without
-    a deterministic kernel warn instead of stopping the run. ``CUBLAS_WORKSPACE_CONFIG`` must be set before cuBLAS
-    starts: this sets it unless the environment already does, which works when no GPU work ran before.
-    """
-    cuda = device.startswith("cuda")
-    if on and cuda:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on, warn_only=True)
-    torch.backends.cudnn.deterministic = on
-    torch.backends.cudnn.benchmark = cuda and not on
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed torch's global RNG (dropout, initialisation) and return a generator for shuffling/augmentation."""
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------- batches
 
 
 def batch_indices(count: int, batch_size: int, generator: torch.Generator | None, drop_single: bool = False):
@@ -222,68 +50,6 @@ def batch_indices(count: int, batch_size: int, generator: torch.Generator | None
     if drop_single and len(chunks) > 1 and len(chunks[-1]) == 1:
         chunks.pop()
     return chunks
-
-
-# ----------------------------------------------------------------------------- feature cache
-
-
-def uses_feature_cache(model: SegmentationModel, config: TrainConfig) -> bool:
-    return bool(config.feature_cache and model.freeze_encoder and set(config.augment) <= set(FLIPS))
-
-
-def flip_variants(augment: Sequence[str]) -> list[tuple[bool, bool]]:
-    """(hflip, vflip) combinations that ``augment`` can produce; index = hflip + 2 * vflip when both are on."""
-    hs = (False, True) if "hflip" in augment else (False,)
-    vs = (False, True) if "vflip" in augment else (False,)
-    return [(h, v) for v in vs for h in hs]
-
-
-@torch.no_grad()
-def encode_all(model: SegmentationModel, images: torch.Tensor, precision: str, device: str, batch_size: int = 64,
-               channels_last: bool = True, hflip: bool = False, vflip: bool = False) -> list[torch.Tensor]:
-    """The frozen encoder's features for every image (after the given flips), on ``device``: a list with one
-    ``N×C×h×w`` tensor per level the decoder reads (the deepest map alone, or the skips then the deepest)."""
-    outputs: list[torch.Tensor] = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        if hflip:
-            batch = batch.flip(-1)
-        if vflip:
-            batch = batch.flip(-2)
-        with autocast(precision, device):
-            features = model.encode(_to_input(batch, model.spec, device, channels_last))
-        features = [features] if torch.is_tensor(features) else features
-        if not outputs:
-            outputs = [torch.empty((len(images), *f.shape[1:]), dtype=f.dtype, device=f.device) for f in features]
-        for store, feature in zip(outputs, features):
-            store[start:start + len(feature)] = feature
-    return outputs
-
-
-def _select_features(features: list[torch.Tensor], rows: torch.Tensor, channels_last: bool) -> list[torch.Tensor]:
-    return [_format(level[rows.to(level.device)], channels_last) for level in features]
-
-
-def _cached_batch(cache: list[torch.Tensor], variants: torch.Tensor, rows: torch.Tensor,
-                  channels_last: bool) -> list[torch.Tensor]:
-    """Features for ``rows`` from the flip variant each image drew (``variants``: one index per row).
-
-    ``cache`` holds one ``V×N×C×h×w`` tensor per level (V flip variants); one gather per level, on the cache's
-    device, with nothing read back to the host.
-    """
-    return [_format(level[variants.to(level.device), rows.to(level.device)], channels_last) for level in cache]
-
-
-def _format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
-
-
-# ----------------------------------------------------------------------------- one step, one epoch, one evaluation
-
-
-def _to_input(images_uint8: torch.Tensor, spec, device: str, channels_last: bool) -> torch.Tensor:
-    """uint8 images → normalised float input on ``device`` (moved as uint8, a quarter of the bytes)."""
-    return _format(normalize(images_uint8.to(device, non_blocking=True), spec.mean, spec.std), channels_last)
 
 
 def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -316,22 +82,6 @@ class Evaluation:
         return {"loss": self.loss, **metrics.summarize(self.counts)}
 
 
-def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """Probabilities of ``forward`` (a model: input → logits) on ``x``; with ``tta="flips"`` the mean of the
-    probabilities of the identity and the horizontally, vertically and doubly flipped inputs, each flipped back."""
-    if tta == "none":
-        return torch.sigmoid(forward(x).float())
-    if tta != "flips":
-        raise ValueError(f"tta must be one of {list(TTA)}, got {tta!r}")
-    total = None
-    for dims in ((), (-1,), (-2,), (-2, -1)):
-        flipped = x.flip(dims) if dims else x
-        p = torch.sigmoid(forward(flipped).float())
-        p = p.flip(dims) if dims else p
-        total = p if total is None else total + p
-    return total / 4
-
-
 @torch.inference_mode()
 def evaluate(model: SegmentationModel, split: DecodedSplit, config: TrainConfig, precision: str,
              features=None, keep_probabilities: bool = False, tta: str = "none") -> Evaluation:
@@ -346,13 +96,13 @@ def evaluate(model: SegmentationModel, split: DecodedSplit, config: TrainConfig,
         targets = split.masks[rows].to(config.device, non_blocking=True).float()
         with autocast(precision, config.device):
             if features is not None:
-                logits = model.decoder(_select_features(features, rows, config.channels_last))
+                logits = model.decoder(select_features(features, rows, config.channels_last))
             elif tta != "none":
-                averaged = flip_averaged(model, _to_input(split.images[rows], model.spec, config.device,
+                averaged = flip_averaged(model, to_input(split.images[rows], model.spec, config.device,
                                                           config.channels_last), tta)
                 logits = torch.logit(averaged, eps=1e-6)
             else:
-                logits = model(_to_input(split.images[rows], model.spec, config.device, config.channels_last))
+                logits = model(to_input(split.images[rows], model.spec, config.device, config.channels_last))
         logits = logits.float()
         total += criterion(logits, targets).double() * len(rows)
         probabilities = torch.sigmoid(logits)
@@ -400,13 +150,13 @@ def train_epoch(model: SegmentationModel, split: DecodedSplit, optimizer, config
         rows = rows.to(split.masks.device)  # the data's device (the GPU when fit put it there)
         masks = split.masks[rows].to(config.device, non_blocking=True)
         if feature_cache is not None:
-            inputs = _cached_batch(feature_cache, _variant_index(draws, len(rows), horizontal_choices), rows,
+            inputs = cached_batch(feature_cache, variant_index(draws, len(rows), horizontal_choices), rows,
                                    config.channels_last)
             _, masks = apply_augmentation(masks, masks, draws)  # flip the masks like the cached features
         else:
             images = split.images[rows].to(config.device, non_blocking=True)
             images, masks = apply_augmentation(images, masks, draws)
-            inputs = _to_input(images, model.spec, config.device, config.channels_last)
+            inputs = to_input(images, model.spec, config.device, config.channels_last)
         targets = masks.float()
         with autocast(precision, config.device):
             logits = model.decoder(inputs) if feature_cache is not None else model(inputs)
@@ -438,16 +188,6 @@ def _check_finite(weighted_losses: torch.Tensor, first_step: int) -> None:
         )
 
 
-def _variant_index(draws: dict, count: int, horizontal_choices: int) -> torch.Tensor:
-    """Index into ``flip_variants`` (ordered vflip-major): hflip + horizontal_choices * vflip."""
-    h = draws.get("hflip", torch.zeros(count, dtype=torch.bool)).long()
-    v = draws.get("vflip", torch.zeros(count, dtype=torch.bool)).long()
-    return h + horizontal_choices * v
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
 def _rng_state(generator: torch.Generator, device: str) -> dict:
     """Every random stream a resumed run must continue: torch's CPU and (on a GPU) CUDA state, and the generator
     that shuffles and draws augmentations."""
@@ -467,83 +207,6 @@ def _set_rng_state(state: dict, generator: torch.Generator, device: str) -> None
 def _save(obj, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-def model_meta(model: SegmentationModel, image_size: int) -> dict:
-    """What a checkpoint must say about the model so that ``predict`` can rebuild and check it."""
-    return {
-        "encoder": model.spec.name,
-        "decoder": "unet" if getattr(model.decoder, "needs_skips", False) else "report",
-        "dropout": _dropout_of(model),
-        "image_size": image_size,
-        "mean": list(model.spec.mean),
-        "std": list(model.spec.std),
-        "threshold": 0.5,
-        "encoder_weights": dict(getattr(model, "encoder_weights", {})),
-    }
-
-
-def _dropout_of(model: SegmentationModel) -> float:
-    for module in model.decoder.modules():
-        if isinstance(module, (nn.Dropout, nn.Dropout2d)):
-            return float(module.p)
-    return 0.0
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint written by ``fit`` (safely: ``weights_only=True``)."""
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise CheckpointMismatch(
-            f"{path} cannot be read as a checkpoint of this project ({exc}). Delete it to start the run afresh."
-        ) from exc
-
-
-def load_trained(checkpoint: str | Path) -> tuple[SegmentationModel, dict]:
-    """Rebuild the model a ``best.pt`` describes and load its weights (``weights_only=True``); (model in eval mode,
-    its meta: image size, mean/std, threshold, and the colour constancy, test-time flips and post-processing the run
-    was trained and scored with; "none" for checkpoints from before those options)."""
-    state = load_checkpoint(checkpoint)
-    if not isinstance(state, dict) or "meta" not in state or "model" not in state:
-        raise CheckpointMismatch(f"{checkpoint} is not a best.pt written by this project's training (no 'meta').")
-    meta = {"color_constancy": "none", "tta": "none", "postprocess": "none", **state["meta"]}
-    try:
-        model = build_model(meta["encoder"], encoder_weights=None, decoder=meta["decoder"], dropout=meta["dropout"])
-    except (KeyError, ValueError) as exc:  # an encoder or decoder this version does not know
-        raise CheckpointMismatch(
-            f"{checkpoint} describes a model this version cannot build (encoder {meta.get('encoder')!r}, decoder "
-            f"{meta.get('decoder')!r}: {exc}). Use the version of isic_utils that trained it, or retrain."
-        ) from exc
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointMismatch(
-            f"{checkpoint} holds weights that do not fit a {meta['encoder']} + {meta['decoder']} model: {exc}"
-        ) from exc
-    return model.eval(), meta
-
-
-@torch.inference_mode()
-def predicted_probabilities(model: SegmentationModel, meta: dict, images_uint8: torch.Tensor,
-                            tta: str | None = None, batch_size: int = 32) -> torch.Tensor:
-    """Probability maps ``N×1×S×S`` (fp32, CPU) for decoded uint8 ``N×3×S×S`` images at the checkpoint's size:
-    the checkpoint's colour constancy, normalisation, then the model (flip-averaged with ``tta``, default the
-    checkpoint's). The path ``predict`` and the external chapter share with training's evaluation."""
-    tta = meta.get("tta", "none") if tta is None else tta
-    device = next(model.parameters()).device
-    images = apply_color_constancy(images_uint8, meta.get("color_constancy", "none"))
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start:start + batch_size].to(device), meta["mean"], meta["std"])
-        out.append(flip_averaged(model, x, tta).cpu())
-    return torch.cat(out)
-
-
-# ----------------------------------------------------------------------------- the fit loop
 
 
 @dataclass
@@ -569,33 +232,6 @@ class _Progress:
     rows: list[dict] = field(default_factory=list)
     best_iou: float = -math.inf
     best_epoch: int = 0
-
-
-@dataclass
-class _Features:
-    """The frozen encoder's cached features, each a list with one tensor per level the decoder reads
-    (``train``: ``V×N×…``, one slice per flip variant), or all None."""
-
-    train: list | None = None
-    val: list | None = None
-    test: list | None = None
-
-
-class FeatureStore:
-    """The frozen encoder's features, shared by the seeds of a run: keyed by the encoder's starting weights (their
-    SHA-256) and everything else that decides the features, so seeds starting from the same weights compute them
-    once, and seeds with their own random encoders each get their own. Holds one data set: make one per data set."""
-
-    def __init__(self) -> None:
-        self._features: dict[tuple, _Features] = {}
-
-    def get(self, model: SegmentationModel, data: ReportData, config: TrainConfig, precision: str) -> _Features:
-        key = (model.encoder_weights.get("sha256") or id(model), bool(getattr(model.decoder, "needs_skips", False)),
-               tuple(flip_variants(config.augment)), config.monitor_test, precision, config.device,
-               config.channels_last, id(data))
-        if key not in self._features:
-            self._features[key] = _encode_splits(model, data, config, precision)
-        return self._features[key]
 
 
 def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir: str | Path,
@@ -640,7 +276,7 @@ def _fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_di
                                 (label or str(run_dir)) if verbose else None)
     data = on_device(data, config.device)
     timings = {"feature_cache_s": 0.0, "checkpoint_s": 0.0}
-    cached = _Features()
+    cached = Features()
     if uses_feature_cache(model, config) and len(progress.rows) < config.epochs:
         t0 = time.perf_counter()
         cached = (features or FeatureStore()).get(model, data, config, precision)
@@ -743,36 +379,8 @@ def _resume_or_start(model, optimizer, scaler, generator: torch.Generator, finge
     return _Progress(state["history"], state["best_iou"], state["best_epoch"])
 
 
-def _encode_splits(model: SegmentationModel, data: ReportData, config: TrainConfig, precision: str) -> _Features:
-    """The frozen encoder's features: every training image in each flip variant, validation and (monitored) test."""
-    model.eval()
-
-    def encode(images):
-        return encode_all(model, images, precision, config.device, config.eval_batch_size, config.channels_last)
-
-    return _Features(encode_variants(model, data.train.images, config, precision), encode(data.val.images),
-                     encode(data.test.images) if config.monitor_test else None)
-
-
-def encode_variants(model: SegmentationModel, images: torch.Tensor, config: TrainConfig,
-                    precision: str) -> list[torch.Tensor]:
-    """The training cache: per level, a ``V×N×…`` tensor of the features of every image in each of the V flip
-    variants ``config.augment`` can draw (filled variant by variant, so there is never a second copy)."""
-    variants = flip_variants(config.augment)
-    stacked: list[torch.Tensor] = []
-    for index, (h, v) in enumerate(variants):
-        levels = encode_all(model, images, precision, config.device, config.eval_batch_size, config.channels_last,
-                            h, v)
-        if not stacked:
-            stacked = [torch.empty((len(variants), *level.shape), dtype=level.dtype, device=level.device)
-                       for level in levels]
-        for store, level in zip(stacked, levels):
-            store[index] = level
-    return stacked
-
-
 def _one_epoch(model, data: ReportData, optimizer, config: TrainConfig, precision: str, generator: torch.Generator,
-               features: _Features, epoch: int, on_step, scaler) -> dict:
+               features: Features, epoch: int, on_step, scaler) -> dict:
     """Train one epoch, evaluate validation (and monitor test); the epoch's row of the history."""
     t0 = time.perf_counter()
     train_loss = train_epoch(model, data.train, optimizer, config, precision, generator, features.train,
@@ -862,12 +470,3 @@ def _check_resumable(state: dict, fingerprint: dict, weights: dict, epochs: int,
 
 def _prefixed(prefix: str, values: dict) -> dict:
     return {f"{prefix}_{key}": value for key, value in values.items()}
-
-
-def set_threads(threads: int | None = None) -> int:
-    """Use one compute thread per physical core unless told otherwise (``OMP_NUM_THREADS`` wins)."""
-    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
-        threads = max(1, os.cpu_count() or 1)
-    if threads:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()

@@ -12,8 +12,9 @@ import torch
 from isic_utils import params as P
 from isic_utils.data import load_report_data
 from isic_utils.model import build_model
+from isic_utils.params import TrainConfig
 from isic_utils.synthetic import make_synthetic_isic
-from isic_utils.training import TrainConfig, fit
+from isic_utils.training import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = os.environ.get("ISIC_SAMPLE_DIR")

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from isic_utils import data as D
+from isic_utils import decoding, eda, sources, transforms
 
-TRAIN_IMAGES, TRAIN_MASKS = D.SPLIT_FOLDERS["train"]
+TRAIN_IMAGES, TRAIN_MASKS = sources.SPLIT_FOLDERS["train"]
 
 
 def make_root(tmp_path: Path, count: int = 3, size=(40, 30)) -> Path:
@@ -45,7 +46,7 @@ def test_pairs_by_id_and_ignores_strays(tmp_path):
     Image.new("RGB", (4, 4)).save(root / TRAIN_IMAGES / "ISIC_0000000_superpixels.png")
     (root / TRAIN_MASKS / "notes.txt").write_text("x")
     (root / "__MACOSX").mkdir()
-    pairs = D.find_pairs(root, "train")
+    pairs = sources.find_pairs(root, "train")
     assert [p.id for p in pairs] == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
     assert pairs[0].mask.name == "ISIC_0000000_Segmentation.png"
 
@@ -53,48 +54,48 @@ def test_pairs_by_id_and_ignores_strays(tmp_path):
 def test_image_without_mask(tmp_path):
     root = make_root(tmp_path)
     (root / TRAIN_MASKS / "ISIC_0000001_Segmentation.png").unlink()
-    with pytest.raises(D.DataError, match=r"mask missing for ISIC_0000001 .*expected ISIC_0000001_Segmentation\.png"):
-        D.find_pairs(root, "train")
+    with pytest.raises(sources.DataError, match=r"mask missing for ISIC_0000001 .*expected ISIC_0000001_Segmentation\.png"):
+        sources.find_pairs(root, "train")
 
 
 def test_mask_without_image(tmp_path):
     root = make_root(tmp_path)
     (root / TRAIN_IMAGES / "ISIC_0000002.jpg").unlink()
-    with pytest.raises(D.DataError, match=r"image missing for mask ISIC_0000002_Segmentation\.png"):
-        D.find_pairs(root, "train")
+    with pytest.raises(sources.DataError, match=r"image missing for mask ISIC_0000002_Segmentation\.png"):
+        sources.find_pairs(root, "train")
 
 
 def test_duplicate_ids(tmp_path):
     root = make_root(tmp_path)
     Image.new("RGB", (40, 30)).save(root / TRAIN_IMAGES / "ISIC_0000001.png")
-    with pytest.raises(D.DataError, match="duplicate id ISIC_0000001"):
-        D.find_pairs(root, "train")
+    with pytest.raises(sources.DataError, match="duplicate id ISIC_0000001"):
+        sources.find_pairs(root, "train")
 
 
 def test_missing_split_folder(tmp_path):
     root = make_root(tmp_path)
-    with pytest.raises(D.DataError, match=r"ISBI2016_ISIC_Part1_Test_Data not found.*found \['ISBI2016_ISIC_Part1_Training"):
-        D.find_pairs(root, "test")
+    with pytest.raises(sources.DataError, match=r"ISBI2016_ISIC_Part1_Test_Data not found.*found \['ISBI2016_ISIC_Part1_Training"):
+        sources.find_pairs(root, "test")
 
 
 def test_wrongly_named_split_folder(tmp_path):
     root = make_root(tmp_path)
     (root / TRAIN_IMAGES).rename(root / "Training_Data")
-    with pytest.raises(D.DataError, match="Training_Data"):
-        D.find_pairs(root, "train")
+    with pytest.raises(sources.DataError, match="Training_Data"):
+        sources.find_pairs(root, "train")
 
 
 def test_empty_folder(tmp_path):
     root = make_root(tmp_path, count=0)
-    with pytest.raises(D.DataError, match="no ISIC_<id>.jpg images"):
-        D.find_pairs(root, "train")
+    with pytest.raises(sources.DataError, match="no ISIC_<id>.jpg images"):
+        sources.find_pairs(root, "train")
 
 
 # ----------------------------------------------------------------------------- decoding: errors
 
 
 def decode_one(root):
-    return D.decode_pairs(D.find_pairs(root, "train"), 32, progress=False)
+    return decoding.decode_pairs(sources.find_pairs(root, "train"), 32, progress=False)
 
 
 def test_truncated_jpeg(tmp_path):
@@ -103,28 +104,28 @@ def test_truncated_jpeg(tmp_path):
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(buffer, "JPEG")
     path.write_bytes(buffer.getvalue()[:2000])
-    with pytest.raises(D.DataError, match=r"ISIC_0000001\.jpg cannot be decoded.*Replace it"):
+    with pytest.raises(sources.DataError, match=r"ISIC_0000001\.jpg cannot be decoded.*Replace it"):
         decode_one(root)
 
 
 def test_zero_byte_file(tmp_path):
     root = make_root(tmp_path)
     (root / TRAIN_IMAGES / "ISIC_0000000.jpg").write_bytes(b"")
-    with pytest.raises(D.DataError, match=r"ISIC_0000000\.jpg is empty \(0 bytes\)"):
+    with pytest.raises(sources.DataError, match=r"ISIC_0000000\.jpg is empty \(0 bytes\)"):
         decode_one(root)
 
 
 def test_not_an_image(tmp_path):
     root = make_root(tmp_path)
     (root / TRAIN_IMAGES / "ISIC_0000002.jpg").write_text("<html>not an image</html>")
-    with pytest.raises(D.DataError, match=r"ISIC_0000002\.jpg cannot be decoded"):
+    with pytest.raises(sources.DataError, match=r"ISIC_0000002\.jpg cannot be decoded"):
         decode_one(root)
 
 
 def test_zero_byte_mask(tmp_path):
     root = make_root(tmp_path)
     (root / TRAIN_MASKS / "ISIC_0000000_Segmentation.png").write_bytes(b"")
-    with pytest.raises(D.DataError, match=r"ISIC_0000000_Segmentation\.png is empty"):
+    with pytest.raises(sources.DataError, match=r"ISIC_0000000_Segmentation\.png is empty"):
         decode_one(root)
 
 
@@ -139,15 +140,15 @@ def test_unreadable_file(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(D.Image, "open", guarded)
-    with pytest.raises(D.DataError, match=r"ISIC_0000001\.jpg: permission denied.*chmod"):
+    monkeypatch.setattr(decoding.Image, "open", guarded)
+    with pytest.raises(sources.DataError, match=r"ISIC_0000001\.jpg: permission denied.*chmod"):
         decode_one(root)
 
 
 def test_mask_of_another_size(tmp_path):
     root = make_root(tmp_path)
     Image.new("L", (20, 20)).save(root / TRAIN_MASKS / "ISIC_0000001_Segmentation.png")
-    with pytest.raises(D.DataError, match=r"ISIC_0000001_Segmentation\.png is 20×20 but its image is 40×30"):
+    with pytest.raises(sources.DataError, match=r"ISIC_0000001_Segmentation\.png is 20×20 but its image is 40×30"):
         decode_one(root)
 
 
@@ -156,7 +157,7 @@ def test_colour_mask_is_refused(tmp_path):
     array = np.zeros((30, 40, 3), np.uint8)
     array[5:20, 5:20] = (255, 0, 0)
     Image.fromarray(array).save(root / TRAIN_MASKS / "ISIC_0000000_Segmentation.png")
-    with pytest.raises(D.DataError, match="colour mask"):
+    with pytest.raises(sources.DataError, match="colour mask"):
         decode_one(root)
 
 
@@ -177,14 +178,14 @@ def test_mask_conversions(tmp_path):
     for name, mask in cases.items():
         path = tmp_path / f"{name}.png"
         mask.save(path)
-        assert torch.equal(D.read_mask(path), expected), name
+        assert torch.equal(decoding.read_mask(path), expected), name
     # anti-aliased edge: grey values go to the nearer class
     soft = (base * 255).astype(np.uint8)
     soft[7, 10:30] = 100
     soft[22, 10:30] = 200
     path = tmp_path / "soft.png"
     Image.fromarray(soft).save(path)
-    result = D.read_mask(path)[0]
+    result = decoding.read_mask(path)[0]
     assert result[7].sum() == 0 and result[22].sum() == 20
 
 
@@ -200,7 +201,7 @@ def test_image_mode_conversions(tmp_path):
     for name, (image, colour) in cases.items():
         path = tmp_path / name
         image.save(path)
-        tensor, size = D.read_image(path, 32)
+        tensor, size = decoding.read_image(path, 32)
         assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.uint8, name
         assert size == (40, 30), name
         assert tensor[:, 16, 16].tolist() == pytest.approx(list(colour), abs=3), name
@@ -214,7 +215,7 @@ def test_exif_rotation_is_applied(tmp_path):
     exif[0x0112] = 6  # display rotated 90° clockwise
     path = tmp_path / "rotated.jpg"
     image.save(path, exif=exif.tobytes())
-    tensor, size = D.read_image(path, None)
+    tensor, size = decoding.read_image(path, None)
     assert size == (30, 40) and tensor.shape == (3, 40, 30)
     assert tensor[:, :20].float().mean() > 200 and tensor[:, 20:].float().mean() < 50  # white now on top
 
@@ -235,7 +236,7 @@ def test_masks_are_resized_nearest_and_stay_binary(tmp_path):
     mask[::2] = 255  # a pattern bilinear resizing would turn grey
     path = tmp_path / "stripes.png"
     Image.fromarray(mask).save(path)
-    resized = D.read_mask(path, 64)
+    resized = decoding.read_mask(path, 64)
     assert resized.shape == (1, 64, 64)
     assert set(resized.unique().tolist()) <= {0, 1}
 
@@ -243,7 +244,7 @@ def test_masks_are_resized_nearest_and_stay_binary(tmp_path):
 def test_real_size_jpeg_decodes_to_the_requested_size(tmp_path):
     path = tmp_path / "big.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (767, 1022, 3), dtype=np.uint8)).save(path)
-    tensor, size = D.read_image(path, 128)
+    tensor, size = decoding.read_image(path, 128)
     assert tensor.shape == (3, 128, 128) and size == (1022, 767)
 
 
@@ -252,13 +253,13 @@ def test_real_size_jpeg_decodes_to_the_requested_size(tmp_path):
 
 def test_decode_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     root = make_root(tmp_path)
-    pairs = D.find_pairs(root, "train")
-    first = D.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
-    monkeypatch.setattr(D, "_decode_pair", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
-    second = D.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
+    pairs = sources.find_pairs(root, "train")
+    first = decoding.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
+    monkeypatch.setattr(decoding, "_decode_pair", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
+    second = decoding.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
     assert torch.equal(first.images, second.images) and first.sizes == second.sizes
     with pytest.raises(AssertionError, match="decoded again"):  # another size is another cache entry
-        D.decode_pairs(pairs, 64, tmp_path / "cache", progress=False)
+        decoding.decode_pairs(pairs, 64, tmp_path / "cache", progress=False)
 
 
 def test_split_sizes_and_seed():
@@ -280,23 +281,23 @@ def test_load_report_data_holdout(synthetic_root, tmp_path):
 def test_dataset_normalises_and_augments_jointly(tiny_data):
     from isic_utils.model import IMAGENET_MEAN, IMAGENET_STD
 
-    plain = D.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD)
+    plain = transforms.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD)
     image, mask = plain[0]
     assert image.dtype == torch.float32 and image.shape == (3, 64, 64)
     expected = (tiny_data.train.images[0].float() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / \
         torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(image, expected, atol=1e-6)
     # a seed whose first draw flips: the dataset must flip image and mask together
-    seed = next(s for s in range(50) if D.draw_augmentation(1, ["hflip"], torch.Generator().manual_seed(s))["hflip"])
-    flipped = D.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD, augment=["hflip"], seed=seed)
+    seed = next(s for s in range(50) if transforms.draw_augmentation(1, ["hflip"], torch.Generator().manual_seed(s))["hflip"])
+    flipped = transforms.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD, augment=["hflip"], seed=seed)
     image_f, mask_f = flipped[0]
     assert torch.allclose(image_f, image.flip(-1)) and torch.equal(mask_f, mask.flip(-1))
 
 
 def test_pixel_stats_and_alignment(tiny_data):
-    stats = D.pixel_stats(tiny_data.train.images)
+    stats = eda.pixel_stats(tiny_data.train.images)
     assert all(0 < m < 1 for m in stats["mean"]) and all(0 < s < 0.5 for s in stats["std"])
-    table = D.check_alignment(tiny_data.train)
+    table = eda.check_alignment(tiny_data.train)
     assert table["mask_named_for_image"].all()
     assert (table["lesion_fraction"] > 0).all() and table["lesion_darker_than_skin"].all()
 
@@ -310,23 +311,23 @@ def test_wide_and_float_grey_values_are_scaled_not_wrapped(tmp_path):
     }
     for name, (array, expected) in cases.items():
         Image.fromarray(array).save(tmp_path / name)
-        tensor, _ = D.read_image(tmp_path / name)
+        tensor, _ = decoding.read_image(tmp_path / name)
         assert tensor[0].flatten().tolist() == expected, name
-    assert D.to_8bit(np.array([-5, 300], np.int32)).tolist() == [0, 1]  # negatives to 0, never wrapped
+    assert decoding.to_8bit(np.array([-5, 300], np.int32)).tolist() == [0, 1]  # negatives to 0, never wrapped
 
 
 def test_a_cmyk_mask_is_refused_naming_it(tmp_path):
     mask = Image.fromarray(np.zeros((30, 40, 3), np.uint8)).convert("CMYK")
     mask.save(tmp_path / "m.jpg")
-    with pytest.raises(D.DataError, match=r"m\.jpg is a CMYK image; masks must be single-channel"):
-        D.read_mask(tmp_path / "m.jpg")
+    with pytest.raises(sources.DataError, match=r"m\.jpg is a CMYK image; masks must be single-channel"):
+        decoding.read_mask(tmp_path / "m.jpg")
 
 
 def test_an_image_past_pillows_safety_limit_is_a_clear_error(tmp_path, monkeypatch):
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "huge.png")
     Image.fromarray(np.zeros((30, 40), np.uint8)).save(tmp_path / "huge_mask.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,200 pixels is then a "decompression bomb"
-    with pytest.raises(D.DataError, match=r"huge\.png is larger than Pillow's safety limit.*MAX_IMAGE_PIXELS"):
-        D.read_image(tmp_path / "huge.png", 32)
-    with pytest.raises(D.DataError, match=r"huge_mask\.png is larger than Pillow's safety limit"):
-        D.read_mask(tmp_path / "huge_mask.png")
+    with pytest.raises(sources.DataError, match=r"huge\.png is larger than Pillow's safety limit.*MAX_IMAGE_PIXELS"):
+        decoding.read_image(tmp_path / "huge.png", 32)
+    with pytest.raises(sources.DataError, match=r"huge_mask\.png is larger than Pillow's safety limit"):
+        decoding.read_mask(tmp_path / "huge_mask.png")

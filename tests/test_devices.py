@@ -16,9 +16,11 @@ import pandas as pd
 import pytest
 import torch
 
-from isic_utils import experiments, metrics, training
+from isic_utils import devices, experiments, features, inference, metrics, training
 from isic_utils import params as P
-from isic_utils.training import TIMING_COLUMNS, load_checkpoint, resolve_device, resolve_precision
+from isic_utils.devices import resolve_device, resolve_precision
+from isic_utils.inference import load_checkpoint
+from isic_utils.training import TIMING_COLUMNS
 
 from .conftest import tiny_params
 
@@ -39,7 +41,7 @@ def hardware(monkeypatch):
             return cuda_bf16 == "native" or (cuda_bf16 == "emulated" and including_emulation)
 
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
-        monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: cpu_bf16)
+        monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: cpu_bf16)
         return asked
 
     return setup
@@ -67,12 +69,12 @@ def test_fp16_on_a_cpu_and_unknown_precisions_are_refused():
 
 
 def test_fp16_scales_the_loss_and_other_precisions_do_not():
-    assert not training.grad_scaler("fp32", "cpu").is_enabled()
-    assert not training.grad_scaler("bf16", "cuda").is_enabled()
+    assert not devices.grad_scaler("fp32", "cpu").is_enabled()
+    assert not devices.grad_scaler("bf16", "cuda").is_enabled()
     with warnings.catch_warnings():  # without a GPU, torch warns that CUDA autocast is disabled
         warnings.simplefilter("ignore")
-        assert training.autocast("fp16", "cuda").fast_dtype == torch.float16
-    assert training.autocast("bf16", "cpu").fast_dtype == torch.bfloat16
+        assert devices.autocast("fp16", "cuda").fast_dtype == torch.float16
+    assert devices.autocast("bf16", "cpu").fast_dtype == torch.bfloat16
 
 
 def test_device_auto_follows_the_gpu_and_cuda_without_one_names_the_fix(monkeypatch):
@@ -100,14 +102,14 @@ def test_device_jobs_and_deterministic_are_validated_parameters():
 def test_deterministic_sets_torch_cudnn_and_cublas(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
-        training.set_deterministic(True, "cuda")
+        devices.set_deterministic(True, "cuda")
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
         assert not torch.backends.cudnn.benchmark
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-        training.set_deterministic(False, "cuda")
+        devices.set_deterministic(False, "cuda")
         assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
     finally:
-        training.set_deterministic(False, "cpu")
+        devices.set_deterministic(False, "cpu")
     assert not torch.backends.cudnn.benchmark
 
 
@@ -163,8 +165,8 @@ def test_the_device_and_precision_are_recorded(tmp_path, run_params):
 
 def test_seeds_share_the_frozen_encoders_features(tmp_path, monkeypatch, encoder_file, run_params):
     built = []
-    encode = training._encode_splits
-    monkeypatch.setattr(training, "_encode_splits", lambda *a, **k: built.append(1) or encode(*a, **k))
+    encode = features.encode_splits
+    monkeypatch.setattr(features, "encode_splits", lambda *a, **k: built.append(1) or encode(*a, **k))
     params = run_params(tmp_path, seeds=[0, 1], encoder_weights=encoder_file)
     shared = experiments.train_run(params, experiments.prepare_data(params, progress=False), verbose=False)
     assert len(built) == 1 and all(fit.used_feature_cache for fit in shared.fits.values())
@@ -214,7 +216,7 @@ def test_seeds_in_worker_processes_write_their_own_files_and_match_one_process(t
                                       rtol=1e-4, atol=1e-5)
     # a worker's error (here: the finished seeds refuse another configuration) stops the run with its message
     changed = run_params(tmp_path, seeds=[0, 1, 2], jobs=2, precision="fp32", decoder_lr=5e-4)
-    with pytest.raises(training.CheckpointMismatch, match="decoder_lr: 0.001 → 0.0005"):
+    with pytest.raises(inference.CheckpointMismatch, match="decoder_lr: 0.001 → 0.0005"):
         experiments.train_run(changed, data, verbose=False)
 
 

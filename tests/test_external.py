@@ -15,22 +15,16 @@ import torch
 from PIL import Image
 
 from isic_utils import params as P
-from isic_utils.data import (
-    EXTERNAL_LAYOUTS,
-    DataError,
-    apply_augmentation,
-    apply_color_constancy,
-    decode_pairs,
-    draw_augmentation,
-    find_external_pairs,
-    normalize,
-    read_mask,
-)
+from isic_utils.decoding import decode_pairs, read_mask
+from isic_utils.inference import flip_averaged, load_trained, predicted_probabilities
 from isic_utils.metrics import confusion_counts, original_size_counts, postprocess_mask
 from isic_utils.model import build_model
+from isic_utils.params import TrainConfig
 from isic_utils.predict import predict_folder
+from isic_utils.sources import EXTERNAL_LAYOUTS, DataError, find_external_pairs
 from isic_utils.synthetic import make_synthetic_external
-from isic_utils.training import TrainConfig, fit, flip_averaged, load_trained, predicted_probabilities
+from isic_utils.training import fit
+from isic_utils.transforms import apply_augmentation, apply_color_constancy, draw_augmentation, normalize
 
 from .conftest import assert_same_counts, requires
 

@@ -100,7 +100,7 @@ data.download_isic2016(sys.argv[1], ["train"], base_url="http://127.0.0.1:9/unus
 
 
 def test_an_extraction_killed_then_asked_again_gives_the_whole_split(tmp_path):
-    from isic_utils.data import download_isic2016, find_pairs
+    from isic_utils.sources import download_isic2016, find_pairs
 
     from .test_download import build_archives
 

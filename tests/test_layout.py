@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "isic_utils"
 
 # Bottom to top: a module may import only modules listed before it.
-LAYERS = ["files", "data", "synthetic", "metrics", "model", "training", "params", "experiments", "failures",
+LAYERS = ["files", "sources", "decoding", "transforms", "data", "eda", "synthetic", "metrics", "model", "params",
+          "devices", "inference", "features", "training", "experiments", "failures",
           "external", "generalisation", "comparison", "plots", "report", "pipeline", "handover", "predict", "__main__"]
 
 

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from isic_utils import model as M
-from isic_utils.training import TrainConfig, build_optimizer, loss_fn
+from isic_utils.params import TrainConfig
+from isic_utils.training import build_optimizer, loss_fn
 
 
 def test_parameter_counts_match_the_report():

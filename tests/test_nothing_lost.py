@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils import data as D
+from isic_utils import sources
 from isic_utils.__main__ import main
-from isic_utils.data import DataError, safe_extract
+from isic_utils.sources import DataError, safe_extract
 from isic_utils.synthetic import MARKER, make_synthetic_isic
 
 from .conftest import ROOT, unet_model
@@ -37,9 +37,9 @@ def test_synthetic_generation_never_writes_into_someone_elses_data(synthetic_roo
 
 def test_synthetic_generation_replaces_its_own_set_and_redoes_a_killed_one(tmp_path, monkeypatch):
     root = make_synthetic_isic(tmp_path / "syn", n_train=3, n_test=1)
-    assert len(D.find_pairs(root, "train")) == 3
+    assert len(sources.find_pairs(root, "train")) == 3
     make_synthetic_isic(root, n_train=2, n_test=1)  # ours (marker): other settings replace it
-    assert len(D.find_pairs(root, "train")) == 2
+    assert len(sources.find_pairs(root, "train")) == 2
     # killed half-way: files written, the marker still says incomplete; the next run redoes it instead of refusing
     from isic_utils import synthetic
 
@@ -57,7 +57,7 @@ def test_synthetic_generation_replaces_its_own_set_and_redoes_a_killed_one(tmp_p
         make_synthetic_isic(tmp_path / "killed", n_train=4, n_test=1)
     monkeypatch.undo()
     again = make_synthetic_isic(tmp_path / "killed", n_train=4, n_test=1)
-    assert len(D.find_pairs(again, "train")) == 4 and len(D.find_pairs(again, "test")) == 1
+    assert len(sources.find_pairs(again, "train")) == 4 and len(sources.find_pairs(again, "test")) == 1
 
 
 # ----------------------------------------------------------------------------- predict

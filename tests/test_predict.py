@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from isic_utils.__main__ import main
-from isic_utils.data import normalize, read_mask
+from isic_utils.decoding import read_mask
+from isic_utils.inference import CheckpointMismatch, predicted_probabilities
 from isic_utils.metrics import confusion_counts, original_size_counts, postprocess_mask
 from isic_utils.predict import load_predictor, predict_folder
-from isic_utils.training import CheckpointMismatch, predicted_probabilities
+from isic_utils.transforms import normalize
 
 from .conftest import assert_same_counts
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils.data import DecodedSplit, Pair
+from isic_utils.decoding import DecodedSplit
 from isic_utils.metrics import original_size_counts, scores, summarize
+from isic_utils.sources import Pair
 
 
 def split_with_masks(tmp_path, masks: list[np.ndarray]) -> DecodedSplit:

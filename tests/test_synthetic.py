@@ -1,6 +1,7 @@
 import hashlib
 
-from isic_utils.data import find_pairs, original_sizes
+from isic_utils.eda import original_sizes
+from isic_utils.sources import find_pairs
 from isic_utils.synthetic import make_synthetic_isic
 
 

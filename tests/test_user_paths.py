@@ -22,21 +22,14 @@ import torch
 from PIL import Image
 
 from isic_utils import data as D
-from isic_utils import experiments, files, pipeline, plots, report
+from isic_utils import decoding, experiments, files, pipeline, plots, report, sources, transforms
 from isic_utils import params as P
 from isic_utils.__main__ import main
+from isic_utils.inference import CheckpointMismatch, load_checkpoint, load_trained, predicted_probabilities
 from isic_utils.metrics import original_size_counts
 from isic_utils.model import build_model
-from isic_utils.training import (
-    CheckpointMismatch,
-    Evaluation,
-    TrainConfig,
-    evaluate,
-    fit,
-    load_checkpoint,
-    load_trained,
-    predicted_probabilities,
-)
+from isic_utils.params import TrainConfig
+from isic_utils.training import Evaluation, evaluate, fit
 
 from .conftest import TRAINED_CONFIG, tiny_params, unet_model
 
@@ -292,32 +285,32 @@ def test_random_encoders_are_allowed_only_by_the_synthetic_profiles():
 
 
 def test_a_corrupt_decode_cache_is_rebuilt_with_a_warning(synthetic_root, tmp_path):
-    pairs = D.find_pairs(synthetic_root, "train")[:4]
-    first = D.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
+    pairs = sources.find_pairs(synthetic_root, "train")[:4]
+    first = decoding.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
     (cache_file,) = (tmp_path / "cache").glob("*.pt")
     cache_file.write_bytes(b"\x80\x02 not a torch file")
     with pytest.warns(UserWarning, match="decode cache .* unreadable"):
-        again = D.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
+        again = decoding.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
     assert torch.equal(again.images, first.images)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        D.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)  # rewritten: read back quietly
+        decoding.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)  # rewritten: read back quietly
 
 
 def test_user_supplied_data_with_other_counts_is_named(tmp_path):
     from tests.test_data import make_root, write_pair
 
     root = make_root(tmp_path, count=5)
-    test_images, test_masks = D.SPLIT_FOLDERS["test"]
+    test_images, test_masks = sources.SPLIT_FOLDERS["test"]
     (root / test_images).mkdir()
     (root / test_masks).mkdir()
     for k in range(2):
         write_pair(root, f"ISIC_{k + 900:07d}")
         for suffix, folder in ((".jpg", test_images), ("_Segmentation.png", test_masks)):
-            source = root / D.SPLIT_FOLDERS["train"][0 if suffix == ".jpg" else 1] / f"ISIC_{k + 900:07d}{suffix}"
+            source = root / sources.SPLIT_FOLDERS["train"][0 if suffix == ".jpg" else 1] / f"ISIC_{k + 900:07d}{suffix}"
             source.rename(root / folder / source.name)
     with pytest.warns(UserWarning, match=r"5 training .* 900\) and 2 test .* 379"):
-        D.load_report_data(root, 32, expected_counts=D.OFFICIAL_COUNTS, progress=False)
+        D.load_report_data(root, 32, expected_counts=sources.OFFICIAL_COUNTS, progress=False)
 
 
 def fake_project(tmp_path: Path, source: str) -> Path:
@@ -456,21 +449,21 @@ def test_a_seed_trained_by_another_call_joins_the_runs_tables(tiny_data, synthet
 
 def test_figure_3_shows_the_augmentation_training_applies(tiny_data, monkeypatch):
     calls = []
-    real = D.apply_augmentation
-    monkeypatch.setattr(D, "apply_augmentation", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = transforms.apply_augmentation
+    monkeypatch.setattr(transforms, "apply_augmentation", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     plots.augmentation_examples(tiny_data.train.images[:2], tiny_data.train.masks[:2])
     assert any("jitter" in draws for draws in calls) and any("hflip" in draws for draws in calls)
-    assert not hasattr(D, "joint_transform")  # no second implementation left
+    assert not hasattr(transforms, "joint_transform")  # no second implementation left
 
 
 def test_the_dataset_class_augments_with_the_same_code(tiny_data):
     from isic_utils.model import IMAGENET_MEAN, IMAGENET_STD
 
-    dataset = D.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD, augment=["color_jitter"], seed=3)
+    dataset = transforms.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD, augment=["color_jitter"], seed=3)
     image, _ = dataset[0]
-    draws = D.draw_augmentation(1, ["color_jitter"], torch.Generator().manual_seed(3))
-    expected, _ = D.apply_augmentation(tiny_data.train.images[:1], tiny_data.train.masks[:1], draws)
-    assert torch.allclose(image, D.normalize(expected, IMAGENET_MEAN, IMAGENET_STD)[0], atol=1e-6)
+    draws = transforms.draw_augmentation(1, ["color_jitter"], torch.Generator().manual_seed(3))
+    expected, _ = transforms.apply_augmentation(tiny_data.train.images[:1], tiny_data.train.masks[:1], draws)
+    assert torch.allclose(image, transforms.normalize(expected, IMAGENET_MEAN, IMAGENET_STD)[0], atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- 11. tests that can fail
@@ -501,14 +494,14 @@ def test_a_file_edited_in_place_is_decoded_again(tmp_path):
     from tests.test_data import make_root
 
     root = make_root(tmp_path)
-    pairs = D.find_pairs(root, "train")
+    pairs = sources.find_pairs(root, "train")
     path = pairs[0].mask
     Image.fromarray(np.zeros((30, 40), np.uint8)).save(path, format="PNG", compress_level=0)
-    before = D.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
+    before = decoding.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
     size = path.stat().st_size
     Image.fromarray(np.full((30, 40), 255, np.uint8)).save(path, format="PNG", compress_level=0)
     assert path.stat().st_size == size
-    after = D.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
+    after = decoding.decode_pairs(pairs, 32, tmp_path / "cache", progress=False)
     assert before.masks[0].sum() == 0 and after.masks[0].all()
 
 

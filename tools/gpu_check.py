@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["ISIC_ENCODER_WEIGHTS"] = str(Path(args.weights).resolve())
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any GPU work, for the determinism check
 
-    from isic_utils.training import device_name, resolve_precision
+    from isic_utils.devices import device_name, resolve_precision
 
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu-check-"))
     device = args.device
@@ -202,7 +202,7 @@ def benchmark(args, out: Path, device: str) -> list[dict]:
     import bench_training as B
 
     from isic_utils import data as D
-    from isic_utils.training import resolve_precision
+    from isic_utils.devices import resolve_precision
 
     n_train, n_test = (16, 16) if args.quick else (256, 128)
     train_pairs, test_pairs, source = B.find_images(n_train, n_test, args.data or None)

@@ -1,0 +1,224 @@
+"""Decoding, once: every image and mask read, converted and resized to the model's size, and the uint8 tensors
+cached on disk keyed by the source files and the size.
+
+Input policy: every case is either an error naming the file and the fix (``DataError``), or a documented conversion.
+Errors: a file that cannot be decoded (zero bytes, truncated, not an image, unreadable permissions, past Pillow's
+size limit); a mask whose size differs from its image's; a colour mask whose channels differ (not a label map).
+Conversions (each has one obvious meaning): EXIF orientation is applied to images (masks are drawn on the displayed
+image); grayscale, 16-bit grey (scaled, not clipped), CMYK, palette and RGBA images become RGB (alpha is dropped);
+RGB/RGBA masks with equal channels, palette and 16-bit masks become 8-bit grey; a mask whose maximum is 1 is read as
+{0, 1} labels, any other is binarised at > 127 of 255. Images are resized antialiased bilinear, masks nearest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .files import atomic_path, progress_bar
+from .sources import DataError, Pair
+
+CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except PermissionError as exc:
+        raise DataError(f"cannot read {path}: permission denied. Fix its permissions (chmod a+r).") from exc
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path} is larger than Pillow's safety limit of {Image.MAX_IMAGE_PIXELS:,} pixels ({exc}). "
+                        "If it is a genuine image of yours, downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS before "
+                        "running.") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        size = path.stat().st_size if path.exists() else 0
+        what = "is empty (0 bytes)" if size == 0 else f"cannot be decoded ({exc})"
+        raise DataError(f"{path} {what}. Replace it with the original file from the archive.") from exc
+    return image
+
+
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+MASK_MODES = ("1", "L", "P", "LA", "RGB", "RGBA", *WIDE_GREY_MODES)
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is displayed: after its EXIF orientation (a quarter turn swaps them)."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+
+
+def to_8bit(array: np.ndarray) -> np.ndarray:
+    """16-bit, 32-bit or floating-point grey values to uint8, scaled to the range they use, never wrapped: floats
+    in [0, 1] by 255; values up to 255 kept; up to 65535 (16-bit) by 255/65535; beyond that (32-bit) by
+    255/(2³²−1). Negative values become 0."""
+    wide = array.astype(np.float64)
+    top = wide.max(initial=0)
+    full = 1.0 if array.dtype.kind == "f" and top <= 1 else 255 if top <= 255 else 65535 if top <= 65535 else 2**32 - 1
+    return np.clip(wide * (255.0 / full), 0, 255).round().astype(np.uint8)
+
+
+def read_image(path: str | Path, size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Decode an image to a uint8 ``3×size×size`` tensor (or its own size when ``size`` is None).
+
+    EXIF orientation is applied; any mode becomes RGB. Returns the tensor and the original
+    (width, height) after orientation.
+    """
+    path = Path(path)
+    try:
+        image = Image.open(path)
+        full_size = displayed_size(image)  # before draft(), which shrinks image.size
+        if size is not None and image.format == "JPEG":
+            image.draft("RGB", (2 * size, 2 * size))  # DCT-domain downscale: decodes several times faster
+        image.load()
+    except Exception:
+        image = _open(path)  # re-open to raise a precise DataError
+        full_size = displayed_size(image)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in WIDE_GREY_MODES:
+        image = Image.fromarray(to_8bit(np.asarray(image)))
+    if image.mode != "RGB":
+        image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA") else image.convert("RGB")
+    if size is not None:
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), full_size
+
+
+def read_mask(path: str | Path, size: int | None = None, expected_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Decode a mask to a uint8 ``1×size×size`` tensor of {0, 1} (nearest-neighbour resize).
+
+    See the module docstring for the conversions; raises ``DataError`` for a colour mask, or when
+    ``expected_size`` (the image's (width, height)) is given and the mask's size differs.
+    """
+    path = Path(path)
+    image = _open(path)
+    if expected_size is not None and tuple(image.size) != tuple(expected_size):
+        raise DataError(
+            f"mask {path} is {image.size[0]}×{image.size[1]} but its image is {expected_size[0]}×{expected_size[1]}. "
+            "The mask must have its image's size: re-export it at the image's size."
+        )
+    if image.mode not in MASK_MODES:
+        raise DataError(f"{path} is a {image.mode} image; masks must be single-channel 0/255 (grey, 1-bit or RGB with "
+                        "equal channels): re-export it as a grayscale PNG.")
+    array = np.asarray(image)
+    if image.mode in ("RGB", "RGBA"):
+        channels = array[..., :3]
+        if not (np.array_equal(channels[..., 0], channels[..., 1]) and np.array_equal(channels[..., 0], channels[..., 2])):
+            raise DataError(
+                f"{path} is a colour mask (its R, G and B channels differ). Masks must be single-channel "
+                "0/255 PNGs: re-export it as grayscale."
+            )
+        array = channels[..., 0]
+    elif image.mode == "P":
+        array = np.asarray(image.convert("L"))
+    elif image.mode in WIDE_GREY_MODES:
+        array = to_8bit(array)
+    elif image.mode == "1":
+        array = array.astype(np.uint8)
+    elif image.mode == "LA":
+        array = array[..., 0]
+    binary = (array > 0) if array.max() <= 1 else (array > 127)
+    mask = Image.fromarray(binary.astype(np.uint8) * 255)
+    if size is not None:
+        mask = mask.resize((size, size), Image.Resampling.NEAREST)
+    return torch.from_numpy((np.asarray(mask) > 127).astype(np.uint8)).unsqueeze(0)
+
+
+@dataclass
+class DecodedSplit:
+    """Decoded, resized images and masks of one split, in memory.
+
+    ``images``: uint8 ``N×3×S×S``; ``masks``: uint8 ``N×1×S×S`` of {0, 1}; ``sizes``: original (width, height).
+    """
+
+    ids: list[str]
+    images: torch.Tensor
+    masks: torch.Tensor
+    sizes: list[tuple[int, int]]
+    sources: list[Pair] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, ids: Sequence[str]) -> DecodedSplit:
+        """The rows for ``ids``, in that order."""
+        index = {i: k for k, i in enumerate(self.ids)}
+        rows = torch.tensor([index[i] for i in ids], dtype=torch.long)
+        return DecodedSplit(
+            list(ids),
+            self.images[rows],
+            self.masks[rows],
+            [self.sizes[k] for k in rows.tolist()],
+            [self.sources[k] for k in rows.tolist()] if self.sources else [],
+        )
+
+
+def _decode_pair(pair: Pair, size: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    image, full_size = read_image(pair.image, size)
+    return image, read_mask(pair.mask, size, expected_size=full_size), full_size
+
+
+def _cache_key(pairs: Sequence[Pair], size: int) -> str:
+    digest = hashlib.sha1(f"v{CACHE_VERSION}:{size}".encode())
+    for pair in pairs:
+        for path in (pair.image, pair.mask):
+            stat = path.stat()
+            digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+def decode_pairs(
+    pairs: Sequence[Pair],
+    image_size: int,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> DecodedSplit:
+    """Decode and resize ``pairs`` once; with ``cache_dir``, reuse the cached tensors on the next call.
+
+    The cache file is keyed by each source file's path, size and modification time and by ``image_size``,
+    so an edited file or another size decodes again.
+    """
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"decoded_{image_size}px_{_cache_key(pairs, image_size)}.pt"
+        if cache_file.exists():
+            try:
+                stored = torch.load(cache_file, weights_only=True)
+                if stored["ids"] != [p.id for p in pairs]:
+                    raise ValueError("it holds other ids")
+                return DecodedSplit(stored["ids"], stored["images"], stored["masks"],
+                                    [tuple(s) for s in stored["sizes"]], list(pairs))
+            except Exception as exc:  # truncated, overwritten or from another version: decoding again is safe
+                warnings.warn(f"decode cache {cache_file} is unreadable ({type(exc).__name__}: {exc}); decoding the "
+                              "images again and rewriting it.", stacklevel=2)
+    count = len(pairs)
+    images = torch.empty(count, 3, image_size, image_size, dtype=torch.uint8)
+    masks = torch.empty(count, 1, image_size, image_size, dtype=torch.uint8)
+    sizes: list[tuple[int, int]] = [(0, 0)] * count
+    # PIL releases the GIL while decoding, so threads use both cores.
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        results = pool.map(lambda pair: _decode_pair(pair, image_size), pairs)
+        shown = progress_bar(results, total=count, desc="decode", enabled=progress, unit="images")
+        for k, (image, mask, size) in enumerate(shown):
+            images[k], masks[k], sizes[k] = image, mask, size
+    decoded = DecodedSplit([p.id for p in pairs], images, masks, sizes, list(pairs))
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache_file) as tmp:
+            torch.save({"ids": decoded.ids, "images": images, "masks": masks, "sizes": [list(s) for s in sizes]}, tmp)
+    return decoded
+
+

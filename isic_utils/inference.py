@@ -1,0 +1,110 @@
+"""A trained checkpoint applied: the model rebuilt from what ``best.pt`` says of itself and its weights loaded
+(``weights_only``), images turned into the model's input, and probability maps (flip-averaged with ``tta``). The path
+``predict``, the external chapter and training's evaluation share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .model import SegmentationModel, build_model
+from .transforms import apply_color_constancy, normalize
+
+TTA = ("none", "flips")
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint holds another configuration than the one asked for."""
+
+
+def memory_formatted(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def to_input(images_uint8: torch.Tensor, spec, device: str, channels_last: bool) -> torch.Tensor:
+    """uint8 images → normalised float input on ``device`` (moved as uint8, a quarter of the bytes)."""
+    return memory_formatted(normalize(images_uint8.to(device, non_blocking=True), spec.mean, spec.std), channels_last)
+
+
+def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Probabilities of ``forward`` (a model: input → logits) on ``x``; with ``tta="flips"`` the mean of the
+    probabilities of the identity and the horizontally, vertically and doubly flipped inputs, each flipped back."""
+    if tta == "none":
+        return torch.sigmoid(forward(x).float())
+    if tta != "flips":
+        raise ValueError(f"tta must be one of {list(TTA)}, got {tta!r}")
+    total = None
+    for dims in ((), (-1,), (-2,), (-2, -1)):
+        flipped = x.flip(dims) if dims else x
+        p = torch.sigmoid(forward(flipped).float())
+        p = p.flip(dims) if dims else p
+        total = p if total is None else total + p
+    return total / 4
+
+
+def model_meta(model: SegmentationModel, image_size: int) -> dict:
+    """What a checkpoint must say about the model so that ``predict`` can rebuild and check it."""
+    return {
+        **model.built_with,  # encoder, decoder and its arguments: what load_trained rebuilds the model from
+        "image_size": image_size,
+        "mean": list(model.spec.mean),
+        "std": list(model.spec.std),
+        "threshold": 0.5,
+        "encoder_weights": dict(getattr(model, "encoder_weights", {})),
+    }
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint written by ``fit`` (safely: ``weights_only=True``)."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise CheckpointMismatch(
+            f"{path} cannot be read as a checkpoint of this project ({exc}). Delete it to start the run afresh."
+        ) from exc
+
+
+def load_trained(checkpoint: str | Path) -> tuple[SegmentationModel, dict]:
+    """Rebuild the model a ``best.pt`` describes and load its weights (``weights_only=True``); (model in eval mode,
+    its meta: image size, mean/std, threshold, and the colour constancy, test-time flips and post-processing the run
+    was trained and scored with; "none" for checkpoints from before those options)."""
+    state = load_checkpoint(checkpoint)
+    if not isinstance(state, dict) or "meta" not in state or "model" not in state:
+        raise CheckpointMismatch(f"{checkpoint} is not a best.pt written by this project's training (no 'meta').")
+    meta = {"color_constancy": "none", "tta": "none", "postprocess": "none", **state["meta"]}
+    try:
+        model = build_model(meta["encoder"], encoder_weights=None, decoder=meta["decoder"], dropout=meta["dropout"])
+    except (KeyError, ValueError) as exc:  # an encoder or decoder this version does not know
+        raise CheckpointMismatch(
+            f"{checkpoint} describes a model this version cannot build (encoder {meta.get('encoder')!r}, decoder "
+            f"{meta.get('decoder')!r}: {exc}). Use the version of isic_utils that trained it, or retrain."
+        ) from exc
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointMismatch(
+            f"{checkpoint} holds weights that do not fit a {meta['encoder']} + {meta['decoder']} model: {exc}"
+        ) from exc
+    return model.eval(), meta
+
+
+@torch.inference_mode()
+def predicted_probabilities(model: SegmentationModel, meta: dict, images_uint8: torch.Tensor,
+                            tta: str | None = None, batch_size: int = 32) -> torch.Tensor:
+    """Probability maps ``N×1×S×S`` (fp32, CPU) for decoded uint8 ``N×3×S×S`` images at the checkpoint's size:
+    the checkpoint's colour constancy, normalisation, then the model (flip-averaged with ``tta``, default the
+    checkpoint's). The path ``predict`` and the external chapter share with training's evaluation."""
+    tta = meta.get("tta", "none") if tta is None else tta
+    device = next(model.parameters()).device
+    images = apply_color_constancy(images_uint8, meta.get("color_constancy", "none"))
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start:start + batch_size].to(device), meta["mean"], meta["std"])
+        out.append(flip_averaged(model, x, tta).cpu())
+    return torch.cat(out)

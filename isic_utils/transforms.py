@@ -1,0 +1,190 @@
+"""What the model sees of an image: normalisation, colour constancy (shades of grey, Minkowski norm 6: one function,
+``apply_color_constancy``, wherever a model sees images — training, evaluation, ``predict``, the external chapter)
+and the training augmentations, drawn per image and applied in batch (``draw_augmentation``, ``apply_augmentation``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .decoding import DecodedSplit
+
+# ----------------------------------------------------------------------------- tensors for the model
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``N×3×H×W`` (or float in [0, 1]) → float32 normalised with ``mean``/``std`` (per channel, [0, 1] scale)."""
+    x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+COLOR_CONSTANCY = ("none", "shades_of_grey")
+
+
+def apply_color_constancy(images: torch.Tensor, method: str = "none", power: int = 6) -> torch.Tensor:
+    """Colour constancy on uint8 ``N×3×H×W`` images (the one implementation: training, evaluation, ``predict``).
+
+    ``shades_of_grey`` (Finlayson & Trezzi 2004; for dermoscopy Barata et al. 2015): each image's illuminant is the
+    Minkowski ``power``-mean of each channel; each channel is scaled so that the illuminant becomes neutral grey with
+    the same norm, then clipped to [0, 255]. Removes a camera's or a lamp's colour cast; ``none`` returns ``images``.
+    """
+    if method == "none":
+        return images
+    if method != "shades_of_grey":
+        raise ValueError(f"color_constancy must be one of {list(COLOR_CONSTANCY)}, got {method!r}")
+    x = images.double()
+    illuminant = x.pow(power).mean(dim=(-2, -1), keepdim=True).pow(1.0 / power)  # N×3×1×1
+    unit = illuminant / illuminant.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    scaled = x / (unit * 3 ** 0.5).clamp(min=1e-12)
+    return scaled.round_().clamp_(0, 255).to(torch.uint8)
+
+
+AUGMENTATIONS = ("hflip", "vflip", "rot90", "color_jitter", "scale_rotate", "color_strong")
+COLOR_JITTER = 0.2  # brightness, contrast and saturation factors in [1 - j, 1 + j], hue shift in ±j/10
+SCALE_ROTATE = {"zoom": (1.0, 1.5), "degrees": 20.0}  # random resized crop (area 44–100%) and a small rotation
+COLOR_STRONG = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.4, "hue": 0.05, "gamma": (0.7, 1.5)}
+
+
+def draw_augmentation(count: int, augment: Sequence[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random per-image choices for one batch. Drawn in a fixed order, so cached and uncached paths agree."""
+    draws = {}
+    for name in ("hflip", "vflip"):
+        if name in augment:
+            draws[name] = torch.rand(count, generator=generator) < 0.5
+    if "rot90" in augment:
+        draws["rot90"] = torch.randint(0, 4, (count,), generator=generator)
+    if "color_jitter" in augment:
+        draws["jitter"] = torch.rand(count, 4, generator=generator)
+    if "scale_rotate" in augment:  # zoom, angle, x and y offset of the crop, each uniform in [0, 1)
+        draws["scale_rotate"] = torch.rand(count, 4, generator=generator)
+    if "color_strong" in augment:  # brightness, contrast, saturation, hue, gamma
+        draws["color_strong"] = torch.rand(count, 5, generator=generator)
+    return draws
+
+
+def _scale_rotate(images: torch.Tensor, masks: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random resized crop (zoom in by 1–1.5×, at a random offset inside the image) turned by up to ±20°, for the
+    whole batch in one ``grid_sample`` (bilinear for images, nearest for masks, borders reflected)."""
+    low, high = SCALE_ROTATE["zoom"]
+    u = u.to(images.device, torch.float32)
+    zoom = low + (high - low) * u[:, 0]
+    angle = torch.deg2rad(SCALE_ROTATE["degrees"] * (2 * u[:, 1] - 1))
+    reach = 1 - 1 / zoom  # how far the crop's centre may move, in [-1, 1] coordinates
+    shift_x, shift_y = reach * (2 * u[:, 2] - 1), reach * (2 * u[:, 3] - 1)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    moved = torch.nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection",
+                                            align_corners=False)
+    moved_masks = torch.nn.functional.grid_sample(masks.float(), grid, mode="nearest", padding_mode="reflection",
+                                                  align_corners=False)
+    return moved.round_().clamp_(0, 255).to(images.dtype), moved_masks.round_().to(masks.dtype)
+
+
+def _color_strong(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Stronger colour changes than ``color_jitter`` (another camera, another lamp): brightness, contrast and
+    saturation factors, a hue shift and a gamma, per image."""
+    from torchvision.transforms.v2 import functional as F
+
+    c = COLOR_STRONG
+    out = []
+    for image, (b, k, s, h, g) in zip(images, u.tolist()):
+        image = F.adjust_brightness(image, 1 + c["brightness"] * (2 * b - 1))
+        image = F.adjust_contrast(image, 1 + c["contrast"] * (2 * k - 1))
+        image = F.adjust_saturation(image, 1 + c["saturation"] * (2 * s - 1))
+        image = F.adjust_hue(image, c["hue"] * (2 * h - 1))
+        out.append(F.adjust_gamma(image, c["gamma"][0] + (c["gamma"][1] - c["gamma"][0]) * g))
+    return torch.stack(out)
+
+
+def _where(selected: torch.Tensor, changed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    selected = selected.to(original.device, non_blocking=True)
+    return torch.where(selected.view(-1, *([1] * (original.dim() - 1))), changed, original)
+
+
+def apply_augmentation(images: torch.Tensor, masks: torch.Tensor, draws: dict[str, torch.Tensor],
+                       jitter: float = COLOR_JITTER) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply drawn flips / 90° rotations jointly to uint8 images and masks, and colour jitter to images only.
+
+    The one augmentation of the project: training, Figure 3 and ``SegmentationDataset`` all call it. Flips and
+    rotations are done for the whole batch at once; colour jitter uses ``torchvision.transforms.v2.functional``
+    per image (brightness, contrast, saturation, hue, in that order). Images and masks may live on a GPU: the
+    draws are CPU tensors (from the CPU generator) and nothing is read back from the device.
+    """
+    from torchvision.transforms.v2 import functional as F
+
+    if "hflip" in draws:
+        images, masks = _where(draws["hflip"], images.flip(-1), images), _where(draws["hflip"], masks.flip(-1), masks)
+    if "vflip" in draws:
+        images, masks = _where(draws["vflip"], images.flip(-2), images), _where(draws["vflip"], masks.flip(-2), masks)
+    if "rot90" in draws:
+        turns = draws["rot90"]
+        rotated_images, rotated_masks = images.clone(), masks.clone()
+        for k in (1, 2, 3):
+            chosen = (turns.cpu() == k).nonzero().flatten()  # decided on the host, so no device sync
+            if len(chosen):
+                chosen = chosen.to(images.device, non_blocking=True)
+                rotated_images[chosen] = images[chosen].rot90(k, dims=(-2, -1))
+                rotated_masks[chosen] = masks[chosen].rot90(k, dims=(-2, -1))
+        images, masks = rotated_images, rotated_masks
+    if "jitter" in draws:
+        factors = 1 + jitter * (2 * draws["jitter"] - 1)
+        jittered = []
+        for image, (brightness, contrast, saturation, hue) in zip(images, factors.tolist()):
+            image = F.adjust_brightness(image, brightness)
+            image = F.adjust_contrast(image, contrast)
+            image = F.adjust_saturation(image, saturation)
+            jittered.append(F.adjust_hue(image, (hue - 1) / 10))
+        images = torch.stack(jittered)
+    if "scale_rotate" in draws:
+        images, masks = _scale_rotate(images, masks, draws["scale_rotate"])
+    if "color_strong" in draws:
+        images = _color_strong(images, draws["color_strong"])
+    return images, masks
+
+
+def each_augmentation(images: torch.Tensor, masks: torch.Tensor, seed: int = 0) -> dict[str, tuple]:
+    """Each augmentation alone on ``images``/``masks`` (Figure 3's columns), through ``apply_augmentation``.
+
+    Flips and a rotation are forced on so they show; colour jitter is drawn as training draws it (seeded).
+    """
+    count = len(images)
+    generator = torch.Generator().manual_seed(seed)
+    every = torch.ones(count, dtype=torch.bool)
+    return {
+        "original": (images, masks),
+        "horizontal flip": apply_augmentation(images, masks, {"hflip": every}),
+        "vertical flip": apply_augmentation(images, masks, {"vflip": every}),
+        "90° rotation": apply_augmentation(images, masks, {"rot90": torch.randint(1, 4, (count,), generator=generator)}),
+        "colour jitter": apply_augmentation(images, masks, draw_augmentation(count, ["color_jitter"], generator)),
+        "crop and rotation": apply_augmentation(images, masks, draw_augmentation(count, ["scale_rotate"], generator)),
+        "strong colour": apply_augmentation(images, masks, draw_augmentation(count, ["color_strong"], generator)),
+    }
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Normalised images and float masks from a ``DecodedSplit``, with the training augmentation (seeded).
+
+    Yields ``(image float32 3×S×S normalised with mean/std, mask float32 1×S×S of {0, 1})``.
+    The training loop itself slices whole batches from memory; this class is for inspection, figures and users
+    who want a standard DataLoader. Augmentation draws come from one generator seeded with ``seed``.
+    """
+
+    def __init__(self, split: DecodedSplit, mean, std, augment: Sequence[str] = (), seed: int = 0):
+        self.split, self.mean, self.std, self.augment = split, mean, std, tuple(augment)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        image, mask = self.split.images[index:index + 1], self.split.masks[index:index + 1]
+        if self.augment:
+            image, mask = apply_augmentation(image, mask, draw_augmentation(1, self.augment, self.generator))
+        return normalize(image, self.mean, self.std)[0], mask[0].float()
+
+
