@@ -208,7 +208,7 @@ def decode_pairs(
     images = torch.empty(count, 3, image_size, image_size, dtype=torch.uint8)
     masks = torch.empty(count, 1, image_size, image_size, dtype=torch.uint8)
     sizes: list[tuple[int, int]] = [(0, 0)] * count
-    # PIL releases the GIL while decoding, so threads use both cores.
+    # PIL releases the GIL while decoding, so one thread per CPU the OS reports decodes in parallel.
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         results = pool.map(lambda pair: _decode_pair(pair, image_size), pairs)
         shown = progress_bar(results, total=count, desc="decode", enabled=progress, unit="images")

@@ -130,7 +130,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def set_threads(threads: int | None = None) -> int:
-    """Use one compute thread per physical core unless told otherwise (``OMP_NUM_THREADS`` wins)."""
+    """Use one compute thread per CPU the OS reports (``os.cpu_count()``: hyper-threads count) unless told otherwise
+    (``OMP_NUM_THREADS`` wins); returns the number in use."""
     if threads is None and not os.environ.get("OMP_NUM_THREADS"):
         threads = max(1, os.cpu_count() or 1)
     if threads:

@@ -23,7 +23,7 @@ from . import metrics
 from .data import ReportData, load_report_data
 from .devices import resolve_device, set_threads
 from .features import FeatureStore
-from .files import atomic_path, locked, read_table, save_table, shown_path, write_json
+from .files import LineWriter, atomic_path, locked, read_table, save_table, shown_path, write_json
 from .inference import load_checkpoint
 from .model import EncoderWeightsError, build_model
 from .params import TrainConfig, absolute, project_root
@@ -233,26 +233,9 @@ def _fit_seed(params: dict, data: ReportData, seed: int, later_epochs: int, verb
 _WORKER: dict = {}
 
 
-class _LineQueue:
-    """A worker's stdout: whole lines go to the parent, which prints them where the chapter's output goes."""
-
-    def __init__(self, lines) -> None:
-        self.lines, self.buffer = lines, ""
-
-    def write(self, text: str) -> int:
-        self.buffer += text
-        while "\n" in self.buffer:
-            line, self.buffer = self.buffer.split("\n", 1)
-            self.lines.put(line)
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-
 def _worker_start(data: ReportData, lines, threads: int) -> None:
     torch.set_num_threads(threads)
-    sys.stdout = _LineQueue(lines)
+    sys.stdout = LineWriter(lines.put)  # whole lines go to the parent, which prints them
     _WORKER.update(data=data, store=FeatureStore())
 
 

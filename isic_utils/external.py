@@ -26,8 +26,9 @@ from .params import absolute
 from .sources import EXTERNAL_LAYOUTS, PH2_URL, DataError, find_external_pairs
 from .synthetic import make_synthetic_external
 
+# (tta, postprocess): every combination, scored for every run (the options study shows the single ones).
 INFERENCE_OPTIONS = (("none", "none"), ("flips", "none"), ("none", "largest_component"),
-                     ("flips", "largest_component"))  # (tta, postprocess), each scored for every run
+                     ("flips", "largest_component"))
 TEST_NAME = "ISIC test"
 
 

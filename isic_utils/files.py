@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -237,14 +237,35 @@ def progress_bar(iterable: Iterable, total: int | None = None, desc: str = "", e
 
 @contextlib.contextmanager
 def third_party_progress() -> Iterator[None]:
-    """Progress that other libraries write to stderr (torchvision's download bars and "Downloading: …" lines) goes
-    where ours goes: the terminal, the file the report relays, or nowhere — never into a notebook or its HTML."""
+    """Progress that other libraries print (torchvision's download bars on stderr, torch.hub's "Downloading: …" line
+    on stdout) goes where ours goes: the terminal, the file the report relays, or nowhere — never into a notebook or
+    its HTML. Wrap only the third-party call: everything printed inside goes the same way."""
     path = os.environ.get(PROGRESS_ENV)
     if not path and sys.stderr.isatty():
         yield
         return
-    with open(path or os.devnull, "a", encoding="utf-8") as sink, contextlib.redirect_stderr(sink):
+    with (open(path or os.devnull, "a", encoding="utf-8") as sink, contextlib.redirect_stderr(sink),
+          contextlib.redirect_stdout(sink)):
         yield
+
+
+class LineWriter:
+    """A file-like sink that hands each complete line written to it to ``emit`` (carriage returns end a line too;
+    blank lines are dropped): how a chapter's output reaches the terminal, and a worker's reaches its parent."""
+
+    def __init__(self, emit: Callable[[str], object]):
+        self.emit, self.pending = emit, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text.replace("\r", "\n")
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.strip():
+                self.emit(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 def epoch_line(label: str, row: dict, epochs: int, eta_seconds: float) -> str:

@@ -29,7 +29,8 @@ TRAINING_OPTIONS = {  # name → what it changes on top of BASE
     "strong colour": {"augment": BASE["augment"] + ["color_strong"]},
     "256 px": {"image_size": 256},
 }
-INFERENCE_OPTIONS = {"test-time flips": (True, False), "largest component": (False, True)}
+# The inference options the study shows, each alone on the base run, in chapter 3's form: (tta, postprocess).
+INFERENCE_STUDIED = {"test-time flips": ("flips", "none"), "largest component": ("none", "largest_component")}
 FOLDER = "options"
 
 
@@ -89,9 +90,9 @@ def options_table(scores: pd.DataFrame, names: dict[str, str], epochs: int, scor
         rows.append({"option": option, "kind": "base" if option == "base" else "training", "epochs": epochs,
                      **{f"JA {s}": got.get(s) for s in splits}})
     base_run = next(run for run, option in names.items() if option == "base")
-    for option, (flips, post) in INFERENCE_OPTIONS.items():
-        chosen = scores[(scores["run"] == base_run) & (scores["test-time flips"] == flips)
-                        & (scores["largest component"] == post)].set_index("data")["JA"]
+    for option, (tta, post) in INFERENCE_STUDIED.items():
+        chosen = scores[(scores["run"] == base_run) & (scores["test-time flips"] == (tta != "none"))
+                        & (scores["largest component"] == (post != "none"))].set_index("data")["JA"]
         rows.append({"option": option, "kind": "inference", "epochs": epochs,
                      **{f"JA {s}": chosen.get(s) for s in splits}})
     table = pd.DataFrame(rows)
@@ -102,9 +103,9 @@ def options_table(scores: pd.DataFrame, names: dict[str, str], epochs: int, scor
         for split in splits:
             reference = scored[(base_run, split)].per_image_iou(False, False)
             errors = []
-            for run, option in [*names.items(), *((base_run, o) for o in INFERENCE_OPTIONS)]:
-                flips, post = INFERENCE_OPTIONS.get(option, (False, False))
-                difference = scored[(run, split)].per_image_iou(flips, post) - reference
+            for run, option in [*names.items(), *((base_run, o) for o in INFERENCE_STUDIED)]:
+                tta, post = INFERENCE_STUDIED.get(option, ("none", "none"))
+                difference = scored[(run, split)].per_image_iou(tta != "none", post != "none") - reference
                 errors.append(float(difference.std(ddof=1) / len(difference) ** 0.5) if option != "base" else 0.0)
             table[f"SE Δ {split}"] = errors
     return table

@@ -27,6 +27,7 @@ from .external import external_sets
 from .files import (
     PROGRESS_ENV,
     TEMPORARY_SUFFIX,
+    LineWriter,
     atomic_path,
     locked,
     process_tag,
@@ -36,8 +37,8 @@ from .files import (
 )
 from .model import resolve_weights
 
-NOTEBOOKS = {"eda": "01_eda.ipynb", "train": "02_train.ipynb", "compare": "03_compare.ipynb",
-             "external": "04_external.ipynb"}
+NOTEBOOKS = {"eda": "01_eda.ipynb", "train": "02_train.ipynb", "compare": "04_compare.ipynb",
+             "external": "03_external.ipynb"}
 READS_RUNS = ("external", "compare")  # chapters that read the training runs' outputs (stale once a run retrains)
 
 
@@ -83,11 +84,20 @@ class ChapterFailed(RuntimeError):
     """A notebook failed; the message names it, the cell, and where the partial notebook is."""
 
 
-def _fingerprint(values: dict) -> str:
-    """What decides a chapter's output: its parameters (not ``resume`` or ``jobs``, which are how to get there), the
-    folder its data resolves to, and where ``encoder_weights: imagenet`` resolves to (``$ISIC_DATA_DIR`` and
-    ``$ISIC_ENCODER_WEIGHTS`` may point elsewhere since the last run)."""
+def chapter_source(notebook: Path) -> str:
+    """The SHA-1 of a chapter's cells as written (type and source; not outputs, counts or metadata, which a by-hand
+    run changes): editing the notebook changes it."""
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    text = json.dumps([(c["cell_type"], "".join(c["source"])) for c in cells])
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _fingerprint(values: dict, source: Path) -> str:
+    """What decides a chapter's output: its notebook's cells (``chapter_source``), its parameters (not ``resume`` or
+    ``jobs``, which are how to get there), the folder its data resolves to, and where ``encoder_weights: imagenet``
+    resolves to (``$ISIC_DATA_DIR`` and ``$ISIC_ENCODER_WEIGHTS`` may point elsewhere since the last run)."""
     kept = {k: v for k, v in values.items() if k not in ("resume", "jobs")}
+    kept["chapter_source"] = chapter_source(source)
     if "encoder_weights" in kept:
         kept["resolved_encoder_weights"] = resolve_weights(kept["encoder_weights"])
     if "data_source" in kept:  # where the data resolves ($ISIC_DATA_DIR may point elsewhere since the last run)
@@ -97,23 +107,10 @@ def _fingerprint(values: dict) -> str:
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-class _LineEcho:
-    """A file-like sink for papermill's ``stdout_file``: each complete line the chapter prints goes to ``echo``
-    as ``  <step> | <line>``, so the terminal follows a long chapter epoch by epoch."""
-
-    def __init__(self, echo, name: str):
-        self.echo, self.name, self.pending = echo, name, ""
-
-    def write(self, text: str) -> int:
-        self.pending += text.replace("\r", "\n")
-        *lines, self.pending = self.pending.split("\n")
-        for line in lines:
-            if line.strip():
-                self.echo(f"  {self.name} | {line}")
-        return len(text)
-
-    def flush(self) -> None:
-        pass
+def _line_echo(echo, name: str) -> LineWriter:
+    """Each complete line a chapter prints goes to ``echo`` as ``  <step> | <line>``: the terminal follows a long
+    chapter epoch by epoch."""
+    return LineWriter(lambda line: echo(f"  {name} | {line}"))
 
 
 class _KnownToTheChapter(logging.Filter):
@@ -132,7 +129,7 @@ class _ProgressRelay:
     downloads, batches) and echoes its updates, at most one every two seconds per bar, as ``  <step> | <bar>``: the
     terminal sees progress while the notebook keeps one line per stage."""
 
-    def __init__(self, path: Path, sink: _LineEcho):
+    def __init__(self, path: Path, sink: LineWriter):
         import threading
 
         self.path, self.sink, self.last, self.offset = path, sink, "", 0
@@ -209,9 +206,9 @@ def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str
     relay = out_dir / f".{step.name}-progress.{process_tag()}.relay{TEMPORARY_SUFFIX}"
     start = time.perf_counter()
     try:
-        with _ProgressRelay(relay, _LineEcho(echo, step.name)):
+        with _ProgressRelay(relay, _line_echo(echo, step.name)):
             pm.execute_notebook(str(source), str(running), parameters=values, cwd=str(root), progress_bar=False,
-                                kernel_name=kernel, log_output=False, stdout_file=_LineEcho(echo, step.name),
+                                kernel_name=kernel, log_output=False, stdout_file=_line_echo(echo, step.name),
                                 extra_arguments=KERNEL_ARGUMENTS)
     except BaseException:
         if running.exists():
@@ -319,7 +316,7 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
         if only and step.name not in only:
             continue
         values = resolved[step.name]
-        key = _fingerprint(values)
+        key = _fingerprint(values, root / "notebooks" / NOTEBOOKS[step.chapter])
         done = state.get(step.name, {})
         executed = done.get("fingerprint") == key and (out_dir / f"{step.name}.ipynb").exists()
         stale = step.chapter in READS_RUNS and any(  # a run retrained since the comparison was written

@@ -411,7 +411,7 @@ def _check_epoch(model: SegmentationModel, row: dict) -> None:
 
 
 def _best_meta(model: SegmentationModel, fingerprint: dict, config: TrainConfig, trained_on: dict) -> dict:
-    """What ``best.pt`` says of itself, so ``predict`` and chapter 4 apply it as the run was scored."""
+    """What ``best.pt`` says of itself, so ``predict`` and chapter 3 apply it as the run was scored."""
     return {**model_meta(model, fingerprint["image_size"]), "trained_on": trained_on,
             "color_constancy": config.color_constancy, "tta": config.tta, "postprocess": config.postprocess}
 

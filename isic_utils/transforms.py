@@ -108,11 +108,13 @@ def _where(selected: torch.Tensor, changed: torch.Tensor, original: torch.Tensor
 
 def apply_augmentation(images: torch.Tensor, masks: torch.Tensor, draws: dict[str, torch.Tensor],
                        jitter: float = COLOR_JITTER) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply drawn flips / 90° rotations jointly to uint8 images and masks, and colour jitter to images only.
+    """Apply the drawn augmentations: flips, 90° rotations and ``scale_rotate`` (a random resized crop with a small
+    rotation) jointly to uint8 images and masks; ``color_jitter`` and ``color_strong`` (brightness, contrast,
+    saturation, hue and gamma) to images only.
 
     The one augmentation of the project: training, Figure 3 and ``SegmentationDataset`` all call it. Flips and
-    rotations are done for the whole batch at once; colour jitter uses ``torchvision.transforms.v2.functional``
-    per image (brightness, contrast, saturation, hue, in that order). Images and masks may live on a GPU: the
+    rotations are done for the whole batch at once; colour changes use ``torchvision.transforms.v2.functional``
+    per image. Images and masks may live on a GPU: the
     draws are CPU tensors (from the CPU generator) and nothing is read back from the device.
     """
     from torchvision.transforms.v2 import functional as F

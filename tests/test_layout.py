@@ -94,8 +94,8 @@ def test_applying_a_model_loads_no_plotting():
     assert loaded.stdout.strip() == "[]"
 
 
-CHAPTERS = {"01_eda.ipynb": "eda", "02_train.ipynb": "train", "03_compare.ipynb": "compare",
-            "04_external.ipynb": "external"}
+CHAPTERS = {"01_eda.ipynb": "eda", "02_train.ipynb": "train", "04_compare.ipynb": "compare",
+            "03_external.ipynb": "external"}
 
 
 @pytest.mark.parametrize("name, chapter", CHAPTERS.items())
@@ -114,6 +114,40 @@ def test_each_notebook_parameters_cell_names_only_the_profile_and_run(name, chap
     selectors = [key for key in P.SELECTORS if key in P.schema(chapter)]
     assert values == {key: P.defaults(chapter)[key] for key in selectors}
     assert all(not c.get("outputs") for c in notebook["cells"] if c["cell_type"] == "code"), f"{name}: strip outputs"
+
+
+def test_chapter_files_are_numbered_in_the_order_the_report_runs_them():
+    from isic_utils.pipeline import NOTEBOOKS, steps_for
+
+    steps = steps_for(P.read_yaml(ROOT / "params" / "profiles" / "isic2016.yaml"))
+    numbers = [int(NOTEBOOKS[step.chapter][:2]) for step in steps]
+    assert numbers == sorted(numbers) and set(numbers) == {1, 2, 3, 4}, [s.name for s in steps]
+    assert sorted(NOTEBOOKS.values()) == sorted(CHAPTERS)
+
+
+def test_a_settings_default_is_one_in_the_schema_the_trainer_and_the_notebook():
+    """One source for each setting: the trainer's config takes its defaults from the schema and is filled from a
+    chapter's values by name; the notebook's cell holds no setting (only the profile and run, checked above)."""
+    from dataclasses import fields
+
+    from isic_utils.experiments import train_config
+
+    schema = P.CHAPTER_KEYS["train"]
+    shared = [f for f in fields(P.TrainConfig) if f.name not in P.TRAINER_ONLY]
+    assert shared and all(f.name in schema for f in shared), [f.name for f in shared if f.name not in schema]
+    for field in shared:
+        default = schema[field.name][1]
+        assert field.default == (tuple(default) if isinstance(default, list) else default), field.name
+    values = P.chapter_values("train", "tiny", "task3", root=ROOT)  # task 3 sets many away from the defaults
+    config = train_config(values, seed=5)
+    for field in shared:
+        expected = tuple(values[field.name]) if isinstance(values[field.name], list) else values[field.name]
+        assert getattr(config, field.name) == expected, field.name
+    assert config.seed == 5 and config.device == "cpu"
+    for source in (ROOT / "notebooks").glob("0*.ipynb"):
+        cell = "".join(json.loads(source.read_text())["cells"][1]["source"])
+        assigned = {node.targets[0].id for node in ast.parse(cell).body}
+        assert assigned <= set(P.SELECTORS), (source.name, assigned)
 
 
 def test_every_chapter_has_the_same_setup_cell():

@@ -6,6 +6,8 @@ from isic_utils import model as M
 from isic_utils.params import TrainConfig
 from isic_utils.training import build_optimizer, loss_fn
 
+from .conftest import ROOT
+
 
 def test_parameter_counts_match_the_report():
     net = M.build_model(encoder_weights=None, freeze_encoder=True)
@@ -110,6 +112,26 @@ def test_imagenet_download_failure_names_the_fix(monkeypatch):
         M.build_encoder("mobilenet_v2", "imagenet")
 
 
+def test_torchvisions_download_lines_stay_out_of_a_chapter(monkeypatch, capsys):
+    """torch.hub prints `Downloading: "…" to /root/.cache/…` on stdout and its bar on stderr: in a chapter they landed
+    in the notebook and its HTML, with the author's home folder."""
+    import sys
+
+    import torchvision
+
+    real = torchvision.models.mobilenet_v2
+
+    def downloading(weights=None):
+        sys.stdout.write('Downloading: "https://download.pytorch.org/models/m.pth" to /root/.cache/m.pth\n')
+        sys.stderr.write("\r 40%|####      | 5.6M/13.6M\r100%|##########| 13.6M/13.6M\n")
+        return real(weights=None)
+
+    monkeypatch.setattr(torchvision.models, "mobilenet_v2", downloading)
+    M.build_encoder("mobilenet_v2", "imagenet")
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
 @pytest.mark.parametrize("freeze", [True, False])
 def test_the_report_trains_with_fused_adamw(freeze):
     """The fused AdamW kernel exists on CPU (torch._fused_adamw_); an earlier check looked for it in torch._C and never
@@ -117,3 +139,39 @@ def test_the_report_trains_with_fused_adamw(freeze):
     model = M.build_model(encoder_weights=None, freeze_encoder=freeze)
     optimizer = build_optimizer(model, TrainConfig(freeze_encoder=freeze))
     assert optimizer.defaults["fused"] is True
+
+
+def test_a_decoder_registered_in_the_registry_alone_trains_saves_loads_and_predicts(tiny_data, tmp_path, monkeypatch):
+    """A new decoder touches one place: registered here (in the test only), the parameters accept it, training
+    saves it, `load_trained` rebuilds it from what the checkpoint says, and `predict` writes its masks."""
+    from isic_utils import params as P
+    from isic_utils.inference import load_trained
+    from isic_utils.predict import predict_folder
+    from isic_utils.training import fit
+
+    class ToyDecoder(nn.Module):
+        needs_skips = False
+
+        def __init__(self, in_channels: int, dropout: float):
+            super().__init__()
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Conv2d(in_channels, 1, 1))
+
+        def forward(self, features):
+            return nn.functional.interpolate(self.head(features), scale_factor=32.0, mode="bilinear")
+
+    monkeypatch.setitem(M.DECODERS, "toy", lambda spec, dropout: ToyDecoder(spec.out_channels, dropout))
+    assert P.resolve("train", overrides={"decoder": "toy"}, root=ROOT)["decoder"] == "toy"
+    torch.manual_seed(0)
+    model = M.build_model(encoder_weights=None, decoder="toy", dropout=0.3, freeze_encoder=False)
+    config = TrainConfig(freeze_encoder=False, epochs=1, batch_size=8, eval_batch_size=8, precision="fp32",
+                         monitor_test=False, augment=())
+    result = fit(model, tiny_data, config, tmp_path / "run", verbose=False)
+    rebuilt, meta = load_trained(tmp_path / "run" / "best.pt")
+    assert (meta["decoder"], meta["dropout"]) == ("toy", 0.3) and isinstance(rebuilt.decoder, ToyDecoder)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+    images = tmp_path / "images"
+    images.mkdir()
+    for pair in tiny_data.test.sources[:2]:
+        (images / pair.image.name).write_bytes(pair.image.read_bytes())
+    written = predict_folder(tmp_path / "run" / "best.pt", images, tmp_path / "masks")
+    assert len(written) == 2 and result.best_epoch == 1

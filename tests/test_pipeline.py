@@ -95,7 +95,7 @@ def test_every_chapter_executed_and_exported(tiny_report):
 
 def test_no_page_table_or_record_names_a_folder_of_this_machine(tiny_report, synthetic_root):
     """`grep -r` of the outputs for the project's folder, the data's and the home folder finds nothing: papermill's
-    recorded paths, chapter 4's line on the external set, run records and pages carried them."""
+    recorded paths, chapter 3's line on the external set, run records and pages carried them."""
     out, timings, _, root = tiny_report
     for name in timings:
         recorded = json.loads((out / f"{name}.ipynb").read_text())["metadata"]["papermill"]
@@ -194,7 +194,7 @@ def test_tables_have_the_right_columns_and_rows(tiny_report):
     assert len(pd.read_csv(out / "compare" / "tables" / "report_vs_reproduction.csv")) == 2
     for figure in ("val_iou", "val_loss", "predictions", "per_image_iou"):
         assert_figure(out / "compare" / "figures" / f"{figure}.png")
-    # chapter 4: every run on the profile's other-clinic set (PH2's layout) beside the test set, and the gap
+    # chapter 3: every run on the profile's other-clinic set (PH2's layout) beside the test set, and the gap
     gap = pd.read_csv(out / "external" / "tables" / "gap.csv")
     assert list(gap["run"]) == RUNS and set(gap["external set"]) == {"other-clinic"}
     assert (gap["JA gap"] - (gap["JA other-clinic"] - gap["JA ISIC test"])).abs().max() < 1e-12
@@ -326,8 +326,8 @@ def test_chapters_opened_by_hand_with_only_the_profile_set_are_the_reports(tiny_
     tables = {chapter: _tables(out, chapter) for chapter in ("task2", "external", "compare")}
     executed = _by_hand(root, "02_train.ipynb", "profile = 'tiny'\nrun = 'task2'")
     assert "resuming after epoch 2 of 2" in json.dumps(executed.cells[4].outputs)
-    _by_hand(root, "04_external.ipynb", "profile = 'tiny'")
-    _by_hand(root, "03_compare.ipynb", "profile = 'tiny'")
+    _by_hand(root, "03_external.ipynb", "profile = 'tiny'")
+    _by_hand(root, "04_compare.ipynb", "profile = 'tiny'")
     assert {run: _trained_files(out, run) for run in RUNS} == before
     for chapter, written in tables.items():
         assert _tables(out, chapter) == written, chapter

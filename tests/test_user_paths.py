@@ -268,10 +268,11 @@ def test_the_random_fallback_is_named_in_run_json(tiny_data, tmp_path, monkeypat
 def test_a_chapter_is_stale_when_its_weights_or_data_point_elsewhere(monkeypatch, tmp_path, variable):
     values = P.resolve("train", ROOT / "params" / "task2.yaml", "isic2016", root=ROOT)
     monkeypatch.setenv(variable, str(tmp_path / "a"))
-    first = pipeline._fingerprint(values)
+    source = ROOT / "notebooks" / "02_train.ipynb"
+    first = pipeline._fingerprint(values, source)
     monkeypatch.setenv(variable, str(tmp_path / "b"))
-    assert pipeline._fingerprint(values) != first
-    assert pipeline._fingerprint({**values, "resume": False}) == pipeline._fingerprint(values)
+    assert pipeline._fingerprint(values, source) != first
+    assert pipeline._fingerprint({**values, "resume": False}, source) == pipeline._fingerprint(values, source)
 
 
 def test_random_encoders_are_allowed_only_by_the_synthetic_profiles():
@@ -522,3 +523,30 @@ def test_progress_reaches_the_terminal_and_the_notebook_keeps_one_line(tmp_path)
     streams = "".join("".join(o.get("text", "")) for c in notebook["cells"] for o in c.get("outputs", []))
     assert streams.startswith("decode: 10 images in") and streams.count("\n") == 1 and "%|" not in streams
     assert not list((tmp_path / "out").glob(".*relay*")) and pipeline.PROGRESS_ENV not in os.environ
+
+
+def test_editing_a_chapters_notebook_reruns_that_chapter_and_running_it_does_not(tmp_path):
+    """The notebook is the source a user edits: an edited cell used to print "up to date, skipped". Outputs and
+    execution counts saved by a by-hand run are not edits."""
+    import nbformat
+
+    root = fake_project(tmp_path, "print('first version')")
+    overrides = {"output_dir": str(tmp_path / "out")}
+
+    def report() -> list[str]:
+        lines = []
+        pipeline.run_report("tiny", only=["eda"], overrides=overrides, root=root, echo=lines.append)
+        return lines
+
+    assert any("eda      running" in line for line in report())
+    assert any("eda      up to date, skipped" in line for line in report())
+    path = root / "notebooks" / "01_eda.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    notebook.cells[0].outputs = [nbformat.v4.new_output("stream", text="first version\n")]
+    notebook.cells[0].execution_count = 7
+    nbformat.write(notebook, path)
+    assert any("eda      up to date, skipped" in line for line in report())
+    notebook.cells[0].source = "print('second version')"
+    nbformat.write(notebook, path)
+    assert any("eda      running" in line for line in report())
+    assert "second version" in (tmp_path / "out" / "eda.ipynb").read_text()
