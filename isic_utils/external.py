@@ -2,7 +2,7 @@
 another clinic's camera), at each image's original size, challenge-style, beside the run's ISIC test scores.
 
 A profile lists its external sets (``external:``; see ``params.EXTERNAL_KEYS``). Each set is read by
-``data.find_external_pairs`` with a named layout (PH2's as distributed) or a glob and a mask rule, decoded at each
+``sources.find_external_pairs`` with a named layout (PH2's as distributed) or a glob and a mask rule, decoded at each
 run's own image size (cached) and passed through the run's own colour constancy (``training.predicted_probabilities``).
 Test-time flips and post-processing are scored both ways for every run, on validation and on each set, so the
 chapter shows what they buy whatever the run chose.

@@ -77,7 +77,7 @@ def find_pairs(root: str | Path, split: str) -> list[Pair]:
             raise DataError(
                 f"folder {folder} not found. Expected the official ISIC 2016 Part 1 layout under {root} "
                 f"(folders {image_folder}/ and {mask_folder}/); found {present or 'nothing'}. "
-                "Unzip the archives there, or download them with isic_utils.data.download_isic2016()."
+                "Unzip the archives there, or download them with isic_utils.sources.download_isic2016()."
             )
     images: dict[str, Path] = {}
     for path in sorted(image_dir.iterdir()):

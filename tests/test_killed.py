@@ -87,7 +87,7 @@ def test_a_run_killed_then_asked_again_ends_as_if_never_killed(uninterrupted, sy
 
 KILLED_EXTRACTION = """
 import os, signal, sys, zipfile
-from isic_utils import data
+from isic_utils import sources
 real, done = zipfile.ZipFile.extract, []
 def extract(self, member, path=None, pwd=None):
     done.append(member)
@@ -95,7 +95,7 @@ def extract(self, member, path=None, pwd=None):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, member, path, pwd)
 zipfile.ZipFile.extract = extract
-data.download_isic2016(sys.argv[1], ["train"], base_url="http://127.0.0.1:9/unused", expected_counts={"train": 3})
+sources.download_isic2016(sys.argv[1], ["train"], base_url="http://127.0.0.1:9/unused", expected_counts={"train": 3})
 """
 
 

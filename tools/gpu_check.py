@@ -201,15 +201,15 @@ def real_tasks(args, out: Path, device: str) -> list[dict]:
 def benchmark(args, out: Path, device: str) -> list[dict]:
     import bench_training as B
 
-    from isic_utils import data as D
+    from isic_utils.decoding import decode_pairs
     from isic_utils.devices import resolve_precision
 
     n_train, n_test = (16, 16) if args.quick else (256, 128)
     train_pairs, test_pairs, source = B.find_images(n_train, n_test, args.data or None)
     precision = resolve_precision("auto", device)
     naive = B.naive_rates(train_pairs, test_pairs, 128, device)
-    train = D.decode_pairs(train_pairs, 128, progress=False)
-    test = D.decode_pairs(test_pairs, 128, progress=False)
+    train = decode_pairs(train_pairs, 128, progress=False)
+    test = decode_pairs(test_pairs, 128, progress=False)
     _peak_reset(device)
     ours = B.project_rates(train, test, device, precision)
     rows = []
