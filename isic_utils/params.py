@@ -11,7 +11,6 @@ before any work and every problem reported at once, with the valid keys.
 
 from __future__ import annotations
 
-import ast
 import difflib
 import math
 from collections.abc import Sequence
@@ -241,7 +240,7 @@ def resolve(chapter: str, run_file: str | Path | None = None, profile: str | Non
         if profile_values.get("profile", profile) != profile:
             raise ParameterError(f"{path} says profile: {profile_values['profile']!r}; a profile file names itself "
                                  f"(profile: {profile})")
-        profile_values = {k: v for k, v in profile_values.items() if k in schema(chapter) or k not in _ALL_KEYS}
+        profile_values = {k: v for k, v in profile_values.items() if k in schema(chapter) or k not in ALL_KEYS}
         sources.append((str(path), {"profile": profile, **profile_values}))
     if overrides:
         sources.append(("overrides", overrides))
@@ -253,11 +252,11 @@ def resolve(chapter: str, run_file: str | Path | None = None, profile: str | Non
         values.update({k: v for k, v in given.items() if k in schema(chapter)})
     problems += check(chapter, values, root)
     if problems:
-        raise ParameterError(_message(chapter, problems))
+        raise ParameterError(problems_message(chapter, problems))
     return values
 
 
-_ALL_KEYS = set(DATA_KEYS).union(*[set(keys) for keys in CHAPTER_KEYS.values()])
+ALL_KEYS = set(DATA_KEYS).union(*[set(keys) for keys in CHAPTER_KEYS.values()])
 
 
 def suggest(unknown: list[str], valid) -> str:
@@ -271,12 +270,12 @@ def suggest(unknown: list[str], valid) -> str:
 
 def check_overrides(overrides: dict[str, Any]) -> None:
     """Refuse overrides that no chapter knows (a typo would otherwise be dropped by every chapter's filter)."""
-    unknown = sorted(set(overrides) - _ALL_KEYS)
+    unknown = sorted(set(overrides) - ALL_KEYS)
     if unknown:
-        problems = [f"unknown key {name!r}{suggest([name], _ALL_KEYS)}" for name in unknown]
+        problems = [f"unknown key {name!r}{suggest([name], ALL_KEYS)}" for name in unknown]
         raise ParameterError(f"{len(problems)} problem(s) with the overrides (--set / SET=):\n"
                              + "\n".join(f"  - {p}" for p in problems)
-                             + f"\nvalid keys: {', '.join(sorted(_ALL_KEYS))}")
+                             + f"\nvalid keys: {', '.join(sorted(ALL_KEYS))}")
 
 
 def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> list[str]:
@@ -378,90 +377,10 @@ def check_external(sets) -> list[str]:
     return problems
 
 
-def _message(chapter: str, problems: list[str]) -> str:
+def problems_message(chapter: str, problems: list[str]) -> str:
     lines = [f"{len(problems)} problem(s) with the {chapter} parameters:"] + [f"  - {p}" for p in problems]
     lines.append(f"valid keys for {chapter}: {', '.join(sorted(schema(chapter)))}")
     return "\n".join(lines)
-
-
-PARAMETERS_HEADER = "# Parameters"  # the first line of the chapter's parameters cell and of papermill's injected one
-OWN_PARAMETERS_HEADER = "# Parameters (papermill injects"  # the first line of each chapter's own parameters cell
-
-
-def parameter_cell_names(history: list[str]) -> set[str] | None:
-    """Names assigned by the parameters cells among ``history`` (IPython's ``In``), or None when there are none.
-
-    Counts the chapter's own parameters cell as last run and every papermill-injected cell run after it, so a
-    typo there is caught, while the names the chapter defines later (``params``, ``out``, ``dataset`` ...) are
-    not parameters, however often the cells run again.
-    """
-    cells = [source for source in history if isinstance(source, str) and source.startswith(PARAMETERS_HEADER)]
-    own = [k for k, source in enumerate(cells) if source.startswith(OWN_PARAMETERS_HEADER)]
-    cells = cells[own[-1]:] if own else cells
-    if not cells:
-        return None
-    names: set[str] = set()
-    for source in cells:
-        try:
-            tree = ast.parse(source)
-        except SyntaxError:
-            continue
-        for node in tree.body:
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-            names.update(t.id for t in targets if isinstance(t, ast.Name))
-    return names
-
-
-def from_notebook(chapter: str, namespace: dict[str, Any]) -> dict[str, Any]:
-    """The chapter's parameters in a notebook: ``chapter_values`` for the ``profile`` and ``run`` its parameters cells
-    name, with every other name those cells assign (a line added by hand, papermill's ``-p``/``-f``) as an override.
-
-    In a kernel, the parameters are the names the parameters cells assign (see ``parameter_cell_names``): a
-    mistyped one is reported with the close match, and a second Run All, Restart & Run All or one cell run again
-    all give the same result. Outside a kernel (a plain dict) every plain variable counts. Values as papermill's
-    ``-p`` passes them (YAML text such as ``'[0, 1]'``, ``true``) are read as YAML where the key takes no string;
-    keys that only other chapters take (``-f`` of a profile's file) are left to them; and values equal to those of
-    the profile's or the run's own file (``-f`` of that file) are that file's layer, not overrides.
-    """
-    history = namespace.get("In")
-    given = parameter_cell_names(history) if isinstance(history, list) else None
-    if given is None:
-        given = {name for name, value in namespace.items()
-                 if not (name.startswith("_") or name in ("In", "Out", "get_ipython", "exit", "quit", "open")
-                         or callable(value) or type(value).__name__ == "module")}
-    keys = schema(chapter)
-    unknown = sorted(name for name in given if name not in keys and name not in _ALL_KEYS and name not in SELECTORS)
-    if unknown:
-        problems = [f"unknown parameter {name!r}{suggest([name], keys)}" for name in unknown]
-        raise ParameterError(_message(chapter, problems))
-    values = {name: _from_text(name, namespace[name], keys) for name in sorted(given) if name in keys}
-    profile, run = values.pop("profile", None), values.pop("run", None)
-    root = project_root()
-    for name, layer in ((profile, "profile"), (run, "run")):
-        if not isinstance(name, (str, type(None))):
-            raise ParameterError(_message(chapter, [f"{layer} must be str, got {name!r}"]))
-    for path in (profile_path(profile or defaults(chapter)["profile"], root),
-                 run_file(chapter, run, root) if chapter == "train" else None):
-        own = read_yaml(path) if path is not None and path.is_file() else {}
-        if own and all(values.get(k, _MISSING) == v for k, v in own.items() if k in keys and k not in SELECTORS):
-            values = {k: v for k, v in values.items() if k not in own}  # that file passed whole with -f
-    return chapter_values(chapter, profile, run, values, root)
-
-
-_MISSING = object()
-
-
-def _from_text(name: str, value: Any, keys: dict) -> Any:
-    """``value`` read as YAML when it is text and ``name`` takes no text (papermill's ``-p seeds '[0,1]'``, ``-p
-    download true``); otherwise as given, for the checks to judge."""
-    types = keys[name][0]
-    if not isinstance(value, str) or str in types:
-        return value
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        return value
-    return parsed if isinstance(parsed, types) or (float in types and isinstance(parsed, int)) else value
 
 
 def absolute(path: str | Path, root: Path | None = None) -> Path:

@@ -10,7 +10,6 @@ from ``features``, the trained model's application from ``inference``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -21,14 +20,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import metrics
+from . import checkpoints, metrics
 from .data import ReportData
 from .decoding import DecodedSplit
 from .devices import autocast, device_name, grad_scaler, resolve_precision, seed_everything, set_deterministic
 from .features import Features, FeatureStore, cached_batch, select_features, uses_feature_cache, variant_index
-from .files import atomic_path, epoch_line, locked, progress_bar, remove_leftovers
-from .inference import CheckpointMismatch, flip_averaged, load_checkpoint, model_meta, to_input
-from .model import SegmentationModel, count_parameters
+from .files import epoch_line, locked, progress_bar, remove_leftovers
+from .inference import flip_averaged, load_checkpoint, to_input
+from .model import SegmentationModel
 from .params import TrainConfig
 from .transforms import apply_augmentation, apply_color_constancy, draw_augmentation
 
@@ -188,27 +187,6 @@ def _check_finite(weighted_losses: torch.Tensor, first_step: int) -> None:
         )
 
 
-def _rng_state(generator: torch.Generator, device: str) -> dict:
-    """Every random stream a resumed run must continue: torch's CPU and (on a GPU) CUDA state, and the generator
-    that shuffles and draws augmentations."""
-    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-    if device.startswith("cuda"):
-        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
-    return state
-
-
-def _set_rng_state(state: dict, generator: torch.Generator, device: str) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    if device.startswith("cuda") and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
-
-
-def _save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 @dataclass
 class FitResult:
     """History (one row per epoch), the chosen epoch and the final test scoring with its checkpoint."""
@@ -223,15 +201,6 @@ class FitResult:
     seconds: float
     timings: dict = field(default_factory=dict)
     trained_on: dict = field(default_factory=dict)  # device, its name, precision, deterministic
-
-
-@dataclass
-class _Progress:
-    """Where a run stands: the per-epoch rows so far and the epoch chosen by validation IoU."""
-
-    rows: list[dict] = field(default_factory=list)
-    best_iou: float = -math.inf
-    best_epoch: int = 0
 
 
 def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir: str | Path,
@@ -271,9 +240,9 @@ def _fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_di
     trained_on = {"device": config.device, "device_name": device_name(config.device), "precision": precision,
                   "deterministic": config.deterministic}
     data = with_color_constancy(data, config.color_constancy)
-    fingerprint, weights = run_fingerprint(model, data, config)
-    progress = _resume_or_start(model, optimizer, scaler, generator, fingerprint, weights, config, run_dir, resume,
-                                (label or str(run_dir)) if verbose else None)
+    fingerprint, weights = checkpoints.run_fingerprint(model, data, config)
+    progress = checkpoints.resume_or_start(model, optimizer, scaler, generator, fingerprint, weights, config,
+                                           run_dir, resume, (label or str(run_dir)) if verbose else None)
     data = on_device(data, config.device)
     timings = {"feature_cache_s": 0.0, "checkpoint_s": 0.0}
     cached = Features()
@@ -283,7 +252,7 @@ def _fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_di
         timings["feature_cache_s"] = time.perf_counter() - t0
 
     epoch_times: list[float] = []
-    meta = _best_meta(model, fingerprint, config, trained_on)
+    meta = checkpoints.best_meta(model, fingerprint, config, trained_on)
     for epoch in range(len(progress.rows) + 1, config.epochs + 1):
         row = _one_epoch(model, data, optimizer, config, precision, generator, cached, epoch, on_step, scaler)
         _check_epoch(model, row)  # nothing non-finite is ever saved
@@ -293,12 +262,14 @@ def _fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_di
         if improved:
             progress.best_iou, progress.best_epoch = row["val_iou_mean"], epoch
         # last.pt first: it records the best epoch, and a crash before best.pt is written is mended on resume
-        _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-               "rng": _rng_state(generator, config.device), "history": progress.rows, "best_iou": progress.best_iou,
-               "best_epoch": progress.best_epoch, "fingerprint": fingerprint, "encoder_weights": weights,
-               "trained_on": trained_on}, run_dir / "last.pt")
+        checkpoints.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scaler": scaler.state_dict(), "rng": checkpoints.rng_state(generator, config.device),
+                          "history": progress.rows, "best_iou": progress.best_iou, "best_epoch": progress.best_epoch,
+                          "fingerprint": fingerprint, "encoder_weights": weights, "trained_on": trained_on},
+                         run_dir / "last.pt")
         if improved:
-            _save(_best_state(model.state_dict(), meta, epoch, progress.best_iou, fingerprint), run_dir / "best.pt")
+            best = checkpoints.best_state(model.state_dict(), meta, epoch, progress.best_iou, fingerprint)
+            checkpoints.save(best, run_dir / "best.pt")
         timings["checkpoint_s"] += time.perf_counter() - t0
         epoch_times.append(row["epoch_seconds"] + time.perf_counter() - t0)
         if verbose:
@@ -345,40 +316,6 @@ def _place(model: SegmentationModel, config: TrainConfig) -> torch.optim.Optimiz
     return build_optimizer(model, config)
 
 
-def run_fingerprint(model: SegmentationModel, data: ReportData, config: TrainConfig) -> tuple[dict, dict]:
-    """(what a checkpoint must match to be resumed, the encoder's starting-weights record)."""
-    image_size = int(data.train.images.shape[-1])
-    meta = model_meta(model, image_size)
-    weights = meta.pop("encoder_weights")
-    ids = "\n".join(sorted(data.train.ids)) + "\n--\n" + "\n".join(sorted(data.val.ids))
-    fingerprint = {**config.fingerprint(), "image_size": image_size, **meta, "train_ids": len(data.train),
-                   "data_ids_sha256": hashlib.sha256(ids.encode()).hexdigest(),
-                   "params": count_parameters(model)["total"], "encoder_sha256": weights.get("sha256")}
-    return fingerprint, weights
-
-
-def _resume_or_start(model, optimizer, scaler, generator: torch.Generator, fingerprint: dict, weights: dict,
-                     config: TrainConfig, run_dir: Path, resume: bool, announce: str | None) -> _Progress:
-    """Continue from ``last.pt`` when asked and it matches (else ``CheckpointMismatch``); or start afresh."""
-    last_path = run_dir / "last.pt"
-    if not resume:
-        for stale in (last_path, run_dir / "best.pt"):
-            stale.unlink(missing_ok=True)
-    if not last_path.exists():
-        return _Progress()
-    state = load_checkpoint(last_path)
-    _check_resumable(state, fingerprint, weights, config.epochs, last_path)
-    _mend_best(state, model, fingerprint, config, run_dir / "best.pt")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"], generator, config.device)
-    if announce:
-        print(f"{announce}: resuming after epoch {len(state['history'])} of {config.epochs}", flush=True)
-    return _Progress(state["history"], state["best_iou"], state["best_epoch"])
-
-
 def _one_epoch(model, data: ReportData, optimizer, config: TrainConfig, precision: str, generator: torch.Generator,
                features: Features, epoch: int, on_step, scaler) -> dict:
     """Train one epoch, evaluate validation (and monitor test); the epoch's row of the history."""
@@ -410,62 +347,12 @@ def _check_epoch(model: SegmentationModel, row: dict) -> None:
         )
 
 
-def _best_meta(model: SegmentationModel, fingerprint: dict, config: TrainConfig, trained_on: dict) -> dict:
-    """What ``best.pt`` says of itself, so ``predict`` and chapter 3 apply it as the run was scored."""
-    return {**model_meta(model, fingerprint["image_size"]), "trained_on": trained_on,
-            "color_constancy": config.color_constancy, "tta": config.tta, "postprocess": config.postprocess}
-
-
-def _best_state(weights: dict, meta: dict, epoch: int, val_iou: float, fingerprint: dict) -> dict:
-    return {"model": weights, "meta": meta, "epoch": epoch, "val_iou_mean": val_iou, "config": fingerprint}
-
-
-def _mend_best(state: dict, model: SegmentationModel, fingerprint: dict, config: TrainConfig, best_path: Path) -> None:
-    """A run killed between writing ``last.pt`` and ``best.pt`` left ``best.pt`` one improvement behind the history:
-    the best epoch is then the last one trained, whose weights ``last.pt`` holds; write them as ``best.pt``."""
-    best_epoch, trained = state["best_epoch"], len(state["history"])
-    saved = load_checkpoint(best_path).get("epoch") if best_path.exists() else None
-    if best_epoch and saved != best_epoch and best_epoch == trained:
-        meta = _best_meta(model, fingerprint, config, state["trained_on"])
-        _save(_best_state(state["model"], meta, best_epoch, state["best_iou"], fingerprint), best_path)
-
-
 def _score_selected(model, data: ReportData, config: TrainConfig, precision: str, best_path: Path):
     """Load the validation-selected weights; evaluate validation and, once, the whole test set (probabilities kept),
     with the run's test-time flips when it asks for them (selection itself never uses them)."""
     model.load_state_dict(load_checkpoint(best_path)["model"])
     return (evaluate(model, data.val, config, precision, keep_probabilities=True, tta=config.tta),
             evaluate(model, data.test, config, precision, keep_probabilities=True, tta=config.tta))
-
-
-ADDED_TO_FINGERPRINT = ("data_ids_sha256",)  # compared only where a checkpoint has them: older runs still resume
-
-
-def _check_resumable(state: dict, fingerprint: dict, weights: dict, epochs: int, last_path: Path) -> None:
-    """Raise ``CheckpointMismatch`` unless ``state`` (a ``last.pt``) continues the run ``fingerprint`` describes."""
-    run = last_path.parent.parent.name
-    fix = (f"Nothing was changed. To train this run afresh with the new configuration, rerun with --force "
-           f"(`python -m isic_utils report --force --only {run}` plus your --set; with papermill `-p resume False`; "
-           "in the notebook `resume = False`). To keep the trained run, give the new one another output_dir.")
-    saved = state.get("fingerprint") or {}
-    fingerprint = {k: v for k, v in fingerprint.items() if k in saved or k not in ADDED_TO_FINGERPRINT}
-    if saved != fingerprint:
-        changes = []
-        for key in sorted(set(saved) | set(fingerprint)):
-            if saved.get(key) == fingerprint.get(key):
-                continue
-            if key == "encoder_sha256":
-                before = state.get("encoder_weights", {})
-                changes.append(f"encoder weights: {before.get('source', '?')} (sha256 {str(saved.get(key))[:12]}) → "
-                               f"{weights.get('source', '?')} (sha256 {str(fingerprint.get(key))[:12]})")
-            else:
-                changes.append(f"{key}: {saved.get(key, '(absent)')} → {fingerprint.get(key, '(absent)')}")
-        raise CheckpointMismatch(f"{last_path} was trained with another configuration:\n  "
-                                 + "\n  ".join(changes) + f"\n{fix}")
-    trained = len(state["history"])
-    if trained > epochs:
-        raise CheckpointMismatch(f"{last_path} has {trained} epochs trained, but the run asks for {epochs}: its "
-                                 f"history and chosen checkpoint would not be a {epochs}-epoch run. {fix}")
 
 
 def _prefixed(prefix: str, values: dict) -> dict:

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from isic_utils import devices, experiments, features, inference, metrics, training
+from isic_utils import checkpoints, devices, experiments, features, inference, metrics
 from isic_utils import params as P
 from isic_utils.devices import resolve_device, resolve_precision
 from isic_utils.inference import load_checkpoint
@@ -118,11 +118,11 @@ def test_checkpoints_carry_the_cuda_random_stream(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: cuda_state["now"].clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: cuda_state.update(now=state))
     generator = torch.Generator().manual_seed(3)
-    saved = training._rng_state(generator, "cuda")
+    saved = checkpoints.rng_state(generator, "cuda")
     assert torch.equal(saved["cuda"], torch.arange(16, dtype=torch.uint8))
-    assert "cuda" not in training._rng_state(generator, "cpu")
+    assert "cuda" not in checkpoints.rng_state(generator, "cpu")
     cuda_state["now"] = torch.zeros(16, dtype=torch.uint8)  # the stream moved on after the checkpoint
-    training._set_rng_state(saved, torch.Generator(), "cuda")
+    checkpoints.set_rng_state(saved, torch.Generator(), "cuda")
     assert torch.equal(cuda_state["now"], torch.arange(16, dtype=torch.uint8))
 
 

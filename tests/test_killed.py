@@ -21,14 +21,14 @@ pytestmark = pytest.mark.slow
 KILLED_RUN = """
 import os, signal, sys, torch
 from pathlib import Path
-from isic_utils import experiments, training
+from isic_utils import checkpoints, experiments, training
 from isic_utils.params import resolve
 root, out, data_dir, point = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 params = resolve("train", root / "params" / "task1.yaml", "tiny",
                  {"output_dir": out, "data_dir": data_dir, "epochs": 3, "decoder": "unet", "freeze_encoder": False,
                   "precision": "fp32"}, root=root)
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-real_save, real_fit = training._save, training.fit
+real_save, real_fit = checkpoints.save, training.fit
 if point == "mid-epoch":
     def fit(*args, **kwargs):
         kwargs["on_step"] = lambda epoch, step: die() if (epoch, step) == (2, 1) else None
@@ -42,15 +42,15 @@ elif point == "inside-save":  # torch.save has written part of last.pt's tempora
             def partial(obj, f):
                 Path(f).write_bytes(b"\\0" * 4096)
                 die()
-            training.torch.save = partial
+            checkpoints.torch.save = partial
         real_save(state, path)
-    training._save = save
+    checkpoints.save = save
 elif point == "between-writes":  # last.pt written, best.pt not yet
     def save(state, path):
         if path.name == "best.pt" and state["epoch"] == 1:  # the first epoch always improves
             die()
         real_save(state, path)
-    training._save = save
+    checkpoints.save = save
 experiments.train_run(params, experiments.prepare_data(params, progress=False), verbose=False)
 """
 

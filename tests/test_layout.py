@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from isic_utils import notebook as N
 from isic_utils import params as P
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +19,7 @@ PACKAGE = ROOT / "isic_utils"
 
 # Bottom to top: a module may import only modules listed before it.
 LAYERS = ["files", "sources", "decoding", "transforms", "data", "eda", "synthetic", "metrics", "model", "params",
-          "devices", "inference", "features", "training", "experiments", "failures",
+          "notebook", "devices", "inference", "features", "checkpoints", "training", "experiments", "failures",
           "external", "generalisation", "comparison", "plots", "report", "pipeline", "handover", "predict", "__main__"]
 
 
@@ -109,7 +110,7 @@ def test_each_notebook_parameters_cell_names_only_the_profile_and_run(name, chap
     assert notebook["cells"][0]["cell_type"] == "markdown" and notebook["cells"][1] is tagged[0], \
         f"{name}: a title, then the parameters cell"
     source = "".join(tagged[0]["source"])
-    assert source.startswith(P.OWN_PARAMETERS_HEADER)
+    assert source.startswith(N.OWN_PARAMETERS_HEADER)
     values = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(source).body}
     selectors = [key for key in P.SELECTORS if key in P.schema(chapter)]
     assert values == {key: P.defaults(chapter)[key] for key in selectors}

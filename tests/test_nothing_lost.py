@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils import sources
+from isic_utils import inference, sources
+from isic_utils import params as P
 from isic_utils.__main__ import main
 from isic_utils.sources import DataError, safe_extract
 from isic_utils.synthetic import MARKER, make_synthetic_isic
@@ -152,30 +153,30 @@ def test_an_archive_that_expands_without_end_is_refused(tmp_path):
 def test_a_kill_between_the_two_checkpoint_writes_is_mended_on_resume(tiny_data, tmp_path, monkeypatch):
     """Killed after last.pt and before best.pt of an improving epoch: the history names an epoch best.pt does not
     hold. The resume writes best.pt from last.pt's weights, so best.pt and the history agree again."""
-    from isic_utils import training
+    from isic_utils import checkpoints, training
 
-    cfg = training.TrainConfig(freeze_encoder=False, epochs=2, batch_size=8, eval_batch_size=8, precision="fp32",
+    cfg = P.TrainConfig(freeze_encoder=False, epochs=2, batch_size=8, eval_batch_size=8, precision="fp32",
                                decoder_lr=3e-3, augment=(), monitor_test=False)
 
     straight = training.fit(unet_model(), tiny_data, cfg, tmp_path / "straight", verbose=False)
     assert straight.best_epoch == 2  # epoch 2 improves: its best.pt is the write that the kill loses
-    real_save = training._save
+    real_save = checkpoints.save
 
     def killed_at_best(state, path):
         if path.name == "best.pt" and state["epoch"] == 2:
             raise KeyboardInterrupt("killed between last.pt and best.pt")
         real_save(state, path)
 
-    monkeypatch.setattr(training, "_save", killed_at_best)
+    monkeypatch.setattr(checkpoints, "save", killed_at_best)
     with pytest.raises(KeyboardInterrupt):
         training.fit(unet_model(), tiny_data, cfg, tmp_path / "run", verbose=False)
     monkeypatch.undo()
-    assert training.load_checkpoint(tmp_path / "run" / "last.pt")["best_epoch"] == 2
-    assert training.load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 1  # behind the history
+    assert inference.load_checkpoint(tmp_path / "run" / "last.pt")["best_epoch"] == 2
+    assert inference.load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 1  # behind the history
     resumed = training.fit(unet_model(), tiny_data, cfg, tmp_path / "run", verbose=False)
-    best = training.load_checkpoint(tmp_path / "run" / "best.pt")
+    best = inference.load_checkpoint(tmp_path / "run" / "best.pt")
     assert best["epoch"] == resumed.best_epoch == 2
-    expected = training.load_checkpoint(tmp_path / "straight" / "best.pt")["model"]
+    expected = inference.load_checkpoint(tmp_path / "straight" / "best.pt")["model"]
     assert all(torch.equal(best["model"][k], expected[k]) for k in expected)
     assert torch.equal(resumed.test.counts, straight.test.counts)
 
@@ -183,7 +184,7 @@ def test_a_kill_between_the_two_checkpoint_writes_is_mended_on_resume(tiny_data,
 def test_weights_broken_by_the_last_step_of_an_epoch_are_never_saved(tiny_data, tmp_path):
     from isic_utils import training
 
-    cfg = training.TrainConfig(freeze_encoder=False, epochs=2, batch_size=8, eval_batch_size=8, precision="fp32",
+    cfg = P.TrainConfig(freeze_encoder=False, epochs=2, batch_size=8, eval_batch_size=8, precision="fp32",
                                augment=(), monitor_test=False)
     model = unet_model()
     steps = len(tiny_data.train) // cfg.batch_size + bool(len(tiny_data.train) % cfg.batch_size)
@@ -196,9 +197,9 @@ def test_weights_broken_by_the_last_step_of_an_epoch_are_never_saved(tiny_data, 
     with pytest.raises(training.TrainingDiverged, match=r"epoch 2: .*not finite.*before this epoch was saved"):
         training.fit(model, tiny_data, cfg, tmp_path / "run", on_step=break_after_last_step, verbose=False)
     for name in ("best.pt", "last.pt"):
-        state = training.load_checkpoint(tmp_path / "run" / name)
+        state = inference.load_checkpoint(tmp_path / "run" / name)
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), name
-    assert len(training.load_checkpoint(tmp_path / "run" / "last.pt")["history"]) == 1
+    assert len(inference.load_checkpoint(tmp_path / "run" / "last.pt")["history"]) == 1
 
 
 @pytest.mark.parametrize("key, value", [("decoder_lr", float("inf")), ("encoder_lr", float("nan")),
@@ -223,7 +224,7 @@ def test_a_run_refuses_to_resume_on_other_images_of_the_same_count(tiny_data, tr
     renamed = replace(tiny_data.train, ids=[f"OTHER_{k}" for k in range(len(tiny_data.train))])
     other = replace(tiny_data, train=renamed)
     model = unet_model()
-    with pytest.raises(training.CheckpointMismatch, match="data_ids_sha256"):
+    with pytest.raises(inference.CheckpointMismatch, match="data_ids_sha256"):
         training.fit(model, other, TRAINED_CONFIG, run_dir, verbose=False)
 
 
@@ -233,7 +234,7 @@ def test_a_checkpoint_from_before_the_ids_fingerprint_still_resumes(tiny_data, t
 
     result, run_dir = trained_run
     shutil.copytree(run_dir, tmp_path / "old")
-    state = training.load_checkpoint(tmp_path / "old" / "last.pt")
+    state = inference.load_checkpoint(tmp_path / "old" / "last.pt")
     del state["fingerprint"]["data_ids_sha256"]  # as written by the previous version
     torch.save(state, tmp_path / "old" / "last.pt")
     model = unet_model()

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from isic_utils import notebook as N
 from isic_utils import params as P
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +57,8 @@ def test_int_accepted_where_float_expected():
 def test_from_notebook_flags_a_mistyped_injected_parameter():
     namespace = {**P.defaults("eda"), "n_sample": 3, "In": [], "_oh": {}}
     with pytest.raises(P.ParameterError, match="unknown parameter 'n_sample'"):
-        P.from_notebook("eda", namespace)
-    assert P.from_notebook("eda", P.defaults("eda"))["n_samples"] == 6
+        N.from_notebook("eda", namespace)
+    assert N.from_notebook("eda", P.defaults("eda"))["n_samples"] == 6
 
 
 # ----------------------------------------------------------------------------- one resolution wherever a chapter runs
@@ -71,13 +72,13 @@ def _kernel(cells: list[str], **names) -> dict:
 
 def test_a_chapter_names_its_profile_and_run_and_resolves_as_the_report_does():
     namespace = _kernel(["# Parameters\nprofile = 'tiny'\nrun = 'task2'\n"], profile="tiny", run="task2")
-    assert P.from_notebook("train", namespace) == P.chapter_values("train", "tiny", "task2", root=ROOT)
-    values = P.from_notebook("train", namespace)
+    assert N.from_notebook("train", namespace) == P.chapter_values("train", "tiny", "task2", root=ROOT)
+    values = N.from_notebook("train", namespace)
     assert (values["epochs"], values["batch_size"], values["run_name"], values["freeze_encoder"]) == (2, 8, "task2", False)
     # opened by hand, nothing changed: the synthetic profile's values, not the schema's (epochs 8, batch 8)
-    synthetic = P.from_notebook("train", _kernel([]))
+    synthetic = N.from_notebook("train", _kernel([]))
     assert (synthetic["epochs"], synthetic["batch_size"], synthetic["allow_random_encoder"]) == (8, 8, True)
-    external = P.from_notebook("external", _kernel([]))
+    external = N.from_notebook("external", _kernel([]))
     assert [s["name"] for s in external["external"]] == ["other-clinic"]  # the profile's sets, as the report scores
 
 
@@ -85,11 +86,11 @@ def test_papermill_text_values_are_read_as_yaml():
     """`papermill -p seeds '[0,1]' -p download true` passes text; the keys take a list and a boolean."""
     namespace = _kernel(["# Parameters\nseeds = '[0, 1]'\ndownload = 'true'\nlimit = 'null'\nepochs = '3'\n"],
                         seeds="[0, 1]", download="true", limit="null", epochs="3")
-    values = P.from_notebook("train", namespace)
+    values = N.from_notebook("train", namespace)
     assert (values["seeds"], values["download"], values["limit"], values["epochs"]) == ([0, 1], True, None, 3)
     namespace = _kernel(["# Parameters\nseeds = 'zero'\n"], seeds="zero")
     with pytest.raises(P.ParameterError, match="seeds must be list"):
-        P.from_notebook("train", namespace)
+        N.from_notebook("train", namespace)
 
 
 @pytest.mark.parametrize("profile, run", [("isic2016", "task2"), ("tiny", "task3"), ("synthetic", "task1")])
@@ -101,20 +102,20 @@ def test_papermill_f_of_a_profile_or_run_file_is_that_chapter(profile, run):
     injected = {**yaml.safe_load((ROOT / "params" / f"{run}.yaml").read_text()),
                 **yaml.safe_load((ROOT / "params" / "profiles" / f"{profile}.yaml").read_text())}
     cell = "# Parameters\n" + "".join(f"{k} = {v!r}\n" for k, v in injected.items())
-    values = P.from_notebook("train", _kernel([cell], **injected))
+    values = N.from_notebook("train", _kernel([cell], **injected))
     assert values == P.chapter_values("train", profile, run, root=ROOT)
     only_profile = {k: v for k, v in injected.items() if k in yaml.safe_load(
         (ROOT / "params" / "profiles" / f"{profile}.yaml").read_text())}
     cell = "# Parameters\n" + "".join(f"{k} = {v!r}\n" for k, v in only_profile.items())
     for chapter in ("eda", "external", "compare"):  # keys other chapters take (runs, external) are theirs
-        assert P.from_notebook(chapter, _kernel([cell], **only_profile)) == P.chapter_values(chapter, profile, root=ROOT)
+        assert N.from_notebook(chapter, _kernel([cell], **only_profile)) == P.chapter_values(chapter, profile, root=ROOT)
 
 
 def test_a_value_set_by_hand_overrides_the_profile_and_a_typo_names_the_close_match():
     namespace = _kernel(["# Parameters\nprofile = 'tiny'\nepochs = 1\n"], profile="tiny", epochs=1)
-    assert P.from_notebook("train", namespace)["epochs"] == 1
+    assert N.from_notebook("train", namespace)["epochs"] == 1
     with pytest.raises(P.ParameterError, match=r"unknown parameter 'epoch' \(did you mean 'epochs'\?\)"):
-        P.from_notebook("train", _kernel(["# Parameters\nepoch = 1\n"], epoch=1))
+        N.from_notebook("train", _kernel(["# Parameters\nepoch = 1\n"], epoch=1))
 
 
 def test_an_unknown_run_lists_the_known_ones_and_a_profile_file_names_itself(tmp_path):

@@ -23,6 +23,7 @@ from PIL import Image
 
 from isic_utils import data as D
 from isic_utils import decoding, experiments, files, pipeline, plots, report, sources, transforms
+from isic_utils import notebook as N
 from isic_utils import params as P
 from isic_utils.__main__ import main
 from isic_utils.inference import CheckpointMismatch, load_checkpoint, load_trained, predicted_probabilities
@@ -55,10 +56,10 @@ def test_parameters_survive_a_second_run_all_in_one_kernel():
     parameters_cell = "# Parameters (papermill injects a cell after this one). Plain literals only.\nepochs = 2\n"
     injected = "# Parameters\nepochs = 3\nrun_name = 'task2'\n"
     namespace = {"In": ["", "import x", parameters_cell, injected, "params = ..."], "epochs": 3, "run_name": "task2"}
-    first = P.from_notebook("train", namespace)
+    first = N.from_notebook("train", namespace)
     namespace.update(params=first, out=Path("."), dataset=object(), n=6, sizes=pd.DataFrame())
     namespace["In"] += ["dataset = ...", parameters_cell, injected, "params = ..."]
-    second = P.from_notebook("train", namespace)
+    second = N.from_notebook("train", namespace)
     assert second == first and second["epochs"] == 3 and second["run_name"] == "task2"
 
 
@@ -67,7 +68,7 @@ def test_a_typo_in_the_parameters_cell_is_still_reported():
     injected = "# Parameters\nseed = [0, 1]\n"
     namespace = {"In": ["", cell, injected], "epochs": 2, "seed": [0, 1], "params": {}, "out": Path(".")}
     with pytest.raises(P.ParameterError, match=r"unknown parameter 'seed' \(did you mean 'seeds'\?\)"):
-        P.from_notebook("train", namespace)
+        N.from_notebook("train", namespace)
 
 
 # ----------------------------------------------------------------------------- 2. typos in overrides

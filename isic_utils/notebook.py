@@ -1,0 +1,107 @@
+"""A chapter's parameters read in its notebook: the names its parameters cells assign (the chapter's own cell and
+what papermill injects), values as papermill passes them, and the same resolution the report uses
+(``params.chapter_values``), so a chapter opened by hand, run with plain papermill or run by the report is one chapter.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import yaml
+
+from .params import (
+    ALL_KEYS,
+    SELECTORS,
+    ParameterError,
+    chapter_values,
+    defaults,
+    problems_message,
+    profile_path,
+    project_root,
+    read_yaml,
+    run_file,
+    schema,
+    suggest,
+)
+
+PARAMETERS_HEADER = "# Parameters"  # the first line of the chapter's parameters cell and of papermill's injected one
+OWN_PARAMETERS_HEADER = "# Parameters (papermill injects"  # the first line of each chapter's own parameters cell
+
+
+def parameter_cell_names(history: list[str]) -> set[str] | None:
+    """Names assigned by the parameters cells among ``history`` (IPython's ``In``), or None when there are none.
+
+    Counts the chapter's own parameters cell as last run and every papermill-injected cell run after it, so a
+    typo there is caught, while the names the chapter defines later (``params``, ``out``, ``dataset`` ...) are
+    not parameters, however often the cells run again.
+    """
+    cells = [source for source in history if isinstance(source, str) and source.startswith(PARAMETERS_HEADER)]
+    own = [k for k, source in enumerate(cells) if source.startswith(OWN_PARAMETERS_HEADER)]
+    cells = cells[own[-1]:] if own else cells
+    if not cells:
+        return None
+    names: set[str] = set()
+    for source in cells:
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def from_notebook(chapter: str, namespace: dict[str, Any]) -> dict[str, Any]:
+    """The chapter's parameters in a notebook: ``chapter_values`` for the ``profile`` and ``run`` its parameters cells
+    name, with every other name those cells assign (a line added by hand, papermill's ``-p``/``-f``) as an override.
+
+    In a kernel, the parameters are the names the parameters cells assign (see ``parameter_cell_names``): a
+    mistyped one is reported with the close match, and a second Run All, Restart & Run All or one cell run again
+    all give the same result. Outside a kernel (a plain dict) every plain variable counts. Values as papermill's
+    ``-p`` passes them (YAML text such as ``'[0, 1]'``, ``true``) are read as YAML where the key takes no string;
+    keys that only other chapters take (``-f`` of a profile's file) are left to them; and values equal to those of
+    the profile's or the run's own file (``-f`` of that file) are that file's layer, not overrides.
+    """
+    history = namespace.get("In")
+    given = parameter_cell_names(history) if isinstance(history, list) else None
+    if given is None:
+        given = {name for name, value in namespace.items()
+                 if not (name.startswith("_") or name in ("In", "Out", "get_ipython", "exit", "quit", "open")
+                         or callable(value) or type(value).__name__ == "module")}
+    keys = schema(chapter)
+    unknown = sorted(name for name in given if name not in keys and name not in ALL_KEYS and name not in SELECTORS)
+    if unknown:
+        problems = [f"unknown parameter {name!r}{suggest([name], keys)}" for name in unknown]
+        raise ParameterError(problems_message(chapter, problems))
+    values = {name: _from_text(name, namespace[name], keys) for name in sorted(given) if name in keys}
+    profile, run = values.pop("profile", None), values.pop("run", None)
+    root = project_root()
+    for name, layer in ((profile, "profile"), (run, "run")):
+        if not isinstance(name, (str, type(None))):
+            raise ParameterError(problems_message(chapter, [f"{layer} must be str, got {name!r}"]))
+    for path in (profile_path(profile or defaults(chapter)["profile"], root),
+                 run_file(chapter, run, root) if chapter == "train" else None):
+        own = read_yaml(path) if path is not None and path.is_file() else {}
+        if own and all(values.get(k, _MISSING) == v for k, v in own.items() if k in keys and k not in SELECTORS):
+            values = {k: v for k, v in values.items() if k not in own}  # that file passed whole with -f
+    return chapter_values(chapter, profile, run, values, root)
+
+
+_MISSING = object()
+
+
+def _from_text(name: str, value: Any, keys: dict) -> Any:
+    """``value`` read as YAML when it is text and ``name`` takes no text (papermill's ``-p seeds '[0,1]'``, ``-p
+    download true``); otherwise as given, for the checks to judge."""
+    types = keys[name][0]
+    if not isinstance(value, str) or str in types:
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return parsed if isinstance(parsed, types) or (float in types and isinstance(parsed, int)) else value
+
+
