@@ -29,11 +29,15 @@ demo: setup  ## the smallest end-to-end run (tiny profile: every chapter, tasks 
 pack: setup  ## the finished report for DATA as one zip to hand over (pages, tables, figures; no checkpoints)
 	$(PY) -m isic_utils pack --data $(DATA)
 
-test: setup  ## every behaviour, fast (the inner loop): all tests but the slow end-to-end tier
-	$(PY) -m pytest -q -m "not slow" --durations=15
+# Two test processes of one compute thread each (tests/conftest.py), a file per process: a third faster on two cores.
+TEST_JOBS ?= 2
+PYTEST := $(PY) -m pytest -q --durations=15 $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
+
+test: setup  ## every behaviour, fast (the inner loop): all tests but the slow end-to-end tier (TEST_JOBS=1: one process)
+	$(PYTEST) -m "not slow"
 
 test-all: setup  ## everything, the slow end-to-end runs included (papermill chapters, the GPU-check rehearsal): what CI runs
-	$(PY) -m pytest -q --durations=15
+	$(PYTEST)
 
 bench: setup  ## speed benchmark: naive vs this project's pipeline, same data, one run
 	$(PY) benchmarks/bench_training.py

@@ -17,6 +17,10 @@ from isic_utils.synthetic import make_synthetic_isic
 from isic_utils.training import fit
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # tests in two worker processes on two cores: one compute thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # (two processes of two threads slow each other several times over), and
+    torch.set_num_threads(1)  # the kernels and processes the tests start inherit it
 SAMPLE_DIR = os.environ.get("ISIC_SAMPLE_DIR")
 WEIGHTS = os.environ.get("ISIC_ENCODER_WEIGHTS")
 
