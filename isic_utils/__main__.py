@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -80,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warning: {path} names a folder of this machine (a data_dir or weights path given as an "
                       "absolute path?)", file=sys.stderr)
         else:
-            from .predict import predict_folder
+            from .predict import CONFIDENCE_FILE, confidence_summary, predict_folder
 
             written = predict_folder(args.checkpoint, args.input, args.output, args.overlays, args.tta,
                                      args.postprocess, args.overwrite)
             print(f"wrote {len(written)} masks to {args.output}")
+            print(confidence_summary(Path(args.output) / CONFIDENCE_FILE))
     except (ParameterError, ChapterFailed, DataError, CheckpointMismatch, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -94,6 +94,16 @@ def best_state(weights: dict, meta: dict, epoch: int, val_iou: float, fingerprin
     return {"model": weights, "meta": meta, "epoch": epoch, "val_iou_mean": val_iou, "config": fingerprint}
 
 
+def record_calibration(best_path: Path, calibration: dict, kept: tuple[str, ...]) -> None:
+    """Write the ``kept`` keys of a run's calibration (chosen on validation after training) into ``best.pt``'s meta,
+    so that ``predict`` applies the same temperature, confidence and flagging threshold."""
+    state = load_checkpoint(best_path)
+    recorded = {key: calibration[key] for key in kept}
+    if state["meta"].get("calibration") != recorded:
+        state["meta"]["calibration"] = recorded
+        save(state, best_path)
+
+
 def mend_best(state: dict, model: SegmentationModel, fingerprint: dict, config: TrainConfig, best_path: Path) -> None:
     """A run killed between writing ``last.pt`` and ``best.pt`` left ``best.pt`` one improvement behind the history:
     the best epoch is then the last one trained, whose weights ``last.pt`` holds; write them as ``best.pt``."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import metrics
+from . import checkpoints, confidence, metrics
 from .data import ReportData, load_report_data
 from .devices import resolve_device, set_threads
 from .features import FeatureStore
@@ -187,9 +187,12 @@ def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult
     for seed, counts, val_counts in zip(seeds, challenge, challenge_val):
         result, weights, note = trained[seed]
         seed_dir = run_dir / f"seed{seed}"
-        save_table(metrics.per_image_table(counts, data.test.ids, data.test.sizes), run_dir, f"per_image_test_seed{seed}")
-        save_table(metrics.per_image_table(val_counts, data.val.ids, data.val.sizes), run_dir,
-                   f"per_image_val_seed{seed}")
+        test_table = metrics.per_image_table(counts, data.test.ids, data.test.sizes)
+        val_table = metrics.per_image_table(val_counts, data.val.ids, data.val.sizes)
+        calibration = _calibrate(result, data, val_table, test_table)
+        checkpoints.record_calibration(seed_dir / "best.pt", calibration, confidence.IN_CHECKPOINT)
+        save_table(test_table, run_dir, f"per_image_test_seed{seed}")
+        save_table(val_table, run_dir, f"per_image_val_seed{seed}")
         with atomic_path(seed_dir / "test_probabilities.pt") as tmp:
             torch.save(result.test.probabilities, tmp)
         with atomic_path(seed_dir / "history.csv") as tmp:
@@ -202,11 +205,26 @@ def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult
             "precision": result.precision, "feature_cache": result.used_feature_cache,
             "train_minutes": float(result.history["epoch_seconds"].sum()) / 60,  # the epochs' time: a resume adds none
             "trained_on": result.trained_on,
-            "encoder_weights": weights, "weights_note": note,
+            "encoder_weights": weights, "weights_note": note, "calibration": calibration,
         })
     model, _ = make_model(params, seeds[0])
     with locked(run_dir):
         return _merge_seeds(params, data, run_dir, key, model, fits)
+
+
+def _calibrate(result: FitResult, data: ReportData, val_table: pd.DataFrame, test_table: pd.DataFrame) -> dict:
+    """Choose the temperature, the confidence and its flagging threshold on validation (``confidence``); add each
+    image's ``confidence`` to both per-image tables; the calibration, with the test pixels' ECE before and after."""
+    calibration = confidence.fit_calibration(result.val.probabilities, data.val.masks, val_table["iou"])
+    val_table["confidence"] = confidence.scores(result.val.probabilities, calibration)
+    test_table["confidence"] = confidence.scores(result.test.probabilities, calibration)
+    calibration["ece_test"] = confidence.expected_calibration_error(result.test.probabilities, data.test.masks)
+    calibration["ece_test_calibrated"] = confidence.expected_calibration_error(
+        confidence.calibrated(result.test.probabilities, calibration["temperature"]), data.test.masks)
+    calibration["mask_pixels_changed"] = int(  # what a temperature does to the masks: nothing, and measured so
+        ((confidence.calibrated(result.test.probabilities, calibration["temperature"]) > 0.5)
+         != (result.test.probabilities > 0.5)).sum())
+    return calibration
 
 
 SEED_RESULTS = ("result.json", "history.csv", "test_probabilities.pt")  # written once a seed is trained and scored

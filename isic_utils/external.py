@@ -11,13 +11,13 @@ chapter shows what they buy whatever the run chose.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from . import metrics
+from . import confidence, metrics
 from .decoding import DecodedSplit, decode_pairs
 from .experiments import SavedRun, data_root, load_run, prepare_data
 from .files import save_table, shown_path
@@ -98,6 +98,7 @@ class Scored:
     own: tuple[str, str]  # the options the run itself uses
     tables: dict[tuple[int, str, str], pd.DataFrame]
     probabilities: dict[int, torch.Tensor]  # per seed, with the run's own test-time flips (for figures)
+    calibrations: dict[int, dict] = field(default_factory=dict)  # per seed, what its best.pt says (confidence)
 
     def own_tables(self) -> dict[int, pd.DataFrame]:
         return {seed: table for (seed, tta, post), table in self.tables.items() if (tta, post) == self.own}
@@ -113,17 +114,20 @@ def score_split(run: SavedRun, split: DecodedSplit, name: str) -> Scored:
     """Every seed's selected checkpoint (``best.pt``) on ``split`` at original size, with and without test-time
     flips and post-processing (the run's own colour constancy always: its model was trained on such images)."""
     params = run.info["params"]
-    tables, kept = {}, {}
+    tables, kept, calibrations = {}, {}, {}
     own = (params.get("tta", "none"), params.get("postprocess", "none"))
     for seed in run.seeds["seed"].astype(int):
         model, meta = load_trained(run.run_dir / f"seed{seed}" / "best.pt")
+        calibrations[int(seed)] = meta.get("calibration") or {}
         probabilities = {tta: predicted_probabilities(model, meta, split.images, tta) for tta in ("none", "flips")}
+        trust = {tta: confidence.scores(p, calibrations[int(seed)]) for tta, p in probabilities.items()}
         maps = [probabilities[tta] for tta, _ in INFERENCE_OPTIONS]
         counts = metrics.original_size_counts(maps, split, postprocess=[post for _, post in INFERENCE_OPTIONS])
         for (tta, post), c in zip(INFERENCE_OPTIONS, counts):
             tables[(seed, tta, post)] = metrics.per_image_table(c, split.ids, split.sizes)
+            tables[(seed, tta, post)]["confidence"] = trust[tta]
         kept[int(seed)] = probabilities[own[0]]
-    return Scored(run.name, name, own, tables, kept)
+    return Scored(run.name, name, own, tables, kept, calibrations)
 
 
 def _mean(tables: dict[int, pd.DataFrame], metric: str) -> float:
@@ -139,9 +143,10 @@ def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bo
 
     Returns ``{"sets": [ExternalSet...], "skipped": [notes], "scored": {(run, split): Scored},
     "splits": {(split, size): DecodedSplit}, "table": ..., "gap": ..., "options": ...}``. Tables (under ``out_dir``):
-    ``per_image_<set>_<run>_seed<k>`` (the run's own options), ``external`` (each run's scores on the ISIC test set
-    and each set), ``gap`` (each set minus the ISIC test set), ``inference_options`` (validation and each set,
-    every combination of test-time flips and post-processing).
+    ``per_image_<set>_<run>_seed<k>`` (the run's own options, with each image's confidence), ``external`` (each
+    run's scores on the ISIC test set and each set), ``gap`` (each set minus the ISIC test set), ``inference_options``
+    (validation and each set, every combination of test-time flips and post-processing), ``confidence`` (how each
+    seed's confidence flags the set's failures at the threshold it chose on validation).
     """
     sets = external_sets(params)
     present = [s for s in sets if s.found]
@@ -150,7 +155,7 @@ def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bo
     saved = {name: load_run(params["output_dir"], name) for name in runs}
     splits: dict[tuple[str, int], DecodedSplit] = {}
     scored: dict[tuple[str, str], Scored] = {}
-    rows, option_rows = [], []
+    rows, option_rows, trust_rows = [], [], []
     for name, run in saved.items():
         run_params = run.info["params"]
         size = int(run_params["image_size"])
@@ -179,13 +184,18 @@ def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bo
             own = result.own_tables()
             for seed, table in own.items():
                 save_table(table, out_dir, f"per_image_{split_name}_{name}_seed{seed}")
+                flag_below = result.calibrations[seed].get("flag_below")
+                if flag_below is not None:
+                    trust_rows.append({"run": name, "set": split_name, "seed": seed,
+                                       **confidence.assessment(table["confidence"], table["iou"], flag_below)})
             rows.append({"run": name, "data": split_name, "images": len(next(iter(own.values()))), "seeds": len(own),
                          **{label: _mean(own, metric) for metric, label in SUMMARY_METRICS.items()}})
     table = save_table(pd.DataFrame(rows), out_dir, "external")
     gap = save_table(gap_table(table), out_dir, "gap")
     options = save_table(pd.DataFrame(option_rows), out_dir, "inference_options")
+    trust = save_table(pd.DataFrame(trust_rows), out_dir, "confidence")
     return {"sets": sets, "skipped": skipped, "scored": scored, "splits": splits, "table": table, "gap": gap,
-            "options": options, "runs": saved}
+            "options": options, "runs": saved, "confidence": trust}
 
 
 def gap_table(table: pd.DataFrame) -> pd.DataFrame:

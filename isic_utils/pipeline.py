@@ -35,6 +35,7 @@ from .files import (
     write_json,
     write_text,
 )
+from .gallery import GALLERY
 from .model import resolve_weights
 
 NOTEBOOKS = {"eda": "01_eda.ipynb", "train": "02_train.ipynb", "compare": "04_compare.ipynb",
@@ -374,6 +375,9 @@ def write_index(out_dir: Path, steps: list[Step], resolved: dict, state: dict) -
         timing = f" ({seconds / 60:.1f} min)" if seconds is not None else ""
         links = (f'<a href="{reader_name(step.name)}">read</a> · <a href="{step.name}.html">with code</a> · '
                  f'<a href="{step.name}.ipynb">notebook</a>')
+        for page in sorted((out_dir / step.name).glob(GALLERY.replace(".html", "*.html"))):
+            label = page.stem.removeprefix(GALLERY.removesuffix(".html")).strip("_") or "every prediction"
+            links += f' · <a href="{step.name}/{page.name}">{html.escape(label)}</a>'
         finding = report.chapter_finding(out_dir, step.name, step.chapter)
         found.append(f"<li><b>{html.escape(step.name)}</b> — {html.escape(finding)} <small>({links})</small></li>")
         extras = []

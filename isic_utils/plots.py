@@ -12,7 +12,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from . import external, failures, metrics, transforms
+from . import confidence, external, failures, metrics, transforms
 from .decoding import DecodedSplit
 from .experiments import RunResult, SavedRun, prepare_data
 from .files import atomic_path
@@ -346,3 +346,28 @@ def external_figures(result: dict, out_dir: str | Path) -> dict[str, object]:
     for key, fig in figures.items():
         save_figure(fig, out_dir, key)
     return figures
+
+
+def reliability_figure(result: RunResult):
+    """Reliability diagram of the lowest seed's pixel probabilities (validation where this call scored it, and the
+    test set), before and after the temperature it fitted on validation: observed lesion share per predicted bin."""
+    seed = int(result.results[0]["seed"])
+    temperature = result.results[0].get("calibration", {}).get("temperature", 1.0)
+    sets = {"test": (result.probabilities, result.data.test.masks)}
+    if seed in result.fits:
+        sets = {"validation": (result.fits[seed].val.probabilities, result.data.val.masks), **sets}
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 4), squeeze=False)
+    for ax, (label, (p, masks)) in zip(axes[0], sets.items()):
+        ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="calibrated")
+        shown = {"as trained": p} if temperature == 1.0 else {"as trained": p, f"T = {temperature:.2f}":
+                                                                confidence.calibrated(p, temperature)}
+        for name, probs in shown.items():
+            table = confidence.reliability(probs, masks)
+            ece = confidence.expected_calibration_error(probs, masks)
+            ax.plot(table["predicted"], table["observed"], marker="o", label=f"{name} (ECE {ece:.3f})")
+        ax.set(xlabel="predicted lesion probability", ylabel="observed lesion share", title=f"{result.name}: {label}",
+               xlim=(0, 1), ylim=(0, 1))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, result.run_dir, "reliability")
+    return fig

@@ -1,7 +1,9 @@
 """Apply a trained checkpoint to new images: one binary mask per image at the image's original size.
 
 ``python -m isic_utils predict --checkpoint RUN_DIR/seed0/best.pt --input DIR --output DIR [--overlays]``
-writes ``<stem>_Segmentation.png`` (0/255, the ISIC naming) for every JPEG/PNG in ``--input``.
+writes ``<stem>_Segmentation.png`` (0/255, the ISIC naming) for every JPEG/PNG in ``--input``, and
+``confidence.csv``: each mask's confidence (from the model's probabilities alone, as the run chose it on validation)
+and whether it falls under the run's threshold for "check this one by hand".
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
+from . import confidence
 from .decoding import decode_pairs, read_image, read_mask
 from .files import atomic_path
 from .inference import load_trained, predicted_probabilities
@@ -19,6 +23,8 @@ from .metrics import confusion_counts, full_size_mask, original_size_counts
 from .sources import EXTERNAL_IMAGE_SUFFIXES, DataError
 
 NOT_INPUTS = ("_Segmentation", "_superpixels", "_lesion", "_overlay")  # masks, and the overlays predict writes
+CONFIDENCE_FILE = "confidence.csv"
+CHECK = "check by hand"
 
 
 def load_predictor(checkpoint: str | Path) -> tuple[torch.nn.Module, dict]:
@@ -59,7 +65,9 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
         raise DataError(f"no .jpg/.jpeg/.png/.bmp/.tif images in {input_dir}. Point --input at a folder of images.")
     _refuse_collisions(files, output_dir, overlays, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    calibration = meta.get("calibration") or {}
+    flag_below = calibration.get("flag_below")
+    written, rows = [], []
     for path in files:
         image, (width, height) = read_image(path, meta["image_size"])
         probabilities = predict_probabilities(model, meta, image.unsqueeze(0), tta)
@@ -69,15 +77,43 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
         with atomic_path(target) as tmp:
             Image.fromarray(mask).save(tmp, format="PNG")
         written.append(target)
+        score = float(confidence.scores(probabilities, calibration)[0])
+        flagged = flag_below is not None and score < flag_below
+        rows.append({"image": path.name, "mask": target.name, "confidence": round(score, 4),
+                     "flag_below": flag_below, "flag": CHECK if flagged else ""})
         if overlays:
-            original, _ = read_image(path, None)
-            picture = original.permute(1, 2, 0).numpy().astype(np.float32)
-            tint = np.zeros_like(picture)
-            tint[..., 1] = 255
-            picture = np.where(mask[..., None] > 0, 0.6 * picture + 0.4 * tint, picture)
-            with atomic_path(output_dir / f"{path.stem}_overlay.jpg") as tmp:
-                Image.fromarray(picture.astype(np.uint8)).save(tmp, format="JPEG", quality=90)
+            _write_overlay(path, mask, f"confidence {score:.2f}" + (f" - {CHECK}" if flagged else ""),
+                           output_dir / f"{path.stem}_overlay.jpg")
+    with atomic_path(output_dir / CONFIDENCE_FILE) as tmp:  # flag_below: the run's threshold, chosen on validation
+        pd.DataFrame(rows).to_csv(tmp, index=False)
     return written
+
+
+def confidence_summary(path: Path) -> str:
+    """One line on what ``confidence.csv`` says: how many masks to check by hand, under which threshold."""
+    table = pd.read_csv(path)
+    flagged = int((table["flag"] == CHECK).sum())
+    threshold = table["flag_below"].iloc[0] if len(table) else float("nan")
+    if pd.isna(threshold):
+        return (f"{path}: each mask's confidence; this checkpoint has no threshold chosen on validation (trained "
+                "before it), so none is flagged")
+    return f"{path}: {flagged} of {len(table)} masks to check by hand (confidence below {threshold:.3f})"
+
+
+def _write_overlay(path: Path, mask: np.ndarray, caption: str, target: Path) -> None:
+    """The image with the mask tinted green and ``caption`` (the confidence, and the flag) written on it."""
+    original, _ = read_image(path, None)
+    picture = original.permute(1, 2, 0).numpy().astype(np.float32)
+    tint = np.zeros_like(picture)
+    tint[..., 1] = 255
+    picture = Image.fromarray(np.where(mask[..., None] > 0, 0.6 * picture + 0.4 * tint, picture).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=max(12, picture.height // 25))
+    left, top, right, bottom = draw.textbbox((8, 8), caption, font=font)
+    draw.rectangle((left - 4, top - 4, right + 4, bottom + 4), fill=(0, 0, 0))
+    draw.text((8, 8), caption, fill=(255, 80, 80) if CHECK in caption else (255, 255, 255), font=font)
+    with atomic_path(target) as tmp:
+        picture.save(tmp, format="JPEG", quality=90)
 
 
 def _refuse_collisions(files: list[Path], output_dir: Path, overlays: bool, overwrite: bool) -> None:
@@ -94,6 +130,7 @@ def _refuse_collisions(files: list[Path], output_dir: Path, overlays: bool, over
         return
     targets = [output_dir / f"{p.stem}_Segmentation.png" for p in files]
     targets += [output_dir / f"{p.stem}_overlay.jpg" for p in files] if overlays else []
+    targets.append(output_dir / CONFIDENCE_FILE)
     existing = [t for t in targets if t.exists()]
     if existing:
         raise DataError(f"{len(existing)} file(s) that predict would write exist already in {output_dir} (e.g. "

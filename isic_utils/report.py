@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import failures
+from . import failures, gallery, plots, trust
 from .eda import check_alignment
-from .experiments import RunResult
+from .experiments import RunResult, SavedRun, prepare_data
 from .files import save_table, write_text
+from .gallery import GALLERY
 from .model import IMAGENET_MEAN, IMAGENET_STD, count_parameters
 
 # The student report's printed results (its Tables 2, 6 and 9), reproduced for comparison only.
@@ -204,6 +205,64 @@ def run_tables(run: RunResult) -> dict[str, pd.DataFrame]:
                                             parameter_table(run.model, "whole model")], ignore_index=True),
                                  run.run_dir, "parameters"),
     }
+
+
+def trust_tables(run: RunResult) -> dict:
+    """The training chapter's "which masks to trust": the confidence (how it flags failures on validation and the
+    test set), its candidates' validation ρ, the calibration, saved under the run's ``tables/``; the run's gallery
+    page (``<run>/gallery.html``) written; the reading."""
+    seed = int(run.results[0]["seed"])
+    tables = {"confidence": save_table(trust.confidence_table(run.run_dir, run.name), run.run_dir, "confidence"),
+              "candidates": save_table(trust.candidates_table(run.run_dir, run.name), run.run_dir,
+                                       "confidence_candidates"),
+              "calibration": save_table(trust.calibration_table(run.run_dir, run.name), run.run_dir, "calibration")}
+    flag = trust.calibrations(run.run_dir).get(seed, {}).get("flag_below")
+    trust.run_gallery(run.run_dir / GALLERY, run.name, run.data.test, plots.as_scored(run.probabilities, run.params),
+                      run.per_image[seed], flag)
+    tables["reading"] = trust.reading(tables["confidence"], tables["calibration"])
+    tables["link"] = (f"**[Every test prediction of {run.name}]({run.name}/{GALLERY})** — a page of thumbnails "
+                      "sortable by JA, confidence and lesion size.")
+    return tables
+
+
+def compare_trust(params: dict, runs: dict[str, SavedRun], out_dir: Path) -> dict:
+    """The comparison chapter's "which masks to trust": every run's confidence and calibration tables side by side
+    (saved in ``out_dir/tables``) and the gallery of every test image predicted by every run (``compare/gallery.html``)."""
+    confidence = pd.concat([trust.confidence_table(r.run_dir, n) for n, r in runs.items()], ignore_index=True)
+    calibration = pd.concat([trust.calibration_table(r.run_dir, n) for n, r in runs.items()], ignore_index=True)
+    test = prepare_data(params, progress=False).test
+    trust.compare_gallery(out_dir / GALLERY, test, runs,
+                          {n: plots.as_scored(r.probabilities, r.info["params"]) for n, r in runs.items()})
+    return {"confidence": save_table(confidence, out_dir, "confidence"),
+            "calibration": save_table(calibration, out_dir, "calibration"),
+            "reading": trust.reading(confidence, calibration),
+            "link": f"**[Every test prediction, run by run]({out_dir.name}/{GALLERY})**"}
+
+
+def external_galleries(result: dict, out_dir: Path) -> str:
+    """Chapter 3's galleries: for each external set scored, every image with each run's prediction (lowest seed,
+    its own options) as ``gallery_<set>.html`` in ``out_dir``; returns the Markdown links."""
+    links = []
+    for external in (s for s in result["sets"] if s.found):
+        entries, split = {}, None
+        for name, run in result["runs"].items():
+            scored = result["scored"][(name, external.name)]
+            seed = min(scored.probabilities)
+            split = result["splits"][(external.name, int(run.info["params"]["image_size"]))]
+            entries[name] = {"masks": plots.as_scored(scored.probabilities[seed], run.info["params"]),
+                             "table": failures.per_image_frame(scored.own_tables()[seed]),
+                             "flag_below": scored.calibrations[seed].get("flag_below")}
+        page = out_dir / f"{GALLERY.removesuffix('.html')}_{_slug(external.name)}.html"
+        gallery.write_gallery(page, f"{external.name} — every prediction, run by run",
+                              f"Every image of {html.escape(external.name)}, one thumbnail per run: JA and the run's "
+                              "confidence (chosen on ISIC validation, never on this set).",
+                              split.images, split.masks, split.ids, entries)
+        links.append(f"**[Every {external.name} prediction]({out_dir.name}/{page.name})**")
+    return " · ".join(links) or "No external set scored: no gallery."
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
 
 # ----------------------------------------------------------------------------- the index page: the answer first

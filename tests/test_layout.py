@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "isic_utils"
 
 # Bottom to top: a module may import only modules listed before it.
-LAYERS = ["files", "sources", "decoding", "transforms", "data", "eda", "synthetic", "metrics", "model", "params",
-          "notebook", "devices", "inference", "features", "checkpoints", "training", "experiments", "failures",
+LAYERS = ["files", "sources", "decoding", "transforms", "data", "eda", "synthetic", "metrics", "confidence", "gallery", "model", "params",
+          "notebook", "devices", "inference", "features", "checkpoints", "training", "experiments", "failures", "trust",
           "external", "generalisation", "comparison", "plots", "report", "pipeline", "handover", "predict", "__main__"]
 
 
@@ -165,3 +165,13 @@ def test_the_readme_layout_names_every_module():
     layout = readme[readme.index("## Layout"):]
     for module in LAYERS:
         assert f"`{module}`" in layout, module
+
+
+def test_every_notebook_is_valid_and_every_cell_has_its_id():
+    """nbformat 4.5 cells carry an id: a cell added without one makes every run warn (and future nbformat refuse)."""
+    import nbformat
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        raw = json.loads(path.read_text())
+        assert all("id" in cell for cell in raw["cells"]), f"{path.name}: a cell without an id (write it with nbformat)"
+        nbformat.validate(nbformat.reads(path.read_text(), as_version=4))

@@ -93,7 +93,7 @@ def test_predict_again_replaces_only_with_overwrite(trained_run, images, tmp_pat
                  str(tmp_path / "out"), "--overlays"]
     assert main(arguments) == 0
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
-    assert len(stamps) == 4
+    assert len(stamps) == 5  # two masks, two overlays, confidence.csv
     assert main(arguments) == 1  # refused: nothing rewritten
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == stamps
     assert main(arguments + ["--overwrite"]) == 0
