@@ -1,6 +1,7 @@
 """Command line: ``python -m isic_utils report``, ``python -m isic_utils predict``,
-``python -m isic_utils options`` (what each generalisation option of task 3 buys) and ``python -m isic_utils pack``
-(the finished report as one zip to hand over)."""
+``python -m isic_utils options`` (what each generalisation option of task 3 buys), ``python -m isic_utils adapt`` (a
+trained checkpoint adapted to another clinic's images) and ``python -m isic_utils pack`` (the finished report as one
+zip to hand over)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,16 @@ def main(argv: list[str] | None = None) -> int:
                                              "checkpoints, no caches)")
     pack.add_argument("--data", default="synthetic", help="data profile whose report to pack (default: synthetic)")
     pack.add_argument("--output", help="the zip to write (default: outputs/<profile>-report.zip)")
+    adapt = commands.add_parser("adapt", help="adapt a checkpoint to another clinic: batch-norm statistics from its "
+                                              "images (no labels), or fine-tuned on k labelled cases (--masks)")
+    adapt.add_argument("--checkpoint", required=True, help="a best.pt from a training run")
+    adapt.add_argument("--images", required=True, help="folder of the clinic's images")
+    adapt.add_argument("--masks", help="folder of their masks (<id>_Segmentation.png, <id>_lesion.bmp, <id>.png): "
+                                       "fine-tune on labelled cases")
+    adapt.add_argument("--k", type=int, help="labelled cases to fine-tune on (default: all)")
+    adapt.add_argument("--seed", type=int, default=0, help="which k cases are drawn, and the fine-tune's seed")
+    adapt.add_argument("--output", help="the adapted checkpoint (default: beside --checkpoint)")
+    adapt.add_argument("--overwrite", action="store_true", help="replace --output if it exists (refused otherwise)")
     args = parser.parse_args(argv)
 
     from .inference import CheckpointMismatch
@@ -80,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
             for path in named:
                 print(f"warning: {path} names a folder of this machine (a data_dir or weights path given as an "
                       "absolute path?)", file=sys.stderr)
+        elif args.command == "adapt":
+            from .adaptation import adapt_checkpoint
+
+            target, adapted = adapt_checkpoint(args.checkpoint, args.images, args.masks, args.k, args.seed,
+                                               args.output, args.overwrite)
+            how = ("batch-norm statistics from" if adapted["method"] == "batchnorm" else "fine-tuned on")
+            print(f"wrote {target}: {how} {adapted['cases']} case(s) of {adapted['from']}; apply it with predict "
+                  f"--checkpoint {target}")
         else:
             from .predict import CONFIDENCE_FILE, confidence_summary, predict_folder
 

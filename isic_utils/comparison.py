@@ -8,6 +8,7 @@ import pandas as pd
 
 from . import failures
 from .experiments import SavedRun
+from .metrics import seed_spread
 
 SPREAD_COLUMNS = {
     "test_iou_mean_orig": "JA / IoU (mean per image, original size)",
@@ -72,6 +73,11 @@ def wilcoxon_table(runs: dict[str, SavedRun], metric: str = "iou") -> pd.DataFra
             if len(common) > 1:
                 row["p-value, worst single seed"] = max(
                     _paired_wilcoxon(by_id(runs[a].per_image[s]), by_id(runs[b].per_image[s]))[2] for s in common)
+            spread = seed_spread(by_id(runs[b].per_image[s]).mean() - by_id(runs[a].per_image[s]).mean()
+                                 for s in common)
+            row["B − A per seed (mean ± std)"] = (f"{spread['mean']:+.4f} ± {spread['std']:.4f}"
+                                                  if spread["seeds"] > 1 else f"{spread['mean']:+.4f}")
+            row["against the seed spread"] = spread["verdict"]
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -155,7 +155,7 @@ def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bo
     saved = {name: load_run(params["output_dir"], name) for name in runs}
     splits: dict[tuple[str, int], DecodedSplit] = {}
     scored: dict[tuple[str, str], Scored] = {}
-    rows, option_rows, trust_rows = [], [], []
+    rows, option_rows, trust_rows, gaps = [], [], [], []
     for name, run in saved.items():
         run_params = run.info["params"]
         size = int(run_params["image_size"])
@@ -190,17 +190,22 @@ def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bo
                                        **confidence.assessment(table["confidence"], table["iou"], flag_below)})
             rows.append({"run": name, "data": split_name, "images": len(next(iter(own.values()))), "seeds": len(own),
                          **{label: _mean(own, metric) for metric, label in SUMMARY_METRICS.items()}})
+            for seed, table in own.items():  # each seed's gap, against the same seed's ISIC test score
+                if seed in test:
+                    gaps.append({"run": name, "external set": split_name, "seed": seed,
+                                 "JA gap": float(table["iou"].mean() - test[seed]["iou"].mean())})
     table = save_table(pd.DataFrame(rows), out_dir, "external")
-    gap = save_table(gap_table(table), out_dir, "gap")
+    gap = save_table(gap_table(table, pd.DataFrame(gaps)), out_dir, "gap")
     options = save_table(pd.DataFrame(option_rows), out_dir, "inference_options")
     trust = save_table(pd.DataFrame(trust_rows), out_dir, "confidence")
     return {"sets": sets, "skipped": skipped, "scored": scored, "splits": splits, "table": table, "gap": gap,
             "options": options, "runs": saved, "confidence": trust}
 
 
-def gap_table(table: pd.DataFrame) -> pd.DataFrame:
+def gap_table(table: pd.DataFrame, seed_gaps: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per run and external set: JA / Dice / accuracy on the ISIC test set, on the set, and the gap
-    (set − test; negative: the run does worse on the other source)."""
+    (set − test; negative: the run does worse on the other source); with ``seed_gaps`` (one JA gap per seed), the
+    gap's std over seeds and whether it stands out of that spread (``metrics.seed_spread``)."""
     rows = []
     if table.empty:
         return pd.DataFrame(columns=GAP_COLUMNS)
@@ -212,6 +217,12 @@ def gap_table(table: pd.DataFrame) -> pd.DataFrame:
                 row[f"{label} ISIC test"] = test[label]
                 row[f"{label} {other['data']}"] = other[label]
                 row[f"{label} gap"] = other[label] - test[label]
+            if seed_gaps is not None and not seed_gaps.empty:
+                chosen = seed_gaps[(seed_gaps["run"] == run) & (seed_gaps["external set"] == other["data"])]
+                spread = metrics.seed_spread(chosen["JA gap"])
+                row["seeds"] = spread["seeds"]
+                row["JA gap std over seeds"] = spread["std"]
+                row["JA gap against the seed spread"] = spread["verdict"]
             rows.append(row)
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=GAP_COLUMNS)
 
@@ -251,3 +262,16 @@ def worst_external(result: dict, run: str, split_name: str, k: int = 6) -> tuple
     scored = result["scored"][(run, split_name)]
     seed = min(scored.own_tables())
     return split, scored.probabilities[seed], scored.own_tables()[seed]
+
+
+def area_frames(result: dict) -> dict[tuple[str, str], pd.DataFrame]:
+    """Each run's per-image tables (lowest seed, its own options) on the ISIC test set and on each external set
+    scored, keyed by (run, set): what the area-ratio table and figure read."""
+    frames = {}
+    for name, run in result["runs"].items():
+        seed = int(run.seeds["seed"].min())
+        frames[(name, TEST_NAME)] = run.per_image[seed]
+        for (scored_run, split), scored in result["scored"].items():
+            if scored_run == name and split != "validation":
+                frames[(name, split)] = scored.own_tables()[seed]
+    return frames

@@ -83,3 +83,28 @@ def reading(frames: dict[str, pd.DataFrame]) -> str:
                  f"of the image).")
         lines.append(line)
     return "\n".join(lines)
+
+
+OVER, UNDER = 1.3, 1 / 1.3  # a predicted mask this much larger (smaller) than the ground truth over- (under-)segments
+
+
+def area_ratio(per_image: pd.DataFrame) -> pd.Series:
+    """Each image's predicted-to-true lesion area, (TP + FP) / (TP + FN) at original size; NaN where the ground
+    truth is empty (no ratio to speak of)."""
+    true = per_image["tp"] + per_image["fn"]
+    return ((per_image["tp"] + per_image["fp"]) / true.where(true > 0)).rename("area ratio")
+
+
+def area_ratio_table(frames: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
+    """One row per (run, set): images, the median predicted-to-true area ratio, the share of masks over ``OVER``×
+    and under ``UNDER``× the ground truth's area, and what that says (over- or under-segments, or neither)."""
+    rows = []
+    for (run, data), table in frames.items():
+        ratio = area_ratio(table).dropna()
+        median = float(ratio.median()) if len(ratio) else float("nan")
+        over, under = float((ratio > OVER).mean()), float((ratio < UNDER).mean())
+        verdict = ("over-segments" if median > 1.1 and over > under else
+                   "under-segments" if median < 0.9 and under > over else "neither, on the whole")
+        rows.append({"run": run, "data": data, "images": int(len(ratio)), "median area ratio": median,
+                     f"> {OVER}×": f"{over:.0%}", f"< {UNDER:.2f}×": f"{under:.0%}", "reading": verdict})
+    return pd.DataFrame(rows)

@@ -141,3 +141,21 @@ def original_size_counts(probabilities, data_split, threshold: float = 0.5, post
             store.append(confusion_counts(predicted.float(), mask, 0.5))
     joined = [torch.cat(store) for store in counts]
     return joined if several else joined[0]
+
+
+MIN_SEEDS = 3  # a difference is judged against the training's own spread only with at least this many seeds
+
+
+def seed_spread(differences) -> dict:
+    """A difference measured once per training seed (seed k of one against seed k of the other): its mean, its std
+    over seeds, and whether it stands out of that spread — the mean more than twice the std away from 0 — which is
+    judged only with ``MIN_SEEDS`` seeds or more."""
+    values = np.asarray(list(differences), float)
+    mean = float(values.mean()) if len(values) else float("nan")
+    std = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+    if len(values) < MIN_SEEDS:
+        verdict = f"one seed's difference: needs ≥ {MIN_SEEDS} seeds" if len(values) == 1 else \
+            f"{len(values)} seeds: needs ≥ {MIN_SEEDS}"
+    else:
+        verdict = "beyond the seed spread" if abs(mean) > 2 * std else "within the seed spread"
+    return {"mean": mean, "std": std, "seeds": int(len(values)), "verdict": verdict}

@@ -74,6 +74,10 @@ CHAPTER_KEYS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "runs": ((list,), ["task1", "task2"]),
         "external": ((list,), []),  # sets from another source: see EXTERNAL_KEYS and the profiles
         "n_samples": ((int,), 6),
+        "adapt_runs": ((list,), ["task2", "task3"]),  # runs adapted to each external set (those trained)
+        "adapt_k": ((list,), [5, 10, 25]),  # labelled cases to fine-tune on (capped at half the set: the pool)
+        "adapt_seeds": ((list,), [0, 1, 2]),  # draws of the k cases (and fine-tune seeds)
+        "adapt_steps": ((int,), 40),  # fine-tune steps per draw
     },
     "compare": {
         "runs": ((list,), ["task1", "task2"]),

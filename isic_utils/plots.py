@@ -371,3 +371,37 @@ def reliability_figure(result: RunResult):
     fig.tight_layout()
     save_figure(fig, result.run_dir, "reliability")
     return fig
+
+
+def area_ratio_figure(frames: dict[tuple[str, str], pd.DataFrame]):
+    """Each image's predicted-to-true lesion area (log scale), per set and run: above 1 a run over-segments."""
+    rows = [pd.DataFrame({"run": run, "data": data, "area ratio": failures.area_ratio(table)}).dropna()
+            for (run, data), table in frames.items()]
+    long = pd.concat(rows, ignore_index=True)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    sns.boxplot(data=long, x="data", y="area ratio", hue="run", ax=ax, fliersize=2, log_scale=True)
+    for level, style in ((1.0, "-"), (failures.OVER, ":"), (failures.UNDER, ":")):
+        ax.axhline(level, color="grey", lw=1, ls=style)
+    ax.set(xlabel="", ylabel="predicted / true lesion area", title="area ratio per image (dotted: 1.3× and 1/1.3×)")
+    fig.tight_layout()
+    return fig
+
+
+def learning_curve_figure(summary: pd.DataFrame):
+    """JA on the clinic's held-out cases against k labelled cases fine-tuned on (mean ± std over draws), one line per
+    run and set; k = 0 is the run as trained (dot) and with batch-norm statistics adapted, no labels (cross)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (run, data), rows in summary.groupby(["run", "set"], sort=False):
+        tuned = rows[rows["method"].str.startswith("fine-tuned")]
+        base = rows[rows["method"] == "as trained"]
+        line = ax.errorbar(pd.concat([base["k"], tuned["k"]]), pd.concat([base["JA mean"], tuned["JA mean"]]),
+                           yerr=pd.concat([base["JA std"], tuned["JA std"]]).fillna(0), marker="o", capsize=3,
+                           label=f"{run} on {data}")
+        adapted = rows[rows["method"].str.startswith("batch-norm")]
+        ax.scatter(adapted["k"], adapted["JA mean"], marker="x", s=80, color=line[0].get_color(),
+                   label=f"{run}: batch-norm statistics adapted (no labels)")
+    ax.set(xlabel="labelled cases of the clinic fine-tuned on (k)", ylabel="JA on the clinic's held-out cases",
+           title="adapting to another clinic")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

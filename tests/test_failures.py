@@ -102,3 +102,24 @@ def test_the_size_overview_shows_pixels_as_whole_numbers():
     page = report.for_reading(report.size_overview(sizes)).to_html()
     assert ">602<" in page and ">1,500<" in page and ">850<" in page and "602.000" not in page
     assert ">0.241<" in page
+
+
+def test_the_area_ratio_says_which_way_a_run_misses():
+    from isic_utils.failures import area_ratio, area_ratio_table
+    from isic_utils.plots import area_ratio_figure
+
+    def table(predicted_over_true):
+        # 100-pixel lesions; predictions k times as large, overlapping the lesion as far as they can
+        rows = [{"tp": min(100, 100 * k), "fp": max(0, 100 * k - 100), "fn": max(0, 100 - 100 * k), "tn": 1000}
+                for k in predicted_over_true]
+        return pd.DataFrame(rows + [{"tp": 0, "fp": 5, "fn": 0, "tn": 1000}])  # no lesion: no ratio
+
+    over, under = table([1.5, 1.4, 1.6, 1.0]), table([0.5, 0.6, 1.0, 0.7])
+    assert area_ratio(over).round(3).tolist()[:4] == [1.5, 1.4, 1.6, 1.0] and area_ratio(over).isna().iloc[-1]
+    result = area_ratio_table({("task3", "ISIC test"): table([1.0, 1.05, 0.95]), ("task3", "PH2"): over,
+                               ("task2", "PH2"): under}).set_index(["run", "data"])
+    assert result.loc[("task3", "PH2"), "reading"] == "over-segments"
+    assert result.loc[("task3", "PH2"), "> 1.3×"] == "75%" and result.loc[("task3", "PH2"), "images"] == 4
+    assert result.loc[("task2", "PH2"), "reading"] == "under-segments"
+    assert result.loc[("task3", "ISIC test"), "reading"] == "neither, on the whole"
+    assert area_ratio_figure({("task3", "PH2"): over, ("task2", "PH2"): under}).axes[0].get_yscale() == "log"

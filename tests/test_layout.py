@@ -20,7 +20,7 @@ PACKAGE = ROOT / "isic_utils"
 # Bottom to top: a module may import only modules listed before it.
 LAYERS = ["files", "sources", "decoding", "transforms", "data", "eda", "synthetic", "metrics", "confidence", "gallery", "model", "params",
           "notebook", "devices", "inference", "features", "checkpoints", "training", "experiments", "failures", "trust",
-          "external", "generalisation", "comparison", "plots", "report", "pipeline", "handover", "predict", "__main__"]
+          "external", "adaptation", "generalisation", "comparison", "plots", "report", "pipeline", "handover", "predict", "__main__"]
 
 
 def package_imports(path: Path) -> tuple[set[str], list[tuple[int, str]]]:

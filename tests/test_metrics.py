@@ -59,3 +59,13 @@ def test_pooled_iou_matches_torchmetrics():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="differs"):
         metrics.confusion_counts(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
+
+
+def test_a_difference_is_real_only_beyond_the_seed_spread():
+    from isic_utils.metrics import seed_spread
+
+    assert seed_spread([0.05, 0.06, 0.055])["verdict"] == "beyond the seed spread"
+    wide = seed_spread([0.05, -0.02, 0.01])
+    assert wide["verdict"] == "within the seed spread" and wide["std"] > 0.03
+    assert "needs ≥ 3" in seed_spread([0.05])["verdict"] and "needs ≥ 3" in seed_spread([0.05, 0.06])["verdict"]
+    assert seed_spread([0.1, 0.2, 0.3])["mean"] == pytest.approx(0.2)

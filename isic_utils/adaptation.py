@@ -1,0 +1,224 @@
+"""A trained run adapted to another clinic, the two ways a clinic would: with **no labels**, the batch-norm statistics
+re-estimated on the clinic's own images (AdaBN: the weights stay, the normalisation follows the new camera); with
+**a few labelled cases**, the model fine-tuned on ``k`` of them. An adapted checkpoint says so in its meta (method,
+how many cases, which, from where), so ``predict`` applies it like any other; the learning curve measures both on
+the clinic's cases that were not used to adapt.
+
+``python -m isic_utils adapt --checkpoint RUN/seed0/best.pt --images DIR [--masks DIR] [--k K] [--output PATH]``
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import checkpoints, metrics
+from .decoding import DecodedSplit, decode_pairs, read_image
+from .experiments import SavedRun
+from .files import shown_path
+from .inference import load_checkpoint, load_trained, predicted_probabilities
+from .sources import EXTERNAL_IMAGE_SUFFIXES, DataError, Pair
+from .training import loss_fn
+from .transforms import apply_color_constancy, normalize
+
+MASK_NAMES = ("{stem}_Segmentation.png", "{stem}_lesion.bmp", "{stem}_lesion.png", "{stem}.png")
+NOT_IMAGES = ("_Segmentation", "_superpixels", "_lesion", "_overlay")
+STEPS, BATCH, ENCODER_LR, DECODER_LR = 40, 8, 1e-4, 1e-3  # the few-shot fine-tune: short, gentle on the encoder
+
+
+def _inputs(meta: dict, images_uint8: torch.Tensor) -> torch.Tensor:
+    """Model input as the run was trained on: its colour constancy, then its normalisation."""
+    images = apply_color_constancy(images_uint8, meta.get("color_constancy", "none"))
+    return normalize(images, meta["mean"], meta["std"])
+
+
+def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, meta: dict, images_uint8: torch.Tensor, batch_size: int = 32) -> nn.Module:
+    """Re-estimate every batch-norm layer's running mean and variance on ``images_uint8`` (no labels): statistics
+    reset, then the cumulative average over the images' batches. Weights are untouched; returns the model in eval."""
+    norms = _batch_norms(model)
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over every batch seen
+        norm.train()
+    for start in range(0, len(images_uint8), batch_size):
+        model(_inputs(meta, images_uint8[start:start + batch_size]))
+    for norm in norms:
+        norm.momentum = 0.1
+    return model.eval()
+
+
+def fine_tune(model: nn.Module, meta: dict, images_uint8: torch.Tensor, masks: torch.Tensor, seed: int = 0,
+              steps: int = STEPS, batch_size: int = BATCH, loss: str = "bce+dice") -> nn.Module:
+    """Fine-tune the whole model on a few labelled cases: ``steps`` AdamW steps (encoder ``ENCODER_LR``, decoder
+    ``DECODER_LR``) on batches drawn with replacement and flipped at random, batch-norm statistics kept (a handful of
+    cases cannot estimate them; ``adapt_batchnorm`` does that from unlabelled images). Returns the model in eval."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    optimizer = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": ENCODER_LR},
+                                   {"params": model.decoder.parameters(), "lr": DECODER_LR}])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    criterion = loss_fn(loss)
+    model.train()
+    for norm in _batch_norms(model):
+        norm.eval()
+    for _ in range(steps):
+        rows = torch.randint(len(images_uint8), (min(batch_size, len(images_uint8)),), generator=generator)
+        x, y = _inputs(meta, images_uint8[rows]), masks[rows].float()
+        flips = [d for d, draw in zip((-1, -2), torch.rand(2, generator=generator)) if draw < 0.5]
+        if flips:
+            x, y = x.flip(flips), y.flip(flips)
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+        optimizer.step()
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- a checkpoint adapted to a folder
+
+
+def clinic_pairs(images: str | Path, masks: str | Path | None) -> tuple[list[Path], list[Pair]]:
+    """The clinic's images in ``images`` (JPEG/PNG/BMP/TIFF; masks and overlays are not images) and, with ``masks``,
+    each image's mask there (``<stem>_Segmentation.png``, ``<stem>_lesion.bmp|png`` or ``<stem>.png``). Clear errors
+    for a missing folder, no images, and images without a mask (named)."""
+    images = Path(images)
+    if not images.is_dir():
+        raise DataError(f"--images {images} {'is a file' if images.exists() else 'does not exist'}: point it at a "
+                        "folder of the clinic's images.")
+    files = sorted(p for p in images.iterdir() if p.is_file() and p.suffix.lower() in EXTERNAL_IMAGE_SUFFIXES
+                   and not p.stem.endswith(NOT_IMAGES) and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"no .jpg/.jpeg/.png/.bmp/.tif images in {images}. Point --images at the clinic's images.")
+    if masks is None:
+        return files, []
+    masks = Path(masks)
+    if not masks.is_dir():
+        raise DataError(f"--masks {masks} {'is a file' if masks.exists() else 'does not exist'}: point it at the "
+                        "folder of the images' masks, or leave it out to adapt without labels.")
+    pairs, missing = [], []
+    for path in files:
+        found = next((masks / rule.format(stem=path.stem) for rule in MASK_NAMES
+                      if (masks / rule.format(stem=path.stem)).is_file()), None)
+        if found is None:
+            missing.append(path)
+        else:
+            pairs.append(Pair(path.stem, path, found))
+    if missing:
+        raise DataError(f"{len(missing)} of {len(files)} images in {images} have no mask in {masks} (e.g. "
+                        f"{missing[0].name}: looked for " + ", ".join(r.format(stem=missing[0].stem) for r in MASK_NAMES)
+                        + "). Fix: add the masks, or move those images out of --images.")
+    return files, pairs
+
+
+def adapt_checkpoint(checkpoint: str | Path, images: str | Path, masks: str | Path | None = None,
+                     k: int | None = None, seed: int = 0, output: str | Path | None = None,
+                     overwrite: bool = False) -> tuple[Path, dict]:
+    """Adapt ``checkpoint`` to a clinic and write the adapted checkpoint (default: beside it,
+    ``adapted-batchnorm.pt`` or ``adapted-k<k>.pt``); returns (its path, what its meta records under ``adapted``).
+
+    Without ``masks``: batch-norm statistics from every image in ``images``. With ``masks``: fine-tuned on ``k``
+    labelled cases (all when ``k`` is None) drawn with ``seed``. Nothing is replaced unless ``overwrite``."""
+    checkpoint = Path(checkpoint)
+    files, pairs = clinic_pairs(images, masks)
+    if pairs:
+        k = len(pairs) if k is None else k
+        if not 1 <= k <= len(pairs):
+            raise DataError(f"--k {k}: {images} holds {len(pairs)} labelled cases. Fix: choose k from 1 to "
+                            f"{len(pairs)}, or add cases.")
+    elif k is not None:
+        raise DataError("--k needs labelled cases: give --masks (or leave --k out to adapt without labels).")
+    method = "fine-tune" if pairs else "batchnorm"
+    target = Path(output) if output else checkpoint.parent / (f"adapted-k{k}.pt" if pairs else "adapted-batchnorm.pt")
+    if target.exists() and not overwrite:
+        raise DataError(f"{target} exists already and is kept. Fix: choose another --output, or pass --overwrite.")
+    model, meta = load_trained(checkpoint)
+    size = meta["image_size"]
+    if pairs:
+        chosen = sorted(np.random.default_rng(seed).choice(len(pairs), size=k, replace=False).tolist())
+        used = [pairs[i] for i in chosen]
+        decoded = decode_pairs(used, size, progress=False)
+        fine_tune(model, meta, decoded.images, decoded.masks, seed=seed)
+        ids = decoded.ids
+    else:
+        adapt_batchnorm(model, meta, torch.stack([read_image(p, size)[0] for p in files]))
+        ids = [p.stem for p in files]
+    adapted = {"method": method, "cases": len(ids), "ids": ids, "from": shown_path(images),
+               "base": shown_path(checkpoint), "seed": seed}
+    state = load_checkpoint(checkpoint)
+    state["model"] = model.state_dict()
+    state["meta"] = {**state["meta"], "adapted": adapted}
+    checkpoints.save(state, target)
+    return target, adapted
+
+
+# ----------------------------------------------------------------------------- the learning curve
+
+
+def split_clinic(ids: list[str], seed: int = 0) -> tuple[list[str], list[str]]:
+    """The clinic's cases in two fixed halves: (the pool adaptation draws from, the cases it is scored on)."""
+    order = np.random.default_rng(seed).permutation(len(ids))
+    half = len(ids) // 2
+    return sorted(ids[i] for i in order[:half]), sorted(ids[i] for i in order[half:])
+
+
+def learning_curve(run: SavedRun, split: DecodedSplit, name: str, ks=(5, 10, 25), seeds=(0, 1, 2),
+                   steps: int = STEPS) -> pd.DataFrame:
+    """JA on the clinic's held-out half (``split_clinic``) of the run's lowest seed: as trained (k = 0), with
+    batch-norm statistics adapted on the pool's images (no labels), and fine-tuned on k labelled pool cases per draw
+    seed (k capped at the pool; "all" when it is). One row per (method, k, seed), with the ids used and scored."""
+    pool, scored = split_clinic(split.ids)
+    target = split.subset(scored)
+    checkpoint = run.run_dir / f"seed{int(run.seeds['seed'].min())}" / "best.pt"
+    post = run.info["params"].get("postprocess", "none")
+    rows = []
+
+    def score(model, meta, method: str, k: int, seed: int, used: list[str]) -> None:
+        probabilities = predicted_probabilities(model, meta, target.images)
+        counts = metrics.original_size_counts(probabilities, target, postprocess=post)
+        rows.append({"run": run.name, "set": name, "method": method, "k": k, "seed": seed,
+                     "JA": float(metrics.scores(counts)["iou"].mean()), "scored": len(scored), "used": len(used),
+                     "ids used": " ".join(used)})
+
+    model, meta = load_trained(checkpoint)
+    score(model, meta, "as trained", 0, 0, [])
+    pool_split = split.subset(pool)
+    model, meta = load_trained(checkpoint)
+    score(adapt_batchnorm(model, meta, pool_split.images), meta, "batch-norm statistics (no labels)", 0, 0, pool)
+    for k in sorted({min(k, len(pool)) for k in ks}):
+        for seed in seeds:
+            drawn = sorted(np.random.default_rng(seed).choice(pool, size=k, replace=False).tolist())
+            chosen = pool_split.subset(drawn)
+            model, meta = load_trained(checkpoint)
+            fine_tune(model, meta, chosen.images, chosen.masks, seed=seed, steps=steps)
+            score(model, meta, "fine-tuned on k labelled cases", k, seed, drawn)
+    return pd.DataFrame(rows)
+
+
+def curve_summary(curve: pd.DataFrame) -> pd.DataFrame:
+    """The learning curve per run, set, method and k: mean and std of JA over the draws, and how many draws."""
+    grouped = curve.groupby(["run", "set", "method", "k"], sort=False)["JA"]
+    return grouped.agg(["mean", "std", "count"]).reset_index().rename(
+        columns={"mean": "JA mean", "std": "JA std", "count": "draws"})
+
+
+def chapter_curves(result: dict, params: dict) -> pd.DataFrame:
+    """Chapter 3's learning curves: every run of ``params['adapt_runs']`` that was scored, on every external set."""
+    frames = []
+    for name in (r for r in params["adapt_runs"] if r in result["runs"]):
+        run = result["runs"][name]
+        size = int(run.info["params"]["image_size"])
+        for external in (s for s in result["sets"] if s.found):
+            frames.append(learning_curve(run, result["splits"][(external.name, size)], external.name,
+                                         params["adapt_k"], params["adapt_seeds"], params["adapt_steps"]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["run", "set", "method", "k", "seed", "JA", "scored", "used", "ids used"])
