@@ -240,8 +240,11 @@ def reading(result: dict) -> str:
         return " ".join(lines) or "No external set was scored."
     for _, row in gap.iterrows():
         name = row["external set"]
+        spread = (f" ± {row['JA gap std over seeds']:.3f} over {row['seeds']} seeds, "
+                  f"{row['JA gap against the seed spread']}" if row.get("seeds", 0) > 1 else
+                  f" ({row['JA gap against the seed spread']})" if "seeds" in row else "")
         lines.append(f"{row['run']}: JA {row['JA ISIC test']:.3f} on the ISIC test set, {row[f'JA {name}']:.3f} on "
-                     f"{name} ({row['images']} images): a gap of {row['JA gap']:+.3f}.")
+                     f"{name} ({row['images']} images): a gap of {row['JA gap']:+.3f}{spread}.")
     best = gap.loc[gap["JA gap"].idxmax()]
     lines.append(f"Smallest gap: {best['run']} on {best['external set']} ({best['JA gap']:+.3f}).")
     for (data_name,), group in options[options["data"] != "validation"].groupby(["data"], sort=False):
