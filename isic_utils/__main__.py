@@ -109,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ParameterError, ChapterFailed, DataError, CheckpointMismatch, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: a sentence, not a traceback; every file written so far is whole
+        again = ("every finished epoch and chapter is kept: run the same command again to continue"
+                 if args.command in ("report", "options") else "files already written are whole")
+        print(f"\ninterrupted: {again}.", file=sys.stderr)
+        return 130
     return 0
 
 

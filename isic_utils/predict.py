@@ -77,9 +77,9 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
         with atomic_path(target) as tmp:
             Image.fromarray(mask).save(tmp, format="PNG")
         written.append(target)
-        score = float(confidence.scores(probabilities, calibration)[0])
+        score = round(float(confidence.scores(probabilities, calibration)[0]), 6)  # flagged as written
         flagged = flag_below is not None and score < flag_below
-        rows.append({"image": path.name, "mask": target.name, "confidence": round(score, 4),
+        rows.append({"image": path.name, "mask": target.name, "confidence": score,
                      "flag_below": flag_below, "flag": CHECK if flagged else ""})
         if overlays:
             _write_overlay(path, mask, f"confidence {score:.2f}" + (f" - {CHECK}" if flagged else ""),

@@ -77,3 +77,15 @@ def test_check_predict_compares_the_written_masks_with_the_evaluation(trained_ru
     difference = float(printed.split("max |difference| ")[1].split(";")[0])
     assert difference < 1e-4
     assert len(list(tmp_path.glob("*_Segmentation.png"))) == 6
+
+
+def test_ctrl_c_says_how_to_continue_instead_of_a_traceback(monkeypatch, capsys):
+    from isic_utils import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_report", interrupted)
+    assert main(["report", "--data", "tiny"]) == 130
+    error = capsys.readouterr().err
+    assert "run the same command again to continue" in error and "Traceback" not in error
