@@ -397,6 +397,10 @@ def learning_curve_figure(summary: pd.DataFrame):
         line = ax.errorbar(pd.concat([base["k"], tuned["k"]]), pd.concat([base["JA mean"], tuned["JA mean"]]),
                            yerr=pd.concat([base["JA std"], tuned["JA std"]]).fillna(0), marker="o", capsize=3,
                            label=f"{run} on {data}")
+        threshold = rows[rows["method"].str.startswith("threshold")]
+        if len(threshold):
+            ax.errorbar(threshold["k"], threshold["JA mean"], yerr=threshold["JA std"].fillna(0), marker="s", ls=":",
+                        capsize=3, color=line[0].get_color(), label=f"{run}: only the threshold chosen on k cases")
         adapted = rows[rows["method"].str.startswith("batch-norm")]
         ax.scatter(adapted["k"], adapted["JA mean"], marker="x", s=80, color=line[0].get_color(),
                    label=f"{run}: batch-norm statistics adapted (no labels)")

@@ -125,7 +125,9 @@ def test_the_learning_curve_scores_only_cases_it_did_not_adapt_on(tiny_report_ru
     curve = A.learning_curve(run, tiny_data.test, "clinic", ks=(1, 2, 99), seeds=(0, 1), steps=2)
     pool, scored = A.split_clinic(tiny_data.test.ids)
     assert not set(pool) & set(scored) and sorted(pool + scored) == sorted(tiny_data.test.ids)
-    assert set(curve["method"]) == {"as trained", "batch-norm statistics (no labels)", "fine-tuned on k labelled cases"}
+    assert set(curve["method"]) == {"as trained", "batch-norm statistics (no labels)", "fine-tuned on k labelled cases",
+                                    "threshold chosen on k labelled cases"}
+    assert curve["threshold"].between(0.3, 0.9).all()
     tuned = curve[curve["method"].str.startswith("fine")]
     assert sorted(set(tuned["k"])) == [1, 2, len(pool)]  # k capped at the pool
     for ids in tuned["ids used"]:
@@ -134,3 +136,13 @@ def test_the_learning_curve_scores_only_cases_it_did_not_adapt_on(tiny_report_ru
     summary = A.curve_summary(curve)
     assert summary.loc[summary["method"].str.startswith("fine"), "draws"].eq(2).all()
     assert np.isfinite(summary["JA mean"]).all()
+
+
+def test_the_threshold_chosen_on_a_few_cases_undoes_over_segmentation():
+    truth = torch.zeros(4, 1, 32, 32)
+    truth[..., 8:24, 8:24] = 1
+    grown = torch.zeros_like(truth)
+    grown[..., 4:28, 4:28] = 0.6  # a ring the model is unsure of, outside the lesion
+    grown[..., 8:24, 8:24] = 0.95
+    assert A.best_threshold(grown, truth) >= 0.6  # the ring (p = 0.6) is left out: p > t
+    assert A.best_threshold(truth * 0.9 + 0.05, truth) == 0.5  # nothing to gain: 0.5 stays
