@@ -373,9 +373,14 @@ def reliability_figure(result: RunResult):
     return fig
 
 
+RATIO_RANGE = 20.0  # area ratios drawn between 1/20 and 20 (an empty predicted mask at 1/20)
+
+
 def area_ratio_figure(frames: dict[tuple[str, str], pd.DataFrame]):
-    """Each image's predicted-to-true lesion area (log scale), per set and run: above 1 a run over-segments."""
-    rows = [pd.DataFrame({"run": run, "data": data, "area ratio": failures.area_ratio(table)}).dropna()
+    """Each image's predicted-to-true lesion area (log scale, clipped to 1/20–20), per set and run: above 1 a run
+    over-segments."""
+    rows = [pd.DataFrame({"run": run, "data": data,  # an empty mask (ratio 0) has no logarithm: drawn at the floor
+                          "area ratio": failures.area_ratio(table).clip(1 / RATIO_RANGE, RATIO_RANGE)}).dropna()
             for (run, data), table in frames.items()]
     long = pd.concat(rows, ignore_index=True)
     fig, ax = plt.subplots(figsize=(7, 3.8))

@@ -3,6 +3,7 @@ lesion-size quartile, the worst images, the reading; the compact summary and the
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -122,4 +123,8 @@ def test_the_area_ratio_says_which_way_a_run_misses():
     assert result.loc[("task3", "PH2"), "> 1.3×"] == "75%" and result.loc[("task3", "PH2"), "images"] == 4
     assert result.loc[("task2", "PH2"), "reading"] == "under-segments"
     assert result.loc[("task3", "ISIC test"), "reading"] == "neither, on the whole"
-    assert area_ratio_figure({("task3", "PH2"): over, ("task2", "PH2"): under}).axes[0].get_yscale() == "log"
+    empty = pd.DataFrame([{"tp": 0, "fp": 0, "fn": 100, "tn": 1000}] * 3)  # nothing predicted: ratio 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a warning would land in chapter 3's page
+        figure = area_ratio_figure({("task3", "PH2"): over, ("task2", "PH2"): under, ("task1", "PH2"): empty})
+    assert figure.axes[0].get_yscale() == "log"
