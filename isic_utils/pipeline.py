@@ -196,7 +196,8 @@ def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str
     """Execute one chapter with papermill into ``out_dir/<step>.ipynb``; returns its wall time in seconds.
 
     What the chapter prints (one line per epoch while training) is echoed to ``echo`` as it runs. On any failure
-    the partly executed notebook is kept as ``<step>.partial.ipynb`` and the error propagates.
+    the partly executed notebook is kept as ``<step>.partial.ipynb`` and the error propagates; a later success
+    removes it.
     """
     import papermill as pm
 
@@ -217,6 +218,7 @@ def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str
         raise
     _relative_paths(running, source, root)
     running.replace(target)
+    partial.unlink(missing_ok=True)  # an earlier attempt's failure, now run through: not left beside the chapter
     return time.perf_counter() - start
 
 

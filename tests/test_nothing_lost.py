@@ -8,6 +8,7 @@ import os
 import shutil
 import zipfile
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -367,3 +368,23 @@ def test_a_seed_listed_twice_is_refused_at_validation():
 
     with pytest.raises(P.ParameterError, match=r"seeds must not repeat .* got \[0, 0\]"):
         P.resolve("train", profile="tiny", overrides={"seeds": [0, 0], "jobs": 2}, root=ROOT)
+
+
+def test_a_chapter_that_runs_through_removes_the_partial_notebook_of_its_failed_attempt(tmp_path, monkeypatch):
+    import papermill
+
+    from isic_utils import pipeline
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / "eda.partial.ipynb"
+    stale.write_text("{}")
+
+    def executed(source, target, **kwargs):  # the chapter, run through
+        Path(target).write_text(Path(source).read_text())
+
+    monkeypatch.setattr(papermill, "execute_notebook", executed)
+    step = pipeline.Step("eda", "eda", "eda.yaml")
+    pipeline.run_chapter(step, {"profile": "tiny"}, out, root, None, lambda line: None)
+    assert (out / "eda.ipynb").exists() and not stale.exists()
