@@ -378,7 +378,8 @@ def write_index(out_dir: Path, steps: list[Step], resolved: dict, state: dict) -
         links = (f'<a href="{reader_name(step.name)}">read</a> · <a href="{step.name}.html">with code</a> · '
                  f'<a href="{step.name}.ipynb">notebook</a>')
         for page in sorted((out_dir / step.name).glob(GALLERY.replace(".html", "*.html"))):
-            label = page.stem.removeprefix(GALLERY.removesuffix(".html")).strip("_") or "every prediction"
+            which = page.stem.removeprefix(GALLERY.removesuffix(".html")).strip("_")
+            label = f"every prediction ({which})" if which else "every prediction"
             links += f' · <a href="{step.name}/{page.name}">{html.escape(label)}</a>'
         finding = report.chapter_finding(out_dir, step.name, step.chapter)
         found.append(f"<li><b>{html.escape(step.name)}</b> — {html.escape(finding)} <small>({links})</small></li>")

@@ -350,8 +350,12 @@ def _external_finding(out_dir: Path) -> str:
     parts = []
     for _, row in gap.iterrows():
         name = row["external set"]
+        spread = ""
+        if "JA gap against the seed spread" in row and row.get("seeds", 0) > 1:
+            spread = (f" ± {row['JA gap std over seeds']:.3f} over {int(row['seeds'])} seeds, "
+                      f"{row['JA gap against the seed spread']}")
         parts.append(f"{row['run']} JA {row[f'JA {name}']:.3f} on {name} vs {row['JA ISIC test']:.3f} on the ISIC "
-                     f"test set ({row['JA gap']:+.3f})")
+                     f"test set ({row['JA gap']:+.3f}{spread})")
     return "; ".join(parts) + "."
 
 
