@@ -20,20 +20,12 @@ from . import checkpoints, metrics
 from .decoding import DecodedSplit, decode_pairs, read_image
 from .experiments import SavedRun
 from .files import shown_path
-from .inference import load_checkpoint, load_trained, predicted_probabilities
-from .sources import EXTERNAL_IMAGE_SUFFIXES, DataError, Pair
+from .inference import load_checkpoint, load_trained, model_input, predicted_probabilities
+from .sources import DataError, Pair, folder_images
 from .training import loss_fn
-from .transforms import apply_color_constancy, normalize
 
 MASK_NAMES = ("{stem}_Segmentation.png", "{stem}_lesion.bmp", "{stem}_lesion.png", "{stem}.png")
-NOT_IMAGES = ("_Segmentation", "_superpixels", "_lesion", "_overlay")
 STEPS, BATCH, ENCODER_LR, DECODER_LR = 40, 8, 1e-4, 1e-3  # the few-shot fine-tune: short, gentle on the encoder
-
-
-def _inputs(meta: dict, images_uint8: torch.Tensor) -> torch.Tensor:
-    """Model input as the run was trained on: its colour constancy, then its normalisation."""
-    images = apply_color_constancy(images_uint8, meta.get("color_constancy", "none"))
-    return normalize(images, meta["mean"], meta["std"])
 
 
 def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -51,7 +43,7 @@ def adapt_batchnorm(model: nn.Module, meta: dict, images_uint8: torch.Tensor, ba
         norm.momentum = None  # a cumulative average over every batch seen
         norm.train()
     for start in range(0, len(images_uint8), batch_size):
-        model(_inputs(meta, images_uint8[start:start + batch_size]))
+        model(model_input(meta, images_uint8[start:start + batch_size]))
     for norm in norms:
         norm.momentum = 0.1
     return model.eval()
@@ -74,7 +66,7 @@ def fine_tune(model: nn.Module, meta: dict, images_uint8: torch.Tensor, masks: t
         norm.eval()
     for _ in range(steps):
         rows = torch.randint(len(images_uint8), (min(batch_size, len(images_uint8)),), generator=generator)
-        x, y = _inputs(meta, images_uint8[rows]), masks[rows].float()
+        x, y = model_input(meta, images_uint8[rows]), masks[rows].float()
         flips = [d for d, draw in zip((-1, -2), torch.rand(2, generator=generator)) if draw < 0.5]
         if flips:
             x, y = x.flip(flips), y.flip(flips)
@@ -92,13 +84,7 @@ def clinic_pairs(images: str | Path, masks: str | Path | None) -> tuple[list[Pat
     each image's mask there (``<stem>_Segmentation.png``, ``<stem>_lesion.bmp|png`` or ``<stem>.png``). Clear errors
     for a missing folder, no images, and images without a mask (named)."""
     images = Path(images)
-    if not images.is_dir():
-        raise DataError(f"--images {images} {'is a file' if images.exists() else 'does not exist'}: point it at a "
-                        "folder of the clinic's images.")
-    files = sorted(p for p in images.iterdir() if p.is_file() and p.suffix.lower() in EXTERNAL_IMAGE_SUFFIXES
-                   and not p.stem.endswith(NOT_IMAGES) and not p.name.startswith("."))
-    if not files:
-        raise DataError(f"no .jpg/.jpeg/.png/.bmp/.tif images in {images}. Point --images at the clinic's images.")
+    files = folder_images(images, "--images")
     if masks is None:
         return files, []
     masks = Path(masks)
@@ -190,9 +176,10 @@ def learning_curve(run: SavedRun, split: DecodedSplit, name: str, ks=(5, 10, 25)
                      "JA": float(metrics.scores(counts)["iou"].mean()), "threshold": threshold,
                      "scored": len(scored), "used": len(used), "ids used": " ".join(used)})
 
+    pool_split = split.subset(pool)
     model, meta = load_trained(checkpoint)
     score(model, meta, "as trained", 0, 0, [])
-    pool_probabilities = predicted_probabilities(model, meta, split.subset(pool).images)
+    pool_probabilities = predicted_probabilities(model, meta, pool_split.images)
     for k in sorted({min(k, len(pool)) for k in ks}):  # no training: only the threshold, chosen on the k cases
         for seed in seeds:
             drawn = sorted(np.random.default_rng(seed).choice(pool, size=k, replace=False).tolist())
@@ -200,7 +187,6 @@ def learning_curve(run: SavedRun, split: DecodedSplit, name: str, ks=(5, 10, 25)
             chosen = split.subset(drawn)
             score(model, meta, "threshold chosen on k labelled cases", k, seed, drawn,
                   best_threshold(pool_probabilities[rows_k], chosen.masks))
-    pool_split = split.subset(pool)
     model, meta = load_trained(checkpoint)
     score(adapt_batchnorm(model, meta, pool_split.images), meta, "batch-norm statistics (no labels)", 0, 0, pool)
     for k in sorted({min(k, len(pool)) for k in ks}):

@@ -218,12 +218,12 @@ def _calibrate(result: FitResult, data: ReportData, val_table: pd.DataFrame, tes
     calibration = confidence.fit_calibration(result.val.probabilities, data.val.masks, val_table["iou"])
     val_table["confidence"] = confidence.scores(result.val.probabilities, calibration)
     test_table["confidence"] = confidence.scores(result.test.probabilities, calibration)
-    calibration["ece_test"] = confidence.expected_calibration_error(result.test.probabilities, data.test.masks)
-    calibration["ece_test_calibrated"] = confidence.expected_calibration_error(
-        confidence.calibrated(result.test.probabilities, calibration["temperature"]), data.test.masks)
-    calibration["mask_pixels_changed"] = int(  # what a temperature does to the masks: nothing, and measured so
-        ((confidence.calibrated(result.test.probabilities, calibration["temperature"]) > 0.5)
-         != (result.test.probabilities > 0.5)).sum())
+    test, calibrated = result.test.probabilities, confidence.calibrated(result.test.probabilities,
+                                                                         calibration["temperature"])
+    calibration["ece_test"] = confidence.expected_calibration_error(test, data.test.masks)
+    calibration["ece_test_calibrated"] = confidence.expected_calibration_error(calibrated, data.test.masks)
+    # what a temperature does to the masks: nothing, and measured so
+    calibration["mask_pixels_changed"] = int(((calibrated > 0.5) != (test > 0.5)).sum())
     return calibration
 
 

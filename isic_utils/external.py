@@ -227,6 +227,17 @@ def gap_table(table: pd.DataFrame, seed_gaps: pd.DataFrame | None = None) -> pd.
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=GAP_COLUMNS)
 
 
+def gap_spread(row) -> str:
+    """A gap table row's spread over seeds in words (" ± 0.010 over 3 seeds, beyond the seed spread"), or its
+    verdict alone for one seed; "" for a table from before seeds were compared."""
+    if "seeds" not in row:
+        return ""
+    if row["seeds"] > 1:
+        return (f" ± {row['JA gap std over seeds']:.3f} over {int(row['seeds'])} seeds, "
+                f"{row['JA gap against the seed spread']}")
+    return f" ({row['JA gap against the seed spread']})"
+
+
 GAP_COLUMNS = ["run", "external set", "images"]  # the header of a gap table with no external set scored
 
 
@@ -240,11 +251,8 @@ def reading(result: dict) -> str:
         return " ".join(lines) or "No external set was scored."
     for _, row in gap.iterrows():
         name = row["external set"]
-        spread = (f" ± {row['JA gap std over seeds']:.3f} over {row['seeds']} seeds, "
-                  f"{row['JA gap against the seed spread']}" if row.get("seeds", 0) > 1 else
-                  f" ({row['JA gap against the seed spread']})" if "seeds" in row else "")
         lines.append(f"{row['run']}: JA {row['JA ISIC test']:.3f} on the ISIC test set, {row[f'JA {name}']:.3f} on "
-                     f"{name} ({row['images']} images): a gap of {row['JA gap']:+.3f}{spread}.")
+                     f"{name} ({row['images']} images): a gap of {row['JA gap']:+.3f}{gap_spread(row)}.")
     best = gap.loc[gap["JA gap"].idxmax()]
     lines.append(f"Smallest gap: {best['run']} on {best['external set']} ({best['JA gap']:+.3f}).")
     for (data_name,), group in options[options["data"] != "validation"].groupby(["data"], sort=False):

@@ -94,6 +94,12 @@ def load_trained(checkpoint: str | Path) -> tuple[SegmentationModel, dict]:
     return model.eval(), meta
 
 
+def model_input(meta: dict, images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 images as a checkpoint's model takes them: its colour constancy, then its normalisation."""
+    images = apply_color_constancy(images_uint8, meta.get("color_constancy", "none"))
+    return normalize(images, meta["mean"], meta["std"])
+
+
 @torch.inference_mode()
 def predicted_probabilities(model: SegmentationModel, meta: dict, images_uint8: torch.Tensor,
                             tta: str | None = None, batch_size: int = 32) -> torch.Tensor:
@@ -102,9 +108,8 @@ def predicted_probabilities(model: SegmentationModel, meta: dict, images_uint8: 
     checkpoint's). The path ``predict`` and the external chapter share with training's evaluation."""
     tta = meta.get("tta", "none") if tta is None else tta
     device = next(model.parameters()).device
-    images = apply_color_constancy(images_uint8, meta.get("color_constancy", "none"))
     out = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start:start + batch_size].to(device), meta["mean"], meta["std"])
+    for start in range(0, len(images_uint8), batch_size):  # colour constancy is per image: batching changes nothing
+        x = model_input(meta, images_uint8[start:start + batch_size].to(device))
         out.append(flip_averaged(model, x, tta).cpu())
     return torch.cat(out)

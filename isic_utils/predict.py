@@ -20,9 +20,8 @@ from .decoding import decode_pairs, read_image, read_mask
 from .files import atomic_path
 from .inference import load_trained, predicted_probabilities
 from .metrics import confusion_counts, full_size_mask, original_size_counts
-from .sources import EXTERNAL_IMAGE_SUFFIXES, DataError
+from .sources import DataError, folder_images
 
-NOT_INPUTS = ("_Segmentation", "_superpixels", "_lesion", "_overlay")  # masks, and the overlays predict writes
 CONFIDENCE_FILE = "confidence.csv"
 CHECK = "check by hand"
 
@@ -55,14 +54,8 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
     model, meta = load_predictor(checkpoint)
     tta = meta["tta"] if tta is None else tta
     postprocess = meta["postprocess"] if postprocess is None else postprocess
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if not input_dir.is_dir():
-        what = "is a file" if input_dir.exists() else "does not exist"
-        raise DataError(f"--input {input_dir} {what}: point it at a folder of images.")
-    files = sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in EXTERNAL_IMAGE_SUFFIXES
-                   and not p.stem.endswith(NOT_INPUTS))
-    if not files:
-        raise DataError(f"no .jpg/.jpeg/.png/.bmp/.tif images in {input_dir}. Point --input at a folder of images.")
+    output_dir = Path(output_dir)
+    files = folder_images(input_dir, "--input")
     _refuse_collisions(files, output_dir, overlays, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     calibration = meta.get("calibration") or {}

@@ -14,6 +14,7 @@ import pandas as pd
 from . import failures, gallery, plots, trust
 from .eda import check_alignment
 from .experiments import RunResult, SavedRun, prepare_data
+from .external import gap_spread
 from .files import save_table, write_text
 from .gallery import GALLERY
 from .model import IMAGENET_MEAN, IMAGENET_STD, count_parameters
@@ -350,10 +351,7 @@ def _external_finding(out_dir: Path) -> str:
     parts = []
     for _, row in gap.iterrows():
         name = row["external set"]
-        spread = ""
-        if "JA gap against the seed spread" in row and row.get("seeds", 0) > 1:
-            spread = (f" ± {row['JA gap std over seeds']:.3f} over {int(row['seeds'])} seeds, "
-                      f"{row['JA gap against the seed spread']}")
+        spread = gap_spread(row) if row.get("seeds", 0) > 1 else ""
         parts.append(f"{row['run']} JA {row[f'JA {name}']:.3f} on {name} vs {row['JA ISIC test']:.3f} on the ISIC "
                      f"test set ({row['JA gap']:+.3f}{spread})")
     return "; ".join(parts) + "."

@@ -123,6 +123,23 @@ def has_split(root: str | Path, split: str) -> bool:
     return all((Path(root) / name).is_dir() for name in SPLIT_FOLDERS[split])
 
 
+NOT_IMAGES = ("_Segmentation", "_superpixels", "_lesion", "_overlay")  # masks, and the overlays predict writes
+
+
+def folder_images(folder: str | Path, option: str) -> list[Path]:
+    """The images a command reads from ``folder`` (``option`` names its flag in errors): every JPEG/PNG/BMP/TIFF
+    but masks and overlays, sorted; ``DataError`` for a missing folder, a file, or a folder without images."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "does not exist"
+        raise DataError(f"{option} {folder} {what}: point it at a folder of images.")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in EXTERNAL_IMAGE_SUFFIXES
+                   and not p.stem.endswith(NOT_IMAGES))
+    if not files:
+        raise DataError(f"no .jpg/.jpeg/.png/.bmp/.tif images in {folder}. Point {option} at a folder of images.")
+    return files
+
+
 def find_external_pairs(root: str | Path, images: str = "*", masks: str = "{stem}_Segmentation.png") -> list[Pair]:
     """Pair an external set's images with their masks: every ``*.jpg|*.jpeg|*.png|*.bmp|*.tif`` file matching the
     glob ``images`` under ``root``, its mask at ``masks.format(stem=...)`` relative to the image's folder.

@@ -13,7 +13,7 @@ from PIL import Image
 
 from isic_utils import adaptation as A
 from isic_utils.__main__ import main
-from isic_utils.inference import load_trained
+from isic_utils.inference import load_trained, model_input
 from isic_utils.predict import predict_folder
 from isic_utils.training import loss_fn
 
@@ -51,7 +51,7 @@ def test_batchnorm_statistics_become_the_clinics(trained_run, tiny_data):
     seen = {}
     hook = first.register_forward_hook(lambda module, inputs, output: seen.update(x=inputs[0]))
     with torch.no_grad():
-        model(A._inputs(meta, darker))
+        model(model_input(meta, darker))
     hook.remove()
     assert not torch.allclose(first.running_mean, before)
     assert torch.allclose(first.running_mean, seen["x"].mean((0, 2, 3)), atol=1e-5)  # one batch: its exact mean
@@ -68,7 +68,7 @@ def test_fine_tuning_on_a_few_cases_fits_them(trained_run, tiny_data):
         A.fine_tune(model, meta, cases.images, cases.masks, seed=0, steps=steps)
         assert not model.training
         with torch.no_grad():
-            return float(criterion(model(A._inputs(meta, cases.images)), cases.masks.float()))
+            return float(criterion(model(model_input(meta, cases.images)), cases.masks.float()))
 
     assert loss(30) < 0.9 * loss(0)  # 1.24 → 1.05 when measured (a three-epoch tiny model)
 
