@@ -69,6 +69,7 @@ def from_notebook(chapter: str, namespace: dict[str, Any]) -> dict[str, Any]:
     if given is None:
         given = {name for name, value in namespace.items()
                  if not (name.startswith("_") or name in ("In", "Out", "get_ipython", "exit", "quit", "open")
+                         or name.isupper()  # the setup cell's constants (REPOSITORY): never a parameter
                          or callable(value) or type(value).__name__ == "module")}
     keys = schema(chapter)
     unknown = sorted(name for name in given if name not in keys and name not in ALL_KEYS and name not in SELECTORS)

@@ -133,3 +133,9 @@ def test_every_profile_and_run_file_names_itself():
         assert P.read_yaml(path)["profile"] == path.stem, path
     for path in (ROOT / "params").glob("task*.yaml"):
         assert P.read_yaml(path)["run"] == path.stem, path
+
+
+def test_a_parameters_cell_without_its_header_does_not_take_the_setup_cells_constants_for_parameters():
+    # the user deleted the cell's comment lines: every plain variable counts, but not REPOSITORY (the setup cell's)
+    values = N.from_notebook("train", {"profile": "tiny", "run": "task2", "REPOSITORY": "", "epochs": 1})
+    assert values["run_name"] == "task2" and values["epochs"] == 1
