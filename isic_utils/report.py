@@ -14,7 +14,7 @@ import pandas as pd
 from . import failures, gallery, plots, trust
 from .eda import check_alignment
 from .experiments import RunResult, SavedRun, prepare_data
-from .external import gap_spread
+from .external import ON_SET, gap_spread
 from .files import save_table, write_text
 from .gallery import GALLERY
 from .model import IMAGENET_MEAN, IMAGENET_STD, count_parameters
@@ -352,7 +352,8 @@ def _external_finding(out_dir: Path) -> str:
     for _, row in gap.iterrows():
         name = row["external set"]
         spread = gap_spread(row) if row.get("seeds", 0) > 1 else ""
-        parts.append(f"{row['run']} JA {row[f'JA {name}']:.3f} on {name} vs {row['JA ISIC test']:.3f} on the ISIC "
+        on_set = row.get(f"JA {ON_SET}", row.get(f"JA {name}"))  # or a table of an earlier version, per-set columns
+        parts.append(f"{row['run']} JA {on_set:.3f} on {name} vs {row['JA ISIC test']:.3f} on the ISIC "
                      f"test set ({row['JA gap']:+.3f}{spread})")
     return "; ".join(parts) + "."
 

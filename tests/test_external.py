@@ -258,7 +258,7 @@ def tiny_task1(tmp_path_factory, synthetic_root):
 
 def test_external_scores_equal_a_by_hand_scoring(tiny_task1):
     """The chapter's per-image table for a run equals scoring the run's checkpoint on the set by hand."""
-    from isic_utils.external import external_sets, load_external, validate_external
+    from isic_utils.external import external_sets, halves, load_external, validate_external
 
     base, overrides, root = tiny_task1
     chapter = P.resolve("external", None, "tiny", {**overrides, "runs": ["task1"]}, root)
@@ -271,10 +271,37 @@ def test_external_scores_equal_a_by_hand_scoring(tiny_task1):
     table = pd.read_csv(base / "out" / "external" / "tables" / f"per_image_{other.name}_task1_seed0.csv")
     assert table[["tp", "fp", "fn", "tn"]].to_numpy().tolist() == by_hand.tolist()
     gap = result["gap"].iloc[0]
-    assert gap["JA gap"] == pytest.approx(gap[f"JA {other.name}"] - gap["JA ISIC test"])
+    assert gap["JA gap"] == pytest.approx(gap["JA on the set"] - gap["JA ISIC test"])
+    # the reporting half: the same per-image rows, only the half no choice looks at
+    half = result["gap"].set_index("external set").loc[f"{other.name}, reporting half"]
+    reporting = halves(list(table["id"]))[1]
+    assert half["images"] == len(reporting) == len(table) // 2
+    assert half["JA on the set"] == pytest.approx(table[table["id"].isin(reporting)]["iou"].mean())
     options = result["options"]
     assert len(options) == 8 and set(options["data"]) == {"validation", other.name}
     assert options[options["the run's own scoring"]]["largest component"].all()
+
+
+def test_two_runs_compared_seed_for_seed_on_every_split_and_half(tiny_task1):
+    """tools/compare_runs.py: a run against itself differs by exactly 0 everywhere, and its whole-set JA is the
+    one chapter 3 reports for it."""
+    import importlib.util
+
+    from isic_utils.external import validate_external
+
+    spec = importlib.util.spec_from_file_location("compare_runs", P.project_root() / "tools" / "compare_runs.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    base, overrides, root = tiny_task1
+    chapter = P.resolve("external", None, "tiny", {**overrides, "runs": ["task1"]}, root)
+    out = str(base / "out")
+    table = tool.compare(out, out, "task1", chapter).set_index("split")
+    assert list(table.index) == ["ISIC test", "validation", "other-clinic", "other-clinic, choosing half",
+                                 "other-clinic, reporting half"]
+    assert (table["B − A"] == 0).all() and (table["JA A"] == table["JA B"]).all()
+    result = validate_external(chapter, ["task1"], base / "out" / "compare-check")
+    whole = result["table"].set_index("data").loc["other-clinic", "JA"]
+    assert table.loc["other-clinic", "JA A"] == pytest.approx(whole)
 
 
 def test_a_missing_external_folder_is_skipped_with_where_to_get_it(tiny_task1, tmp_path, monkeypatch):
@@ -309,3 +336,17 @@ def test_figures_show_the_masks_the_scores_come_from():
     drawn = as_scored(probabilities, {"postprocess": "largest_component"})
     assert drawn[0, 0, 6, 6] == 0 and drawn[0, 0, 2, 2] == 1
     assert as_scored(probabilities, {"postprocess": "none"}) is probabilities
+
+
+def test_the_index_reads_a_gap_table_of_an_earlier_version(tmp_path):
+    """An index rewritten after one chapter reran (``--only task3``) reads chapter 3's gap table as that chapter last
+    wrote it: before the reporting halves, a set's scores sat in columns named after it (found by rerunning the
+    development report)."""
+    from isic_utils import report
+
+    tables = tmp_path / "external" / "tables"
+    tables.mkdir(parents=True)
+    pd.DataFrame([{"run": "task3", "external set": "PH2", "images": 50, "JA ISIC test": 0.859, "JA PH2": 0.816,
+                   "JA gap": -0.043}]).to_csv(tables / "gap.csv", index=False)
+    finding = report.chapter_finding(tmp_path, "external", "external")
+    assert "task3 JA 0.816 on PH2 vs 0.859 on the ISIC test set (-0.043)" in finding
