@@ -19,6 +19,7 @@ from torch import nn
 from . import checkpoints, metrics
 from .decoding import DecodedSplit, decode_pairs, read_image
 from .experiments import SavedRun
+from .external import halves
 from .files import shown_path
 from .inference import load_checkpoint, load_trained, model_input, predicted_probabilities
 from .sources import DataError, Pair, folder_images
@@ -150,60 +151,62 @@ def adapt_checkpoint(checkpoint: str | Path, images: str | Path, masks: str | Pa
 # ----------------------------------------------------------------------------- the learning curve
 
 
-def split_clinic(ids: list[str], seed: int = 0) -> tuple[list[str], list[str]]:
-    """The clinic's cases in two fixed halves: (the pool adaptation draws from, the cases it is scored on)."""
-    order = np.random.default_rng(seed).permutation(len(ids))
-    half = len(ids) // 2
-    return sorted(ids[i] for i in order[:half]), sorted(ids[i] for i in order[half:])
-
-
 def learning_curve(run: SavedRun, split: DecodedSplit, name: str, ks=(5, 10, 25), seeds=(0, 1, 2),
                    steps: int = STEPS) -> pd.DataFrame:
-    """JA on the clinic's held-out half (``split_clinic``) of the run's lowest seed: as trained (k = 0), with
-    batch-norm statistics adapted on the pool's images (no labels), with only the threshold chosen on k labelled pool
-    cases, and fine-tuned on k labelled pool cases, per draw seed (k capped at the pool). One row per (method, k,
-    seed), with the threshold and the ids used."""
-    pool, scored = split_clinic(split.ids)
-    target = split.subset(scored)
-    checkpoint = run.run_dir / f"seed{int(run.seeds['seed'].min())}" / "best.pt"
+    """JA on the clinic's reporting half (``external.halves``): each run seed as trained (k = 0), with batch-norm
+    statistics adapted on the choosing half's images (the pool; no labels), with only the threshold chosen on k
+    labelled pool cases, and fine-tuned on k labelled pool cases (k capped at the pool). Draw ``seeds[i]`` of the k
+    cases goes with the run's i-th training seed (cycling), so the spread over draws holds both the training run's
+    and the cases' randomness. One row per (method, k, draw), with its training seed, the threshold and the ids
+    used."""
+    pool, scored = halves(split.ids)
+    target, pool_split = split.subset(scored), split.subset(pool)
+    trained = sorted(int(s) for s in run.seeds["seed"])
+    pairs = [(draw, trained[i % len(trained)]) for i, draw in enumerate(seeds)]  # (draw seed, training seed)
     post = run.info["params"].get("postprocess", "none")
     rows = []
 
-    def score(model, meta, method: str, k: int, seed: int, used: list[str], threshold: float = 0.5) -> None:
+    def checkpoint(seed: int):
+        return load_trained(run.run_dir / f"seed{seed}" / "best.pt")
+
+    def score(model, meta, method: str, k: int, draw: int, seed: int, used: list[str], threshold: float = 0.5):
         probabilities = predicted_probabilities(model, meta, target.images)
         counts = metrics.original_size_counts(probabilities, target, threshold, post)
-        rows.append({"run": run.name, "set": name, "method": method, "k": k, "seed": seed,
+        rows.append({"run": run.name, "set": name, "method": method, "k": k, "seed": draw, "training seed": seed,
                      "JA": float(metrics.scores(counts)["iou"].mean()), "threshold": threshold,
                      "scored": len(scored), "used": len(used), "ids used": " ".join(used)})
 
-    pool_split = split.subset(pool)
-    model, meta = load_trained(checkpoint)
-    score(model, meta, "as trained", 0, 0, [])
-    pool_probabilities = predicted_probabilities(model, meta, pool_split.images)
-    for k in sorted({min(k, len(pool)) for k in ks}):  # no training: only the threshold, chosen on the k cases
-        for seed in seeds:
-            drawn = sorted(np.random.default_rng(seed).choice(pool, size=k, replace=False).tolist())
-            rows_k = [pool.index(i) for i in drawn]
-            chosen = split.subset(drawn)
-            score(model, meta, "threshold chosen on k labelled cases", k, seed, drawn,
-                  best_threshold(pool_probabilities[rows_k], chosen.masks))
-    model, meta = load_trained(checkpoint)
-    score(adapt_batchnorm(model, meta, pool_split.images), meta, "batch-norm statistics (no labels)", 0, 0, pool)
-    for k in sorted({min(k, len(pool)) for k in ks}):
-        for seed in seeds:
-            drawn = sorted(np.random.default_rng(seed).choice(pool, size=k, replace=False).tolist())
-            chosen = pool_split.subset(drawn)
-            model, meta = load_trained(checkpoint)
-            fine_tune(model, meta, chosen.images, chosen.masks, seed=seed, steps=steps)
-            score(model, meta, "fine-tuned on k labelled cases", k, seed, drawn)
+    def drawn(k: int, draw: int) -> list[str]:
+        return sorted(np.random.default_rng(draw).choice(pool, size=k, replace=False).tolist())
+
+    ks = sorted({min(k, len(pool)) for k in ks})
+    for seed in dict.fromkeys(seed for _, seed in pairs):
+        model, meta = checkpoint(seed)
+        score(model, meta, "as trained", 0, seed, seed, [])
+        pool_probabilities = predicted_probabilities(model, meta, pool_split.images)
+        for k in ks:  # no training: only the threshold, chosen on the k cases
+            for draw in (d for d, s in pairs if s == seed):
+                cases = drawn(k, draw)
+                chosen = [pool.index(i) for i in cases]
+                score(model, meta, "threshold chosen on k labelled cases", k, draw, seed, cases,
+                      best_threshold(pool_probabilities[chosen], split.subset(cases).masks))
+        score(adapt_batchnorm(model, meta, pool_split.images), meta, "batch-norm statistics (no labels)", 0, seed,
+              seed, pool)
+        for k in ks:
+            for draw in (d for d, s in pairs if s == seed):
+                cases = drawn(k, draw)
+                model, meta = checkpoint(seed)
+                chosen = pool_split.subset(cases)
+                fine_tune(model, meta, chosen.images, chosen.masks, seed=draw, steps=steps)
+                score(model, meta, "fine-tuned on k labelled cases", k, draw, seed, cases)
     return pd.DataFrame(rows)
 
 
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.3, 0.91, 0.05))
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))  # a choice at either end is said so
 
 
 def best_threshold(probabilities: torch.Tensor, masks: torch.Tensor) -> float:
-    """The probability threshold (0.30 to 0.90) with the best mean per-image JA on a few labelled cases (model
+    """The probability threshold (0.05 to 0.95) with the best mean per-image JA on a few labelled cases (model
     resolution); 0.5 wins ties. A remedy for a run that over- (or under-) segments a clinic's lesions."""
     def ja(t: float) -> float:
         return float(metrics.scores(metrics.confusion_counts(probabilities, masks.float(), t))["iou"].mean())
@@ -212,10 +215,14 @@ def best_threshold(probabilities: torch.Tensor, masks: torch.Tensor) -> float:
 
 
 def curve_summary(curve: pd.DataFrame) -> pd.DataFrame:
-    """The learning curve per run, set, method and k: mean and std of JA over the draws, and how many draws."""
-    grouped = curve.groupby(["run", "set", "method", "k"], sort=False)["JA"]
-    return grouped.agg(["mean", "std", "count"]).reset_index().rename(
+    """The learning curve per run, set, method and k: mean and std of JA over the draws, how many draws, and the
+    lowest and highest threshold used."""
+    grouped = curve.groupby(["run", "set", "method", "k"], sort=False)
+    summary = grouped["JA"].agg(["mean", "std", "count"]).rename(
         columns={"mean": "JA mean", "std": "JA std", "count": "draws"})
+    summary["threshold min"] = grouped["threshold"].min()
+    summary["threshold max"] = grouped["threshold"].max()
+    return summary.reset_index()
 
 
 def chapter_curves(result: dict, params: dict) -> pd.DataFrame:
@@ -228,4 +235,38 @@ def chapter_curves(result: dict, params: dict) -> pd.DataFrame:
             frames.append(learning_curve(run, result["splits"][(external.name, size)], external.name,
                                          params["adapt_k"], params["adapt_seeds"], params["adapt_steps"]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["run", "set", "method", "k", "seed", "JA", "threshold", "scored", "used", "ids used"])
+        columns=["run", "set", "method", "k", "seed", "training seed", "JA", "threshold", "scored", "used", "ids used"])
+
+
+def curve_reading(summary: pd.DataFrame) -> str:
+    """Sentences on the learning curves (``curve_summary``): per run and set, JA as trained, without labels, and
+    with the fewest and the most labelled cases, and which way does best with the fewest."""
+    lines = []
+    threshold, tuned = "threshold chosen on k labelled cases", "fine-tuned on k labelled cases"
+    for (run, name), group in summary.groupby(["run", "set"], sort=False):
+        points = group.set_index(["method", "k"])
+
+        def said(method: str, k: int) -> str:
+            mean, std = points.loc[(method, k), ["JA mean", "JA std"]]
+            return f"{mean:.3f}" + (f" ± {std:.3f}" if std == std else "")
+
+        labelled = sorted(int(k) for method, k in points.index if method == tuned)
+        if not labelled or ("as trained", 0) not in points.index:
+            continue
+        few, most = labelled[0], labelled[-1]
+        text = (f"{run} on {name}'s reporting half: {said('as trained', 0)} as trained, "
+                f"{said('batch-norm statistics (no labels)', 0)} with batch-norm statistics from the pool (no labels); "
+                f"with k = {few} labelled cases, {said(threshold, few)} by choosing the threshold alone and "
+                f"{said(tuned, few)} fine-tuned")
+        if most != few:
+            text += f"; with k = {most}, {said(threshold, most)} and {said(tuned, most)}"
+        chosen = points.loc[threshold]
+        low, high = chosen["threshold min"].min(), chosen["threshold max"].max()
+        text += f" (thresholds chosen: {low:.2f}–{high:.2f}" + (
+            ", at the end of the grid searched" if low <= THRESHOLDS[0] or high >= THRESHOLDS[-1] else "") + ")"
+        (a, a_std), (b, b_std) = (points.loc[(m, few), ["JA mean", "JA std"]] for m in (threshold, tuned))
+        if abs(a - b) <= max(a_std, b_std):  # NaN spread (one draw) compares False: the larger mean is named
+            lines.append(text + f". With {few} cases neither way is clearly better (within the draws' spread).")
+        else:
+            lines.append(text + f". With {few} cases, {'the threshold alone' if a > b else 'fine-tuning'} does better.")
+    return " ".join(lines)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from isic_utils import adaptation as A
 from isic_utils.__main__ import main
+from isic_utils.external import halves
 from isic_utils.inference import load_trained, model_input
 from isic_utils.predict import predict_folder
 from isic_utils.training import loss_fn
@@ -123,7 +124,7 @@ def test_the_adapt_commands_errors_name_the_problem_and_the_fix(trained_run, cli
 def test_the_learning_curve_scores_only_cases_it_did_not_adapt_on(tiny_report_run, tiny_data):
     run = tiny_report_run
     curve = A.learning_curve(run, tiny_data.test, "clinic", ks=(1, 2, 99), seeds=(0, 1), steps=2)
-    pool, scored = A.split_clinic(tiny_data.test.ids)
+    pool, scored = halves(tiny_data.test.ids)
     assert not set(pool) & set(scored) and sorted(pool + scored) == sorted(tiny_data.test.ids)
     assert set(curve["method"]) == {"as trained", "batch-norm statistics (no labels)", "fine-tuned on k labelled cases",
                                     "threshold chosen on k labelled cases"}
@@ -133,6 +134,8 @@ def test_the_learning_curve_scores_only_cases_it_did_not_adapt_on(tiny_report_ru
     for ids in tuned["ids used"]:
         assert set(ids.split()) <= set(pool)
     assert (curve["scored"] == len(scored)).all() and curve["JA"].between(0, 1).all()
+    # each draw goes with a training seed of the run (cycling over the run's seeds): this run has one
+    assert set(curve["training seed"]) == set(run.seeds["seed"].astype(int))
     summary = A.curve_summary(curve)
     assert summary.loc[summary["method"].str.startswith("fine"), "draws"].eq(2).all()
     assert np.isfinite(summary["JA mean"]).all()
@@ -146,3 +149,23 @@ def test_the_threshold_chosen_on_a_few_cases_undoes_over_segmentation():
     grown[..., 8:24, 8:24] = 0.95
     assert A.best_threshold(grown, truth) >= 0.6  # the ring (p = 0.6) is left out: p > t
     assert A.best_threshold(truth * 0.9 + 0.05, truth) == 0.5  # nothing to gain: 0.5 stays
+
+
+def test_the_curve_reading_says_which_way_does_better_with_the_fewest_cases():
+    rows = [("as trained", 0, 0.80, float("nan")), ("batch-norm statistics (no labels)", 0, 0.75, float("nan")),
+            ("threshold chosen on k labelled cases", 5, 0.86, 0.01), ("threshold chosen on k labelled cases", 25, 0.86, 0.0),
+            ("fine-tuned on k labelled cases", 5, 0.82, 0.02), ("fine-tuned on k labelled cases", 25, 0.88, 0.01)]
+    summary = pd.DataFrame([{"run": "task3", "set": "PH2", "method": m, "k": k, "JA mean": j, "JA std": s, "draws": 3,
+                             "threshold min": 0.7 if m.startswith("threshold") else 0.5,
+                             "threshold max": 0.85 if m.startswith("threshold") else 0.5} for m, k, j, s in rows])
+    text = A.curve_reading(summary)
+    assert text.startswith("task3 on PH2's reporting half: 0.800 as trained, 0.750 with batch-norm")
+    assert "k = 5 labelled cases, 0.860 ± 0.010 by choosing the threshold alone and 0.820 ± 0.020 fine-tuned" in text
+    assert "with k = 25, 0.860 ± 0.000 and 0.880 ± 0.010 (thresholds chosen: 0.70–0.85)" in text
+    assert "the threshold alone does better" in text
+    summary.loc[summary["method"].str.startswith("threshold") & (summary["k"] == 25), "threshold max"] = 0.95
+    assert "(thresholds chosen: 0.70–0.95, at the end of the grid searched)" in A.curve_reading(summary)
+    summary.loc[summary["method"].str.startswith("fine") & (summary["k"] == 5), "JA mean"] = 0.9
+    assert "With 5 cases, fine-tuning does better." in A.curve_reading(summary)
+    summary.loc[summary["method"].str.startswith("fine") & (summary["k"] == 5), "JA mean"] = 0.87  # 0.01 apart
+    assert "With 5 cases neither way is clearly better (within the draws' spread)." in A.curve_reading(summary)
