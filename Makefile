@@ -20,7 +20,7 @@ setup: $(VENV)/.installed
 report: setup  ## the whole report for DATA (synthetic | isic2016 | isic2016_holdout | tiny); SET='seeds=[0,1,2]' overrides
 	$(PY) -m isic_utils report --data $(DATA) $(if $(SET),--set $(SET))
 
-options: setup  ## what each generalisation option of task 3 buys (DATA=, EPOCHS= optional); the comparison shows it
+options: setup  ## what each generalisation option of task 3 buys, three seeds each (DATA=, EPOCHS= optional); the comparison shows it
 	$(PY) -m isic_utils options --data $(DATA) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SET),--set $(SET))
 
 demo: setup  ## the smallest end-to-end run (tiny profile: every chapter, tasks 1-3, about two minutes)

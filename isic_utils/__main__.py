@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--tta", choices=["none", "flips"], help="test-time flips (default: as the run was scored)")
     pred.add_argument("--postprocess", choices=["none", "largest_component"],
                       help="keep the largest lesion, holes filled (default: as the run was scored)")
-    opt = commands.add_parser("options", help="train task 3 without and with each generalisation option, score them "
-                                              "on validation and the external sets (outputs/<profile>/options)")
+    opt = commands.add_parser("options", help="train task 3 without and with each generalisation option (three seeds "
+                                              "each unless --set seeds=...), score them on validation and the external "
+                                              "sets' halves, choose (outputs/<profile>/options)")
     opt.add_argument("--data", default="synthetic", help="data profile in params/profiles/ (default: synthetic)")
     opt.add_argument("--epochs", type=int, help="epochs per run (default: task 3's)")
     opt.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")

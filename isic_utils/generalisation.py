@@ -1,24 +1,31 @@
-"""What each generalisation option of task 3 buys, measured before it becomes a default.
+"""What each generalisation option of task 3 buys, measured over training seeds before it becomes a default.
 
 The study trains task 3 without any option (the *base*: flips, 90° turns, colour jitter, 128 px, no colour
 constancy) and, beside it, the base plus each training option alone (colour constancy, crop and rotation
-augmentation, stronger colour augmentation, 256 px), into ``outputs/<profile>/options/``; then scores every one,
-never retrained, on validation and on each external set at original size (``external.validate_external``), where
-the inference options (test-time flips, largest-component post-processing) are scored on every run as well.
-``options.csv`` has one row per option: validation JA and each external set's JA, and the change against the base.
-The comparison chapter shows it; ``python -m isic_utils options --data PROFILE`` runs it. A run finished earlier
-is resumed, not retrained.
+augmentation, stronger colour augmentation, 256 px), each with the same seeds (three unless ``--set seeds=…``), into
+``outputs/<profile>/options/``; then scores every seed, never retrained, on validation and on each external set at
+original size (``external.validate_external``), where the inference options (test-time flips, largest-component
+post-processing) are scored on the base run as well.
+
+Each external set is read in its two fixed halves (``external.halves``). An option is **chosen** on validation and
+the sets' *choosing* halves only: its change against the base, seed for seed, stands out of the seed spread
+(``metrics.seed_spread``) upwards on at least one of them and downwards on none. The *reporting* halves are never
+looked at by the choice: the table shows there whether a chosen option still helps. ``options.csv`` has one row per
+option; the comparison chapter shows it; ``python -m isic_utils options --data PROFILE`` runs it. A seed finished
+earlier is resumed, not retrained.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from . import metrics
 from . import params as P
 from .experiments import prepare_data, train_run
-from .external import validate_external
+from .external import CHOOSING, REPORTING, Scored, half_name, halves, validate_external
 from .files import save_table
 
 BASE = {"color_constancy": "none", "tta": "none", "postprocess": "none", "image_size": 128,
@@ -29,6 +36,8 @@ TRAINING_OPTIONS = {  # name → what it changes on top of BASE
     "strong colour": {"augment": BASE["augment"] + ["color_strong"]},
     "256 px": {"image_size": 256},
 }
+# Measured, never taken by default whatever the study says: the report's design is 128 × 128 images.
+OUTSIDE_DESIGN = {"256 px": "the report's images are 128 × 128 (and it takes four times the compute)"}
 # The inference options the study shows, each alone on the base run, in chapter 3's form: (tta, postprocess).
 INFERENCE_STUDIED = {"test-time flips": ("flips", "none"), "largest component": ("none", "largest_component")}
 FOLDER = "options"
@@ -36,6 +45,9 @@ FOLDER = "options"
 
 def run_name(option: str) -> str:
     return "base" if option == "base" else option.replace(" + ", "_").replace(" ", "_")
+
+
+STUDY_SEEDS = (0, 1, 2)  # a choice is judged against the seed spread, which needs three seeds (metrics.MIN_SEEDS)
 
 
 def study_params(profile: str, epochs: int | None = None, overrides: dict | None = None,
@@ -50,6 +62,8 @@ def study_params(profile: str, epochs: int | None = None, overrides: dict | None
     runs = {}
     for option, change in {"base": {}, **TRAINING_OPTIONS}.items():
         values = {**train, **BASE, **change, "run_name": run_name(option), "output_dir": out}
+        if "seeds" not in overrides:
+            values["seeds"] = list(STUDY_SEEDS)
         if epochs is not None:
             values["epochs"] = epochs
         problems = P.check("train", values, root)
@@ -64,85 +78,144 @@ def study_params(profile: str, epochs: int | None = None, overrides: dict | None
 
 def options_study(profile: str, epochs: int | None = None, overrides: dict | None = None, root: Path | None = None,
                   echo=print) -> pd.DataFrame:
-    """Train (or resume) the base and each option's run, score them, write and return ``options.csv``."""
+    """Train (or resume) the base and each option's run, every seed, score them, write and return ``options.csv``."""
     scoring, runs = study_params(profile, epochs, overrides, root)
     for option, values in runs.items():
-        echo(f"options: {option} ({values['run_name']}, {values['epochs']} epochs)")
+        echo(f"options: {option} ({values['run_name']}, {values['epochs']} epochs, seeds {values['seeds']})")
         train_run(values, prepare_data(values), verbose=True)
     out = P.absolute(scoring["output_dir"])
     result = validate_external(scoring, scoring["runs"], out)
-    table = options_table(result["options"], {run_name(o): o for o in runs}, runs["base"]["epochs"], result["scored"])
+    table = options_table(result["scored"], {run_name(o): o for o in runs}, runs["base"]["epochs"])
     save_table(table, out, "options")
     echo(f"options: wrote {out / 'tables' / 'options.csv'}")
     return table
 
 
-def options_table(scores: pd.DataFrame, names: dict[str, str], epochs: int, scored: dict | None = None) -> pd.DataFrame:
-    """One row per option: JA on validation and on each external set (plain scoring: no flips, no
-    post-processing, except for the inference options, which are the base run scored with them), Δ vs base, and
-    (with ``scored``, the per-image tables) the standard error of Δ from the paired per-image differences on the
-    same images, so that a change can be told from noise."""
-    plain = scores[~scores["test-time flips"] & ~scores["largest component"]]
-    splits = list(dict.fromkeys(scores["data"]))
-    rows = []
-    for run, option in names.items():
-        got = plain[plain["run"] == run].set_index("data")["JA"]
-        rows.append({"option": option, "kind": "base" if option == "base" else "training", "epochs": epochs,
-                     **{f"JA {s}": got.get(s) for s in splits}})
+def study_splits(scored: dict[tuple[str, str], Scored]) -> dict[str, tuple[str, list[str] | None]]:
+    """{column label: (the scored split it is read from, the ids it keeps or None for all)}: validation, then each
+    external set's choosing and reporting halves."""
+    splits: dict[str, tuple[str, list[str] | None]] = {"validation": ("validation", None)}
+    for (_, split), result in scored.items():
+        if split == "validation" or half_name(split, CHOOSING) in splits:
+            continue
+        choosing, reporting = halves(list(next(iter(result.tables.values()))["id"]))
+        splits[half_name(split, CHOOSING)] = (split, choosing)
+        splits[half_name(split, REPORTING)] = (split, reporting)
+    return splits
+
+
+def _per_seed(result: Scored, tta: str, post: str, ids: list[str] | None) -> dict[int, float]:
+    """Each seed's mean per-image JA on ``ids`` (all when None), scored with (tta, post)."""
+    return {seed: float((table if ids is None else table[table["id"].isin(ids)])["iou"].mean())
+            for (seed, a, b), table in result.tables.items() if (a, b) == (tta, post)}
+
+
+def options_table(scored: dict[tuple[str, str], Scored], names: dict[str, str], epochs: int) -> pd.DataFrame:
+    """One row per option: on each split (``study_splits``) the mean per-image JA over seeds, its change against the
+    base seed for seed (seed k of the option against seed k of the base: mean, std over seeds, and whether it
+    stands out of that spread), and whether the choosing splits choose it (``chosen``). Training options are plain
+    scoring (no flips, no post-processing); an inference option is the base run scored with it."""
+    splits = study_splits(scored)
     base_run = next(run for run, option in names.items() if option == "base")
-    for option, (tta, post) in INFERENCE_STUDIED.items():
-        chosen = scores[(scores["run"] == base_run) & (scores["test-time flips"] == (tta != "none"))
-                        & (scores["largest component"] == (post != "none"))].set_index("data")["JA"]
-        rows.append({"option": option, "kind": "inference", "epochs": epochs,
-                     **{f"JA {s}": chosen.get(s) for s in splits}})
-    table = pd.DataFrame(rows)
-    base = table.iloc[0]
-    for split in splits:
-        table[f"Δ {split}"] = table[f"JA {split}"] - base[f"JA {split}"]
-    if scored:
-        for split in splits:
-            reference = scored[(base_run, split)].per_image_iou(False, False)
-            errors = []
-            for run, option in [*names.items(), *((base_run, o) for o in INFERENCE_STUDIED)]:
-                tta, post = INFERENCE_STUDIED.get(option, ("none", "none"))
-                difference = scored[(run, split)].per_image_iou(tta != "none", post != "none") - reference
-                errors.append(float(difference.std(ddof=1) / len(difference) ** 0.5) if option != "base" else 0.0)
-            table[f"SE Δ {split}"] = errors
-    return table
+    entries = [(option, "base" if option == "base" else "training", run, ("none", "none"))
+               for run, option in names.items()]
+    entries += [(option, "inference", base_run, chosen) for option, chosen in INFERENCE_STUDIED.items()]
+    rows = []
+    for option, kind, run, (tta, post) in entries:
+        row = {"option": option, "kind": kind, "epochs": epochs}
+        for label, (split, ids) in splits.items():
+            mine = _per_seed(scored[(run, split)], tta, post, ids)
+            base = _per_seed(scored[(base_run, split)], "none", "none", ids)
+            spread = metrics.seed_spread([mine[s] - base[s] for s in sorted(mine) if s in base])
+            row["seeds"] = len(mine)
+            row[f"JA {label}"] = float(np.mean(list(mine.values())))
+            row[f"JA std {label}"] = float(np.std(list(mine.values()), ddof=1)) if len(mine) > 1 else float("nan")
+            row[f"Δ {label}"] = spread["mean"]
+            row[f"Δ std {label}"] = spread["std"]
+            row[f"Δ {label} against the seed spread"] = spread["verdict"] if option != "base" else ""
+        choosing = [label for label in splits if not label.endswith(REPORTING)]
+        row["chosen"] = _choice(row, choosing) if option != "base" else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _choice(row: dict, choosing: list[str]) -> str:
+    """The study's rule on the choosing splits: "yes" when the option's change is beyond the seed spread upwards on
+    at least one and downwards on none, "no" otherwise, or what the seeds are missing for a verdict."""
+    verdicts = [row[f"Δ {label} against the seed spread"] for label in choosing]
+    if any(not v.endswith("seed spread") for v in verdicts):
+        return next(v for v in verdicts if not v.endswith("seed spread"))
+    beyond = [row[f"Δ {label}"] for label, v in zip(choosing, verdicts) if v.startswith("beyond")]
+    return "yes" if any(d > 0 for d in beyond) and not any(d < 0 for d in beyond) else "no"
 
 
 def saved_options(output_dir: str | Path) -> pd.DataFrame | None:
     """The study's table for the profile whose outputs are in ``output_dir``, or None when it has not run."""
     path = P.absolute(output_dir) / FOLDER / "tables" / "options.csv"
-    return pd.read_csv(path) if path.exists() else None
+    if not path.exists():
+        return None
+    table = pd.read_csv(path)
+    return table if "chosen" in table else None  # a one-seed table of an earlier version: the study must rerun
 
 
-def options_reading(table: pd.DataFrame) -> str:
-    """Sentences on what the options table shows: for each option, the change on validation and on each external
-    set, and which options helped on both."""
-    deltas = [c for c in table.columns if c.startswith("Δ ")]
-    splits = [c[2:] for c in deltas]
-    noise = all(f"SE Δ {s}" in table for s in splits)
+def options_view(table: pd.DataFrame) -> pd.DataFrame:
+    """The options table as a reader takes it in: per split "JA ± std" and "Δ ± std (beyond / within)"."""
+    splits = [c[len("JA std "):] for c in table.columns if c.startswith("JA std ")]
+    view = table[["option", "kind", "epochs", "seeds"]].copy()
+    for split in splits:
+        view[f"JA {split}"] = [f"{m:.3f} ± {s:.3f}" if s == s else f"{m:.3f}"
+                               for m, s in zip(table[f"JA {split}"], table[f"JA std {split}"])]
+        view[f"Δ {split}"] = ["" if row["kind"] == "base" else _change(row, split) for _, row in table.iterrows()]
+    view["chosen"] = table["chosen"].fillna("")
+    return view
+
+
+def _change(row, split: str) -> str:
+    verdict = row[f"Δ {split} against the seed spread"]
+    word = verdict.split()[0] if verdict.endswith("seed spread") else "?"
+    spread = f" ± {row[f'Δ std {split}']:.3f}" if row[f"Δ std {split}"] == row[f"Δ std {split}"] else ""
+    return f"{row[f'Δ {split}']:+.3f}{spread} ({word})"
+
+
+def options_reading(table: pd.DataFrame, uses: list[str] | None = None) -> str:
+    """Sentences on what the options table shows: how it was measured, which options the choosing splits choose,
+    whether those still help on the reporting halves, and (with ``uses``, the options task 3's parameters take)
+    whether task 3's defaults agree with the choice."""
+    splits = [c[len("JA std "):] for c in table.columns if c.startswith("JA std ")]
+    choosing = [s for s in splits if not s.endswith(REPORTING)]
+    reporting = [s for s in splits if s.endswith(REPORTING)]
     base = table.iloc[0]
-    lines = [f"Measured with {int(base['epochs'])} epochs per run, one seed. Base: "
+    lines = [f"Measured with {int(base['epochs'])} epochs per run and {int(base['seeds'])} seed(s) per option; each "
+             "change is seed for seed against the base, judged against its spread over seeds (beyond: the mean more "
+             "than twice the std from 0). Chosen on " + " and ".join(choosing) + "; reported on "
+             + (" and ".join(reporting) or "no external set") + ", which no choice looked at. Base: "
              + ", ".join(f"JA {base[f'JA {s}']:.3f} on {s}" for s in splits) + "."]
-    helped, clearly = [], []
-    for _, row in table.iloc[1:].iterrows():
-        changes = ", ".join(f"{row[f'Δ {s}']:+.3f}" + (f" ± {row[f'SE Δ {s}']:.3f}" if noise else "") + f" on {s}"
-                            for s in splits)
-        lines.append(f"{row['option']}: {changes}.")
-        if all(row[f"Δ {s}"] > 0 for s in splits):
-            helped.append(row["option"])
-        if noise and all(row[f"Δ {s}"] > 2 * row[f"SE Δ {s}"] for s in splits):
-            clearly.append(row["option"])
-    lines.append("Better on every split: " + (", ".join(helped) if helped else "none") + ".")
-    if noise:
-        for split in splits:
-            above = [row["option"] for _, row in table.iloc[1:].iterrows()
-                     if row[f"Δ {split}"] > 2 * row[f"SE Δ {split}"]]
-            lines.append(f"Better by more than two standard errors on {split}: "
-                         + (", ".join(above) if above else "none") + ".")
-        lines.append("Better by more than two standard errors (paired, per image) on every split: "
-                     + (", ".join(clearly) if clearly else "none") + ". A change within two standard errors is "
-                     "not told apart from noise by these images, and another seed's spread comes on top.")
+    options = table.iloc[1:]
+    if (options["chosen"].isin(["yes", "no"])).all():
+        chosen = options[options["chosen"] == "yes"]
+        lines.append("Chosen: " + (", ".join(chosen["option"]) if len(chosen) else "none") + ".")
+        for _, row in chosen.iterrows():
+            for split in reporting:
+                lines.append(f"{row['option']} on {split}: {_change(row, split)}.")
+        for option in (o for o in chosen["option"] if o in OUTSIDE_DESIGN):
+            lines.append(f"{option} stays a measured option, never a default: {OUTSIDE_DESIGN[option]}.")
+        if uses is not None:
+            picked = [o for o in chosen["option"] if o not in OUTSIDE_DESIGN]
+            if set(picked) == set(uses) - set(OUTSIDE_DESIGN):
+                lines.append("Task 3's parameters take exactly the chosen options" +
+                             (" (" + ", ".join(picked) + ")." if picked else ": none."))
+            else:
+                lines.append("Task 3's parameters take " + (", ".join(uses) or "none of them")
+                             + ": not the study's choice (" + (", ".join(picked) or "none") + ").")
+    else:
+        lines.append(f"No option is chosen: {options['chosen'].iloc[0]}.")
     return " ".join(lines)
+
+
+def task_uses(params: dict) -> list[str]:
+    """The study's options that a run's parameters take (e.g. task 3's defaults)."""
+    uses = [option for option, change in TRAINING_OPTIONS.items()
+            if all((set(v) <= set(params.get(k) or []) if isinstance(v, list) else params.get(k) == v)
+                   for k, v in change.items())]
+    return uses + [option for option, (tta, post) in INFERENCE_STUDIED.items()
+                   if (tta == "none" or params.get("tta") == tta) and (post == "none" or params.get("postprocess") == post)]

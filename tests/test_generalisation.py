@@ -1,0 +1,96 @@
+"""The options study's table and its choice, on per-image tables made up so that the answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from isic_utils import generalisation as G
+from isic_utils.external import CHOOSING, INFERENCE_OPTIONS, REPORTING, Scored, half_name, halves
+
+IDS = [f"IMD{i:03d}" for i in range(20)]
+CHOOSE, REPORT = halves(IDS)
+
+
+def scored(run: str, split: str, seeds, shift) -> Scored:
+    """Per-image JA 0.7 (+ noise per seed) + ``shift(seed, id)``, the same for every inference option except that
+    flips add 0.01 everywhere."""
+    ids = IDS if split != "validation" else [f"V{i}" for i in range(10)]
+    tables = {}
+    for seed in seeds:
+        noise = np.random.default_rng(100 + seed).normal(0, 0.02, len(ids))  # the same draw for every run: paired
+        for tta, post in INFERENCE_OPTIONS:
+            iou = 0.7 + noise + np.array([shift(seed, i, split) for i in ids]) + (0.01 if tta == "flips" else 0)
+            tables[(seed, tta, post)] = pd.DataFrame({"id": ids, "iou": iou})
+    return Scored(run, split, ("none", "none"), tables, {})
+
+
+def study(shifts: dict, seeds=(0, 1, 2)) -> pd.DataFrame:
+    runs = {"base": lambda seed, i, split: 0.0, **shifts}
+    result = {(run, split): scored(run, split, seeds, shift) for run, shift in runs.items()
+              for split in ("validation", "PH2")}
+    return G.options_table(result, {run: run for run in runs}, epochs=5)
+
+
+def test_the_halves_are_fixed_disjoint_and_cover_the_set():
+    assert halves(IDS) == (CHOOSE, REPORT)  # fixed: the same halves every time it is asked
+    assert not set(CHOOSE) & set(REPORT) and sorted(CHOOSE + REPORT) == IDS and len(CHOOSE) == 10
+    assert halves(IDS, seed=1) != (CHOOSE, REPORT)
+
+
+def test_an_option_is_chosen_on_the_choosing_half_and_reported_on_the_other():
+    table = study({
+        # helps everywhere on PH2, by a steady +0.05 whatever the seed: chosen, and it holds on the reporting half
+        "helps": lambda seed, i, split: 0.05 if split == "PH2" else 0.0,
+        # helps only the reporting half's cases: the choice never sees it
+        "only reporting": lambda seed, i, split: 0.05 if i in REPORT and split == "PH2" else 0.0,
+        # helps PH2 but costs validation beyond the seed spread: not chosen
+        "costs validation": lambda seed, i, split: 0.05 if split == "PH2" else -0.03,
+        # +0.05 on one seed, −0.05 on another: within the spread
+        "noisy": lambda seed, i, split: [0.05, -0.05, 0.01][seed] if split == "PH2" else 0.0,
+    }).set_index("option")
+    choose, report = half_name("PH2", CHOOSING), half_name("PH2", REPORTING)
+    assert list(table.index) == ["base", "helps", "only reporting", "costs validation", "noisy", *G.INFERENCE_STUDIED]
+    assert table.loc["helps", "chosen"] == "yes"
+    assert abs(table.loc["helps", f"Δ {report}"] - 0.05) < 1e-9
+    assert table.loc["helps", f"Δ {report} against the seed spread"] == "beyond the seed spread"
+    assert table.loc["only reporting", "chosen"] == "no"
+    assert table.loc["only reporting", f"Δ {report} against the seed spread"] == "beyond the seed spread"
+    assert table.loc["costs validation", "chosen"] == "no"
+    assert table.loc["noisy", f"Δ {choose} against the seed spread"] == "within the seed spread"
+    assert table.loc["noisy", "chosen"] == "no"
+    # test-time flips add 0.01 to every image of the base run: chosen; the base itself is no choice
+    assert table.loc["test-time flips", "chosen"] == "yes" and table.loc["largest component", "chosen"] == "no"
+    assert table.loc["base", "chosen"] == "" and (table.loc["base", [f"Δ {s}" for s in ("validation", choose)]] == 0).all()
+    assert (table["seeds"] == 3).all()
+    reading = G.options_reading(table.reset_index(), ["colour constancy"])
+    assert "Chosen: helps, test-time flips." in reading
+    assert f"helps on {report}: +0.050" in reading and "not the study's choice" in reading
+    view = G.options_view(table.reset_index())
+    assert view.loc[1, f"Δ {report}"].startswith("+0.050") and view.loc[1, f"Δ {report}"].endswith("(beyond)")
+
+
+def test_one_seed_chooses_nothing_and_says_why():
+    table = study({"helps": lambda seed, i, split: 0.05}, seeds=(0,))
+    assert table.loc[1, "chosen"] == "one seed's difference: needs ≥ 3 seeds"
+    assert "No option is chosen: one seed's difference: needs ≥ 3 seeds." in G.options_reading(table)
+
+
+def test_task_uses_reads_the_options_from_a_runs_parameters():
+    from isic_utils import params as P
+
+    task3 = P.resolve("train", P.project_root() / "params" / "task3.yaml", "synthetic", {})
+    uses = G.task_uses(task3)
+    assert "256 px" not in uses and "test-time flips" not in uses and "largest component" in uses
+    assert G.task_uses({**task3, **G.BASE}) == []
+    assert G.task_uses({**task3, "image_size": 256, "color_constancy": "shades_of_grey"}) == [
+        "colour constancy", "256 px", "largest component"]
+
+
+def test_an_option_outside_the_reports_design_is_measured_never_taken():
+    table = study({"256 px": lambda seed, i, split: 0.05})
+    assert table.loc[1, "chosen"] == "yes"
+    reading = G.options_reading(table, ["test-time flips"])
+    assert "256 px stays a measured option, never a default: the report's images are 128 × 128" in reading
+    assert "Task 3's parameters take test-time flips: not the study's choice (test-time flips)" not in reading
+    assert "Task 3's parameters take exactly the chosen options (test-time flips)." in reading
