@@ -166,7 +166,9 @@ def options_view(table: pd.DataFrame) -> pd.DataFrame:
         view[f"JA {split}"] = [f"{m:.3f} ± {s:.3f}" if s == s else f"{m:.3f}"
                                for m, s in zip(table[f"JA {split}"], table[f"JA std {split}"])]
         view[f"Δ {split}"] = ["" if row["kind"] == "base" else _change(row, split) for _, row in table.iterrows()]
-    view["chosen"] = table["chosen"].fillna("")
+    outside = "yes, never a default (outside the report's design)"
+    view["chosen"] = [outside if option in OUTSIDE_DESIGN and chosen == "yes" else chosen
+                      for option, chosen in zip(table["option"], table["chosen"].fillna(""))]
     return view
 
 
@@ -185,7 +187,9 @@ def options_reading(table: pd.DataFrame, uses: list[str] | None = None) -> str:
     choosing = [s for s in splits if not s.endswith(REPORTING)]
     reporting = [s for s in splits if s.endswith(REPORTING)]
     base = table.iloc[0]
-    lines = [f"Measured with {int(base['epochs'])} epochs per run and {int(base['seeds'])} seed(s) per option; each "
+    seeds = int(base["seeds"])
+    plural = "s" if seeds > 1 else ""
+    lines = [f"Measured with {int(base['epochs'])} epochs per run and {seeds} seed{plural} per option; each "
              "change is seed for seed against the base, judged against its spread over seeds (beyond: the mean more "
              "than twice the std from 0). Chosen on " + " and ".join(choosing) + "; reported on "
              + (" and ".join(reporting) or "no external set") + ", which no choice looked at. Base: "
@@ -218,4 +222,5 @@ def task_uses(params: dict) -> list[str]:
             if all((set(v) <= set(params.get(k) or []) if isinstance(v, list) else params.get(k) == v)
                    for k, v in change.items())]
     return uses + [option for option, (tta, post) in INFERENCE_STUDIED.items()
-                   if (tta == "none" or params.get("tta") == tta) and (post == "none" or params.get("postprocess") == post)]
+                   if (tta == "none" or params.get("tta") == tta)
+                   and (post == "none" or params.get("postprocess") == post)]

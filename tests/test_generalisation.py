@@ -94,3 +94,4 @@ def test_an_option_outside_the_reports_design_is_measured_never_taken():
     assert "256 px stays a measured option, never a default: the report's images are 128 × 128" in reading
     assert "Task 3's parameters take test-time flips: not the study's choice (test-time flips)" not in reading
     assert "Task 3's parameters take exactly the chosen options (test-time flips)." in reading
+    assert G.options_view(table).loc[1, "chosen"] == "yes, never a default (outside the report's design)"

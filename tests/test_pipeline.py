@@ -239,7 +239,7 @@ def test_the_options_study_measures_each_option_and_the_comparison_shows_it(tiny
         assert (out / "options" / "base" / f"seed{seed}" / "best.pt").exists()
     big = json.loads((out / "options" / "256_px" / "run.json").read_text())["params"]
     assert big["image_size"] == 256 and big["epochs"] == 1
-    assert "Chosen: " in options_reading(table) and "3 seed(s) per option" in options_reading(table)
+    assert "Chosen: " in options_reading(table) and "3 seeds per option" in options_reading(table)
     page = (out / "compare_reader.html").read_text()
     assert "Not measured for this profile yet" not in page
     for option in table["option"]:

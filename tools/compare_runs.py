@@ -22,8 +22,16 @@ sys.path.insert(0, str(ROOT))
 from isic_utils import metrics  # noqa: E402
 from isic_utils import params as P  # noqa: E402
 from isic_utils.experiments import load_run, prepare_data  # noqa: E402
-from isic_utils.external import (CHOOSING, REPORTING, TEST_NAME, external_sets, half_name, halves,  # noqa: E402
-                                 load_external, score_split)
+from isic_utils.external import (  # noqa: E402
+    CHOOSING,
+    REPORTING,
+    TEST_NAME,
+    external_sets,
+    half_name,
+    halves,
+    load_external,
+    score_split,
+)
 
 
 def per_seed_scores(output_dir: str, run_name: str, profile: dict) -> dict[str, dict[int, float]]:
