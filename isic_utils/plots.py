@@ -393,15 +393,16 @@ def area_ratio_figure(frames: dict[tuple[str, str], pd.DataFrame]):
 
 
 def learning_curve_figure(summary: pd.DataFrame):
-    """JA on the clinic's held-out cases against k labelled cases fine-tuned on (mean ± std over draws), one line per
-    run and set; k = 0 is the run as trained (dot) and with batch-norm statistics adapted, no labels (cross)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    """JA on the clinic's reporting half against k labelled cases fine-tuned on (mean ± std over draws), one line per
+    run and set; k = 0 is the run as trained (dot) and with batch-norm statistics adapted, no labels (cross). The
+    legend sits beside the axes, never over a line."""
+    fig, ax = plt.subplots(figsize=(9, 4))
     for (run, data), rows in summary.groupby(["run", "set"], sort=False):
         tuned = rows[rows["method"].str.startswith("fine-tuned")]
         base = rows[rows["method"] == "as trained"]
         line = ax.errorbar(pd.concat([base["k"], tuned["k"]]), pd.concat([base["JA mean"], tuned["JA mean"]]),
                            yerr=pd.concat([base["JA std"], tuned["JA std"]]).fillna(0), marker="o", capsize=3,
-                           label=f"{run} on {data}")
+                           label=f"{run} on {data}: fine-tuned on k cases")
         threshold = rows[rows["method"].str.startswith("threshold")]
         if len(threshold):
             ax.errorbar(threshold["k"], threshold["JA mean"], yerr=threshold["JA std"].fillna(0), marker="s", ls=":",
@@ -409,8 +410,8 @@ def learning_curve_figure(summary: pd.DataFrame):
         adapted = rows[rows["method"].str.startswith("batch-norm")]
         ax.scatter(adapted["k"], adapted["JA mean"], marker="x", s=80, color=line[0].get_color(),
                    label=f"{run}: batch-norm statistics adapted (no labels)")
-    ax.set(xlabel="labelled cases of the clinic fine-tuned on (k)", ylabel="JA on the clinic's held-out cases",
+    ax.set(xlabel="labelled cases of the clinic used (k)", ylabel="JA on the clinic's reporting half",
            title="adapting to another clinic")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     fig.tight_layout()
     return fig
