@@ -262,7 +262,8 @@ def curve_reading(summary: pd.DataFrame) -> str:
             text += f"; with k = {most}, {said(threshold, most)} and {said(tuned, most)}"
         chosen = points.loc[threshold]
         low, high = chosen["threshold min"].min(), chosen["threshold max"].max()
-        text += f" (thresholds chosen: {low:.2f}–{high:.2f}" + (
+        text += (f" (every draw chose the threshold {low:.2f}" if low == high else
+                 f" (thresholds chosen: {low:.2f}–{high:.2f}") + (
             ", at the end of the grid searched" if low <= THRESHOLDS[0] or high >= THRESHOLDS[-1] else "") + ")"
         (a, a_std), (b, b_std) = (points.loc[(m, few), ["JA mean", "JA std"]] for m in (threshold, tuned))
         if abs(a - b) <= max(a_std, b_std):  # NaN spread (one draw) compares False: the larger mean is named

@@ -165,6 +165,8 @@ def test_the_curve_reading_says_which_way_does_better_with_the_fewest_cases():
     assert "the threshold alone does better" in text
     summary.loc[summary["method"].str.startswith("threshold") & (summary["k"] == 25), "threshold max"] = 0.95
     assert "(thresholds chosen: 0.70–0.95, at the end of the grid searched)" in A.curve_reading(summary)
+    summary.loc[summary["method"].str.startswith("threshold"), ["threshold min", "threshold max"]] = 0.95
+    assert "(every draw chose the threshold 0.95, at the end of the grid searched)" in A.curve_reading(summary)
     summary.loc[summary["method"].str.startswith("fine") & (summary["k"] == 5), "JA mean"] = 0.9
     assert "With 5 cases, fine-tuning does better." in A.curve_reading(summary)
     summary.loc[summary["method"].str.startswith("fine") & (summary["k"] == 5), "JA mean"] = 0.87  # 0.01 apart
