@@ -16,6 +16,16 @@ def test_every_run_file_and_profile_validates():
             assert values["profile"] == profile
 
 
+def test_the_real_profiles_train_enough_seeds_to_judge_a_claim():
+    """A real report's claims stand against the spread over training seeds (metrics.MIN_SEEDS); the offline
+    profiles, which only show that the pipeline runs, train one."""
+    from isic_utils.metrics import MIN_SEEDS
+
+    for profile, seeds in (("isic2016", MIN_SEEDS), ("isic2016_holdout", MIN_SEEDS), ("synthetic", 1), ("tiny", 1)):
+        values = P.resolve("train", ROOT / "params" / "task3.yaml", profile, root=ROOT)
+        assert len(values["seeds"]) == seeds, profile
+
+
 def test_task_files_hold_the_reports_design():
     task1 = P.resolve("train", ROOT / "params" / "task1.yaml", root=ROOT)
     task2 = P.resolve("train", ROOT / "params" / "task2.yaml", root=ROOT)
