@@ -169,8 +169,8 @@ def learning_curve(run: SavedRun, split: DecodedSplit, name: str, ks=(5, 10, 25)
     def checkpoint(seed: int):
         return load_trained(run.run_dir / f"seed{seed}" / "best.pt")
 
-    def score(model, meta, method: str, k: int, draw: int, seed: int, used: list[str], threshold: float = 0.5):
-        probabilities = predicted_probabilities(model, meta, target.images)
+    def score(probabilities: torch.Tensor, method: str, k: int, draw: int, seed: int, used: list[str],
+              threshold: float = 0.5):
         counts = metrics.original_size_counts(probabilities, target, threshold, post)
         rows.append({"run": run.name, "set": name, "method": method, "k": k, "seed": draw, "training seed": seed,
                      "JA": float(metrics.scores(counts)["iou"].mean()), "threshold": threshold,
@@ -182,15 +182,17 @@ def learning_curve(run: SavedRun, split: DecodedSplit, name: str, ks=(5, 10, 25)
     ks = sorted({min(k, len(pool)) for k in ks})
     for seed in dict.fromkeys(seed for _, seed in pairs):
         model, meta = checkpoint(seed)
-        score(model, meta, "as trained", 0, seed, seed, [])
+        as_trained = predicted_probabilities(model, meta, target.images)  # once: the threshold rows rescore it
+        score(as_trained, "as trained", 0, seed, seed, [])
         pool_probabilities = predicted_probabilities(model, meta, pool_split.images)
         for k in ks:  # no training: only the threshold, chosen on the k cases
             for draw in (d for d, s in pairs if s == seed):
                 cases = drawn(k, draw)
                 chosen = [pool.index(i) for i in cases]
-                score(model, meta, "threshold chosen on k labelled cases", k, draw, seed, cases,
-                      best_threshold(pool_probabilities[chosen], split.subset(cases).masks))
-        score(adapt_batchnorm(model, meta, pool_split.images), meta, "batch-norm statistics (no labels)", 0, seed,
+                score(as_trained, "threshold chosen on k labelled cases", k, draw, seed, cases,
+                      best_threshold(pool_probabilities[chosen], pool_split.masks[chosen]))
+        adapted = adapt_batchnorm(model, meta, pool_split.images)
+        score(predicted_probabilities(adapted, meta, target.images), "batch-norm statistics (no labels)", 0, seed,
               seed, pool)
         for k in ks:
             for draw in (d for d, s in pairs if s == seed):
@@ -198,7 +200,8 @@ def learning_curve(run: SavedRun, split: DecodedSplit, name: str, ks=(5, 10, 25)
                 model, meta = checkpoint(seed)
                 chosen = pool_split.subset(cases)
                 fine_tune(model, meta, chosen.images, chosen.masks, seed=draw, steps=steps)
-                score(model, meta, "fine-tuned on k labelled cases", k, draw, seed, cases)
+                score(predicted_probabilities(model, meta, target.images), "fine-tuned on k labelled cases", k, draw,
+                      seed, cases)
     return pd.DataFrame(rows)
 
 

@@ -117,6 +117,16 @@ class Scored:
     probabilities: dict[int, torch.Tensor]  # per seed, with the run's own test-time flips (for figures)
     calibrations: dict[int, dict] = field(default_factory=dict)  # per seed, what its best.pt says (confidence)
 
+    @property
+    def ids(self) -> list[str]:
+        """The split's image ids, in its per-image tables' order."""
+        return list(next(iter(self.tables.values()))["id"])
+
+    def per_seed_ja(self, tta: str, post: str, ids: list[str] | None = None) -> dict[int, float]:
+        """Each seed's mean per-image JA on ``ids`` (all when None), scored with (tta, post)."""
+        return {seed: float((table if ids is None else table[table["id"].isin(ids)])["iou"].mean())
+                for (seed, a, b), table in self.tables.items() if (a, b) == (tta, post)}
+
     def own_tables(self) -> dict[int, pd.DataFrame]:
         return {seed: table for (seed, tta, post), table in self.tables.items() if (tta, post) == self.own}
 
@@ -206,7 +216,7 @@ def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bo
                 if flag_below is not None:
                     trust_rows.append({"run": name, "set": split_name, "seed": seed,
                                        **confidence.assessment(table["confidence"], table["iou"], flag_below)})
-            reporting = halves(list(next(iter(own.values()))["id"]))[1]
+            reporting = halves(result.ids)[1]
             for data_name, tables in ((split_name, own), (half_name(split_name, REPORTING),
                                                           {s: t[t["id"].isin(reporting)] for s, t in own.items()})):
                 rows.append({"run": name, "data": data_name, "images": len(next(iter(tables.values()))),

@@ -98,16 +98,10 @@ def study_splits(scored: dict[tuple[str, str], Scored]) -> dict[str, tuple[str, 
     for (_, split), result in scored.items():
         if split == "validation" or half_name(split, CHOOSING) in splits:
             continue
-        choosing, reporting = halves(list(next(iter(result.tables.values()))["id"]))
+        choosing, reporting = halves(result.ids)
         splits[half_name(split, CHOOSING)] = (split, choosing)
         splits[half_name(split, REPORTING)] = (split, reporting)
     return splits
-
-
-def _per_seed(result: Scored, tta: str, post: str, ids: list[str] | None) -> dict[int, float]:
-    """Each seed's mean per-image JA on ``ids`` (all when None), scored with (tta, post)."""
-    return {seed: float((table if ids is None else table[table["id"].isin(ids)])["iou"].mean())
-            for (seed, a, b), table in result.tables.items() if (a, b) == (tta, post)}
 
 
 def options_table(scored: dict[tuple[str, str], Scored], names: dict[str, str], epochs: int) -> pd.DataFrame:
@@ -120,12 +114,12 @@ def options_table(scored: dict[tuple[str, str], Scored], names: dict[str, str], 
     entries = [(option, "base" if option == "base" else "training", run, ("none", "none"))
                for run, option in names.items()]
     entries += [(option, "inference", base_run, chosen) for option, chosen in INFERENCE_STUDIED.items()]
+    bases = {label: scored[(base_run, split)].per_seed_ja("none", "none", ids) for label, (split, ids) in splits.items()}
     rows = []
     for option, kind, run, (tta, post) in entries:
         row = {"option": option, "kind": kind, "epochs": epochs}
         for label, (split, ids) in splits.items():
-            mine = _per_seed(scored[(run, split)], tta, post, ids)
-            base = _per_seed(scored[(base_run, split)], "none", "none", ids)
+            mine, base = scored[(run, split)].per_seed_ja(tta, post, ids), bases[label]
             spread = metrics.seed_spread([mine[s] - base[s] for s in sorted(mine) if s in base])
             row["seeds"] = len(mine)
             row[f"JA {label}"] = float(np.mean(list(mine.values())))

@@ -22,36 +22,26 @@ sys.path.insert(0, str(ROOT))
 from isic_utils import metrics  # noqa: E402
 from isic_utils import params as P  # noqa: E402
 from isic_utils.experiments import load_run, prepare_data  # noqa: E402
-from isic_utils.external import (  # noqa: E402
-    CHOOSING,
-    REPORTING,
-    TEST_NAME,
-    external_sets,
-    half_name,
-    halves,
-    load_external,
-    score_split,
-)
+from isic_utils.external import TEST_NAME, external_sets, load_external, score_split  # noqa: E402
+from isic_utils.generalisation import study_splits  # noqa: E402
 
 
 def per_seed_scores(output_dir: str, run_name: str, profile: dict) -> dict[str, dict[int, float]]:
-    """{split label: {seed: mean per-image JA}} for one run, with its own test-time options."""
+    """{split label: {seed: mean per-image JA}} for one run, with its own test-time options: the ISIC test set, then
+    validation and each external set whole and in the halves the options study reads (``study_splits``)."""
     run = load_run(output_dir, run_name)
     params = run.info["params"]
-    scores = {TEST_NAME: {int(s): float(t["iou"].mean()) for s, t in run.per_image.items()}}
     splits = {"validation": prepare_data({**params, "output_dir": output_dir}, progress=False).val}
     cache = P.absolute(profile["output_dir"]).parent / "cache"
     for external in (s for s in external_sets(profile) if s.found):
         splits[external.name] = load_external(external, int(params["image_size"]), cache)
-    for name, split in splits.items():
-        own = score_split(run, split, name).own_tables()
-        parts = {name: None}
-        if name != "validation":
-            choosing, reporting = halves(list(split.ids))
-            parts.update({half_name(name, CHOOSING): choosing, half_name(name, REPORTING): reporting})
-        for label, ids in parts.items():
-            scores[label] = {seed: float((t if ids is None else t[t["id"].isin(ids)])["iou"].mean())
-                             for seed, t in own.items()}
+    scored = {(run_name, name): score_split(run, split, name) for name, split in splits.items()}
+    scores = {TEST_NAME: {int(s): float(t["iou"].mean()) for s, t in run.per_image.items()}}
+    scores.update({name: result.per_seed_ja(*result.own) for (_, name), result in scored.items()})
+    for label, (name, ids) in study_splits(scored).items():
+        if ids is not None:
+            result = scored[(run_name, name)]
+            scores[label] = result.per_seed_ja(*result.own, ids)
     return scores
 
 
