@@ -269,7 +269,9 @@ def curve_reading(summary: pd.DataFrame) -> str:
                  f" (thresholds chosen: {low:.2f}–{high:.2f}") + (
             ", at the end of the grid searched" if low <= THRESHOLDS[0] or high >= THRESHOLDS[-1] else "") + ")"
         (a, a_std), (b, b_std) = (points.loc[(m, few), ["JA mean", "JA std"]] for m in (threshold, tuned))
-        if abs(a - b) <= max(a_std, b_std):  # NaN spread (one draw) compares False: the larger mean is named
+        if a_std != a_std or b_std != b_std:  # one draw: no spread to tell a better way from luck
+            lines.append(text + f". With {few} cases and one draw, no spread says which way is better.")
+        elif abs(a - b) <= max(a_std, b_std):
             lines.append(text + f". With {few} cases neither way is clearly better (within the draws' spread).")
         else:
             lines.append(text + f". With {few} cases, {'the threshold alone' if a > b else 'fine-tuning'} does better.")

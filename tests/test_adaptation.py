@@ -171,3 +171,5 @@ def test_the_curve_reading_says_which_way_does_better_with_the_fewest_cases():
     assert "With 5 cases, fine-tuning does better." in A.curve_reading(summary)
     summary.loc[summary["method"].str.startswith("fine") & (summary["k"] == 5), "JA mean"] = 0.87  # 0.01 apart
     assert "With 5 cases neither way is clearly better (within the draws' spread)." in A.curve_reading(summary)
+    summary["JA std"] = float("nan")  # one draw each (the offline profiles): no winner named from a single draw
+    assert "With 5 cases and one draw, no spread says which way is better." in A.curve_reading(summary)
