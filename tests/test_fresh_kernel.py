@@ -65,30 +65,93 @@ def test_first_run_all_without_the_package_installed(tmp_path, no_package, synth
     assert (root / "outputs" / "tiny" / "eda" / "tables" / "counts.csv").is_file()
 
 
-def test_colab_runtime_with_the_project_on_drive_and_a_reconnect(tmp_path, no_package, synthetic_root, monkeypatch):
-    """Colab: nothing installed, the working folder /content empty, the project uploaded to Drive. The chapter mounts
-    Drive, works in the project's folder there, trains; a reconnected runtime (a new kernel) resumes the run on Drive
-    and trains nothing."""
-    for name, text in COLAB.items():
-        (no_package / "google" / "colab").mkdir(parents=True, exist_ok=True)
-        (no_package / "google" / "colab" / name).write_text(text)
+# A Colab runtime, simulated: the package is not installed and papermill not yet (as in Colab), until `%pip install -e
+# ROOT` (a stand-in pip on the path) records ROOT; from then on every new process (a restarted kernel, the chapters'
+# kernels) imports isic_utils from ROOT and finds papermill, as after a real editable install. A new runtime (after a
+# disconnect) forgets the install, not Drive.
+COLAB_RUNTIME = """import os, pathlib, sys
+from importlib.machinery import PathFinder
+_installed = pathlib.Path(os.environ["SIMULATED_INSTALL"])
+class _NotInstalledYet:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "papermill" and not _installed.exists():
+            return None
+        return PathFinder.find_spec(name, path, target)
+    def __getattr__(self, attribute):
+        return getattr(PathFinder, attribute)
+sys.meta_path[:] = [_NotInstalledYet() if f is PathFinder else f for f in sys.meta_path
+                    if "isic_utils" not in getattr(f, "__module__", "")]
+if _installed.exists():
+    sys.path.append(_installed.read_text())
+"""
+STAND_IN_PIP = """import os, pathlib, sys
+arguments = sys.argv[1:]
+assert arguments[:1] == ["install"] and "-e" in arguments, arguments
+pathlib.Path(os.environ["SIMULATED_INSTALL"]).write_text(arguments[arguments.index("-e") + 1])
+print("Successfully installed isic_utils (stand-in); Colab asks: restart the session")
+"""
+
+
+@pytest.fixture
+def colab(tmp_path, monkeypatch, synthetic_root):
+    """(the runtime's /content, the project on Drive, the install record): the project uploaded to Drive, nothing
+    installed, a lone chapter file opened from GitHub in /content."""
+    site = tmp_path / "site"
+    for name, text in {"sitecustomize.py": COLAB_RUNTIME, "pip/__init__.py": "", "pip/__main__.py": STAND_IN_PIP,
+                       **{f"google/colab/{k}": v for k, v in COLAB.items()}}.items():
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_text(text)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    installed = tmp_path / "installed-from"
+    monkeypatch.setenv("SIMULATED_INSTALL", str(installed))
     drive = tmp_path / "drive"
     monkeypatch.setenv("ISIC_DRIVE", str(drive))
     project = project_copy(drive / "MyDrive", synthetic_root)
-    project.rename(drive / "MyDrive" / "isic-segmentation")
-    project = drive / "MyDrive" / "isic-segmentation"
+    project = project.rename(drive / "MyDrive" / "isic-segmentation")
     shutil.copytree(ROOT / "isic_utils", project / "isic_utils")
+    shutil.copy(ROOT / "pyproject.toml", project)
     content = tmp_path / "content"
     content.mkdir()
-    shutil.copy(ROOT / "notebooks" / "02_train.ipynb", content)  # opened from GitHub: a lone notebook file
+    for name in ("02_train.ipynb", "run_in_colab.ipynb"):
+        shutil.copy(ROOT / "notebooks" / name, content)
+    return content, project, installed
 
-    first = run_all(content / "02_train.ipynb", content, "profile = 'tiny'\nrun = 'task1'")
-    assert (drive / "mounted").read_text() == "yes"
+
+def test_colab_first_run_restart_session_and_a_new_runtime(colab):
+    """Colab as a sequence. First run: Drive mounted, the package installed from the project there, the run trained on
+    Drive. Restart session (what Colab asks for after the install): the package is now importable, and the chapter
+    must still work in the project's folder (it used to skip its setup and fail: "unknown run 'task1' (no
+    /content/params/task1.yaml)"). A new runtime after a disconnect: installed again, the run resumed."""
+    content, project, installed = colab
+    drive = project.parents[1]
+    selectors = "profile = 'tiny'\nrun = 'task1'"
+
+    first = run_all(content / "02_train.ipynb", content, selectors)
+    assert (drive / "mounted").read_text() == "yes" and installed.read_text() == str(project)
+    assert "Successfully installed isic_utils" in printed(first)
     assert f"package from {project / 'isic_utils' / '__init__.py'}" in printed(first)
     best = project / "outputs" / "tiny" / "task1" / "seed0" / "best.pt"
     assert best.is_file() and "epoch  2/2" in printed(first)
     written = best.stat().st_mtime_ns
     assert not (content / "outputs").exists() and not (content / "data").exists()  # nothing left on the runtime
 
-    again = run_all(content / "02_train.ipynb", content, "profile = 'tiny'\nrun = 'task1'")
+    (drive / "mounted").unlink()
+    restarted = run_all(content / "02_train.ipynb", content, selectors)
+    assert "Successfully installed" not in printed(restarted) and not (drive / "mounted").exists()  # nothing redone
+    assert "resuming after epoch 2 of 2" in printed(restarted) and best.stat().st_mtime_ns == written
+
+    installed.unlink()  # a new runtime: the install is gone, Drive is not
+    again = run_all(content / "02_train.ipynb", content, selectors)
+    assert (drive / "mounted").read_text() == "yes" and "Successfully installed isic_utils" in printed(again)
     assert "resuming after epoch 2 of 2" in printed(again) and best.stat().st_mtime_ns == written
+
+
+def test_run_in_colab_runs_the_whole_report_after_a_restart(colab):
+    """run_in_colab.ipynb end to end in the simulated runtime, after the install and a Restart session: every chapter
+    written to Drive, the index shown inline."""
+    content, project, installed = colab
+    installed.write_text(str(project))  # installed by an earlier run, then the session restarted
+    executed = run_all(content / "run_in_colab.ipynb", content, "profile = 'tiny'")
+    out = project / "outputs" / "tiny"
+    assert {p.name for p in out.glob("*.html")} >= {"index.html", "task1.html", "task3.html", "compare.html"}
+    assert "report is in" in printed(executed) and not (content / "outputs").exists()
