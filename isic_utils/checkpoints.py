@@ -7,6 +7,7 @@ improvement behind its ``last.pt`` (a kill between the two writes) mended on res
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,9 +100,13 @@ def record_calibration(best_path: Path, calibration: dict, kept: tuple[str, ...]
     so that ``predict`` applies the same temperature, confidence and flagging threshold."""
     state = load_checkpoint(best_path)
     recorded = {key: calibration[key] for key in kept}
-    if state["meta"].get("calibration") != recorded:
+    if _as_json(state["meta"].get("calibration")) != _as_json(recorded):  # NaN (a run that learned nothing) == NaN
         state["meta"]["calibration"] = recorded
         save(state, best_path)
+
+
+def _as_json(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def mend_best(state: dict, model: SegmentationModel, fingerprint: dict, config: TrainConfig, best_path: Path) -> None:

@@ -193,8 +193,7 @@ def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult
         checkpoints.record_calibration(seed_dir / "best.pt", calibration, confidence.IN_CHECKPOINT)
         save_table(test_table, run_dir, f"per_image_test_seed{seed}")
         save_table(val_table, run_dir, f"per_image_val_seed{seed}")
-        with atomic_path(seed_dir / "test_probabilities.pt") as tmp:
-            torch.save(result.test.probabilities, tmp)
+        _save_tensor(result.test.probabilities, seed_dir / "test_probabilities.pt")
         with atomic_path(seed_dir / "history.csv") as tmp:
             result.history.to_csv(tmp, index=False)
         key = run_key(params, weights)
@@ -300,6 +299,27 @@ def _print_lines(lines) -> None:
             return
 
 
+def _save_tensor(tensor: torch.Tensor, path: Path) -> None:
+    """``torch.save`` unless ``path`` holds this tensor already (a resumed seed): ``torch.save`` writes a new
+    serialization id each time, so the bytes of the same tensor differ from one save to the next."""
+    if path.is_file() and torch.equal(torch.load(path, weights_only=True), tensor):
+        return
+    with atomic_path(path) as tmp:
+        torch.save(tensor, tmp)
+
+
+def _finished(path: Path, record: dict) -> float:
+    """When the run recorded in ``path`` finished: the time it says when its record is ``record`` (a resume that
+    changed nothing), else now."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return time.time()
+    finished = previous.pop("finished", None)
+    same = json.dumps(previous, sort_keys=True) == json.dumps(json.loads(json.dumps(record, default=float)), sort_keys=True)
+    return finished if same and isinstance(finished, (int, float)) else time.time()
+
+
 def _merge_seeds(params: dict, data: ReportData, run_dir: Path, key: str, model, fits: dict[int, FitResult]) -> RunResult:
     """Rebuild ``seeds.csv`` and ``run.json`` from every finished seed with configuration ``key``."""
     results = []
@@ -318,12 +338,13 @@ def _merge_seeds(params: dict, data: ReportData, run_dir: Path, key: str, model,
     } for r in results]
     seeds_table = save_table(pd.DataFrame(rows), run_dir, "seeds")
     seeds = [r["seed"] for r in results]
-    write_json(run_dir / "run.json", {
+    record = {
         "run_name": params["run_name"], "seeds": seeds, "weights": results[0]["weights_note"],
         "encoder_weights": {str(r["seed"]): r["encoder_weights"] for r in results},
         "trained_on": {str(r["seed"]): r.get("trained_on", {}) for r in results}, "params": params,
-        "test_source": data.test_source, "finished": time.time(),
-    })
+        "test_source": data.test_source,
+    }
+    write_json(run_dir / "run.json", {**record, "finished": _finished(run_dir / "run.json", record)})
     model.load_state_dict(load_checkpoint(run_dir / f"seed{seeds[0]}" / "best.pt")["model"])
     saved = load_run(params["output_dir"], params["run_name"])  # the same reading the comparison chapter does
     return RunResult(params["run_name"], run_dir, fits, results, saved.per_image, seeds_table, model,

@@ -27,7 +27,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it onto ``target``, on error delete it.
 
     The temporary file is created with mode 0666 less the umask, as ``open()`` would, so the renamed file is as
-    readable by others as any file the user writes (``tempfile.mkstemp`` would make every output 0600).
+    readable by others as any file the user writes (``tempfile.mkstemp`` would make every output 0600). When the
+    new bytes equal the target's, the target is left as it was: a chapter run again over finished work (Run All,
+    Restart & Run All) rewrites nothing, which on a synced folder (Colab's Drive) would upload every file again.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -35,11 +37,27 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield tmp
+        if _same_bytes(tmp, target):
+            return
         _fsync(tmp)  # the bytes are on disk before the name points at them: a crash leaves the old file or the new
         os.replace(tmp, target)
         _fsync(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _same_bytes(new: Path, old: Path, chunk: int = 1 << 20) -> bool:
+    """Whether file ``old`` exists and holds exactly the bytes of ``new``."""
+    try:
+        if not old.is_file() or old.stat().st_size != new.stat().st_size:
+            return False
+        with open(new, "rb") as a, open(old, "rb") as b:
+            while block := a.read(chunk):
+                if block != b.read(chunk):
+                    return False
+        return True
+    except OSError:
+        return False
 
 
 def _fsync(path: Path) -> None:
@@ -167,14 +185,24 @@ def project_root(start: str | Path | None = None) -> Path:
     """The folder holding ``params/profiles`` at or above ``start`` (default: the working directory).
 
     Relative paths in parameters are taken from there, so a notebook opened in ``notebooks/`` and a papermill
-    run from the repository root read and write the same folders. Without a checkout (a pip install in Colab)
-    it is the working directory.
+    run from the repository root read and write the same folders. Outside a checkout it is the installed
+    package's checkout when there is one (an editable install), else the working directory.
     """
     here = Path(start or os.getcwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "params" / "profiles").is_dir():
             return folder
+    checkout = Path(__file__).resolve().parents[1]  # the package's own checkout (an editable install, a chapter
+    if start is None and (checkout / "params" / "profiles").is_dir():  # running in a report folder elsewhere)
+        return checkout
     return here
+
+
+def page_link(path: str | Path) -> str:
+    """A Markdown link target for ``path`` from a chapter's output: relative to the working directory, which is
+    the notebook's folder in JupyterLab and where the report writes its executed chapters, so the link opens from
+    the notebook, from its HTML export beside it and from the report's folder alike."""
+    return Path(os.path.relpath(Path(path).resolve(), Path.cwd().resolve())).as_posix()
 
 
 def shown_path(path: str | Path, env: str | None = None) -> str:

@@ -209,7 +209,8 @@ def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str
     start = time.perf_counter()
     try:
         with _ProgressRelay(relay, _line_echo(echo, step.name)):
-            pm.execute_notebook(str(source), str(running), parameters=values, cwd=str(root), progress_bar=False,
+            # in the report's folder, as a notebook runs in its own: the links it prints open from its page
+            pm.execute_notebook(str(source), str(running), parameters=values, cwd=str(out_dir), progress_bar=False,
                                 kernel_name=kernel, log_output=False, stdout_file=_line_echo(echo, step.name),
                                 extra_arguments=KERNEL_ARGUMENTS)
     except BaseException:

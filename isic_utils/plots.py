@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
@@ -26,6 +28,18 @@ def save_figure(fig, run_dir: str | Path, name: str, dpi: int = 110) -> Path:
     with atomic_path(target) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
     return target
+
+
+@contextlib.contextmanager
+def _fixed_jitter(seed: int = 0):
+    """seaborn's strip plots jitter with NumPy's global random state: seeded here (and restored after), so the same
+    numbers draw the same figure and a chapter run again rewrites no file."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
 def _epoch_axis(ax):
@@ -174,7 +188,8 @@ def per_image_distribution(per_image: dict[str, pd.DataFrame], metric: str = "io
     long = pd.concat([table.assign(run=name) for name, table in per_image.items()], ignore_index=True)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     sns.boxplot(data=long, x="run", y=metric, ax=ax, color="white", fliersize=0)
-    sns.stripplot(data=long, x="run", y=metric, ax=ax, size=2, alpha=0.5)
+    with _fixed_jitter():
+        sns.stripplot(data=long, x="run", y=metric, ax=ax, size=2, alpha=0.5)
     ax.set_title(f"per-image {metric} on the test set")
     fig.tight_layout()
     return fig
@@ -313,8 +328,9 @@ def external_distribution(result: dict):
     long = pd.concat(frames, ignore_index=True)
     fig, ax = plt.subplots(figsize=(7.5, 4))
     sns.boxplot(data=long, x="run", y="iou", hue="data", ax=ax, fliersize=0)
-    sns.stripplot(data=long, x="run", y="iou", hue="data", dodge=True, ax=ax, size=2, alpha=0.5,
-                  palette=["black"] * long["data"].nunique(), legend=False)
+    with _fixed_jitter():
+        sns.stripplot(data=long, x="run", y="iou", hue="data", dodge=True, ax=ax, size=2, alpha=0.5,
+                      palette=["black"] * long["data"].nunique(), legend=False)
     ax.axhline(failures.FAIL_BELOW, color="grey", linestyle="--", linewidth=0.8)
     ax.set_ylabel("JA per image (original size)")
     ax.set_title("ISIC test set vs the external sets (dashed: JA 0.65)", fontsize=10)

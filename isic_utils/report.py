@@ -15,7 +15,7 @@ from . import failures, gallery, plots, trust
 from .eda import check_alignment
 from .experiments import RunResult, SavedRun, prepare_data
 from .external import ON_SET, gap_spread
-from .files import save_table, write_text
+from .files import page_link, save_table, write_text
 from .gallery import GALLERY
 from .model import IMAGENET_MEAN, IMAGENET_STD, count_parameters
 
@@ -221,7 +221,7 @@ def trust_tables(run: RunResult) -> dict:
     trust.run_gallery(run.run_dir / GALLERY, run.name, run.data.test, plots.as_scored(run.probabilities, run.params),
                       run.per_image[seed], flag)
     tables["reading"] = trust.reading(tables["confidence"], tables["calibration"])
-    tables["link"] = (f"**[Every test prediction of {run.name}]({run.name}/{GALLERY})** — a page of thumbnails "
+    tables["link"] = (f"**[Every test prediction of {run.name}]({page_link(run.run_dir / GALLERY)})** — a page of thumbnails "
                       "sortable by JA, confidence and lesion size.")
     return tables
 
@@ -237,7 +237,7 @@ def compare_trust(params: dict, runs: dict[str, SavedRun], out_dir: Path) -> dic
     return {"confidence": save_table(confidence, out_dir, "confidence"),
             "calibration": save_table(calibration, out_dir, "calibration"),
             "reading": trust.reading(confidence, calibration),
-            "link": f"**[Every test prediction, run by run]({out_dir.name}/{GALLERY})**"}
+            "link": f"**[Every test prediction, run by run]({page_link(out_dir / GALLERY)})**"}
 
 
 def external_galleries(result: dict, out_dir: Path) -> str:
@@ -258,7 +258,7 @@ def external_galleries(result: dict, out_dir: Path) -> str:
                               f"Every image of {html.escape(external.name)}, one thumbnail per run: JA and the run's "
                               "confidence (chosen on ISIC validation, never on this set).",
                               split.images, split.masks, split.ids, entries)
-        links.append(f"**[Every {external.name} prediction]({out_dir.name}/{page.name})**")
+        links.append(f"**[Every {external.name} prediction]({page_link(page)})**")
     return " · ".join(links) or "No external set scored: no gallery."
 
 
