@@ -71,7 +71,9 @@ def test_fine_tuning_on_a_few_cases_fits_them(trained_run, tiny_data):
         with torch.no_grad():
             return float(criterion(model(model_input(meta, cases.images)), cases.masks.float()))
 
-    assert loss(30) < 0.9 * loss(0)  # 1.24 → 1.05 when measured (a three-epoch tiny model)
+    # Adam's first steps may go up as well as down (1.20 → 1.29 → 1.20 after 10 and 30 steps on an AVX2 EPYC at one
+    # thread; 1.24 → 1.05 after 30 elsewhere): the verdict is taken where the fit is clear on every CPU (0.10 there)
+    assert loss(100) < 0.5 * loss(0)
 
 
 def test_an_adapted_checkpoint_says_so_and_predict_applies_it(trained_run, clinic, tmp_path):

@@ -97,8 +97,14 @@ def test_predict_again_replaces_only_with_overwrite(trained_run, images, tmp_pat
     assert len(stamps) == 5  # two masks, two overlays, confidence.csv
     assert main(arguments) == 1  # refused: nothing rewritten
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == stamps
+    first = {p: p.read_bytes() for p in stamps}
+    changed = next(p for p in stamps if p.name.endswith("_Segmentation.png"))
+    changed.write_bytes(b"edited by hand")  # a file that differs from what predict writes: replaced
+    stamps[changed] = changed.stat().st_mtime_ns
     assert main(arguments + ["--overwrite"]) == 0
-    assert all(p.stat().st_mtime_ns != stamp for p, stamp in stamps.items())
+    assert {p: p.read_bytes() for p in stamps} == first
+    # the same bytes again leave a file as it was (a rerun over a synced folder uploads nothing)
+    assert {p for p, stamp in stamps.items() if p.stat().st_mtime_ns != stamp} == {changed}
 
 
 def test_two_inputs_of_one_name_are_refused_before_any_mask(trained_run, images, tmp_path, capsys):
