@@ -15,12 +15,8 @@ from .params import (
     SELECTORS,
     ParameterError,
     chapter_values,
-    defaults,
     problems_message,
-    profile_path,
     project_root,
-    read_yaml,
-    run_file,
     schema,
     suggest,
 )
@@ -60,9 +56,10 @@ def from_notebook(chapter: str, namespace: dict[str, Any]) -> dict[str, Any]:
     In a kernel, the parameters are the names the parameters cells assign (see ``parameter_cell_names``): a
     mistyped one is reported with the close match, and a second Run All, Restart & Run All or one cell run again
     all give the same result. Outside a kernel (a plain dict) every plain variable counts. Values as papermill's
-    ``-p`` passes them (YAML text such as ``'[0, 1]'``, ``true``) are read as YAML where the key takes no string;
-    keys that only other chapters take (``-f`` of a profile's file) are left to them; and values equal to those of
-    the profile's or the run's own file (``-f`` of that file) are that file's layer, not overrides.
+    ``-p`` passes them (YAML text such as ``'[0, 1]'``, ``true``) are read as YAML where the key takes no string,
+    and keys that only other chapters take are left to them. Every value a parameters cell assigns is used as it
+    reads, so what the notebook shows is what runs: ``papermill -f a.yaml -f b.yaml`` merges the files (b over a)
+    and the chapter takes that merge as its overrides.
     """
     history = namespace.get("In")
     given = parameter_cell_names(history) if isinstance(history, list) else None
@@ -82,15 +79,7 @@ def from_notebook(chapter: str, namespace: dict[str, Any]) -> dict[str, Any]:
     for name, layer in ((profile, "profile"), (run, "run")):
         if not isinstance(name, (str, type(None))):
             raise ParameterError(problems_message(chapter, [f"{layer} must be str, got {name!r}"]))
-    for path in (profile_path(profile or defaults(chapter)["profile"], root),
-                 run_file(chapter, run, root) if chapter == "train" else None):
-        own = read_yaml(path) if path is not None and path.is_file() else {}
-        if own and all(values.get(k, _MISSING) == v for k, v in own.items() if k in keys and k not in SELECTORS):
-            values = {k: v for k, v in values.items() if k not in own}  # that file passed whole with -f
     return chapter_values(chapter, profile, run, values, root)
-
-
-_MISSING = object()
 
 
 def _from_text(name: str, value: Any, keys: dict) -> Any:
