@@ -181,13 +181,19 @@ def read_table(run_dir: str | Path, name: str) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- the project's folders
 
 
+PROJECT_ENV = "ISIC_PROJECT_ROOT"  # set by the report while a chapter runs: the project the chapter belongs to
+
+
 def project_root(start: str | Path | None = None) -> Path:
     """The folder holding ``params/profiles`` at or above ``start`` (default: the working directory).
 
     Relative paths in parameters are taken from there, so a notebook opened in ``notebooks/`` and a papermill
     run from the repository root read and write the same folders. Outside a checkout it is the installed
-    package's checkout when there is one (an editable install), else the working directory.
+    package's checkout when there is one (an editable install), else the working directory. A chapter the report
+    runs in a report folder elsewhere is told its project by the report (``$ISIC_PROJECT_ROOT``).
     """
+    if start is None and os.environ.get(PROJECT_ENV):
+        return Path(os.environ[PROJECT_ENV]).resolve()
     here = Path(start or os.getcwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "params" / "profiles").is_dir():
@@ -196,6 +202,17 @@ def project_root(start: str | Path | None = None) -> Path:
     if start is None and (checkout / "params" / "profiles").is_dir():  # running in a report folder elsewhere)
         return checkout
     return here
+
+
+def signed(value: float, digits: int = 3) -> str:
+    """``value`` with its sign, as a page shows a change: rounded first, so a change too small to show reads
+    ``+0.000``, never ``-0.000``."""
+    return f"{round(float(value), digits) + 0.0:+.{digits}f}"
+
+
+def plain(value: float, digits: int = 3) -> str:
+    """``value`` rounded to ``digits`` decimals as a table shows it, thousands separated, without ``-0.000``."""
+    return f"{round(float(value), digits) + 0.0:,.{digits}f}"
 
 
 def page_link(path: str | Path) -> str:

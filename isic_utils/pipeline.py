@@ -11,6 +11,7 @@ executed notebook and is redone alone on the next run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import json
@@ -26,6 +27,7 @@ from .experiments import data_root, describe_data
 from .external import external_sets
 from .files import (
     PROGRESS_ENV,
+    PROJECT_ENV,
     TEMPORARY_SUFFIX,
     LineWriter,
     atomic_path,
@@ -183,8 +185,17 @@ def export_html(notebook_path: Path, html_path: Path, reader: bool = False) -> P
     notebook = nbformat.read(notebook_path, as_version=4)
     exporter = HTMLExporter(template_name="lab", exclude_input=reader, exclude_input_prompt=reader,
                             exclude_output_prompt=reader)
-    body, _ = exporter.from_notebook_node(notebook)
+    body, _ = exporter.from_notebook_node(notebook, resources={"metadata": {"name": page_title(notebook_path,
+                                                                                                  notebook)}})
     return write_text(html_path, body)
+
+
+def page_title(notebook_path: Path, notebook) -> str:
+    """A chapter page's title in the browser's tab and history: the step and the chapter's own heading ("task1 ·
+    Chapter 2 — Training a run"), not nbconvert's "Notebook"."""
+    heading = next((line.lstrip("#").strip() for cell in notebook.cells if cell.cell_type == "markdown"
+                    for line in cell.source.splitlines() if line.startswith("#")), "")
+    return " · ".join(part for part in (notebook_path.stem, heading) if part)
 
 
 def reader_name(step_name: str) -> str:
@@ -208,7 +219,7 @@ def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str
     relay = out_dir / f".{step.name}-progress.{process_tag()}.relay{TEMPORARY_SUFFIX}"
     start = time.perf_counter()
     try:
-        with _ProgressRelay(relay, _line_echo(echo, step.name)):
+        with _ProgressRelay(relay, _line_echo(echo, step.name)), _project_for_kernels(root):
             # in the report's folder, as a notebook runs in its own: the links it prints open from its page
             pm.execute_notebook(str(source), str(running), parameters=values, cwd=str(out_dir), progress_bar=False,
                                 kernel_name=kernel, log_output=False, stdout_file=_line_echo(echo, step.name),
@@ -221,6 +232,21 @@ def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str
     running.replace(target)
     partial.unlink(missing_ok=True)  # an earlier attempt's failure, now run through: not left beside the chapter
     return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _project_for_kernels(root: Path):
+    """``$ISIC_PROJECT_ROOT`` names ``root`` while a chapter runs: its kernel runs in the report's folder (so the links
+    it prints open from its page), which may lie outside the project whose params and data the report uses."""
+    previous = os.environ.get(PROJECT_ENV)
+    os.environ[PROJECT_ENV] = str(root)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PROJECT_ENV, None)
+        else:
+            os.environ[PROJECT_ENV] = previous
 
 
 def _relative_paths(notebook: Path, source: Path, root: Path) -> None:

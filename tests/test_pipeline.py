@@ -290,12 +290,12 @@ def _papermill(root: Path, target: Path, *arguments: str) -> None:
 
 
 def test_plain_papermill_with_a_profile_and_run_continues_the_reports_run(tiny_report, tmp_path):
-    """`papermill -p profile tiny -p run task2` is the report's task 2 chapter; so is `-f` of the profile's and the
-    run's files, with list and boolean values given as text (-p seeds '[0]' -p download false)."""
+    """`papermill -p profile tiny -p run task2` is the report's task 2 chapter; so is `-f` of the profile's file, with
+    list and boolean values given as text (-p seeds '[0]' -p download false)."""
     out, _, _, root = tiny_report
     before, per_image = _trained_files(out, "task2"), (out / "task2" / "tables" / "per_image_test_seed0.csv").read_text()
     _papermill(root, tmp_path / "a.ipynb", "-p", "profile", "tiny", "-p", "run", "task2")
-    _papermill(root, tmp_path / "b.ipynb", "-f", "params/profiles/tiny.yaml", "-f", "params/task2.yaml",
+    _papermill(root, tmp_path / "b.ipynb", "-f", "params/profiles/tiny.yaml", "-p", "run", "task2",
                "-p", "seeds", "[0]", "-p", "download", "false")
     assert _trained_files(out, "task2") == before  # resumed: no epoch trained, no checkpoint written
     assert (out / "task2" / "tables" / "per_image_test_seed0.csv").read_text() == per_image
@@ -350,3 +350,56 @@ def test_a_chapter_survives_run_all_twice_in_one_kernel(tiny_report):
     _by_hand(root, "02_train.ipynb", "profile = 'tiny'\nrun = 'task1'", runs=2)
     assert len(pd.read_csv(out / "task1" / "tables" / "epochs.csv")) == 2
     assert _trained_files(out, "task1") == before
+
+
+def broken_links(page: Path) -> list[str]:
+    """The links of HTML page ``page`` to files that are not there, each read from the page's own folder (what a
+    click does); links to the web, anchors and embedded data are not files."""
+    import html
+    import re
+    from urllib.parse import unquote, urlsplit
+
+    broken = []
+    for target in re.findall(r'href="([^"]+)"', page.read_text(encoding="utf-8")):
+        target = html.unescape(target)
+        parts = urlsplit(target)
+        if parts.scheme or target.startswith(("#", "//")) or not parts.path:
+            continue
+        if not (page.parent / unquote(parts.path)).exists():
+            broken.append(target)
+    return broken
+
+
+def test_every_link_of_every_page_the_report_writes_opens(tiny_report):
+    """index.html, each chapter (with code and the reader's copy), every gallery: every link resolves from the page's
+    folder. The chapters ran in the project's root, so their gallery links ('task1/gallery.html') were dead from the
+    page beside the notebook in JupyterLab (/files/notebooks/task1/gallery.html, 404)."""
+    out, _, _, _ = tiny_report
+    pages = sorted(out.rglob("*.html"))
+    assert len(pages) > 15 and any(p.name == "gallery.html" for p in pages)
+    assert {p: broken_links(p) for p in pages if broken_links(p)} == {}
+    assert 'href="task1/gallery.html"' in (out / "task1.html").read_text()
+
+
+def test_a_page_nbconvert_writes_beside_a_papermill_run_links_what_is_there(tiny_report):
+    """The README's papermill command from the project's root, then `jupyter nbconvert --to html` of its notebook:
+    the page's gallery link opens (it named 'task2/gallery.html', relative to the report's folder)."""
+    out, _, _, root = tiny_report
+    _papermill(root, root / "task2-by-hand.ipynb", "-p", "profile", "tiny", "-p", "run", "task2")
+    converted = subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "task2-by-hand.ipynb"],
+                               cwd=root, capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    page = root / "task2-by-hand.html"
+    assert "gallery.html" in page.read_text() and broken_links(page) == []
+
+
+def test_a_report_written_outside_the_project_links_its_own_pages(tiny_report, tmp_path):
+    """`--set output_dir=<a folder elsewhere>`: the chapters run in that folder and their links are relative to it
+    (the setup cell used to move the kernel back into the project, so the links pointed there)."""
+    _, _, _, root = tiny_report
+    elsewhere = tmp_path / "shared-site"
+    with inside(root):
+        run_report("tiny", only=["task1"], overrides={"output_dir": str(elsewhere)}, root=root, echo=lambda _: None)
+    assert (elsewhere / "task1" / "gallery.html").is_file()
+    for page in ("task1.html", "task1_reader.html"):
+        assert 'href="task1/gallery.html"' in (elsewhere / page).read_text() and broken_links(elsewhere / page) == []
