@@ -4,10 +4,13 @@ run's headline scores, and the written reading generated from the numbers.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pandas as pd
 
 from . import failures
-from .experiments import SavedRun
+from .experiments import SavedRun, random_encoder
+from .files import signed
 from .metrics import seed_spread
 
 SPREAD_COLUMNS = {
@@ -20,6 +23,34 @@ SPREAD_COLUMNS = {
     "test_specificity_mean_orig": "specificity (mean per image)",
     "test_iou_mean_model_px": "IoU (mean per image, model resolution)",
 }
+
+
+EMPTY_SHARE = 0.9  # a run whose masks are empty on this share of its test predictions or more learned nothing
+
+
+def learned_nothing(per_image: Iterable[pd.DataFrame]) -> tuple[int, int] | None:
+    """(empty masks, predictions) over every seed's per-image test table when at least ``EMPTY_SHARE`` of the
+    predicted masks are empty (a frozen random encoder after a few epochs); None for a run that segments."""
+    frames = [frame for frame in per_image if {"tp", "fp"} <= set(frame)]
+    total = sum(len(frame) for frame in frames)
+    empty = int(sum(((frame["tp"] + frame["fp"]) == 0).sum() for frame in frames))
+    return (empty, total) if total and empty >= EMPTY_SHARE * total else None
+
+
+def caveat(info: dict, per_image: Iterable[pd.DataFrame]) -> str:
+    """What a reader must know before reading a run's scores: it learned nothing, or its encoder was random; ""."""
+    nothing = learned_nothing(per_image)
+    random = random_encoder(info)
+    if nothing:
+        return (f"learned nothing: its masks are empty on {nothing[0]} of {nothing[1]} test predictions"
+                + (" (its encoder is random: no ImageNet weights)" if random else ""))
+    return "random encoder (no ImageNet weights): not transfer learning" if random else ""
+
+
+def caveats(runs: dict[str, SavedRun]) -> dict[str, str]:
+    """``caveat`` of every run that has one."""
+    found = {name: caveat(run.info, run.per_image.values()) for name, run in runs.items()}
+    return {name: text for name, text in found.items() if text}
 
 
 def comparison_table(runs: dict[str, SavedRun]) -> pd.DataFrame:
@@ -75,8 +106,8 @@ def wilcoxon_table(runs: dict[str, SavedRun], metric: str = "iou") -> pd.DataFra
                     _paired_wilcoxon(by_id(runs[a].per_image[s]), by_id(runs[b].per_image[s]))[2] for s in common)
             spread = seed_spread(by_id(runs[b].per_image[s]).mean() - by_id(runs[a].per_image[s]).mean()
                                  for s in common)
-            row["B − A per seed (mean ± std)"] = (f"{spread['mean']:+.4f} ± {spread['std']:.4f}"
-                                                  if spread["seeds"] > 1 else f"{spread['mean']:+.4f}")
+            row["B − A per seed (mean ± std)"] = (f"{signed(spread['mean'], 4)} ± {spread['std']:.4f}"
+                                                  if spread["seeds"] > 1 else signed(spread['mean'], 4))
             row["against the seed spread"] = spread["verdict"]
             rows.append(row)
     return pd.DataFrame(rows)
@@ -85,11 +116,14 @@ def wilcoxon_table(runs: dict[str, SavedRun], metric: str = "iou") -> pd.DataFra
 def written_reading(runs: dict[str, SavedRun], tests: pd.DataFrame) -> str:
     """A short reading of the comparison, generated from the numbers."""
     means = {name: run.seeds["test_iou_mean_orig"].mean() for name, run in runs.items()}
-    best = max(means, key=means.get)
-    lines = [f"- Best mean per-image Jaccard on the test set: **{best}** ({means[best]:.3f})."]
+    lines = [f"- **{name}** {text}: its scores, and any test against it, say nothing about the method."
+             for name, text in caveats(runs).items() if text.startswith("learned nothing")]
+    segmenting = [name for name in means if not learned_nothing(runs[name].per_image.values())] or list(means)
+    best = max(segmenting, key=means.get)
+    lines.append(f"- Best mean per-image Jaccard on the test set: **{best}** ({means[best]:.3f}).")
     for _, row in tests.iterrows():
         verdict = "a significant" if row["p-value"] < 0.05 else "no significant"
-        lines.append(f"- {row['B']} vs {row['A']}: mean per-image JA changes by {row['mean B − A']:+.3f} "
+        lines.append(f"- {row['B']} vs {row['A']}: mean per-image JA changes by {signed(row['mean B − A'])} "
                      f"({row['B better on']} improve); Wilcoxon p = {row['p-value']:.2g}, {verdict} difference at 0.05"
                      + (f" (largest p over single seeds: {row['p-value, worst single seed']:.2g})."
                         if pd.notna(row.get("p-value, worst single seed")) else "."))

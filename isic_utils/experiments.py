@@ -25,8 +25,8 @@ from .devices import resolve_device, set_threads
 from .features import FeatureStore
 from .files import LineWriter, atomic_path, locked, read_table, save_table, shown_path, write_json
 from .inference import load_checkpoint
-from .model import EncoderWeightsError, build_model
-from .params import TrainConfig, absolute, project_root
+from .model import WEIGHTS_ENV, EncoderWeightsError, build_model, weights_on_disk
+from .params import TrainConfig, absolute, chapter_values, project_root
 from .sources import OFFICIAL_COUNTS, DataError, download_isic2016, has_split
 from .synthetic import make_synthetic_isic
 from .training import FitResult, fit
@@ -47,13 +47,55 @@ def data_root(params: dict) -> Path:
 
 
 def describe_data(params: dict) -> str:
-    """One line saying what data this chapter runs on (shown at the top of every chapter and of index.html)."""
+    """What this chapter runs on, shown at the top of every chapter and of index.html: the data, and the random
+    encoder when the runs had no ImageNet weights (``describe_encoder``)."""
+    return " ".join(line for line in (_data_line(params), describe_encoder(params)) if line)
+
+
+def _data_line(params: dict) -> str:
     if params["data_source"] == "synthetic":
         return ("**Synthetic data** (the embedded offline default): generated lesions, not dermoscopy. These numbers "
                 "show the pipeline works; they say nothing about real lesion segmentation.")
     test = ("the official test set" if params["test_split"] == "official"
             else f"a held-out {params['holdout_fraction']:.0%} of the training ids as test set (not the official test set)")
     return f"**ISIC 2016 Part 1** images from `{shown_path(data_root(params), DATA_ENV)}`, with {test}."
+
+
+def random_encoder(info: dict) -> bool:
+    """Whether a run's record (``run.json``) says a seed started from a random encoder."""
+    weights = info.get("encoder_weights") or {}
+    return any(w.get("source") == "random initialisation" for w in weights.values() if isinstance(w, dict))
+
+
+def random_encoder_runs(output_dir: str | Path) -> list[str]:
+    """The runs in ``output_dir`` whose recorded seeds started from a random encoder (no ImageNet weights to be had)."""
+    runs = []
+    for record in sorted(absolute(output_dir).glob("*/run.json")):
+        try:
+            info = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if random_encoder(info):
+            runs.append(record.parent.name)
+    return runs
+
+
+def describe_encoder(params: dict) -> str:
+    """A line for the top of a chapter when its runs did (or, offline, will) start from a random encoder: their
+    numbers are then not transfer learning, and a frozen random encoder (task 1) learns next to nothing; "" else."""
+    runs = random_encoder_runs(params["output_dir"])
+    consequence = ("This is not transfer learning: a frozen random encoder (task 1) learns next to nothing, so its "
+                   "scores and any comparison with it say nothing about ImageNet features. Set "
+                   f"`${WEIGHTS_ENV}` (or `encoder_weights`) for the real study.")
+    if runs:
+        return (f"**Random encoder**: {', '.join(runs)} started from a randomly initialised MobileNetV2 (ImageNet "
+                f"weights were not available). {consequence}")
+    if "encoder_weights" not in params:  # a chapter that trains nothing: the profile's training settings say
+        params = chapter_values("train", params["profile"])
+    if params["allow_random_encoder"] and not weights_on_disk(params["encoder_weights"]):
+        return ("**No ImageNet weights on this machine**: unless they can be downloaded, the runs start from a "
+                f"randomly initialised MobileNetV2. {consequence}")
+    return ""
 
 
 def prepare_data(params: dict, progress: bool = True) -> ReportData:
@@ -373,7 +415,7 @@ def load_run(output_dir: str | Path, name: str) -> SavedRun:
     info_path = run_dir / "run.json"
     if not info_path.exists():
         raise FileNotFoundError(f"{info_path} not found: run the training chapter for {name!r} first "
-                                f"(papermill notebooks/02_train.ipynb ... -f params/{name}.yaml).")
+                                f"(python -m isic_utils report --only {name}, or papermill notebooks/02_train.ipynb OUT.ipynb -p run {name}).")
     info = json.loads(info_path.read_text())
     seeds = read_table(run_dir, "seeds")
     per_image = {int(s): read_table(run_dir, f"per_image_test_seed{int(s)}") for s in seeds["seed"]}

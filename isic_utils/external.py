@@ -21,7 +21,7 @@ import torch
 from . import confidence, metrics
 from .decoding import DecodedSplit, decode_pairs
 from .experiments import SavedRun, data_root, load_run, prepare_data
-from .files import save_table, shown_path
+from .files import save_table, shown_path, signed
 from .inference import load_trained, predicted_probabilities
 from .params import absolute
 from .sources import EXTERNAL_LAYOUTS, PH2_URL, DataError, find_external_pairs
@@ -284,17 +284,17 @@ def reading(result: dict) -> str:
     for _, row in gap.iterrows():
         name = row["external set"]
         lines.append(f"{row['run']}: JA {row['JA ISIC test']:.3f} on the ISIC test set, {row[f'JA {ON_SET}']:.3f} on "
-                     f"{name} ({row['images']} images): a gap of {row['JA gap']:+.3f}{gap_spread(row)}.")
+                     f"{name} ({row['images']} images): a gap of {signed(row['JA gap'])}{gap_spread(row)}.")
     if gap["external set"].str.endswith(REPORTING).any():
         lines.append(f"Each set's {REPORTING} is the half no choice looks at (the options study, a threshold or a "
                      f"fine-tune choose on the {CHOOSING}): its gap is the one to quote for options chosen that way.")
     best = gap.loc[gap["JA gap"].idxmax()]
-    lines.append(f"Smallest gap: {best['run']} on {best['external set']} ({best['JA gap']:+.3f}).")
+    lines.append(f"Smallest gap: {best['run']} on {best['external set']} ({signed(best['JA gap'])}).")
     for (data_name,), group in options[options["data"] != "validation"].groupby(["data"], sort=False):
         flips = group[group["test-time flips"] & ~group["largest component"]]["Δ JA"]
         post = group[~group["test-time flips"] & group["largest component"]]["Δ JA"]
-        lines.append(f"On {data_name}, test-time flips change JA by {flips.min():+.3f} to {flips.max():+.3f} across "
-                     f"runs, the largest-component post-processing by {post.min():+.3f} to {post.max():+.3f}.")
+        lines.append(f"On {data_name}, test-time flips change JA by {signed(flips.min())} to {signed(flips.max())} across "
+                     f"runs, the largest-component post-processing by {signed(post.min())} to {signed(post.max())}.")
     return " ".join(lines)
 
 

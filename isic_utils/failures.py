@@ -9,6 +9,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from .experiments import SavedRun
+from .files import signed
 from .metrics import THRESHOLD_JACCARD
 
 FAIL_BELOW = THRESHOLD_JACCARD  # the ISIC 2018 rule: an image below this Jaccard counts as a failure
@@ -77,7 +78,7 @@ def reading(frames: dict[str, pd.DataFrame]) -> str:
                         trend = "shows no clear trend with"
                     else:
                         trend = ("weakly " if abs(rho) < 0.3 else "") + ("rises with" if rho > 0 else "falls with")
-                    line += f"; JA {trend} {label} (Spearman ρ {rho:+.2f}, p {p:.2g})"
+                    line += f"; JA {trend} {label} (Spearman ρ {signed(rho, 2)}, p {p:.2g})"
         worst_row = frame.loc[frame["iou"].idxmin()]
         line += (f". Worst: {worst_row['id']} (JA {worst_row['iou']:.2f}, lesion {100 * worst_row['lesion_area']:.1f}% "
                  f"of the image).")

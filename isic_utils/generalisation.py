@@ -26,7 +26,7 @@ from . import metrics
 from . import params as P
 from .experiments import prepare_data, train_run
 from .external import CHOOSING, REPORTING, Scored, half_name, halves, validate_external
-from .files import save_table
+from .files import save_table, signed
 
 BASE = {"color_constancy": "none", "tta": "none", "postprocess": "none", "image_size": 128,
         "augment": ["hflip", "vflip", "rot90", "color_jitter"]}
@@ -170,7 +170,7 @@ def _change(row, split: str) -> str:
     verdict = row[f"Δ {split} against the seed spread"]
     word = verdict.split()[0] if verdict.endswith("seed spread") else "?"
     spread = f" ± {row[f'Δ std {split}']:.3f}" if row[f"Δ std {split}"] == row[f"Δ std {split}"] else ""
-    return f"{row[f'Δ {split}']:+.3f}{spread} ({word})"
+    return f"{signed(row[f'Δ {split}'])}{spread} ({word})"
 
 
 def options_reading(table: pd.DataFrame, uses: list[str] | None = None) -> str:

@@ -68,6 +68,21 @@ def resolve_weights(weights: str | None) -> str | None:
     return weights
 
 
+def weights_on_disk(weights: str | None) -> bool:
+    """Whether the encoder weights ``weights`` name are on this machine without a download: a state_dict file, or
+    torchvision's ImageNet file in torch's cache (``None``: a random encoder, nothing to find)."""
+    import torch
+    import torchvision
+
+    weights = resolve_weights(weights)
+    if weights is None or weights == "none":
+        return False
+    if weights == "imagenet":
+        url = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.url
+        return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).is_file()
+    return Path(weights).expanduser().is_file()
+
+
 def build_encoder(name: str = "mobilenet_v2", weights: str | None = "imagenet") -> nn.Sequential:
     """The encoder ``name`` with ``weights`` ("imagenet", a state_dict path, or None); see the module docstring."""
     import torchvision

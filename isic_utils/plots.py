@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
+from matplotlib.figure import Figure
+from PIL import Image
 
 from . import confidence, external, failures, metrics, transforms
 from .decoding import DecodedSplit
@@ -22,12 +25,40 @@ from .files import atomic_path
 sns.set_theme(style="whitegrid", context="notebook")
 
 
+def figure_png(fig, dpi: float | None = None) -> bytes:
+    """``fig`` as a PNG of 256 colours (an adaptive palette, dithered): a quarter of the bytes of matplotlib's own
+    PNG for the same picture, and each figure is in a report four times (its file, the notebook, the page with
+    code and the reader's copy)."""
+    drawn = io.BytesIO()
+    fig.savefig(drawn, dpi=dpi or fig.dpi, bbox_inches="tight", format="png")
+    with Image.open(drawn) as picture:
+        palette = picture.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
+    packed = io.BytesIO()
+    palette.save(packed, format="PNG", optimize=True)
+    return packed.getvalue()
+
+
 def save_figure(fig, run_dir: str | Path, name: str, dpi: int = 110) -> Path:
-    """Write ``fig`` to ``figures/NAME.png`` under ``run_dir`` (atomically) and return the path."""
+    """Write ``fig`` to ``figures/NAME.png`` under ``run_dir`` (atomically; ``figure_png``) and return the path."""
     target = Path(run_dir) / "figures" / f"{name}.png"
     with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+        tmp.write_bytes(figure_png(fig, dpi))
     return target
+
+
+def _show_figures_as_palette_png() -> None:
+    """In a notebook, figures are shown (and so embedded in the notebook and its pages) as ``figure_png`` draws them,
+    in place of matplotlib-inline's full-colour PNG."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and hasattr(shell, "display_formatter"):
+        shell.display_formatter.formatters["image/png"].for_type(Figure, figure_png)
+
+
+_show_figures_as_palette_png()
 
 
 @contextlib.contextmanager

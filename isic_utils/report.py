@@ -9,13 +9,15 @@ import html
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import failures, gallery, plots, trust
+from .comparison import caveat
 from .eda import check_alignment
 from .experiments import RunResult, SavedRun, prepare_data
 from .external import ON_SET, gap_spread
-from .files import page_link, save_table, write_text
+from .files import page_link, plain, save_table, signed, write_text
 from .gallery import GALLERY
 from .model import IMAGENET_MEAN, IMAGENET_STD, count_parameters
 
@@ -99,8 +101,10 @@ def write_decoder_parameters(decoder, path: str | Path, max_values: int = 20) ->
     return write_text(path, "\n".join(lines) + "\n")
 
 
-def report_vs_reproduction(ours: dict[str, dict]) -> pd.DataFrame:
-    """The student report's numbers beside ours (task1, task2), with the method differences that explain them."""
+def report_vs_reproduction(ours: dict[str, dict], notes: dict[str, str] | None = None) -> pd.DataFrame:
+    """The student report's numbers beside ours (task1, task2), with the method differences that explain them;
+    ``notes`` (``comparison.caveats``): what a run's numbers mean when it learned nothing or had no ImageNet
+    weights, shown beside them."""
     rows = []
     for task, theirs in STUDENT_REPORT.items():
         if task not in ours:
@@ -115,6 +119,7 @@ def report_vs_reproduction(ours: dict[str, dict]) -> pd.DataFrame:
             "ours Dice (mean/img)": mine.get("dice_mean"),
             "report accuracy": theirs["accuracy"],
             "ours accuracy (mean/img)": mine.get("accuracy_mean"),
+            **({"ours: read first": (notes or {}).get(task, "")} if notes else {}),
         })
     return pd.DataFrame(rows)
 
@@ -302,7 +307,9 @@ def _run_finding(folder: Path) -> str:
     weights = (info.get("encoder_weights") or {}).get(str(first), {})
     encoder = weights.get("source", "unrecorded") + (" (ImageNet weights were unavailable)"
                                                      if weights.get("fallback") else "")
-    return (f"test JA {scores.mean():.3f}{spread} (mean per image, original size); checkpoint of epoch "
+    warning = _run_caveat(folder, seeds)
+    warning = f"{warning[0].upper()}{warning[1:]}; " if warning else ""
+    return (f"{warning}test JA {scores.mean():.3f}{spread} (mean per image, original size); checkpoint of epoch "
             f"{int(seeds['best_epoch'].iloc[0])} of {info['params']['epochs']} chosen on validation (val IoU "
             f"{seeds['val_iou_mean'].iloc[0]:.3f}){fails}; encoder: {encoder}{where}.")
 
@@ -312,20 +319,39 @@ def _compare_finding(out_dir: Path) -> str:
     table, tests = _table(folder, "comparison"), _table(folder, "wilcoxon")
     if table is None:
         return "not run yet."
-    means = {}
+    means, nothing = {}, {}
     for name in table["run"]:
         seeds = _table(out_dir / name, "seeds")
         if seeds is not None:
             means[name] = float(seeds["test_iou_mean_orig"].mean())
-    best = max(means, key=means.get)
+            text = _run_caveat(out_dir / name, seeds)
+            if text.startswith("learned nothing"):
+                nothing[name] = text
+    segmenting = [name for name in means if name not in nothing]
+    if not segmenting:
+        return "no run learned to segment: " + "; ".join(f"{name} {text}" for name, text in nothing.items()) + "."
+    best = max(segmenting, key=means.get)
     line = f"{best} segments the test set best: mean per-image JA {means[best]:.3f}"
     others = []
     for _, row in (tests if tests is not None else pd.DataFrame()).iterrows():
         if best in (row["A"], row["B"]):
             other = row["A"] if row["B"] == best else row["B"]
+            if other in nothing:
+                continue
             gain = row["mean B − A"] if row["B"] == best else -row["mean B − A"]
-            others.append(f"{gain:+.3f} over {other} (Wilcoxon p {row['p-value']:.2g})")
-    return line + ("; " + ", ".join(others) if others else "") + "."
+            others.append(f"{signed(gain)} over {other} (Wilcoxon p {row['p-value']:.2g})")
+    left_out = "".join(f" {name} is not compared: it {text}." for name, text in nothing.items())
+    return line + ("; " + ", ".join(others) if others else "") + "." + left_out
+
+
+def _run_caveat(folder: Path, seeds: pd.DataFrame) -> str:
+    """``comparison.caveat`` of the run saved in ``folder``, read from its record and per-image tables."""
+    try:
+        info = json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    tables = (_table(folder, f"per_image_test_seed{int(seed)}") for seed in seeds["seed"])
+    return caveat(info, [table for table in tables if table is not None])
 
 
 def _eda_finding(out_dir: Path) -> str:
@@ -354,7 +380,7 @@ def _external_finding(out_dir: Path) -> str:
         spread = gap_spread(row) if row.get("seeds", 0) > 1 else ""
         on_set = row.get(f"JA {ON_SET}", row.get(f"JA {name}"))  # or a table of an earlier version, per-set columns
         parts.append(f"{row['run']} JA {on_set:.3f} on {name} vs {row['JA ISIC test']:.3f} on the ISIC "
-                     f"test set ({row['JA gap']:+.3f}{spread})")
+                     f"test set ({signed(row['JA gap'])}{spread})")
     return "; ".join(parts) + "."
 
 
@@ -397,6 +423,11 @@ def answer_section(out_dir: Path) -> str:
 def for_reading(table: pd.DataFrame, digits: int = 3):
     """``table`` as a chapter shows it: no index column, numbers rounded to ``digits`` decimals, blanks for missing
     values (the CSV under ``tables/`` keeps full precision)."""
-    styled = table.style.hide(axis="index").format(precision=digits, na_rep="", thousands=",")
+    def shown(value):  # -0.0001 reads 0.000, not -0.000
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            return str(value)
+        return f"{value:,}" if isinstance(value, (int, np.integer)) else plain(value, digits)
+
+    styled = table.style.hide(axis="index").format(shown, na_rep="")
     p_values = [column for column in table.columns if "p-value" in str(column)]  # 1.6e-11 must not read 0.000
     return styled.format("{:.2g}", subset=p_values, na_rep="") if p_values else styled

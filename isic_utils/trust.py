@@ -16,7 +16,7 @@ from . import confidence, gallery
 from .decoding import DecodedSplit
 from .experiments import SavedRun
 from .failures import per_image_frame
-from .files import read_table
+from .files import read_table, signed
 from .metrics import THRESHOLD_JACCARD
 
 SETS = {"val": "validation", "test": "ISIC test"}
@@ -71,12 +71,7 @@ def reading(trust: pd.DataFrame, calibration: pd.DataFrame) -> str:
     for name, rows in trust.groupby("run", sort=False):
         parts = []
         for label, group in rows.groupby("set", sort=False):
-            failed = int((group["failed & flagged"] + group["failed, not flagged"]).sum())
-            caught = int(group["failed & flagged"].sum())
-            value = group[auroc].mean()
-            parts.append(f"on {label} ρ {group['Spearman ρ'].mean():+.2f}, AUROC "
-                         f"{'— (no failure)' if np.isnan(value) else f'{value:.2f}'}, {caught} of {failed} failures "
-                         f"flagged with {int(group['flagged, not failed'].sum())} false alarms")
+            parts.append(f"on {label} {_set_reading(group, auroc)}")
         cal = calibration[calibration["run"] == name]
         kept = cal[cal["kept T"] != 1.0]
         temperature = (f"a temperature of {kept['kept T'].mean():.2f} lowers the test ECE from "
@@ -84,6 +79,21 @@ def reading(trust: pd.DataFrame, calibration: pd.DataFrame) -> str:
                        if len(kept) else "no temperature lowered the validation ECE, so none is applied")
         lines.append(f"- **{name}** ({rows['confidence'].iloc[0]}): " + "; ".join(parts) + f"; {temperature}.")
     return "\n".join(lines)
+
+
+def _set_reading(group: pd.DataFrame, auroc: str) -> str:
+    """One set's confidence in words: ρ, AUROC and the flagged failures, or why there is nothing to rank (every
+    image failed, none did, or every mask had one confidence): never a ``nan``."""
+    images = int(group["images"].sum())
+    failed = int((group["failed & flagged"] + group["failed, not flagged"]).sum())
+    caught, alarms = int(group["failed & flagged"].sum()), int(group["flagged, not failed"].sum())
+    if failed == images:
+        return (f"every image failed (JA < {THRESHOLD_JACCARD}): the confidence has no success to tell them from "
+                f"({caught} of {failed} flagged)")
+    rho, value = group["Spearman ρ"].mean(), group[auroc].mean()
+    rho = "ρ — (one confidence or one JA for every image)" if np.isnan(rho) else f"ρ {signed(rho, 2)}"
+    value = "— (no failure)" if np.isnan(value) else f"{value:.2f}"
+    return f"{rho}, AUROC {value}, {caught} of {failed} failures flagged with {alarms} false alarms"
 
 
 # ----------------------------------------------------------------------------- galleries

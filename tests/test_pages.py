@@ -1,0 +1,179 @@
+"""What the report's pages say, read as a reader would (issue 28): the offline default's random encoder named where its
+scores are shown, a headline that compares only runs that learned, no ``nan`` or ``-0.000`` on a page, chapter pages
+titled for the chapter, and figures small enough that a handed-over report stays a few MB."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from isic_utils import comparison, experiments, files, pipeline, plots, report, trust
+from isic_utils.params import chapter_values
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def per_image(ids: int, empty: int, iou: float = 0.8) -> pd.DataFrame:
+    """A per-image test table: ``empty`` predicted masks are empty (tp = fp = 0, JA 0), the rest score ``iou``."""
+    rows = [{"id": f"ISIC_{k:07d}", "tp": 0 if k < empty else 80, "fp": 0 if k < empty else 10, "fn": 20, "tn": 900,
+             "iou": 0.0 if k < empty else iou} for k in range(ids)]
+    return pd.DataFrame(rows)
+
+
+def saved_run(folder: Path, name: str, frame: pd.DataFrame, random: bool, seeds=(0,)) -> None:
+    """The files a finished run leaves that the index reads: seeds.csv, run.json, per-image test tables."""
+    run_dir = folder / name
+    (run_dir / "tables").mkdir(parents=True)
+    source = "random initialisation" if random else "ImageNet weights (torchvision IMAGENET1K_V1)"
+    (run_dir / "run.json").write_text(json.dumps({
+        "params": {"epochs": 8}, "encoder_weights": {str(s): {"source": source} for s in seeds}, "trained_on": {}}))
+    pd.DataFrame([{"seed": s, "test_iou_mean_orig": frame["iou"].mean(), "best_epoch": 8, "val_iou_mean": 0.5}
+                  for s in seeds]).to_csv(run_dir / "tables" / "seeds.csv", index=False)
+    for s in seeds:
+        frame.to_csv(run_dir / "tables" / f"per_image_test_seed{s}.csv", index=False)
+
+
+@pytest.fixture
+def offline_report(tmp_path):
+    """The offline default's outcome: task 1 (a frozen random encoder) predicts empty masks on every test image,
+    task 2 (fine-tuned, random encoder too) segments; Table 9 and the Wilcoxon table as the comparison saves them."""
+    out = tmp_path / "synthetic"
+    saved_run(out, "task1", per_image(60, empty=60), random=True)
+    saved_run(out, "task2", per_image(60, empty=2), random=True)
+    (out / "compare" / "tables").mkdir(parents=True)
+    pd.DataFrame({"run": ["task1", "task2"]}).to_csv(out / "compare" / "tables" / "comparison.csv", index=False)
+    pd.DataFrame([{"A": "task1", "B": "task2", "mean B − A": 0.572, "p-value": 1.6e-11}]).to_csv(
+        out / "compare" / "tables" / "wilcoxon.csv", index=False)
+    return out
+
+
+def test_the_headline_leaves_out_a_run_that_learned_nothing_and_says_why(offline_report):
+    """The offline index's first line read "task2 … +0.572 over task1 (Wilcoxon p 1.6e-11)": a win over a model whose
+    masks were all empty, the cause one screen lower."""
+    line = report.chapter_finding(offline_report, "compare", "compare")
+    assert "over task1" not in line and "Wilcoxon" not in line
+    assert "task2 segments the test set best" in line
+    assert "task1 is not compared: it learned nothing: its masks are empty on 60 of 60 test predictions" in line
+    assert "random" in line
+    task1 = report.chapter_finding(offline_report, "task1", "train")
+    assert task1.startswith("Learned nothing: its masks are empty on 60 of 60")
+    task2 = report.chapter_finding(offline_report, "task2", "train")
+    assert task2.startswith("Random encoder (no ImageNet weights): not transfer learning; test JA")
+
+
+def test_runs_that_all_learned_keep_the_paired_test_in_the_headline(offline_report):
+    (offline_report / "task1").rename(offline_report / "old")
+    saved_run(offline_report, "task1", per_image(60, empty=5, iou=0.5), random=False)
+    line = report.chapter_finding(offline_report, "compare", "compare")
+    assert "+0.572 over task1 (Wilcoxon p 1.6e-11)" in line and "not compared" not in line
+
+
+def test_every_chapter_names_the_random_encoder_at_its_top(offline_report, tmp_path, monkeypatch):
+    """The eda, external and compare pages never said that the runs had no ImageNet weights (the README said every
+    chapter does); before any run, a chapter says what will happen offline."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-cache"))  # no ImageNet file cached
+    for chapter in ("eda", "external", "compare"):
+        values = chapter_values(chapter, "synthetic", None, {"output_dir": str(offline_report)}, root=ROOT)
+        line = experiments.describe_data(values)
+        assert "**Random encoder**: task1, task2 started from a randomly initialised MobileNetV2" in line, chapter
+    before = chapter_values("eda", "synthetic", None, {"output_dir": str(tmp_path / "empty")}, root=ROOT)
+    assert "No ImageNet weights on this machine" in experiments.describe_data(before)
+    weights = tmp_path / "mobilenet_v2.pth"
+    weights.write_bytes(b"a state_dict")
+    monkeypatch.setenv("ISIC_ENCODER_WEIGHTS", str(weights))
+    assert "ImageNet" not in experiments.describe_data(before)  # weights at hand: nothing to warn about
+    real = chapter_values("eda", "isic2016", None, {"output_dir": str(tmp_path / "empty")}, root=ROOT)
+    monkeypatch.delenv("ISIC_ENCODER_WEIGHTS")
+    assert "random" not in experiments.describe_data(real).lower()  # a real profile refuses a random encoder
+
+
+def test_the_student_table_says_what_a_run_that_learned_nothing_means():
+    frames = {"task1": per_image(60, empty=60), "task2": per_image(60, empty=0)}
+    runs = {name: experiments.SavedRun(name, Path(name), {"encoder_weights": {"0": {"source": "random initialisation"}}},
+                                       pd.DataFrame({"seed": [0], "test_iou_mean_orig": [frame["iou"].mean()]}),
+                                       pd.DataFrame(), {0: frame}, None) for name, frame in frames.items()}
+    notes = comparison.caveats(runs)
+    assert notes["task1"].startswith("learned nothing") and notes["task2"].startswith("random encoder")
+    table = report.report_vs_reproduction({"task1": {"iou_mean": 0.0}, "task2": {"iou_mean": 0.8}}, notes)
+    assert list(table["ours: read first"]) == [notes["task1"], notes["task2"]]
+    reading = comparison.written_reading(runs, pd.DataFrame())
+    assert "**task1** learned nothing" in reading and "Best mean per-image Jaccard on the test set: **task2**" in reading
+
+
+def test_a_set_where_every_image_failed_reads_without_nan():
+    """Task 1's trust line read "ρ +nan, AUROC —, 0 of 60 failures flagged" when all 60 had failed."""
+    rows = pd.DataFrame([
+        {"run": "task1", "set": "ISIC test", "confidence": "mean max-probability", "images": 60,
+         "Spearman ρ": np.nan, "AUROC (JA < 0.65)": np.nan, "failed & flagged": 0, "failed, not flagged": 60,
+         "flagged, not failed": 0},
+        {"run": "task2", "set": "ISIC test", "confidence": "mean max-probability", "images": 60,
+         "Spearman ρ": -0.00001, "AUROC (JA < 0.65)": np.nan, "failed & flagged": 0, "failed, not flagged": 0,
+         "flagged, not failed": 1}])
+    calibration = pd.DataFrame([{"run": r, "kept T": 1.0, "ECE test": 0.1, "ECE test, calibrated": 0.1}
+                                for r in ("task1", "task2")])
+    text = trust.reading(rows, calibration)
+    assert "nan" not in text and "-0.00" not in text
+    assert "every image failed (JA < 0.65)" in text and "0 of 60 flagged" in text
+    assert "ρ +0.00, AUROC — (no failure), 0 of 0 failures flagged with 1 false alarms" in text
+
+
+@pytest.mark.parametrize("value, shown", [(-0.00004, "+0.000"), (0.0004, "+0.000"), (-0.0006, "-0.001"),
+                                          (0.5724, "+0.572"), (-0.0, "+0.000")])
+def test_a_change_too_small_to_show_never_reads_minus_zero(value, shown):
+    assert files.signed(value) == shown
+
+
+def test_tables_on_pages_show_no_minus_zero_and_keep_thousands():
+    table = pd.DataFrame({"JA gap": [-0.00004, -0.25], "images": [1200, 3], "p-value": [1.6e-11, 0.5],
+                          "run": ["task1", "task2"]})
+    page = report.for_reading(table).to_html()
+    cells = [c.split(">")[-1] for c in page.split("</td>")[:-1]]
+    assert cells == ["0.000", "1,200", "1.6e-11", "task1", "-0.250", "3", "0.5", "task2"]
+
+
+def test_a_chapter_page_is_titled_for_its_chapter(tmp_path):
+    """Every chapter page was titled "Notebook" in the browser's tab and history."""
+    notebook = nbformat.read(ROOT / "notebooks" / "02_train.ipynb", as_version=4)
+    nbformat.write(notebook, tmp_path / "task1.ipynb")
+    for reader in (False, True):
+        page = pipeline.export_html(tmp_path / "task1.ipynb", tmp_path / "page.html", reader=reader).read_text()
+        assert "<title>task1 · Chapter 2 — Training a run</title>" in page
+
+
+def _png(data: bytes) -> Image.Image:
+    picture = Image.open(io.BytesIO(data))
+    picture.load()
+    return picture
+
+
+def test_figures_are_written_and_shown_in_256_colours(tmp_path):
+    """A figure is in a report four times (its file, the notebook, the page with code, the reader's copy): full-colour
+    PNGs made the synthetic report's zip 17.4 MB. Written and shown in a notebook, it is a palette PNG, several times
+    smaller than matplotlib's own."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.imshow(np.random.default_rng(0).random((64, 64, 3)) * np.linspace(0, 1, 64)[:, None, None])
+    ax.plot(np.sin(np.linspace(0, 6, 100)))
+    path = plots.save_figure(fig, tmp_path, "demo")
+    own = io.BytesIO()
+    fig.savefig(own, dpi=110, bbox_inches="tight", format="png")
+    assert _png(path.read_bytes()).mode == "P" and path.stat().st_size < own.tell() / 2
+    shell = InteractiveShell.instance()
+    try:
+        plots._show_figures_as_palette_png()
+        shown = shell.display_formatter.format(fig)[0]["image/png"]
+        shown = shown if isinstance(shown, bytes) else base64.b64decode(shown)
+        assert _png(shown).mode == "P"
+    finally:
+        InteractiveShell.clear_instance()
+        plt.close(fig)
