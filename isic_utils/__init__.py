@@ -1,1 +1,1 @@
-"""isic_utils: the thin package the report's notebooks call; README.md's "Layout" lists its modules, bottom to top."""
+"""isic_utils: the thin package the report's notebooks call; docs/layout.md lists its modules, bottom to top."""

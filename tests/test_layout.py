@@ -1,5 +1,5 @@
 """The package's shape: imports flow one way through named layers, the notebooks' parameters cells are the
-chapters' defaults, applying a model loads no plotting, and the README lists every module."""
+chapters' defaults, applying a model loads no plotting, and docs/layout.md lists every module."""
 
 from __future__ import annotations
 
@@ -160,9 +160,8 @@ def test_every_chapter_has_the_same_setup_cell():
     assert next(iter(cells.values())).startswith("# Setup: makes `isic_utils` importable")
 
 
-def test_the_readme_layout_names_every_module():
-    readme = (ROOT / "README.md").read_text()
-    layout = readme[readme.index("## Layout"):]
+def test_the_layout_page_names_every_module():
+    layout = (ROOT / "docs" / "layout.md").read_text()
     for module in LAYERS:
         assert f"`{module}`" in layout, module
 
