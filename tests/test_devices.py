@@ -194,6 +194,7 @@ def test_full_size_masks_are_read_once_for_all_seeds(tiny_data, monkeypatch):
         assert torch.equal(both[seed], metrics.original_size_counts(probabilities[seed], tiny_data.test))
 
 
+@pytest.mark.slow  # worker processes, each training two seeds: 43 s, a quarter of the fast tier's wall time
 def test_seeds_in_worker_processes_write_their_own_files_and_match_one_process(tmp_path, capsys, run_params):
     """Three seeds, two workers: the third seed waits for a free worker; a worker's error stops the run."""
     params = run_params(tmp_path, seeds=[0, 1, 2], jobs=2, precision="fp32")  # bf16 sums differ more by thread count

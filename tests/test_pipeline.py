@@ -69,7 +69,7 @@ def assert_figure(path: Path) -> None:
     with Image.open(path) as picture:
         assert picture.format == "PNG" and picture.width >= 400 and picture.height >= 200, (path, picture.size)
         pixels = np.asarray(picture.convert("L"), dtype=np.float32)
-    assert pixels.std() > 5 and path.stat().st_size > 5000, path
+    assert pixels.std() > 5 and path.stat().st_size > 2000, path  # 256 colours: a line plot is ~4 KB
 
 
 def test_every_chapter_executed_and_exported(tiny_report):
@@ -138,7 +138,8 @@ def test_the_report_packs_into_a_bundle_that_opens_anywhere(tiny_report, tmp_pat
 def test_the_terminal_shows_one_line_per_epoch_while_a_chapter_runs(tiny_report):
     out, _, lines, _ = tiny_report
     for run in RUNS:
-        epochs = [line for line in lines if line.startswith(f"  {run} | ") and " epoch " in line]
+        # a bar's update ("epoch 1/2: 100%|…") is relayed too when an epoch outlasts the bar's two-second refresh
+        epochs = [line for line in lines if line.startswith(f"  {run} | ") and " epoch " in line and "%|" not in line]
         assert len(epochs) == 2, lines  # tiny profile: two epochs, one line each
         assert all(f"{run} seed 0" in line and "val IoU" in line and "ETA" in line and " s " in line
                    for line in epochs), epochs
@@ -379,6 +380,20 @@ def test_every_link_of_every_page_the_report_writes_opens(tiny_report):
     assert len(pages) > 15 and any(p.name == "gallery.html" for p in pages)
     assert {p: broken_links(p) for p in pages if broken_links(p)} == {}
     assert 'href="task1/gallery.html"' in (out / "task1.html").read_text()
+
+
+def test_no_page_shows_nan_or_minus_zero(tiny_report):
+    """The offline report's pages showed "ρ +nan" and gaps of "(-0.000)": a reader is told a number, or why there is
+    none (embedded figures, whose base64 may spell anything, are left out of the search)."""
+    import re
+
+    out, _, _, _ = tiny_report
+    for page in sorted(out.rglob("*.html")):
+        text = re.sub(r"data:image/[a-z]+;base64,[A-Za-z0-9+/=]+", "", page.read_text(encoding="utf-8"))
+        text = re.sub(r"<(script|style)\b.*?</\1>", "", text, flags=re.S)
+        assert not re.search(r"\bnan\b|-0\.0+\b(?![1-9])", re.sub(r"<[^>]+>", " ", text), flags=re.I) or False, (
+            page.name, re.findall(r".{60}(?:\bnan\b|-0\.0+\b(?![1-9])).{20}", re.sub(r"<[^>]+>", " ", text),
+                                  flags=re.I)[:3])
 
 
 def test_a_page_nbconvert_writes_beside_a_papermill_run_links_what_is_there(tiny_report):
