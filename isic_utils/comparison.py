@@ -25,16 +25,17 @@ SPREAD_COLUMNS = {
 }
 
 
-EMPTY_SHARE = 0.9  # a run whose masks are empty on this share of its test predictions or more learned nothing
+MISSED_BELOW, MISSED_SHARE = 0.05, 0.9  # JA under 0.05 on 90% of test predictions or more: it learned nothing
 
 
 def learned_nothing(per_image: Iterable[pd.DataFrame]) -> tuple[int, int] | None:
-    """(empty masks, predictions) over every seed's per-image test table when at least ``EMPTY_SHARE`` of the
-    predicted masks are empty (a frozen random encoder after a few epochs); None for a run that segments."""
-    frames = [frame for frame in per_image if {"tp", "fp"} <= set(frame)]
+    """(predictions that miss the lesion, predictions) over every seed's per-image test table when at least
+    ``MISSED_SHARE`` of them score JA below ``MISSED_BELOW`` (a frozen random encoder after a few epochs predicts
+    empty masks or specks beside the lesion); None for a run that segments."""
+    frames = [frame for frame in per_image if "iou" in frame]
     total = sum(len(frame) for frame in frames)
-    empty = int(sum(((frame["tp"] + frame["fp"]) == 0).sum() for frame in frames))
-    return (empty, total) if total and empty >= EMPTY_SHARE * total else None
+    missed = int(sum((frame["iou"] < MISSED_BELOW).sum() for frame in frames))
+    return (missed, total) if total and missed >= MISSED_SHARE * total else None
 
 
 def caveat(info: dict, per_image: Iterable[pd.DataFrame]) -> str:
@@ -42,7 +43,8 @@ def caveat(info: dict, per_image: Iterable[pd.DataFrame]) -> str:
     nothing = learned_nothing(per_image)
     random = random_encoder(info)
     if nothing:
-        return (f"learned nothing: its masks are empty on {nothing[0]} of {nothing[1]} test predictions"
+        return (f"learned nothing: its masks miss the lesion (JA < {MISSED_BELOW}) on {nothing[0]} of {nothing[1]} "
+                "test predictions"
                 + (" (its encoder is random: no ImageNet weights)" if random else ""))
     return "random encoder (no ImageNet weights): not transfer learning" if random else ""
 

@@ -54,8 +54,13 @@ def _show_figures_as_palette_png() -> None:
     except ImportError:
         return
     shell = get_ipython()
-    if shell is not None and hasattr(shell, "display_formatter"):
-        shell.display_formatter.formatters["image/png"].for_type(Figure, figure_png)
+    if shell is None or not hasattr(shell, "display_formatter"):
+        return
+    try:  # a kernel's inline backend sets its own formats once, when loaded: loaded first, so that ours stay
+        import matplotlib_inline.backend_inline  # noqa: F401
+    except ImportError:
+        pass
+    shell.display_formatter.formatters["image/png"].for_type(Figure, figure_png)
 
 
 _show_figures_as_palette_png()

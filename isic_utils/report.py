@@ -374,14 +374,20 @@ def _external_finding(out_dir: Path) -> str:
         return "not run yet."
     if gap.empty:
         return "no external set was found (see the chapter for where to get PH2)."
-    parts = []
-    for _, row in gap.iterrows():
+    parts, nothing = [], {}
+    for run in gap["run"].unique():
+        seeds = _table(out_dir / run, "seeds")
+        text = _run_caveat(out_dir / run, seeds) if seeds is not None else ""
+        if text.startswith("learned nothing"):
+            nothing[run] = text
+    for _, row in gap[~gap["run"].isin(list(nothing))].iterrows():
         name = row["external set"]
         spread = gap_spread(row) if row.get("seeds", 0) > 1 else ""
         on_set = row.get(f"JA {ON_SET}", row.get(f"JA {name}"))  # or a table of an earlier version, per-set columns
         parts.append(f"{row['run']} JA {on_set:.3f} on {name} vs {row['JA ISIC test']:.3f} on the ISIC "
                      f"test set ({signed(row['JA gap'])}{spread})")
-    return "; ".join(parts) + "."
+    left_out = "".join(f" {name} is left out: it {text}." for name, text in nothing.items())
+    return ("; ".join(parts) + "." if parts else "") + left_out
 
 
 def chapter_finding(out_dir: Path, name: str, chapter: str) -> str:

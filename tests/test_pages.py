@@ -14,6 +14,7 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
+from nbclient import NotebookClient
 from PIL import Image
 
 from isic_utils import comparison, experiments, files, pipeline, plots, report, trust
@@ -22,10 +23,11 @@ from isic_utils.params import chapter_values
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def per_image(ids: int, empty: int, iou: float = 0.8) -> pd.DataFrame:
-    """A per-image test table: ``empty`` predicted masks are empty (tp = fp = 0, JA 0), the rest score ``iou``."""
-    rows = [{"id": f"ISIC_{k:07d}", "tp": 0 if k < empty else 80, "fp": 0 if k < empty else 10, "fn": 20, "tn": 900,
-             "iou": 0.0 if k < empty else iou} for k in range(ids)]
+def per_image(ids: int, missed: int, iou: float = 0.8) -> pd.DataFrame:
+    """A per-image test table: ``missed`` predictions miss the lesion (a speck beside it: JA 0, as the offline task 1's
+    did, never an empty mask), the rest score ``iou``."""
+    rows = [{"id": f"ISIC_{k:07d}", "tp": 0 if k < missed else 80, "fp": 40 if k < missed else 10, "fn": 20, "tn": 900,
+             "iou": 0.0 if k < missed else iou} for k in range(ids)]
     return pd.DataFrame(rows)
 
 
@@ -44,11 +46,11 @@ def saved_run(folder: Path, name: str, frame: pd.DataFrame, random: bool, seeds=
 
 @pytest.fixture
 def offline_report(tmp_path):
-    """The offline default's outcome: task 1 (a frozen random encoder) predicts empty masks on every test image,
+    """The offline default's outcome: task 1 (a frozen random encoder) misses the lesion on every test image,
     task 2 (fine-tuned, random encoder too) segments; Table 9 and the Wilcoxon table as the comparison saves them."""
     out = tmp_path / "synthetic"
-    saved_run(out, "task1", per_image(60, empty=60), random=True)
-    saved_run(out, "task2", per_image(60, empty=2), random=True)
+    saved_run(out, "task1", per_image(60, missed=60), random=True)
+    saved_run(out, "task2", per_image(60, missed=2), random=True)
     (out / "compare" / "tables").mkdir(parents=True)
     pd.DataFrame({"run": ["task1", "task2"]}).to_csv(out / "compare" / "tables" / "comparison.csv", index=False)
     pd.DataFrame([{"A": "task1", "B": "task2", "mean B − A": 0.572, "p-value": 1.6e-11}]).to_csv(
@@ -58,21 +60,21 @@ def offline_report(tmp_path):
 
 def test_the_headline_leaves_out_a_run_that_learned_nothing_and_says_why(offline_report):
     """The offline index's first line read "task2 … +0.572 over task1 (Wilcoxon p 1.6e-11)": a win over a model whose
-    masks were all empty, the cause one screen lower."""
+    masks all missed the lesion, the cause one screen lower."""
     line = report.chapter_finding(offline_report, "compare", "compare")
     assert "over task1" not in line and "Wilcoxon" not in line
     assert "task2 segments the test set best" in line
-    assert "task1 is not compared: it learned nothing: its masks are empty on 60 of 60 test predictions" in line
+    assert "task1 is not compared: it learned nothing: its masks miss the lesion (JA < 0.05) on 60 of 60 test predictions" in line
     assert "random" in line
     task1 = report.chapter_finding(offline_report, "task1", "train")
-    assert task1.startswith("Learned nothing: its masks are empty on 60 of 60")
+    assert task1.startswith("Learned nothing: its masks miss the lesion (JA < 0.05) on 60 of 60")
     task2 = report.chapter_finding(offline_report, "task2", "train")
     assert task2.startswith("Random encoder (no ImageNet weights): not transfer learning; test JA")
 
 
 def test_runs_that_all_learned_keep_the_paired_test_in_the_headline(offline_report):
     (offline_report / "task1").rename(offline_report / "old")
-    saved_run(offline_report, "task1", per_image(60, empty=5, iou=0.5), random=False)
+    saved_run(offline_report, "task1", per_image(60, missed=5, iou=0.5), random=False)
     line = report.chapter_finding(offline_report, "compare", "compare")
     assert "+0.572 over task1 (Wilcoxon p 1.6e-11)" in line and "not compared" not in line
 
@@ -97,7 +99,7 @@ def test_every_chapter_names_the_random_encoder_at_its_top(offline_report, tmp_p
 
 
 def test_the_student_table_says_what_a_run_that_learned_nothing_means():
-    frames = {"task1": per_image(60, empty=60), "task2": per_image(60, empty=0)}
+    frames = {"task1": per_image(60, missed=60), "task2": per_image(60, missed=0)}
     runs = {name: experiments.SavedRun(name, Path(name), {"encoder_weights": {"0": {"source": "random initialisation"}}},
                                        pd.DataFrame({"seed": [0], "test_iou_mean_orig": [frame["iou"].mean()]}),
                                        pd.DataFrame(), {0: frame}, None) for name, frame in frames.items()}
@@ -159,8 +161,6 @@ def test_figures_are_written_and_shown_in_256_colours(tmp_path):
     """A figure is in a report four times (its file, the notebook, the page with code, the reader's copy): full-colour
     PNGs made the synthetic report's zip 17.4 MB. Written and shown in a notebook, it is a palette PNG, several times
     smaller than matplotlib's own."""
-    from IPython.core.interactiveshell import InteractiveShell
-
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.imshow(np.random.default_rng(0).random((64, 64, 3)) * np.linspace(0, 1, 64)[:, None, None])
     ax.plot(np.sin(np.linspace(0, 6, 100)))
@@ -168,12 +168,26 @@ def test_figures_are_written_and_shown_in_256_colours(tmp_path):
     own = io.BytesIO()
     fig.savefig(own, dpi=110, bbox_inches="tight", format="png")
     assert _png(path.read_bytes()).mode == "P" and path.stat().st_size < own.tell() / 2
-    shell = InteractiveShell.instance()
-    try:
-        plots._show_figures_as_palette_png()
-        shown = shell.display_formatter.format(fig)[0]["image/png"]
-        shown = shown if isinstance(shown, bytes) else base64.b64decode(shown)
-        assert _png(shown).mode == "P"
-    finally:
-        InteractiveShell.clear_instance()
-        plt.close(fig)
+    plt.close(fig)
+    # in a kernel, as a chapter shows them: a figure returned by a cell, and one drawn and left for the inline backend
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in (
+        "from isic_utils import plots\nimport matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([1, 3, 2])\nfig",
+        "plt.subplots()[1].imshow([[0, 1], [2, 3]]);")])
+    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    shown = [base64.b64decode(output["data"]["image/png"]) for cell in notebook.cells for output in cell.outputs
+             if "image/png" in output.get("data", {})]
+    assert len(shown) >= 2 and all(_png(picture).mode == "P" for picture in shown)
+
+
+def test_the_other_clinic_line_leaves_out_a_run_that_learned_nothing(offline_report):
+    """The offline index read "task1 JA 0.000 on other-clinic vs 0.000 on the ISIC test set (+0.000)"."""
+    from isic_utils.external import ON_SET
+
+    (offline_report / "external" / "tables").mkdir(parents=True)
+    pd.DataFrame([{"run": run, "external set": "other-clinic", f"JA {ON_SET}": ja, "JA ISIC test": ja + 0.003,
+                   "JA gap": -0.003} for run, ja in (("task1", 0.0), ("task2", 0.572))]).to_csv(
+        offline_report / "external" / "tables" / "gap.csv", index=False)
+    line = report.chapter_finding(offline_report, "external", "external")
+    assert line.startswith("task2 JA 0.572 on other-clinic") and "task1 JA" not in line
+    assert line.endswith("task1 is left out: it learned nothing: its masks miss the lesion (JA < 0.05) on 60 of 60 "
+                         "test predictions (its encoder is random: no ImageNet weights).")
