@@ -265,7 +265,7 @@ def test_the_index_gives_the_answer_first_and_every_chapter_has_a_readers_copy(t
     assert '<img src="data:image/png;base64,' in index  # the headline figure, embedded: the page stands alone
     assert ("segments the test set best" in index or "no run learned to segment" in index) and "test JA" in index \
         and "Data: " in index  # the tiny profile's two epochs may teach no run (then it says so)
-    assert "on other-clinic vs" in index  # the external chapter's finding, from its gap table
+    assert "on other-clinic vs" in index or "is left out: it learned nothing" in index  # the external chapter's finding, from its gap table
     for name in timings:
         assert f'href="{name}_reader.html"' in index
         reader = (out / f"{name}_reader.html").read_text()
