@@ -6,28 +6,38 @@ zip to hand over)."""
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 from pathlib import Path
 
-import yaml
-
 
 def _parse_set(items: list[str]) -> dict:
-    values = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE (a YAML value), got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            values[key] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            reason = str(exc).splitlines()[0]
-            raise SystemExit(f"--set {item}: the value is not valid YAML ({reason}). Quote lists and strings as in "
-                             "--set 'seeds=[0, 1, 2]'") from None
-    return values
+    from .params import parse_override
+
+    return dict(parse_override(item) for item in items)
+
+
+def _interrupt_quietly(signum, frame) -> None:
+    """Ctrl-C: from now on the libraries that stop the chapter's kernel log nothing (a dead kernel's "Task exception
+    was never retrieved", nbclient's "Kernel died"); the command ends with its own one line."""
+    for name in ("asyncio", "traitlets", "papermill", "nbclient"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
+    ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not where Ctrl-C is ignored or handled
+    if ours:
+        signal.signal(signal.SIGINT, _interrupt_quietly)
+    try:
+        return _command(argv)
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _command(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m isic_utils", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     rep = commands.add_parser("report", help="run every chapter with papermill and export HTML")
@@ -55,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                                              "checkpoints, no caches)")
     pack.add_argument("--data", default="synthetic", help="data profile whose report to pack (default: synthetic)")
     pack.add_argument("--output", help="the zip to write (default: outputs/<profile>-report.zip)")
+    pack.add_argument("--overwrite", action="store_true",
+                      help="replace --output even when it is not a zip that pack wrote (refused otherwise)")
+    pack.add_argument("--partial", action="store_true",
+                      help="pack a report that is unfinished or still running, saying what it lacks")
     adapt = commands.add_parser("adapt", help="adapt a checkpoint to another clinic: batch-norm statistics from its "
                                               "images (no labels), or fine-tuned on k labelled cases (--masks)")
     adapt.add_argument("--checkpoint", required=True, help="a best.pt from a training run")
@@ -67,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     adapt.add_argument("--overwrite", action="store_true", help="replace --output if it exists (refused otherwise)")
     args = parser.parse_args(argv)
 
+    from .files import FileProblem, ReportBusy, os_error_sentence
     from .inference import CheckpointMismatch
     from .params import ParameterError
     from .pipeline import ChapterFailed
@@ -86,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             from .params import absolute, chapter_values
 
             out_dir = absolute(chapter_values("eda", args.data)["output_dir"])
-            target, size, named = pack_report(out_dir, args.output)
+            target, size, named, missing = pack_report(out_dir, args.output, args.overwrite, args.partial)
             print(f"packed {out_dir.name}'s report into {target} ({size / 2**20:.1f} MB): open index.html in the "
                   "unpacked folder")
+            if missing:
+                print(f"warning: the report is unfinished: {len(missing)} file(s) its index links are not in the zip "
+                      f"({', '.join(missing)})", file=sys.stderr)
             for path in named:
                 print(f"warning: {path} names a folder of this machine (a data_dir or weights path given as an "
                       "absolute path?)", file=sys.stderr)
@@ -107,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                                      args.postprocess, args.overwrite)
             print(f"wrote {len(written)} masks to {args.output}")
             print(confidence_summary(Path(args.output) / CONFIDENCE_FILE))
-    except (ParameterError, ChapterFailed, DataError, CheckpointMismatch, FileNotFoundError) as exc:
+    except (ParameterError, ChapterFailed, DataError, CheckpointMismatch, FileNotFoundError, FileProblem,
+            ReportBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # read-only, full disk, a file where a folder should be: a sentence, not a traceback
+        print(f"error: {os_error_sentence(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: a sentence, not a traceback; every file written so far is whole
         again = ("every finished epoch and chapter is kept: run the same command again to continue"

@@ -272,6 +272,54 @@ def suggest(unknown: list[str], valid) -> str:
     return ""
 
 
+def key_types(key: str) -> tuple[type, ...]:
+    """The types a parameter takes (the same in every chapter that has it); () for an unknown key."""
+    for keys in (DATA_KEYS, *CHAPTER_KEYS.values()):
+        if key in keys:
+            return keys[key][0]
+    return ()
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` as ``--set`` gives it, read literally: a text setting (a path, a name) keeps every character,
+    ``null`` aside where the key takes none; numbers, booleans and lists are read as YAML. A value of which YAML
+    would drop a part (a `` #`` comment) is refused, naming the key."""
+    if "=" not in item:
+        raise ParameterError(f"--set expects KEY=VALUE, got {item!r}")
+    key, text = item.split("=", 1)
+    types = key_types(key)
+    if types and set(types) <= {str, type(None)}:
+        return key, None if type(None) in types and text.strip() in ("null", "~", "") else text
+    if _yaml_comment(text):
+        raise ParameterError(f"--set {item}: YAML reads the part of {key}'s value from ' #' on as a comment and "
+                             "would drop it; remove the '#', or quote the text that holds it (\"a #1\")")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        reason = str(exc).splitlines()[0]
+        raise ParameterError(f"--set {item}: the value of {key} is not valid YAML ({reason}). Write lists as in "
+                             "--set 'seeds=[0, 1, 2]'") from None
+    if float in types and isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as text
+        try:
+            value = float(text)
+        except ValueError:
+            pass
+    return key, value
+
+
+def _yaml_comment(text: str) -> bool:
+    """Whether YAML would read part of ``text`` as a comment: a ``#`` at its start or after a blank, outside quotes."""
+    quote = None
+    for k, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (k == 0 or text[k - 1].isspace()):
+            return True
+    return False
+
+
 def check_overrides(overrides: dict[str, Any]) -> None:
     """Refuse overrides that no chapter knows (a typo would otherwise be dropped by every chapter's filter)."""
     unknown = sorted(set(overrides) - ALL_KEYS)
@@ -310,7 +358,7 @@ def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> lis
     decay = values.get("weight_decay")
     if isinstance(decay, float) and not 0 <= decay < math.inf:
         problems.append(f"weight_decay must be a finite number >= 0, got {decay}")
-    for key in ("epochs", "batch_size", "n_samples", "synthetic_train", "synthetic_test", "jobs"):
+    for key in ("epochs", "batch_size", "n_samples", "synthetic_train", "synthetic_test", "jobs", "adapt_steps"):
         if isinstance(values.get(key), int) and not isinstance(values[key], bool) and values[key] < 1:
             problems.append(f"{key} must be >= 1, got {values[key]}")
     limit, val_fraction = values.get("limit"), values.get("val_fraction")
@@ -342,11 +390,33 @@ def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> lis
                                 "state_dict path, 'imagenet', or null")
     if chapter == "external":
         problems += check_external(values.get("external"))
+        problems += _integers(values, "adapt_k", 1, "labelled cases to fine-tune on (e.g. [5, 10, 25])")
+        problems += _integers(values, "adapt_seeds", 0, "draws of the k cases (e.g. [0, 1, 2])")
+        adapt_runs = values.get("adapt_runs")
+        if isinstance(adapt_runs, list) and not all(isinstance(r, str) for r in adapt_runs):
+            problems.append(f"adapt_runs must be a list of run names, got {adapt_runs!r}")
+    data_dir = values.get("data_dir")
+    if isinstance(data_dir, str) and data_dir and absolute(data_dir, root).exists() \
+            and not absolute(data_dir, root).is_dir():
+        problems.append(f"data_dir {data_dir} is a file, not a folder: give the folder holding the data (or \"\" "
+                        "for the profile's own)")
     if chapter in ("compare", "external"):
         runs = values.get("runs")
         if isinstance(runs, list) and (len(runs) < 1 or not all(isinstance(r, str) for r in runs)):
             problems.append(f"runs must be a non-empty list of run names, got {runs!r}")
     return problems
+
+
+def _integers(values: dict, key: str, least: int, meaning: str) -> list[str]:
+    """The problem with ``values[key]`` when it is not a non-empty list of distinct integers >= ``least``."""
+    given = values.get(key)
+    if not isinstance(given, list):
+        return []
+    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in given)
+    if not given or not whole or any(v < least for v in given) or len(set(given)) < len(given):
+        return [f"{key} must be a non-empty list of distinct integers >= {least}, {meaning}; "
+                f"got {given!r}"]
+    return []
 
 
 def check_external(sets) -> list[str]:
