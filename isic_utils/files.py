@@ -8,6 +8,7 @@ a half-written table, figure, checkpoint or page that a later chapter would read
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -99,8 +100,8 @@ def _alive(pid: int) -> bool:
 
 def remove_leftovers(folder: str | Path, below: bool = False) -> list[Path]:
     """Delete what killed processes left in ``folder`` (and every folder under it with ``below``):
-    ``.NAME.HOST-PID.xxxx.tmp`` files of ``atomic_path`` and ``.STEP.running-HOST-PID.ipynb`` notebooks of a
-    chapter, whose process (on this machine) is gone. Files of a process still running, or of another machine's, are
+    ``.NAME.HOST-PID.xxxx.tmp`` files of ``atomic_path``, ``.STEP.running-HOST-PID.ipynb`` notebooks of a
+    chapter and ``.report-holder.HOST-PID`` names of a report's lock holder, whose process (on this machine) is gone. Files of a process still running, or of another machine's, are
     kept. Returns the deleted paths."""
     folder = Path(folder)
     removed = []
@@ -115,6 +116,8 @@ def remove_leftovers(folder: str | Path, below: bool = False) -> list[Path]:
             pid = _leftover_pid(parts[-3])  # ".", NAME (may hold dots), HOST-PID, random, "tmp"
         elif path.name.endswith(".ipynb") and ".running-" in path.name:
             pid = _leftover_pid(path.name.rsplit(".running-", 1)[1].removesuffix(".ipynb"))
+        elif path.name.startswith(".report-holder."):
+            pid = _leftover_pid(path.name.split(".report-holder.", 1)[1])
         if pid is not None and pid != os.getpid() and not _alive(pid):
             path.unlink(missing_ok=True)
             removed.append(path)
@@ -147,6 +150,112 @@ def locked(folder: str | Path, busy: str | None = None) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class FileProblem(RuntimeError):
+    """A path a command was given cannot be written as asked; the message names it and the fix."""
+
+
+def writable_file(target: str | Path, overwrite: bool = False, ours=None, option: str = "--output") -> Path:
+    """Whether a command may write the file ``target``, checked before any work: the path that ``option`` named
+    (made absolute). Refused with a ``FileProblem`` when it is a folder, when a file stands where its folder
+    should be, or when it exists and is not one this command wrote (``ours(path)`` says which are) unless
+    ``overwrite``: no command replaces a file it did not write."""
+    target = Path(target).expanduser().absolute()
+    if target.is_dir():
+        raise FileProblem(f"{option} {target} is a folder; give the path of a file to write (e.g. "
+                          f"{target / 'report.zip'}).")
+    for folder in target.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise FileProblem(f"{option} {target}: {folder} is a file, not a folder. Choose another path.")
+            break
+    if target.exists() and not overwrite and not (ours is not None and ours(target)):
+        raise FileProblem(f"{target} exists and was not written by this command; it is kept. Choose another "
+                          f"{option}, or pass --overwrite to replace it.")
+    writable_folder(target.parent, f"{option} {target.name}: its folder")
+    return target
+
+
+def writable_folder(folder: str | Path, what: str) -> Path:
+    """``folder`` (made absolute) when it is, or can be made, a folder this process may write into, checked before
+    any work; else a ``FileProblem`` naming it and the fix. ``what`` names the setting that gave it."""
+    folder = Path(folder).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise FileProblem(f"{what} {folder} is a file, not a folder. Choose a folder (it is made when missing).")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-check.{process_tag()}.probe{TEMPORARY_SUFFIX}"  # a leftover if killed here
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise FileProblem(os_error_sentence(exc, folder, what)) from None
+    return folder
+
+
+_OS_FIXES = {
+    errno.EACCES: "this user may not write there: choose a folder you can write, or change its permissions",
+    errno.EPERM: "this user may not write there: choose a folder you can write, or change its permissions",
+    errno.EROFS: "it is on a read-only file system: choose a folder on a writable disk",
+    errno.ENOSPC: "the disk is full: free some space and run the same command again (what finished is kept)",
+    errno.EDQUOT: "your disk quota is used up: free some space and run the same command again (what finished is "
+                  "kept)",
+    errno.ENOTDIR: "a file stands where a folder is expected: move it away or choose another path",
+    errno.EISDIR: "a folder stands where a file is expected: choose a file path",
+    errno.EEXIST: "a file of that name exists: choose another path",
+    errno.ENAMETOOLONG: "the name is too long for the file system: choose a shorter path",
+}
+
+
+def os_error_fix(code: int | None) -> str:
+    """What to do about an operating-system failure with error number ``code``, in words."""
+    return _OS_FIXES.get(code, "fix the cause and run the same command again (what finished is kept)")
+
+
+def os_error_sentence(exc: OSError, path: str | Path | None = None, what: str = "") -> str:
+    """One line for an operating-system failure: the path, what went wrong and the fix (no traceback)."""
+    path = exc.filename or path
+    fix = os_error_fix(exc.errno)
+    where = f"{what + ' ' if what else ''}{path}: " if path else ""
+    return f"cannot write {where}{exc.strerror or exc}; {fix}."
+
+
+class ReportBusy(RuntimeError):
+    """Another live process is writing the same report folder."""
+
+
+@contextlib.contextmanager
+def report_lock(folder: str | Path, shared: bool = False) -> Iterator[None]:
+    """Hold ``folder/.report.lock`` while a report writes the folder: exclusive for a whole report, ``shared`` for
+    processes that only train seeds of their own (``report --only task2 --set seeds=[1]``, which separate
+    processes may run side by side). One that cannot have it stops at once with ``ReportBusy`` naming the holders
+    (host and PID), before it touches anything."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = folder / f".report-holder.{process_tag()}"
+    handle = open(folder / ".report.lock", "a")
+    try:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks
+            yield
+            return
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holders = [tag for tag in (p.name.split(".report-holder.", 1)[1] for p in folder.glob(".report-holder.*"))
+                       if (pid := _leftover_pid(tag)) is None or _alive(pid)]
+            named = ", ".join("PID {1} on {0}".format(*tag.rsplit("-", 1)) for tag in holders) or "another process"
+            raise ReportBusy(f"{folder} is being written by another report ({named}). Wait for it to finish, or "
+                             "give this one another output_dir. Nothing was changed.") from None
+        holder.touch()
+        try:
+            yield
+        finally:
+            holder.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        handle.close()
 
 
 def write_text(target: str | Path, text: str) -> Path:

@@ -17,12 +17,14 @@ import html
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import params as P
 from . import report
+from .devices import resolve_device
 from .experiments import data_root, describe_data
 from .external import external_sets
 from .files import (
@@ -32,8 +34,11 @@ from .files import (
     LineWriter,
     atomic_path,
     locked,
+    os_error_fix,
     process_tag,
     remove_leftovers,
+    report_lock,
+    writable_folder,
     write_json,
     write_text,
 )
@@ -45,8 +50,10 @@ NOTEBOOKS = {"eda": "01_eda.ipynb", "train": "02_train.ipynb", "compare": "04_co
 READS_RUNS = ("external", "compare")  # chapters that read the training runs' outputs (stale once a run retrains)
 
 
-# ipykernel ≥ 7.4 warns on every start that its local TCP sockets are not encrypted; the terminal keeps errors only.
-KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+# The kernel's own log stays out of the terminal: ipykernel ≥ 7.4 warns on every start that its local sockets are not
+# encrypted, and logs "KeyboardInterrupt caught in kernel" when the shutdown interrupts it (after every chapter, and
+# on Ctrl-C). A failing cell reaches the terminal as the chapter's error, not through this log.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
 
 
 @dataclass(frozen=True)
@@ -273,10 +280,12 @@ def _run_or_explain(step: Step, values: dict, out_dir: Path, root: Path, kernel:
     try:
         return run_chapter(step, values, out_dir, root, kernel, echo)
     except pm.PapermillExecutionError as exc:
+        code = re.match(r"\[Errno (\d+)\]", exc.evalue or "")
+        fix = (f"{os_error_fix(int(code.group(1))).capitalize()}." if code  # a full disk, a read-only folder
+               else "Fix the cause and rerun: finished chapters are not run again.")
         raise ChapterFailed(
             f"{source.name} ({step.name}) failed in cell {exc.exec_count} with {exc.ename}: {exc.evalue}\n"
-            f"The partly executed notebook is kept at {partial}. Fix the cause and rerun: finished chapters are "
-            "not run again."
+            f"The partly executed notebook is kept at {partial}. {fix}"
         ) from exc
     except DeadKernelError as exc:
         raise ChapterFailed(
@@ -321,20 +330,42 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
     root = root or P.project_root()
     P.check_overrides(overrides or {})  # a key no chapter knows is a typo, not a key for another chapter
     profile_values = P.read_yaml(P.profile_path(profile, root)) if P.profile_path(profile, root).is_file() else {}
-    steps = steps_for(profile_values)
+    steps = steps_for({**profile_values, **{k: v for k, v in (overrides or {}).items() if k == "runs"}})
     names = [step.name for step in steps]
+    if only is not None and not only:
+        raise P.ParameterError(f"--only needs the steps to run; the steps of profile {profile!r} are "
+                               f"{', '.join(names)}")
     for name in only or []:  # a typo would otherwise run nothing and say "done"
         if name not in names:
             raise P.ParameterError(f"unknown step {name!r}{P.suggest([name], names)} for profile {profile!r}; "
                                    f"its steps are {', '.join(names)}")
-    # validate every chapter before any work
+    resolved, injected = _checked(steps, profile, overrides, force, root)
+    out_dir = writable_folder(P.absolute(resolved["eda"]["output_dir"], root), "output_dir")
+    # one report writes a folder at a time; processes that only train seeds of their own may share it
+    shared = bool(only) and all(s.chapter == "train" for s in steps if s.name in only)
+    with report_lock(out_dir, shared=shared):
+        return _run_steps(steps, resolved, injected, profile, out_dir, root, force, only, kernel, echo)
+
+
+def _checked(steps: list[Step], profile: str, overrides: dict | None, force: bool,
+             root: Path) -> tuple[dict, dict]:
+    """Every chapter's parameters resolved and validated, and the device each run asks for checked, before any work:
+    (resolved values, what papermill injects) per step."""
     resolved, injected = {}, {}
     for step in steps:
         given = chapter_parameters(step, steps, profile, overrides, force, root)
         resolved[step.name] = P.chapter_values(step.chapter, profile, given.get("run"), given, root)
         injected[step.name] = {**given, "profile": profile}
-    out_dir = P.absolute(resolved["eda"]["output_dir"], root)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        if step.chapter == "train":
+            try:
+                resolve_device(resolved[step.name]["device"])
+            except ValueError as exc:
+                raise P.ParameterError(f"{step.name}: {exc}") from None
+    return resolved, injected
+
+
+def _run_steps(steps: list[Step], resolved: dict, injected: dict, profile: str, out_dir: Path, root: Path,
+               force: bool, only: list[str] | None, kernel: str | None, echo) -> dict[str, float]:
     remove_leftovers(out_dir, below=True)  # what killed chapters and processes left (their PIDs are gone)
     state_path = out_dir / "pipeline.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
