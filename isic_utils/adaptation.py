@@ -20,7 +20,7 @@ from . import checkpoints, metrics
 from .decoding import DecodedSplit, decode_pairs, read_image
 from .experiments import SavedRun
 from .external import halves
-from .files import shown_path
+from .files import shown_path, writable_file
 from .inference import load_checkpoint, load_trained, model_input, predicted_probabilities
 from .sources import DataError, Pair, folder_images
 from .training import loss_fn
@@ -85,7 +85,7 @@ def clinic_pairs(images: str | Path, masks: str | Path | None) -> tuple[list[Pat
     each image's mask there (``<stem>_Segmentation.png``, ``<stem>_lesion.bmp|png`` or ``<stem>.png``). Clear errors
     for a missing folder, no images, and images without a mask (named)."""
     images = Path(images)
-    files = folder_images(images, "--images")
+    files, _ = folder_images(images, "--images")
     if masks is None:
         return files, []
     masks = Path(masks)
@@ -116,6 +116,8 @@ def adapt_checkpoint(checkpoint: str | Path, images: str | Path, masks: str | Pa
     Without ``masks``: batch-norm statistics from every image in ``images``. With ``masks``: fine-tuned on ``k``
     labelled cases (all when ``k`` is None) drawn with ``seed``. Nothing is replaced unless ``overwrite``."""
     checkpoint = Path(checkpoint)
+    if seed < 0:
+        raise DataError(f"--seed {seed}: a seed is an integer >= 0 (it draws the k cases and seeds the fine-tune).")
     files, pairs = clinic_pairs(images, masks)
     if pairs:
         k = len(pairs) if k is None else k
@@ -125,9 +127,8 @@ def adapt_checkpoint(checkpoint: str | Path, images: str | Path, masks: str | Pa
     elif k is not None:
         raise DataError("--k needs labelled cases: give --masks (or leave --k out to adapt without labels).")
     method = "fine-tune" if pairs else "batchnorm"
-    target = Path(output) if output else checkpoint.parent / (f"adapted-k{k}.pt" if pairs else "adapted-batchnorm.pt")
-    if target.exists() and not overwrite:
-        raise DataError(f"{target} exists already and is kept. Fix: choose another --output, or pass --overwrite.")
+    target = writable_file(output or checkpoint.parent / (f"adapted-k{k}.pt" if pairs else "adapted-batchnorm.pt"),
+                           overwrite)
     model, meta = load_trained(checkpoint)
     size = meta["image_size"]
     if pairs:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +36,14 @@ CACHE_VERSION = 1
 
 def _open(path: Path) -> Image.Image:
     try:
-        image = Image.open(path)
-        image.load()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+        if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+            width, height = image.size  # above Pillow's warning size, below its limit: read, and said in one line
+            print(f"note: {path} is {width * height / 1e6:.1f} megapixels ({width}×{height}); it is read whole, "
+                  "which takes a while and memory", file=sys.stderr, flush=True)
     except PermissionError as exc:
         raise DataError(f"cannot read {path}: permission denied. Fix its permissions (chmod a+r).") from exc
     except Image.DecompressionBombError as exc:

@@ -199,7 +199,8 @@ def run_key(params: dict, encoder_weights: dict) -> str:
 
 def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult:
     """Train ``params['run_name']`` once per seed, score the selected checkpoint on the whole test set at model
-    resolution and at original size, and write the run's seed table and ``run.json``.
+    resolution and at original size, and write the run's seed table and ``run.json``. Each seed's files (its
+    ``best.pt`` with its confidence rule included) are final as soon as that seed is trained.
 
     Each seed writes only its own files (``seed<k>/`` and ``tables/per_image_test_seed<k>.csv``), so seeds can
     train in parallel processes: ``params['jobs']`` > 1 trains them side by side in worker processes here (each
@@ -220,37 +221,39 @@ def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult
         trained = {seed: _fit_seed(params, data, seed, params["epochs"] * (len(seeds) - k - 1), verbose, store)
                    for k, seed in enumerate(seeds)}
     fits = {seed: fitted for seed, (fitted, _, _) in trained.items()}
-    # challenge-style scores of every seed at once: each full-size mask is read from disk once
-    post = params["postprocess"]
-    challenge = metrics.original_size_counts([fits[seed].test.probabilities for seed in seeds], data.test,
-                                             postprocess=post)
-    challenge_val = metrics.original_size_counts([fits[seed].val.probabilities for seed in seeds], data.val,
-                                                 postprocess=post)
-    for seed, counts, val_counts in zip(seeds, challenge, challenge_val):
-        result, weights, note = trained[seed]
-        seed_dir = run_dir / f"seed{seed}"
-        test_table = metrics.per_image_table(counts, data.test.ids, data.test.sizes)
-        val_table = metrics.per_image_table(val_counts, data.val.ids, data.val.sizes)
-        calibration = _calibrate(result, data, val_table, test_table)
-        checkpoints.record_calibration(seed_dir / "best.pt", calibration, confidence.IN_CHECKPOINT)
-        save_table(test_table, run_dir, f"per_image_test_seed{seed}")
-        save_table(val_table, run_dir, f"per_image_val_seed{seed}")
-        _save_tensor(result.test.probabilities, seed_dir / "test_probabilities.pt")
-        with atomic_path(seed_dir / "history.csv") as tmp:
-            result.history.to_csv(tmp, index=False)
-        key = run_key(params, weights)
-        write_json(seed_dir / "result.json", {
-            "seed": seed, "run_key": key, "best_epoch": result.best_epoch,
-            "val": result.val.summary(), "test": result.test.summary(), "test_orig": metrics.summarize(counts),
-            "val_orig": metrics.summarize(val_counts),
-            "precision": result.precision, "feature_cache": result.used_feature_cache,
-            "train_minutes": float(result.history["epoch_seconds"].sum()) / 60,  # the epochs' time: a resume adds none
-            "trained_on": result.trained_on,
-            "encoder_weights": weights, "weights_note": note, "calibration": calibration,
-        })
+    key = run_key(params, trained[seeds[0]][1])
     model, _ = make_model(params, seeds[0])
     with locked(run_dir):
         return _merge_seeds(params, data, run_dir, key, model, fits)
+
+
+def _finish_seed(params: dict, data: ReportData, seed: int, result: FitResult, weights: dict, note: str) -> None:
+    """Score a trained seed's selected checkpoint at original size, choose its confidence rule on validation, record
+    the rule in its ``best.pt`` and write its tables and ``result.json``: done as soon as the seed is trained, so its
+    files are final when the seed is, whatever its run's other seeds are still doing."""
+    seed_dir = absolute(params["output_dir"]) / params["run_name"] / f"seed{seed}"
+    run_dir = seed_dir.parent
+    post = params["postprocess"]
+    counts = metrics.original_size_counts(result.test.probabilities, data.test, postprocess=post)
+    val_counts = metrics.original_size_counts(result.val.probabilities, data.val, postprocess=post)
+    test_table = metrics.per_image_table(counts, data.test.ids, data.test.sizes)
+    val_table = metrics.per_image_table(val_counts, data.val.ids, data.val.sizes)
+    calibration = _calibrate(result, data, val_table, test_table)
+    checkpoints.record_calibration(seed_dir / "best.pt", calibration, confidence.IN_CHECKPOINT)
+    save_table(test_table, run_dir, f"per_image_test_seed{seed}")
+    save_table(val_table, run_dir, f"per_image_val_seed{seed}")
+    _save_tensor(result.test.probabilities, seed_dir / "test_probabilities.pt")
+    with atomic_path(seed_dir / "history.csv") as tmp:
+        result.history.to_csv(tmp, index=False)
+    write_json(seed_dir / "result.json", {
+        "seed": seed, "run_key": run_key(params, weights), "best_epoch": result.best_epoch,
+        "val": result.val.summary(), "test": result.test.summary(), "test_orig": metrics.summarize(counts),
+        "val_orig": metrics.summarize(val_counts),
+        "precision": result.precision, "feature_cache": result.used_feature_cache,
+        "train_minutes": float(result.history["epoch_seconds"].sum()) / 60,  # the epochs' time: a resume adds none
+        "trained_on": result.trained_on,
+        "encoder_weights": weights, "weights_note": note, "calibration": calibration,
+    })
 
 
 def _calibrate(result: FitResult, data: ReportData, val_table: pd.DataFrame, test_table: pd.DataFrame) -> dict:
@@ -277,13 +280,12 @@ def _fit_seed(params: dict, data: ReportData, seed: int, later_epochs: int, verb
     model, note = make_model(params, seed)
     label = f"{params['run_name']} seed {seed}"
     seed_dir = absolute(params["output_dir"]) / params["run_name"] / f"seed{seed}"
-    if not params["resume"]:  # a retrain: the old results no longer describe the checkpoints about to be written
-        for stale in SEED_RESULTS:
-            (seed_dir / stale).unlink(missing_ok=True)
     if verbose:
         print(f"— {label}: encoder {note}", flush=True)
+    # a retrain removes the seed's old results (they no longer describe its checkpoints) under the seed's lock
     result = fit(model, data, train_config(params, seed), seed_dir, resume=params["resume"], verbose=verbose,
-                 label=label, later_epochs=later_epochs, features=store)
+                 label=label, later_epochs=later_epochs, features=store, stale=SEED_RESULTS)
+    _finish_seed(params, data, seed, result, model.encoder_weights, note)
     return result, model.encoder_weights, note
 
 

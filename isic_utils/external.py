@@ -78,15 +78,14 @@ class ExternalSet:
 
 def external_sets(params: dict) -> list[ExternalSet]:
     """The profile's external sets (``params['external']``), folders resolved: ``$env`` when set, else ``dir``;
-    a synthetic set lives in ``data/synthetic-external-<n>``."""
+    a synthetic set lives in ``<the synthetic data folder>/other-clinic-<n>``."""
     sets = []
     for entry in params.get("external") or []:
         layout = EXTERNAL_LAYOUTS[entry.get("layout", "isic")]
         images, masks = entry.get("images", layout["images"]), entry.get("masks", layout["masks"])
         source = entry.get("source", PH2_URL if entry.get("layout") == "ph2" else "")
-        if entry.get("synthetic"):  # beside the profile's own synthetic data
-            root = data_root({**params, "data_source": "synthetic"}).parent / \
-                f"synthetic-external-{entry['synthetic']}"
+        if entry.get("synthetic"):  # inside the profile's own synthetic data folder: nothing written outside it
+            root = data_root({**params, "data_source": "synthetic"}) / f"other-clinic-{entry['synthetic']}"
             sets.append(ExternalSet(entry["name"], root, images, masks, "", int(entry["synthetic"])))
             continue
         folder = os.environ.get(entry["env"]) if entry.get("env") else None

@@ -57,24 +57,31 @@ def model_meta(model: SegmentationModel, image_size: int) -> dict:
     }
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint written by ``fit`` (safely: ``weights_only=True``)."""
+def load_checkpoint(path: str | Path, fix: str = "Delete it to start the run afresh.") -> dict:
+    """Load a checkpoint written by ``fit`` (safely: ``weights_only=True``); one that cannot be read raises
+    ``CheckpointMismatch`` saying why in words, and ``fix``."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(path.glob("best.pt")) or sorted(path.glob("*/best.pt"))
+        hint = f" (e.g. {inside[0]})" if inside else ""
+        raise CheckpointMismatch(f"{path} is a folder; give the checkpoint file in it, a best.pt{hint}.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as exc:
-        raise CheckpointMismatch(
-            f"{path} cannot be read as a checkpoint of this project ({exc}). Delete it to start the run afresh."
-        ) from exc
+        size = path.stat().st_size if path.is_file() else None
+        reason = ("it is empty (0 bytes: a copy or a download that did not finish?)" if size == 0
+                  else str(exc).strip() or type(exc).__name__)
+        raise CheckpointMismatch(f"{path} cannot be read as a checkpoint of this project: {reason}. {fix}") from exc
 
 
 def load_trained(checkpoint: str | Path) -> tuple[SegmentationModel, dict]:
     """Rebuild the model a ``best.pt`` describes and load its weights (``weights_only=True``); (model in eval mode,
     its meta: image size, mean/std, threshold, and the colour constancy, test-time flips and post-processing the run
     was trained and scored with; "none" for checkpoints from before those options)."""
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, "Give a best.pt that a training run wrote (outputs/<profile>/<run>/seed<k>/"
+                                        "best.pt).")
     if not isinstance(state, dict) or "meta" not in state or "model" not in state:
         raise CheckpointMismatch(f"{checkpoint} is not a best.pt written by this project's training (no 'meta').")
     meta = {"color_constancy": "none", "tta": "none", "postprocess": "none", **state["meta"]}

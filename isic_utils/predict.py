@@ -17,10 +17,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import confidence
 from .decoding import decode_pairs, read_image, read_mask
-from .files import atomic_path
+from .files import atomic_path, writable_folder
 from .inference import load_trained, predicted_probabilities
 from .metrics import confusion_counts, full_size_mask, original_size_counts
-from .sources import DataError, folder_images
+from .sources import OVERLAY_COMMENT, DataError, folder_images
 
 CONFIDENCE_FILE = "confidence.csv"
 CHECK = "check by hand"
@@ -42,9 +42,9 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
                    overwrite: bool = False) -> list[Path]:
     """Write a 0/255 PNG mask at original size for every image in ``input_dir``; returns the mask paths.
 
-    Every JPEG/PNG/BMP/TIFF is read (``*_Segmentation``, ``*_lesion`` and ``*_superpixels`` files are masks and
-    ``*_overlay`` files are what ``overlays`` wrote on an earlier run: not inputs, skipped); an unreadable file
-    raises ``DataError`` naming it. The checkpoint's colour constancy is always applied (the model was trained on such images); its test-time flips and post-processing unless ``tta`` /
+    Every JPEG/PNG/BMP/TIFF is read but the masks and overlays of another image of the folder
+    (``sources.folder_images``; what is left out is named on stdout); an unreadable file raises ``DataError``
+    naming it. The checkpoint's colour constancy is always applied (the model was trained on such images); its test-time flips and post-processing unless ``tta`` /
     ``postprocess`` say otherwise ("none", "flips", "largest_component").
 
     Nothing is replaced unless ``overwrite``: when a mask or overlay it would write exists already (ground truth
@@ -54,10 +54,13 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
     model, meta = load_predictor(checkpoint)
     tta = meta["tta"] if tta is None else tta
     postprocess = meta["postprocess"] if postprocess is None else postprocess
-    output_dir = Path(output_dir)
-    files = folder_images(input_dir, "--input")
-    _refuse_collisions(files, output_dir, overlays, overwrite)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    files, left_out = folder_images(input_dir, "--input")
+    _refuse_collisions(files, Path(output_dir), overlays, overwrite)
+    output_dir = writable_folder(output_dir, "--output")
+    if left_out:
+        shown = ", ".join(p.name for p in left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+        print(f"predict: {len(files)} image(s) in {input_dir}; left out {len(left_out)} file(s) that are not images "
+              f"or are an image's mask or overlay: {shown}", flush=True)
     calibration = meta.get("calibration") or {}
     flag_below = calibration.get("flag_below")
     written, rows = [], []
@@ -105,8 +108,8 @@ def _write_overlay(path: Path, mask: np.ndarray, caption: str, target: Path) -> 
     left, top, right, bottom = draw.textbbox((8, 8), caption, font=font)
     draw.rectangle((left - 4, top - 4, right + 4, bottom + 4), fill=(0, 0, 0))
     draw.text((8, 8), caption, fill=(255, 80, 80) if CHECK in caption else (255, 255, 255), font=font)
-    with atomic_path(target) as tmp:
-        picture.save(tmp, format="JPEG", quality=90)
+    with atomic_path(target) as tmp:  # its comment says what wrote it: predict never reads it as an image
+        picture.save(tmp, format="JPEG", quality=90, comment=OVERLAY_COMMENT)
 
 
 def _refuse_collisions(files: list[Path], output_dir: Path, overlays: bool, overwrite: bool) -> None:

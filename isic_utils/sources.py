@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from .files import progress_bar, third_party_progress
 
 SPLIT_FOLDERS = {
@@ -124,20 +126,42 @@ def has_split(root: str | Path, split: str) -> bool:
 
 
 NOT_IMAGES = ("_Segmentation", "_superpixels", "_lesion", "_overlay")  # masks, and the overlays predict writes
+COLOUR_MODES = ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")
+OVERLAY_COMMENT = b"isic_utils predict overlay"  # the JPEG comment of an overlay predict wrote
 
 
-def folder_images(folder: str | Path, option: str) -> list[Path]:
-    """The images a command reads from ``folder`` (``option`` names its flag in errors): every JPEG/PNG/BMP/TIFF
-    but masks and overlays, sorted; ``DataError`` for a missing folder, a file, or a folder without images."""
+def folder_images(folder: str | Path, option: str) -> tuple[list[Path], list[Path]]:
+    """The images a command reads from ``folder`` (``option`` names its flag in errors), sorted, and the files it
+    leaves out. A file is left out when it is not a JPEG/PNG/BMP/TIFF, or when it belongs to an image of the folder:
+    named after it (``a_Segmentation.png``, ``a_lesion.bmp``, ``a_superpixels.png`` beside ``a.jpg``) and one
+    channel (a mask), or an overlay predict wrote (``a_overlay.jpg``: beside ``a.jpg``, or saying so in its JPEG
+    comment). ``arm_lesion.jpg`` with no ``arm`` image is an image. ``DataError`` for a missing folder, a file, or a folder without images."""
     folder = Path(folder)
     if not folder.is_dir():
         what = "is a file" if folder.exists() else "does not exist"
         raise DataError(f"{option} {folder} {what}: point it at a folder of images.")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in EXTERNAL_IMAGE_SUFFIXES
-                   and not p.stem.endswith(NOT_IMAGES))
+    everything = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    pictures = [p for p in everything if p.suffix.lower() in EXTERNAL_IMAGE_SUFFIXES]
+    stems = {p.stem for p in pictures}
+    files = [p for p in pictures if not _belongs_to_an_image(p, stems)]
     if not files:
         raise DataError(f"no .jpg/.jpeg/.png/.bmp/.tif images in {folder}. Point {option} at a folder of images.")
-    return files
+    return files, [p for p in everything if p not in files]
+
+
+def _belongs_to_an_image(path: Path, stems: set[str]) -> bool:
+    """Whether ``path`` is a mask or an overlay of another image of its folder (see ``folder_images``)."""
+    for suffix in NOT_IMAGES:
+        if not path.stem.endswith(suffix):
+            continue
+        try:
+            with Image.open(path) as opened:
+                if suffix == "_overlay":  # predict's, by its comment, wherever its image is now
+                    return opened.info.get("comment") == OVERLAY_COMMENT or path.stem[: -len(suffix)] in stems
+                return path.stem[: -len(suffix)] in stems and opened.mode not in COLOUR_MODES
+        except (OSError, ValueError):
+            return False  # not readable as a picture: read as an image, whose error names it
+    return False
 
 
 def find_external_pairs(root: str | Path, images: str = "*", masks: str = "{stem}_Segmentation.png") -> list[Pair]:

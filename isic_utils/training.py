@@ -205,7 +205,8 @@ class FitResult:
 
 def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir: str | Path,
         on_step: Callable[[int, int], None] | None = None, resume: bool = True, verbose: bool = True,
-        label: str = "", later_epochs: int = 0, features: FeatureStore | None = None) -> FitResult:
+        label: str = "", later_epochs: int = 0, features: FeatureStore | None = None,
+        stale: tuple[str, ...] = ()) -> FitResult:
     """Train for ``config.epochs`` epochs; select the checkpoint with the best validation mean IoU; score the
     test set once with it.
 
@@ -222,9 +223,13 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
     encoder's features between the seeds of a run (see ``FeatureStore``). Where the time went: each history row
     has ``train_seconds``, ``eval_seconds`` and their sum ``epoch_seconds``; ``FitResult.timings`` the feature
     cache, the checkpoints written (all epochs together) and the final scoring. The run folder is locked while
-    it trains: a second process asking for it gets ``FolderBusy`` at once.
+    it trains: a second process asking for it gets ``FolderBusy`` at once. A retrain (``resume`` false) first
+    removes the files ``stale`` names in the run folder, under that lock.
     """
     with locked(run_dir, busy="training this run"):  # one process at a time per run folder
+        if not resume:  # a retrain: what described the old checkpoints goes, under the lock (never a live run's)
+            for name in stale:
+                (Path(run_dir) / name).unlink(missing_ok=True)
         return _fit(model, data, config, Path(run_dir), on_step, resume, verbose, label, later_epochs, features)
 
 

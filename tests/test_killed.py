@@ -147,3 +147,26 @@ def test_an_export_killed_then_asked_again_is_exported_alone(tmp_path):
     assert (out / "eda.ipynb").stat().st_mtime_ns == stamp and any("exported" in line for line in lines)
     assert "the chapter ran" in (out / "eda.html").read_text()
     assert not list(out.rglob("*.tmp"))
+
+
+def test_ctrl_c_in_a_running_report_prints_one_line(tmp_path, synthetic_root):
+    """Ctrl-C while a chapter trains: the terminal gets the command's one line and no kernel log or traceback (the
+    kernel's "Exception in message handler … ZMQError" and asyncio's "Task exception was never retrieved" were
+    printed before), exit status 130."""
+    import os
+    import time
+
+    command = [sys.executable, "-m", "isic_utils", "report", "--data", "tiny", "--set", f"output_dir={tmp_path / 'out'}",
+               f"data_dir={synthetic_root}"]
+    report = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True,  # a terminal's process group, which Ctrl-C signals whole
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in report.stdout:  # wait for the first epoch of task 1: its kernel is busy training
+        if "task1 seed 0 epoch" in line:
+            break
+    time.sleep(1)
+    os.killpg(report.pid, signal.SIGINT)
+    _, error = report.communicate(timeout=120)
+    assert report.returncode == 130
+    assert error.strip() == ("interrupted: every finished epoch and chapter is kept: run the same command again to "
+                             "continue."), error

@@ -341,7 +341,9 @@ def test_a_retrained_seed_drops_its_old_results_before_training(tiny_data, synth
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed in the retrain")
 
-    monkeypatch.setattr(experiments, "fit", killed)
+    from isic_utils import training
+
+    monkeypatch.setattr(training, "_fit", killed)  # the old results go under the seed's lock, before training
     with pytest.raises(KeyboardInterrupt):
         experiments.train_run({**params, "resume": False}, tiny_data, verbose=False)
     assert not any((seed_dir / name).exists() for name in experiments.SEED_RESULTS)

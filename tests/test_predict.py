@@ -14,6 +14,7 @@ from isic_utils.decoding import read_mask
 from isic_utils.inference import CheckpointMismatch, predicted_probabilities
 from isic_utils.metrics import confusion_counts, original_size_counts, postprocess_mask
 from isic_utils.predict import load_predictor, predict_folder
+from isic_utils.sources import OVERLAY_COMMENT
 from isic_utils.transforms import normalize
 
 from .conftest import assert_same_counts
@@ -27,7 +28,7 @@ def inputs(tiny_data, tmp_path):
     for pair in tiny_data.test.sources:
         shutil.copy(pair.image, folder / pair.image.name)
     shutil.copy(tiny_data.test.sources[0].mask, folder / tiny_data.test.sources[0].mask.name)
-    Image.new("RGB", (40, 30)).save(folder / "old_overlay.jpg")  # what --overlays wrote on an earlier run
+    Image.new("RGB", (40, 30)).save(folder / "old_overlay.jpg", comment=OVERLAY_COMMENT)  # an earlier --overlays
     (folder / "notes.txt").write_text("not an image")
     return folder
 
