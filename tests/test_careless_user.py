@@ -6,6 +6,7 @@ finished seed's checkpoint is final."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -25,6 +26,8 @@ from isic_utils.__main__ import main
 from isic_utils.predict import predict_folder
 
 from .conftest import ROOT
+
+CHAPTERS = ("eda", "task1", "task2", "task3", "external", "compare")  # the tiny profile's
 
 
 
@@ -104,26 +107,46 @@ def test_set_refuses_a_value_yaml_would_cut_at_a_comment():
 
 # ----------------------------------------------------------------------------- 3. one report per folder
 
-HOLDER = """
+FIRST_REPORT = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-from isic_utils.files import report_lock
-with report_lock(Path(sys.argv[1])):
-    print("holding", flush=True)
-    time.sleep(60)
+from isic_utils import pipeline
+from isic_utils.__main__ import main
+out, go = Path(sys.argv[1]), Path(sys.argv[3])
+
+def chapter(step, values, out_dir, root, kernel=None, echo=print):  # each chapter as a real one ends: its notebook
+    if step.name == "task1":
+        print("training task1", flush=True)
+        while not go.exists():  # the test's second report comes now
+            time.sleep(0.05)
+    (out_dir / f"{step.name}.ipynb").write_text("{}")
+    return 0.0
+
+def export(step, out_dir):
+    for page in (f"{step.name}.html", pipeline.reader_name(step.name)):
+        (out_dir / page).write_text("<html></html>")
+
+pipeline.run_chapter, pipeline.export_chapter = chapter, export
+pipeline.report.answer_section = lambda out_dir: ""
+pipeline.report.chapter_finding = lambda *a: "found"
+pipeline.report.data_line = lambda out_dir: ""
+sys.exit(main(["report", "--data", "tiny", "--set", f"output_dir={out}"] + sys.argv[4:]))
 """
 
 
 @pytest.mark.parametrize("force", [False, True])
 def test_a_second_report_on_a_folder_in_use_stops_at_once_and_changes_nothing(tmp_path, monkeypatch, capsys, force):
-    out = tmp_path / "out"
+    """Two `report` processes on one folder, the second with or without --force: the second stops at once, naming
+    the first, and changes nothing; the first finishes its report whole."""
+    out, go = tmp_path / "out", tmp_path / "go"
     fake_report(out, monkeypatch)
-    pipeline.run_report("tiny", overrides={"output_dir": str(out)}, root=ROOT, echo=lambda *_: None)
-    before = snapshot(out)
-    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), str(ROOT)], stdout=subprocess.PIPE, text=True)
+    pipeline.run_report("tiny", overrides={"output_dir": str(out)}, root=ROOT, echo=lambda *_: None)  # a finished one
+    first = subprocess.Popen([sys.executable, "-c", FIRST_REPORT, str(out), str(ROOT), str(go), "--force"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert first.stdout.readline().strip() == "holding"
+        assert next(line for line in first.stdout if "training task1" in line)
+        before = snapshot(out)
         monkeypatch.chdir(ROOT)
         started = time.perf_counter()
         assert main(["report", "--data", "tiny", "--set", f"output_dir={out}"] + (["--force"] if force else [])) == 1
@@ -138,9 +161,11 @@ def test_a_second_report_on_a_folder_in_use_stops_at_once_and_changes_nothing(tm
             pipeline.run_report("tiny", only=["task2"], overrides={"output_dir": str(out), "seeds": [1]}, root=ROOT,
                                 echo=lambda *_: None)
     finally:
-        first.kill()
-        first.wait()
-    pipeline.run_report("tiny", overrides={"output_dir": str(out)}, root=ROOT, echo=lambda *_: None)  # free again
+        go.touch()
+        _, first_error = first.communicate(timeout=60)
+    assert first.returncode == 0, first_error
+    state = json.loads((out / "pipeline.json").read_text())
+    assert all((out / f"{name}.html").exists() and name in state for name in CHAPTERS)  # nothing of the first lost
     with files.report_lock(out, shared=True), files.report_lock(out, shared=True):
         pass
 
