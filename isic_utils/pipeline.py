@@ -102,19 +102,26 @@ def chapter_source(notebook: Path) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def _fingerprint(values: dict, source: Path) -> str:
+def _fingerprint(values: dict, source: Path, root: Path) -> str:
     """What decides a chapter's output: its notebook's cells (``chapter_source``), its parameters (not ``resume`` or
     ``jobs``, which are how to get there), the folder its data resolves to, and where ``encoder_weights: imagenet``
-    resolves to (``$ISIC_DATA_DIR`` and ``$ISIC_ENCODER_WEIGHTS`` may point elsewhere since the last run)."""
+    resolves to (``$ISIC_DATA_DIR`` and ``$ISIC_ENCODER_WEIGHTS`` may point elsewhere since the last run). A folder
+    inside the project counts by its place in the project: a checkout moved or copied whole is still up to date."""
     kept = {k: v for k, v in values.items() if k not in ("resume", "jobs")}
     kept["chapter_source"] = chapter_source(source)
     if "encoder_weights" in kept:
         kept["resolved_encoder_weights"] = resolve_weights(kept["encoder_weights"])
     if "data_source" in kept:  # where the data resolves ($ISIC_DATA_DIR may point elsewhere since the last run)
-        kept["resolved_data_root"] = str(data_root(values))
+        kept["resolved_data_root"] = _in_project(data_root(values), root)
     if kept.get("external"):  # a set's folder that appeared (PH2 unpacked, $PH2_DIR set) is new input
-        kept["resolved_external"] = [(s.name, str(s.root), s.found) for s in external_sets(values)]
+        kept["resolved_external"] = [(s.name, _in_project(s.root, root), s.found) for s in external_sets(values)]
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _in_project(path: Path, root: Path) -> str:
+    """``path`` relative to the project when it lies inside it (as named, links not followed), else absolute."""
+    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 def _line_echo(echo, name: str) -> LineWriter:
@@ -377,7 +384,7 @@ def _run_steps(steps: list[Step], resolved: dict, injected: dict, profile: str, 
         if only and step.name not in only:
             continue
         values = resolved[step.name]
-        key = _fingerprint(values, root / "notebooks" / NOTEBOOKS[step.chapter])
+        key = _fingerprint(values, root / "notebooks" / NOTEBOOKS[step.chapter], root)
         done = state.get(step.name, {})
         executed = done.get("fingerprint") == key and (out_dir / f"{step.name}.ipynb").exists()
         stale = step.chapter in READS_RUNS and any(  # a run retrained since the comparison was written

@@ -1,9 +1,13 @@
 """Shared fixtures, built once per session: the tiny synthetic data set in the official layout (the tiny profile's
-own: 20 training and 6 test pairs), decoded small, and one small trained checkpoint that predicts real masks."""
+own: 20 training and 6 test pairs), decoded small, one small trained checkpoint that predicts real masks, and (for
+the slow tier) a user's checkout after `make demo`, built once for all the session's worker processes."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,3 +86,66 @@ def assert_same_counts(written: torch.Tensor, expected: torch.Tensor) -> None:
 
 def requires(variable: str):
     return pytest.mark.skipif(not os.environ.get(variable), reason=f"{variable} is not set")
+
+
+# ----------------------------------------------------------------------------- a user's checkout with its report
+
+
+def project_copy(base: Path, synthetic_root: Path) -> Path:
+    """A user's checkout: the project's params and notebooks (the package is the installed one), with the tiny
+    profile's data set already made where the profile looks for it."""
+    root = base / "project"
+    for folder in ("params", "notebooks"):
+        shutil.copytree(ROOT / folder, root / folder)
+    (root / "data").mkdir()
+    (root / "data" / "synthetic-20-6").symlink_to(synthetic_root)  # where the tiny profile's data is made
+    return root
+
+
+@contextlib.contextmanager
+def inside(folder: Path):
+    """Run from ``folder``, as a user runs the command from the project's root."""
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@pytest.fixture(scope="session")
+def built_report(tmp_path_factory, synthetic_root) -> tuple[Path, dict, list[str]]:
+    """(checkout, chapter timings, the lines the report printed): `make demo` in a user's checkout under umask 022,
+    after the task 3 options study (which the comparison shows). Built once for the whole session: the first worker
+    process to ask builds it under a lock in the folder the workers share, the others wait for it and read it. Tests
+    work on their own copy (``report_copy``), never on this one."""
+    import fcntl
+
+    from isic_utils.generalisation import options_study
+    from isic_utils.pipeline import run_report
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built-tiny-report"
+    shared.mkdir(exist_ok=True)
+    record = shared / "built.json"
+    with open(shared / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            root, lines = project_copy(shared, synthetic_root), []
+            old = os.umask(0o022)  # what most users have: their report must be readable by others
+            try:
+                with inside(root):
+                    options_study("tiny", epochs=1, root=root, echo=lines.append)
+                    timings = run_report("tiny", root=root, echo=lines.append)
+            finally:
+                os.umask(old)
+            record.write_text(json.dumps({"timings": timings, "lines": lines}))
+    built = json.loads(record.read_text())
+    return shared / "project", built["timings"], built["lines"]
+
+
+def report_copy(built: tuple[Path, dict, list[str]], base: Path) -> Path:
+    """A checkout of one's own holding the built report (modes and links kept): every chapter up to date in it."""
+    root = base / "project"
+    shutil.copytree(built[0], root, symlinks=True)
+    return root

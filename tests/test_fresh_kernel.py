@@ -13,7 +13,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from .test_pipeline import project_copy
+from .conftest import project_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

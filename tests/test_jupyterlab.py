@@ -22,9 +22,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from isic_utils.pipeline import run_report
-
-from .test_pipeline import inside, project_copy
+from .conftest import report_copy
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -58,12 +56,10 @@ def stamps(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory, synthetic_root):
+def lab(tmp_path_factory, built_report):
     """(project, JupyterLab's URL): `make demo` in a user's checkout, then `jupyter lab` on it (127.0.0.1 only)."""
     sync_playwright = _browser_or_skip()
-    root = project_copy(tmp_path_factory.mktemp("lab"), synthetic_root)
-    with inside(root):
-        run_report("tiny", root=root, echo=lambda line: None)
+    root = report_copy(built_report, tmp_path_factory.mktemp("lab"))
     for name in ("02_train.ipynb", "04_compare.ipynb"):  # the user sets the profile in the parameters cell
         path = root / "notebooks" / name
         notebook = nbformat.read(path, as_version=4)

@@ -2,9 +2,7 @@
 with papermill (EDA, tasks 1–3, the external chapter, the comparison with its options table), every expected file
 checked; then the chapters run by hand against that report (plain papermill, Run All twice) continue it."""
 
-import contextlib
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -15,52 +13,22 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from isic_utils.generalisation import options_study
 from isic_utils.pipeline import run_report
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, inside, report_copy
+
 pytestmark = pytest.mark.slow
 
 
 RUNS = ["task1", "task2", "task3"]
 
 
-def project_copy(base: Path, synthetic_root: Path) -> Path:
-    """A user's checkout: the project's params and notebooks (the package is the installed one), with the tiny
-    profile's data set already made where the profile looks for it."""
-    import shutil
-
-    root = base / "project"
-    for folder in ("params", "notebooks"):
-        shutil.copytree(ROOT / folder, root / folder)
-    (root / "data").mkdir()
-    (root / "data" / "synthetic-20-6").symlink_to(synthetic_root)  # where the tiny profile's data is made
-    return root
-
-
-@contextlib.contextmanager
-def inside(folder: Path):
-    """Run from ``folder``, as a user runs the command from the project's root."""
-    before = Path.cwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
 @pytest.fixture(scope="module")
-def tiny_report(tmp_path_factory, synthetic_root):
-    """`make demo` in a user's checkout, nothing overridden: the options study, then the tiny report."""
-    root = project_copy(tmp_path_factory.mktemp("report"), synthetic_root)
-    lines = []
-    old = os.umask(0o022)  # what most users have: their report must be readable by others
-    try:
-        with inside(root):
-            options_study("tiny", epochs=1, root=root, echo=lines.append)  # the comparison shows its table
-            timings = run_report("tiny", root=root, echo=lines.append)
-    finally:
-        os.umask(old)
+def tiny_report(built_report, tmp_path_factory):
+    """`make demo` in a user's checkout, nothing overridden: the options study, then the tiny report (built once for
+    the session, ``conftest.built_report``; this module works on its own copy of the checkout)."""
+    root = report_copy(built_report, tmp_path_factory.mktemp("report"))
+    _, timings, lines = built_report
     return root / "outputs" / "tiny", timings, lines, root
 
 

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from isic_utils.pipeline import run_report
-
-from .test_pipeline import inside, project_copy
+from .conftest import report_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -45,14 +43,12 @@ def test_the_readme_shows_its_two_commands_first_and_each_user_path():
 
 
 @pytest.fixture(scope="module")
-def checkout(tmp_path_factory, synthetic_root):
+def checkout(tmp_path_factory, synthetic_root, built_report):
     """A user's checkout after `make demo`: the tiny report, the project's .venv, a folder DIR of labelled images."""
-    root = project_copy(tmp_path_factory.mktemp("readme"), synthetic_root)
+    root = report_copy(built_report, tmp_path_factory.mktemp("readme"))
     (root / ".venv").symlink_to(Path(sys.prefix))
     shutil.copy(ROOT / "Makefile", root)
     shutil.copy(ROOT / "pyproject.toml", root)
-    with inside(root):
-        run_report("tiny", root=root, echo=lambda line: None)
     images = root / "DIR"
     images.mkdir()
     for path in sorted((synthetic_root / "ISBI2016_ISIC_Part1_Test_Data").glob("*.jpg")):

@@ -270,10 +270,29 @@ def test_a_chapter_is_stale_when_its_weights_or_data_point_elsewhere(monkeypatch
     values = P.resolve("train", ROOT / "params" / "task2.yaml", "isic2016", root=ROOT)
     monkeypatch.setenv(variable, str(tmp_path / "a"))
     source = ROOT / "notebooks" / "02_train.ipynb"
-    first = pipeline._fingerprint(values, source)
+    first = pipeline._fingerprint(values, source, ROOT)
     monkeypatch.setenv(variable, str(tmp_path / "b"))
-    assert pipeline._fingerprint(values, source) != first
-    assert pipeline._fingerprint({**values, "resume": False}, source) == pipeline._fingerprint(values, source)
+    assert pipeline._fingerprint(values, source, ROOT) != first
+    assert pipeline._fingerprint({**values, "resume": False}, source, ROOT) == pipeline._fingerprint(values, source,
+                                                                                                      ROOT)
+
+
+def test_a_checkout_moved_whole_is_still_up_to_date(tmp_path):
+    """The data folder inside the project counts by its place there: a copied or renamed checkout reruns nothing."""
+    values = P.resolve("eda", ROOT / "params" / "eda.yaml", "tiny", root=ROOT)
+    source = ROOT / "notebooks" / "01_eda.ipynb"
+    here, there = tmp_path / "here", tmp_path / "there"
+    for root in (here, there):
+        (root / "params" / "profiles").mkdir(parents=True)
+    keys = []
+    for root in (here, there):
+        os.environ[files.PROJECT_ENV] = str(root)
+        try:
+            keys.append(pipeline._fingerprint(values, source, root))
+        finally:
+            del os.environ[files.PROJECT_ENV]
+    assert keys[0] == keys[1]
+    assert pipeline._fingerprint({**values, "data_dir": str(tmp_path / "elsewhere")}, source, here) != keys[0]
 
 
 def test_random_encoders_are_allowed_only_by_the_synthetic_profiles():
