@@ -6,7 +6,7 @@ DATA ?= synthetic
 # torch/torchvision: any release in the pyproject ranges; this pin matches the wheels tested here.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup report options demo pack test test-all bench gpu-check clean
+.PHONY: setup report options demo pack lint test test-all bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,14 @@ pack: setup  ## the finished report for DATA as one zip to hand over (pages, tab
 TEST_JOBS ?= 2
 PYTEST := $(PY) -m pytest -q --durations=15 $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
 
-test: setup  ## every behaviour, fast (the inner loop): all tests but the slow end-to-end tier (TEST_JOBS=1: one process)
+lint: setup  ## ruff: the lint rules and the formatting, over the package, tests, tools and notebooks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint  ## every behaviour, fast (the inner loop): lint, then all tests but the slow end-to-end tier (TEST_JOBS=1: one process)
 	$(PYTEST) -m "not slow"
 
-test-all: setup  ## everything, the slow end-to-end runs included (papermill chapters, the GPU-check rehearsal): what CI runs
+test-all: lint  ## everything, the slow end-to-end runs included (papermill chapters, the GPU-check rehearsal): what CI runs
 	$(PYTEST)
 
 bench: setup  ## speed benchmark: naive vs this project's pipeline, same data, one run

@@ -57,7 +57,7 @@ def find_images(n_train: int, n_test: int, sample_dir: str | Path | None = None)
         real = Path(sample)
     if sources.has_split(real, "train"):
         pairs = sources.find_pairs(real, "train")
-        return pairs[:n_train], pairs[n_train:n_train + n_test], f"real ISIC images from {real}"
+        return pairs[:n_train], pairs[n_train : n_train + n_test], f"real ISIC images from {real}"
     root = make_synthetic_isic(Path(tempfile.gettempdir()) / "isic-bench-synthetic", n_train, n_test)
     return sources.find_pairs(root, "train"), sources.find_pairs(root, "test"), "synthetic images (no real data found)"
 
@@ -116,7 +116,7 @@ def matmul_peak(dtype, device: str = "cpu", n: int = 2048, repeats: int = 5) -> 
     b = torch.randn(n, n, device=device).to(dtype)
     a @ b
     seconds = min(timed(lambda: a @ b, device) for _ in range(repeats))
-    return 2 * n ** 3 / seconds / 1e9
+    return 2 * n**3 / seconds / 1e9
 
 
 def forward_gflop(module, x) -> float:
@@ -135,8 +135,7 @@ def naive_rates(train_pairs, test_pairs, size: int, device: str) -> dict[str, fl
         torch.manual_seed(0)
         model = build_model(encoder_weights=None, freeze_encoder=frozen).to(device)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        loader = torch.utils.data.DataLoader(DecodeEveryTime(train_pairs, size, mean, std), batch_size=16,
-                                             shuffle=True)
+        loader = torch.utils.data.DataLoader(DecodeEveryTime(train_pairs, size, mean, std), batch_size=16, shuffle=True)
         if device.startswith("cuda"):  # one warm-up batch so CUDA start-up is not counted
             naive_epoch(model, [next(iter(loader))], device, optimizer)
         rates[task] = len(train_pairs) / timed(lambda: naive_epoch(model, loader, device, optimizer), device)
@@ -145,8 +144,9 @@ def naive_rates(train_pairs, test_pairs, size: int, device: str) -> dict[str, fl
     return rates
 
 
-def project_rates(train: decoding.DecodedSplit, test: decoding.DecodedSplit, device: str, precision: str,
-                 epochs: int = 1) -> dict[str, float]:
+def project_rates(
+    train: decoding.DecodedSplit, test: decoding.DecodedSplit, device: str, precision: str, epochs: int = 1
+) -> dict[str, float]:
     """Images/s of the project's own loop (after one warm-up epoch): task 1 on cached features, task 2, evaluation;
     also the cache's build time and, with ``epochs`` > 1, the validation IoU after that many epochs."""
     if device.startswith("cuda"):
@@ -155,21 +155,32 @@ def project_rates(train: decoding.DecodedSplit, test: decoding.DecodedSplit, dev
     rates = {}
     for task, frozen in (("task1", True), ("task2", False)):
         torch.manual_seed(0)
-        config = TrainConfig(freeze_encoder=frozen, batch_size=32, precision=precision, augment=("hflip", "vflip"),
-                             device=device)
-        model = build_model(encoder_weights=None, freeze_encoder=frozen).to(device).to(memory_format=torch.channels_last)
+        config = TrainConfig(
+            freeze_encoder=frozen, batch_size=32, precision=precision, augment=("hflip", "vflip"), device=device
+        )
+        model = (
+            build_model(encoder_weights=None, freeze_encoder=frozen).to(device).to(memory_format=torch.channels_last)
+        )
         optimizer = build_optimizer(model, config)
         generator = torch.Generator().manual_seed(0)
         cache, cache_s = None, 0.0
         if frozen:
             model.eval()
             holder = {}
-            cache_s = timed(lambda: holder.update(cache=encode_variants(model, train.images, config, precision)),
-                            device)
+            cache_s = timed(
+                lambda: holder.update(cache=encode_variants(model, train.images, config, precision)), device
+            )
             cache = holder["cache"]
         train_epoch(model, train, optimizer, config, precision, generator, cache)  # warm-up (allocator, kernels)
-        seconds = timed(lambda: [train_epoch(model, train, optimizer, config, precision, generator, cache)
-                                 for _ in range(epochs)], device) / epochs
+        seconds = (
+            timed(
+                lambda: [
+                    train_epoch(model, train, optimizer, config, precision, generator, cache) for _ in range(epochs)
+                ],
+                device,
+            )
+            / epochs
+        )
         rates[task] = len(train) / seconds
         rates[task + "_cache_s"] = cache_s
         if not frozen:
@@ -177,7 +188,8 @@ def project_rates(train: decoding.DecodedSplit, test: decoding.DecodedSplit, dev
             evaluate(model, test, eval_config, precision)
             holder = {}
             rates["eval"] = len(test) / timed(
-                lambda: holder.update(e=evaluate(model, test, eval_config, precision)), device)
+                lambda: holder.update(e=evaluate(model, test, eval_config, precision)), device
+            )
             rates["val_iou_after"] = holder["e"].summary()["iou_mean"]
     return rates
 
@@ -206,8 +218,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-parallel", action="store_true", help="skip the two-workers measurement (CPU)")
-    parser.add_argument("--quality", action="store_true",
-                        help="run the precision quality check even where bf16 is not native (slow there)")
+    parser.add_argument(
+        "--quality",
+        action="store_true",
+        help="run the precision quality check even where bf16 is not native (slow there)",
+    )
     parser.add_argument("--quality-epochs", type=int, default=6, help="epochs of the quality check's model")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -223,8 +238,10 @@ def main() -> None:
 
     peak32 = matmul_peak(torch.float32, device, n=4096 if cuda else 2048)
     peak16 = matmul_peak(torch.bfloat16, device, n=4096 if cuda else (2048 if native_bf16 else 512))
-    print(f"matmul peak measured now: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s "
-          f"({'native' if native_bf16 else 'emulated'} bf16)")
+    print(
+        f"matmul peak measured now: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s "
+        f"({'native' if native_bf16 else 'emulated'} bf16)"
+    )
 
     torch.manual_seed(0)
     probe = build_model(encoder_weights=None)
@@ -235,39 +252,58 @@ def main() -> None:
 
     naive = naive_rates(train_pairs, test_pairs, args.size, device)
     holder = {}
-    decode_s = timed(lambda: holder.update(train=decoding.decode_pairs(train_pairs, args.size, progress=False),
-                                           test=decoding.decode_pairs(test_pairs, args.size, progress=False)))
+    decode_s = timed(
+        lambda: holder.update(
+            train=decoding.decode_pairs(train_pairs, args.size, progress=False),
+            test=decoding.decode_pairs(test_pairs, args.size, progress=False),
+        )
+    )
     train, test = holder["train"], holder["test"]
     ours = project_rates(train, test, device, precision)
 
-    print(f"forward GFLOP per {args.size}px image: encoder {encoder_gf:.3f}, decoder {decoder_gf:.3f}; "
-          f"training step ≈ 3× forward of what trains: task 1 {work['task1']:.2f}, task 2 {work['task2']:.2f}")
-    print(f"decode once: {len(train) + len(test)} images in {decode_s:.1f} s "
-          f"({(len(train) + len(test)) / decode_s:.0f} images/s; cached on disk afterwards)\n")
+    print(
+        f"forward GFLOP per {args.size}px image: encoder {encoder_gf:.3f}, decoder {decoder_gf:.3f}; "
+        f"training step ≈ 3× forward of what trains: task 1 {work['task1']:.2f}, task 2 {work['task2']:.2f}"
+    )
+    print(
+        f"decode once: {len(train) + len(test)} images in {decode_s:.1f} s "
+        f"({(len(train) + len(test)) / decode_s:.0f} images/s; cached on disk afterwards)\n"
+    )
     peak = peak16 if precision in ("bf16", "fp16") else peak32
-    print(f"{'':20s}{'naive img/s':>12s}{'project img/s':>15s}{'speed-up':>10s}{'project GFLOP/s':>17s}"
-          f"{'% of peak':>11s}")
+    print(
+        f"{'':20s}{'naive img/s':>12s}{'project img/s':>15s}{'speed-up':>10s}{'project GFLOP/s':>17s}{'% of peak':>11s}"
+    )
     for task, label in (("task1", "task 1 epoch"), ("task2", "task 2 epoch"), ("eval", "test evaluation")):
         gflops = ours[task] * work[task]
-        print(f"{label:20s}{naive[task]:12.1f}{ours[task]:15.1f}{ours[task] / naive[task]:9.2f}x{gflops:17.1f}"
-              f"{100 * gflops / peak:10.1f}%")
+        print(
+            f"{label:20s}{naive[task]:12.1f}{ours[task]:15.1f}{ours[task] / naive[task]:9.2f}x{gflops:17.1f}"
+            f"{100 * gflops / peak:10.1f}%"
+        )
     amortised = len(train) / (len(train) / ours["task1"] + ours["task1_cache_s"] / 20)
-    print(f"{'task 1 incl. cache':20s}{naive['task1']:12.1f}{amortised:15.1f}{amortised / naive['task1']:9.2f}x"
-          "   (feature cache built once, amortised over 20 epochs)")
-    print(f"\n% of peak is against the {'bf16' if peak is peak16 else 'fp32'} matmul peak (project precision "
-          f"{precision}).")
+    print(
+        f"{'task 1 incl. cache':20s}{naive['task1']:12.1f}{amortised:15.1f}{amortised / naive['task1']:9.2f}x"
+        "   (feature cache built once, amortised over 20 epochs)"
+    )
+    print(
+        f"\n% of peak is against the {'bf16' if peak is peak16 else 'fp32'} matmul peak (project precision "
+        f"{precision})."
+    )
 
     if not cuda and not args.no_parallel and threads >= 2:
         jobs = threads
         together = parallel_seeds_rate(train, jobs)
-        print(f"\ntask 2, {jobs} seeds side by side (jobs={jobs}, one thread each): {together:.1f} img/s in all vs "
-              f"{ours['task2']:.1f} img/s for one {threads}-thread process: {together / ours['task2']:.2f}x")
+        print(
+            f"\ntask 2, {jobs} seeds side by side (jobs={jobs}, one thread each): {together:.1f} img/s in all vs "
+            f"{ours['task2']:.1f} img/s for one {threads}-thread process: {together / ours['task2']:.2f}x"
+        )
     if (native_bf16 and precision != "fp32") or args.quality:
         epochs = 3
         fp32 = project_rates(train, test, device, "fp32", epochs)
         low = project_rates(train, test, device, precision, epochs)
-        print(f"\n{precision} vs the project's own fp32 path ({epochs} task-2 epochs each, same seed): "
-              f"{low['task2']:.1f} vs {fp32['task2']:.1f} img/s ({low['task2'] / fp32['task2']:.2f}x)")
+        print(
+            f"\n{precision} vs the project's own fp32 path ({epochs} task-2 epochs each, same seed): "
+            f"{low['task2']:.1f} vs {fp32['task2']:.1f} img/s ({low['task2'] / fp32['task2']:.2f}x)"
+        )
         scores = {name: quality_iou(train, test, device, name, args.quality_epochs) for name in ("fp32", precision)}
         passed, verdict = quality_verdict(scores["fp32"], scores[precision], precision)
         print(f"quality ({QUALITY_RUN}, {args.quality_epochs} epochs each, same seed): {verdict}")
@@ -280,15 +316,24 @@ LEARNED_ENOUGH = 0.30  # test IoU the fp32 model must reach for a comparison wit
 QUALITY_TOLERANCE = 0.02  # how far the low-precision model's test IoU may fall from fp32's
 
 
-def quality_iou(train: decoding.DecodedSplit, test: decoding.DecodedSplit, device: str, precision: str,
-                epochs: int) -> float:
+def quality_iou(
+    train: decoding.DecodedSplit, test: decoding.DecodedSplit, device: str, precision: str, epochs: int
+) -> float:
     """Mean per-image test IoU of task 3's model (U-Net decoder, bce+dice, its encoder weights when
     $ISIC_ENCODER_WEIGHTS names them) after ``epochs`` epochs in ``precision``, seeded: a model that learns in a
     benchmark's few epochs (the report decoder on a random encoder scores 0 in both precisions, which proved nothing)."""
     weights = os.environ.get("ISIC_ENCODER_WEIGHTS")
     torch.manual_seed(0)
-    config = TrainConfig(freeze_encoder=False, batch_size=16, precision=precision, augment=("hflip", "vflip"),
-                         device=device, loss="bce+dice", decoder_lr=3e-3, encoder_lr=3e-4 if weights else 3e-3)
+    config = TrainConfig(
+        freeze_encoder=False,
+        batch_size=16,
+        precision=precision,
+        augment=("hflip", "vflip"),
+        device=device,
+        loss="bce+dice",
+        decoder_lr=3e-3,
+        encoder_lr=3e-4 if weights else 3e-3,
+    )
     model = build_model(encoder_weights=weights, freeze_encoder=False, decoder="unet").to(device)
     optimizer = build_optimizer(model, config)
     generator = torch.Generator().manual_seed(0)
@@ -304,8 +349,10 @@ def quality_verdict(fp32_iou: float, low_iou: float, precision: str) -> tuple[bo
     check instead of passing it (0.0000 vs 0.0000 said nothing)."""
     line = f"test IoU {precision} {low_iou:.4f} vs fp32 {fp32_iou:.4f} (difference {low_iou - fp32_iou:+.4f})"
     if not fp32_iou >= LEARNED_ENOUGH:
-        return False, (f"{line}: FAILED, fp32 did not learn (IoU below {LEARNED_ENOUGH}), so nothing can be judged; "
-                       "train longer (--quality-epochs) or set $ISIC_ENCODER_WEIGHTS")
+        return False, (
+            f"{line}: FAILED, fp32 did not learn (IoU below {LEARNED_ENOUGH}), so nothing can be judged; "
+            "train longer (--quality-epochs) or set $ISIC_ENCODER_WEIGHTS"
+        )
     if low_iou < fp32_iou - QUALITY_TOLERANCE:
         return False, f"{line}: FAILED, {precision} loses more than {QUALITY_TOLERANCE}"
     return True, f"{line}: passed (within {QUALITY_TOLERANCE})"

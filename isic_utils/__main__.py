@@ -50,31 +50,50 @@ def _command(argv: list[str] | None) -> int:
     pred.add_argument("--input", required=True, help="folder of JPEG/PNG/BMP/TIFF images")
     pred.add_argument("--output", required=True, help="folder for <id>_Segmentation.png masks")
     pred.add_argument("--overlays", action="store_true", help="also write <id>_overlay.jpg")
-    pred.add_argument("--overwrite", action="store_true",
-                      help="replace masks/overlays that exist already in --output (refused otherwise)")
+    pred.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace masks/overlays that exist already in --output (refused otherwise)",
+    )
     pred.add_argument("--tta", choices=["none", "flips"], help="test-time flips (default: as the run was scored)")
-    pred.add_argument("--postprocess", choices=["none", "largest_component"],
-                      help="keep the largest lesion, holes filled (default: as the run was scored)")
-    opt = commands.add_parser("options", help="train task 3 without and with each generalisation option (three seeds "
-                                              "each unless --set seeds=...), score them on validation and the external "
-                                              "sets' halves, choose (outputs/<profile>/options)")
+    pred.add_argument(
+        "--postprocess",
+        choices=["none", "largest_component"],
+        help="keep the largest lesion, holes filled (default: as the run was scored)",
+    )
+    opt = commands.add_parser(
+        "options",
+        help="train task 3 without and with each generalisation option (three seeds "
+        "each unless --set seeds=...), score them on validation and the external "
+        "sets' halves, choose (outputs/<profile>/options)",
+    )
     opt.add_argument("--data", default="synthetic", help="data profile in params/profiles/ (default: synthetic)")
     opt.add_argument("--epochs", type=int, help="epochs per run (default: task 3's)")
     opt.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
-    pack = commands.add_parser("pack", help="zip a finished report's pages, tables and figures to hand over (no "
-                                             "checkpoints, no caches)")
+    pack = commands.add_parser(
+        "pack", help="zip a finished report's pages, tables and figures to hand over (no checkpoints, no caches)"
+    )
     pack.add_argument("--data", default="synthetic", help="data profile whose report to pack (default: synthetic)")
     pack.add_argument("--output", help="the zip to write (default: outputs/<profile>-report.zip)")
-    pack.add_argument("--overwrite", action="store_true",
-                      help="replace --output even when it is not a zip that pack wrote (refused otherwise)")
-    pack.add_argument("--partial", action="store_true",
-                      help="pack a report that is unfinished or still running, saying what it lacks")
-    adapt = commands.add_parser("adapt", help="adapt a checkpoint to another clinic: batch-norm statistics from its "
-                                              "images (no labels), or fine-tuned on k labelled cases (--masks)")
+    pack.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output even when it is not a zip that pack wrote (refused otherwise)",
+    )
+    pack.add_argument(
+        "--partial", action="store_true", help="pack a report that is unfinished or still running, saying what it lacks"
+    )
+    adapt = commands.add_parser(
+        "adapt",
+        help="adapt a checkpoint to another clinic: batch-norm statistics from its "
+        "images (no labels), or fine-tuned on k labelled cases (--masks)",
+    )
     adapt.add_argument("--checkpoint", required=True, help="a best.pt from a training run")
     adapt.add_argument("--images", required=True, help="folder of the clinic's images")
-    adapt.add_argument("--masks", help="folder of their masks (<id>_Segmentation.png, <id>_lesion.bmp, <id>.png): "
-                                       "fine-tune on labelled cases")
+    adapt.add_argument(
+        "--masks",
+        help="folder of their masks (<id>_Segmentation.png, <id>_lesion.bmp, <id>.png): fine-tune on labelled cases",
+    )
     adapt.add_argument("--k", type=int, help="labelled cases to fine-tune on (default: all)")
     adapt.add_argument("--seed", type=int, default=0, help="which k cases are drawn, and the fine-tune's seed")
     adapt.add_argument("--output", help="the adapted checkpoint (default: beside --checkpoint)")
@@ -102,39 +121,61 @@ def _command(argv: list[str] | None) -> int:
 
             out_dir = absolute(chapter_values("eda", args.data)["output_dir"])
             target, size, named, missing = pack_report(out_dir, args.output, args.overwrite, args.partial)
-            print(f"packed {out_dir.name}'s report into {target} ({size / 2**20:.1f} MB): open index.html in the "
-                  "unpacked folder")
+            print(
+                f"packed {out_dir.name}'s report into {target} ({size / 2**20:.1f} MB): open index.html in the "
+                "unpacked folder"
+            )
             if missing:
-                print(f"warning: the report is unfinished: {len(missing)} file(s) its index links are not in the zip "
-                      f"({', '.join(missing)})", file=sys.stderr)
+                print(
+                    f"warning: the report is unfinished: {len(missing)} file(s) its index links are not in the zip "
+                    f"({', '.join(missing)})",
+                    file=sys.stderr,
+                )
             for path in named:
-                print(f"warning: {path} names a folder of this machine (a data_dir or weights path given as an "
-                      "absolute path?)", file=sys.stderr)
+                print(
+                    f"warning: {path} names a folder of this machine (a data_dir or weights path given as an "
+                    "absolute path?)",
+                    file=sys.stderr,
+                )
         elif args.command == "adapt":
             from .adaptation import adapt_checkpoint
 
-            target, adapted = adapt_checkpoint(args.checkpoint, args.images, args.masks, args.k, args.seed,
-                                               args.output, args.overwrite)
-            how = ("batch-norm statistics from" if adapted["method"] == "batchnorm" else "fine-tuned on")
-            print(f"wrote {target}: {how} {adapted['cases']} case(s) of {adapted['from']}; apply it with predict "
-                  f"--checkpoint {target}")
+            target, adapted = adapt_checkpoint(
+                args.checkpoint, args.images, args.masks, args.k, args.seed, args.output, args.overwrite
+            )
+            how = "batch-norm statistics from" if adapted["method"] == "batchnorm" else "fine-tuned on"
+            print(
+                f"wrote {target}: {how} {adapted['cases']} case(s) of {adapted['from']}; apply it with predict "
+                f"--checkpoint {target}"
+            )
         else:
             from .predict import CONFIDENCE_FILE, confidence_summary, predict_folder
 
-            written = predict_folder(args.checkpoint, args.input, args.output, args.overlays, args.tta,
-                                     args.postprocess, args.overwrite)
+            written = predict_folder(
+                args.checkpoint, args.input, args.output, args.overlays, args.tta, args.postprocess, args.overwrite
+            )
             print(f"wrote {len(written)} masks to {args.output}")
             print(confidence_summary(Path(args.output) / CONFIDENCE_FILE))
-    except (ParameterError, ChapterFailed, DataError, CheckpointMismatch, FileNotFoundError, FileProblem,
-            ReportBusy) as exc:
+    except (
+        ParameterError,
+        ChapterFailed,
+        DataError,
+        CheckpointMismatch,
+        FileNotFoundError,
+        FileProblem,
+        ReportBusy,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # read-only, full disk, a file where a folder should be: a sentence, not a traceback
         print(f"error: {os_error_sentence(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: a sentence, not a traceback; every file written so far is whole
-        again = ("every finished epoch and chapter is kept: run the same command again to continue"
-                 if args.command in ("report", "options") else "files already written are whole")
+        again = (
+            "every finished epoch and chapter is kept: run the same command again to continue"
+            if args.command in ("report", "options")
+            else "files already written are whole"
+        )
         print(f"\ninterrupted: {again}.", file=sys.stderr)
         return 130
     return 0

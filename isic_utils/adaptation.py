@@ -44,21 +44,33 @@ def adapt_batchnorm(model: nn.Module, meta: dict, images_uint8: torch.Tensor, ba
         norm.momentum = None  # a cumulative average over every batch seen
         norm.train()
     for start in range(0, len(images_uint8), batch_size):
-        model(model_input(meta, images_uint8[start:start + batch_size]))
+        model(model_input(meta, images_uint8[start : start + batch_size]))
     for norm in norms:
         norm.momentum = 0.1
     return model.eval()
 
 
-def fine_tune(model: nn.Module, meta: dict, images_uint8: torch.Tensor, masks: torch.Tensor, seed: int = 0,
-              steps: int = STEPS, batch_size: int = BATCH, loss: str = "bce+dice") -> nn.Module:
+def fine_tune(
+    model: nn.Module,
+    meta: dict,
+    images_uint8: torch.Tensor,
+    masks: torch.Tensor,
+    seed: int = 0,
+    steps: int = STEPS,
+    batch_size: int = BATCH,
+    loss: str = "bce+dice",
+) -> nn.Module:
     """Fine-tune the whole model on a few labelled cases: ``steps`` AdamW steps (encoder ``ENCODER_LR``, decoder
     ``DECODER_LR``) on batches drawn with replacement and flipped at random, batch-norm statistics kept (a handful of
     cases cannot estimate them; ``adapt_batchnorm`` does that from unlabelled images). Returns the model in eval."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
-    optimizer = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": ENCODER_LR},
-                                   {"params": model.decoder.parameters(), "lr": DECODER_LR}])
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": model.encoder.parameters(), "lr": ENCODER_LR},
+            {"params": model.decoder.parameters(), "lr": DECODER_LR},
+        ]
+    )
     for p in model.parameters():
         p.requires_grad_(True)
     criterion = loss_fn(loss)
@@ -90,26 +102,43 @@ def clinic_pairs(images: str | Path, masks: str | Path | None) -> tuple[list[Pat
         return files, []
     masks = Path(masks)
     if not masks.is_dir():
-        raise DataError(f"--masks {masks} {'is a file' if masks.exists() else 'does not exist'}: point it at the "
-                        "folder of the images' masks, or leave it out to adapt without labels.")
+        raise DataError(
+            f"--masks {masks} {'is a file' if masks.exists() else 'does not exist'}: point it at the "
+            "folder of the images' masks, or leave it out to adapt without labels."
+        )
     pairs, missing = [], []
     for path in files:
-        found = next((masks / rule.format(stem=path.stem) for rule in MASK_NAMES
-                      if (masks / rule.format(stem=path.stem)).is_file()), None)
+        found = next(
+            (
+                masks / rule.format(stem=path.stem)
+                for rule in MASK_NAMES
+                if (masks / rule.format(stem=path.stem)).is_file()
+            ),
+            None,
+        )
         if found is None:
             missing.append(path)
         else:
             pairs.append(Pair(path.stem, path, found))
     if missing:
-        raise DataError(f"{len(missing)} of {len(files)} images in {images} have no mask in {masks} (e.g. "
-                        f"{missing[0].name}: looked for " + ", ".join(r.format(stem=missing[0].stem) for r in MASK_NAMES)
-                        + "). Fix: add the masks, or move those images out of --images.")
+        raise DataError(
+            f"{len(missing)} of {len(files)} images in {images} have no mask in {masks} (e.g. "
+            f"{missing[0].name}: looked for "
+            + ", ".join(r.format(stem=missing[0].stem) for r in MASK_NAMES)
+            + "). Fix: add the masks, or move those images out of --images."
+        )
     return files, pairs
 
 
-def adapt_checkpoint(checkpoint: str | Path, images: str | Path, masks: str | Path | None = None,
-                     k: int | None = None, seed: int = 0, output: str | Path | None = None,
-                     overwrite: bool = False) -> tuple[Path, dict]:
+def adapt_checkpoint(
+    checkpoint: str | Path,
+    images: str | Path,
+    masks: str | Path | None = None,
+    k: int | None = None,
+    seed: int = 0,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, dict]:
     """Adapt ``checkpoint`` to a clinic and write the adapted checkpoint (default: beside it,
     ``adapted-batchnorm.pt`` or ``adapted-k<k>.pt``); returns (its path, what its meta records under ``adapted``).
 
@@ -122,13 +151,16 @@ def adapt_checkpoint(checkpoint: str | Path, images: str | Path, masks: str | Pa
     if pairs:
         k = len(pairs) if k is None else k
         if not 1 <= k <= len(pairs):
-            raise DataError(f"--k {k}: {images} holds {len(pairs)} labelled cases. Fix: choose k from 1 to "
-                            f"{len(pairs)}, or add cases.")
+            raise DataError(
+                f"--k {k}: {images} holds {len(pairs)} labelled cases. Fix: choose k from 1 to "
+                f"{len(pairs)}, or add cases."
+            )
     elif k is not None:
         raise DataError("--k needs labelled cases: give --masks (or leave --k out to adapt without labels).")
     method = "fine-tune" if pairs else "batchnorm"
-    target = writable_file(output or checkpoint.parent / (f"adapted-k{k}.pt" if pairs else "adapted-batchnorm.pt"),
-                           overwrite)
+    target = writable_file(
+        output or checkpoint.parent / (f"adapted-k{k}.pt" if pairs else "adapted-batchnorm.pt"), overwrite
+    )
     model, meta = load_trained(checkpoint)
     size = meta["image_size"]
     if pairs:
@@ -140,8 +172,14 @@ def adapt_checkpoint(checkpoint: str | Path, images: str | Path, masks: str | Pa
     else:
         adapt_batchnorm(model, meta, torch.stack([read_image(p, size)[0] for p in files]))
         ids = [p.stem for p in files]
-    adapted = {"method": method, "cases": len(ids), "ids": ids, "from": shown_path(images),
-               "base": shown_path(checkpoint), "seed": seed}
+    adapted = {
+        "method": method,
+        "cases": len(ids),
+        "ids": ids,
+        "from": shown_path(images),
+        "base": shown_path(checkpoint),
+        "seed": seed,
+    }
     state = load_checkpoint(checkpoint)
     state["model"] = model.state_dict()
     state["meta"] = {**state["meta"], "adapted": adapted}
@@ -152,8 +190,9 @@ def adapt_checkpoint(checkpoint: str | Path, images: str | Path, masks: str | Pa
 # ----------------------------------------------------------------------------- the learning curve
 
 
-def learning_curve(run: SavedRun, split: DecodedSplit, name: str, ks=(5, 10, 25), seeds=(0, 1, 2),
-                   steps: int = STEPS) -> pd.DataFrame:
+def learning_curve(
+    run: SavedRun, split: DecodedSplit, name: str, ks=(5, 10, 25), seeds=(0, 1, 2), steps: int = STEPS
+) -> pd.DataFrame:
     """JA on the clinic's reporting half (``external.halves``): each run seed as trained (k = 0), with batch-norm
     statistics adapted on the choosing half's images (the pool; no labels), with only the threshold chosen on k
     labelled pool cases, and fine-tuned on k labelled pool cases (k capped at the pool). Draw ``seeds[i]`` of the k
@@ -170,12 +209,25 @@ def learning_curve(run: SavedRun, split: DecodedSplit, name: str, ks=(5, 10, 25)
     def checkpoint(seed: int):
         return load_trained(run.run_dir / f"seed{seed}" / "best.pt")
 
-    def score(probabilities: torch.Tensor, method: str, k: int, draw: int, seed: int, used: list[str],
-              threshold: float = 0.5):
+    def score(
+        probabilities: torch.Tensor, method: str, k: int, draw: int, seed: int, used: list[str], threshold: float = 0.5
+    ):
         counts = metrics.original_size_counts(probabilities, target, threshold, post)
-        rows.append({"run": run.name, "set": name, "method": method, "k": k, "seed": draw, "training seed": seed,
-                     "JA": float(metrics.scores(counts)["iou"].mean()), "threshold": threshold,
-                     "scored": len(scored), "used": len(used), "ids used": " ".join(used)})
+        rows.append(
+            {
+                "run": run.name,
+                "set": name,
+                "method": method,
+                "k": k,
+                "seed": draw,
+                "training seed": seed,
+                "JA": float(metrics.scores(counts)["iou"].mean()),
+                "threshold": threshold,
+                "scored": len(scored),
+                "used": len(used),
+                "ids used": " ".join(used),
+            }
+        )
 
     def drawn(k: int, draw: int) -> list[str]:
         return sorted(np.random.default_rng(draw).choice(pool, size=k, replace=False).tolist())
@@ -190,19 +242,38 @@ def learning_curve(run: SavedRun, split: DecodedSplit, name: str, ks=(5, 10, 25)
             for draw in (d for d, s in pairs if s == seed):
                 cases = drawn(k, draw)
                 chosen = [pool.index(i) for i in cases]
-                score(as_trained, "threshold chosen on k labelled cases", k, draw, seed, cases,
-                      best_threshold(pool_probabilities[chosen], pool_split.masks[chosen]))
+                score(
+                    as_trained,
+                    "threshold chosen on k labelled cases",
+                    k,
+                    draw,
+                    seed,
+                    cases,
+                    best_threshold(pool_probabilities[chosen], pool_split.masks[chosen]),
+                )
         adapted = adapt_batchnorm(model, meta, pool_split.images)
-        score(predicted_probabilities(adapted, meta, target.images), "batch-norm statistics (no labels)", 0, seed,
-              seed, pool)
+        score(
+            predicted_probabilities(adapted, meta, target.images),
+            "batch-norm statistics (no labels)",
+            0,
+            seed,
+            seed,
+            pool,
+        )
         for k in ks:
             for draw in (d for d, s in pairs if s == seed):
                 cases = drawn(k, draw)
                 model, meta = checkpoint(seed)
                 chosen = pool_split.subset(cases)
                 fine_tune(model, meta, chosen.images, chosen.masks, seed=draw, steps=steps)
-                score(predicted_probabilities(model, meta, target.images), "fine-tuned on k labelled cases", k, draw,
-                      seed, cases)
+                score(
+                    predicted_probabilities(model, meta, target.images),
+                    "fine-tuned on k labelled cases",
+                    k,
+                    draw,
+                    seed,
+                    cases,
+                )
     return pd.DataFrame(rows)
 
 
@@ -212,6 +283,7 @@ THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))  # a choice
 def best_threshold(probabilities: torch.Tensor, masks: torch.Tensor) -> float:
     """The probability threshold (0.05 to 0.95) with the best mean per-image JA on a few labelled cases (model
     resolution); 0.5 wins ties. A remedy for a run that over- (or under-) segments a clinic's lesions."""
+
     def ja(t: float) -> float:
         return float(metrics.scores(metrics.confusion_counts(probabilities, masks.float(), t))["iou"].mean())
 
@@ -222,8 +294,11 @@ def curve_summary(curve: pd.DataFrame) -> pd.DataFrame:
     """The learning curve per run, set, method and k: mean and std of JA over the draws, how many draws, and the
     lowest and highest threshold used."""
     grouped = curve.groupby(["run", "set", "method", "k"], sort=False)
-    summary = grouped["JA"].agg(["mean", "std", "count"]).rename(
-        columns={"mean": "JA mean", "std": "JA std", "count": "draws"})
+    summary = (
+        grouped["JA"]
+        .agg(["mean", "std", "count"])
+        .rename(columns={"mean": "JA mean", "std": "JA std", "count": "draws"})
+    )
     summary["threshold min"] = grouped["threshold"].min()
     summary["threshold max"] = grouped["threshold"].max()
     return summary.reset_index()
@@ -236,10 +311,35 @@ def chapter_curves(result: dict, params: dict) -> pd.DataFrame:
         run = result["runs"][name]
         size = int(run.info["params"]["image_size"])
         for external in (s for s in result["sets"] if s.found):
-            frames.append(learning_curve(run, result["splits"][(external.name, size)], external.name,
-                                         params["adapt_k"], params["adapt_seeds"], params["adapt_steps"]))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["run", "set", "method", "k", "seed", "training seed", "JA", "threshold", "scored", "used", "ids used"])
+            frames.append(
+                learning_curve(
+                    run,
+                    result["splits"][(external.name, size)],
+                    external.name,
+                    params["adapt_k"],
+                    params["adapt_seeds"],
+                    params["adapt_steps"],
+                )
+            )
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(
+            columns=[
+                "run",
+                "set",
+                "method",
+                "k",
+                "seed",
+                "training seed",
+                "JA",
+                "threshold",
+                "scored",
+                "used",
+                "ids used",
+            ]
+        )
+    )
 
 
 def curve_reading(summary: pd.DataFrame) -> str:
@@ -258,17 +358,25 @@ def curve_reading(summary: pd.DataFrame) -> str:
         if not labelled or ("as trained", 0) not in points.index:
             continue
         few, most = labelled[0], labelled[-1]
-        text = (f"{run} on {name}'s reporting half: {said('as trained', 0)} as trained, "
-                f"{said('batch-norm statistics (no labels)', 0)} with batch-norm statistics from the pool (no labels); "
-                f"with k = {few} labelled cases, {said(threshold, few)} by choosing the threshold alone and "
-                f"{said(tuned, few)} fine-tuned")
+        text = (
+            f"{run} on {name}'s reporting half: {said('as trained', 0)} as trained, "
+            f"{said('batch-norm statistics (no labels)', 0)} with batch-norm statistics from the pool (no labels); "
+            f"with k = {few} labelled cases, {said(threshold, few)} by choosing the threshold alone and "
+            f"{said(tuned, few)} fine-tuned"
+        )
         if most != few:
             text += f"; with k = {most}, {said(threshold, most)} and {said(tuned, most)}"
         chosen = points.loc[threshold]
         low, high = chosen["threshold min"].min(), chosen["threshold max"].max()
-        text += (f" (every draw chose the threshold {low:.2f}" if low == high else
-                 f" (thresholds chosen: {low:.2f}–{high:.2f}") + (
-            ", at the end of the grid searched" if low <= THRESHOLDS[0] or high >= THRESHOLDS[-1] else "") + ")"
+        text += (
+            (
+                f" (every draw chose the threshold {low:.2f}"
+                if low == high
+                else f" (thresholds chosen: {low:.2f}–{high:.2f}"
+            )
+            + (", at the end of the grid searched" if low <= THRESHOLDS[0] or high >= THRESHOLDS[-1] else "")
+            + ")"
+        )
         (a, a_std), (b, b_std) = (points.loc[(m, few), ["JA mean", "JA std"]] for m in (threshold, tuned))
         if a_std != a_std or b_std != b_std:  # one draw: no spread to tell a better way from luck
             lines.append(text + f". With {few} cases and one draw, no spread says which way is better.")

@@ -57,14 +57,30 @@ def run_fingerprint(model: SegmentationModel, data: ReportData, config: TrainCon
     meta = model_meta(model, image_size)
     weights = meta.pop("encoder_weights")
     ids = "\n".join(sorted(data.train.ids)) + "\n--\n" + "\n".join(sorted(data.val.ids))
-    fingerprint = {**config.fingerprint(), "image_size": image_size, **meta, "train_ids": len(data.train),
-                   "data_ids_sha256": hashlib.sha256(ids.encode()).hexdigest(),
-                   "params": count_parameters(model)["total"], "encoder_sha256": weights.get("sha256")}
+    fingerprint = {
+        **config.fingerprint(),
+        "image_size": image_size,
+        **meta,
+        "train_ids": len(data.train),
+        "data_ids_sha256": hashlib.sha256(ids.encode()).hexdigest(),
+        "params": count_parameters(model)["total"],
+        "encoder_sha256": weights.get("sha256"),
+    }
     return fingerprint, weights
 
 
-def resume_or_start(model, optimizer, scaler, generator: torch.Generator, fingerprint: dict, weights: dict,
-                     config: TrainConfig, run_dir: Path, resume: bool, announce: str | None) -> Progress:
+def resume_or_start(
+    model,
+    optimizer,
+    scaler,
+    generator: torch.Generator,
+    fingerprint: dict,
+    weights: dict,
+    config: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    announce: str | None,
+) -> Progress:
     """Continue from ``last.pt`` when asked and it matches (else ``CheckpointMismatch``); or start afresh."""
     last_path = run_dir / "last.pt"
     if not resume:
@@ -87,8 +103,13 @@ def resume_or_start(model, optimizer, scaler, generator: torch.Generator, finger
 
 def best_meta(model: SegmentationModel, fingerprint: dict, config: TrainConfig, trained_on: dict) -> dict:
     """What ``best.pt`` says of itself, so ``predict`` and chapter 3 apply it as the run was scored."""
-    return {**model_meta(model, fingerprint["image_size"]), "trained_on": trained_on,
-            "color_constancy": config.color_constancy, "tta": config.tta, "postprocess": config.postprocess}
+    return {
+        **model_meta(model, fingerprint["image_size"]),
+        "trained_on": trained_on,
+        "color_constancy": config.color_constancy,
+        "tta": config.tta,
+        "postprocess": config.postprocess,
+    }
 
 
 def best_state(weights: dict, meta: dict, epoch: int, val_iou: float, fingerprint: dict) -> dict:
@@ -125,9 +146,11 @@ ADDED_TO_FINGERPRINT = ("data_ids_sha256",)  # compared only where a checkpoint 
 def check_resumable(state: dict, fingerprint: dict, weights: dict, epochs: int, last_path: Path) -> None:
     """Raise ``CheckpointMismatch`` unless ``state`` (a ``last.pt``) continues the run ``fingerprint`` describes."""
     run = last_path.parent.parent.name
-    fix = (f"Nothing was changed. To train this run afresh with the new configuration, rerun with --force "
-           f"(`python -m isic_utils report --force --only {run}` plus your --set; with papermill `-p resume False`; "
-           "in the notebook `resume = False`). To keep the trained run, give the new one another output_dir.")
+    fix = (
+        f"Nothing was changed. To train this run afresh with the new configuration, rerun with --force "
+        f"(`python -m isic_utils report --force --only {run}` plus your --set; with papermill `-p resume False`; "
+        "in the notebook `resume = False`). To keep the trained run, give the new one another output_dir."
+    )
     saved = state.get("fingerprint") or {}
     fingerprint = {k: v for k, v in fingerprint.items() if k in saved or k not in ADDED_TO_FINGERPRINT}
     if saved != fingerprint:
@@ -137,13 +160,18 @@ def check_resumable(state: dict, fingerprint: dict, weights: dict, epochs: int, 
                 continue
             if key == "encoder_sha256":
                 before = state.get("encoder_weights", {})
-                changes.append(f"encoder weights: {before.get('source', '?')} (sha256 {str(saved.get(key))[:12]}) → "
-                               f"{weights.get('source', '?')} (sha256 {str(fingerprint.get(key))[:12]})")
+                changes.append(
+                    f"encoder weights: {before.get('source', '?')} (sha256 {str(saved.get(key))[:12]}) → "
+                    f"{weights.get('source', '?')} (sha256 {str(fingerprint.get(key))[:12]})"
+                )
             else:
                 changes.append(f"{key}: {saved.get(key, '(absent)')} → {fingerprint.get(key, '(absent)')}")
-        raise CheckpointMismatch(f"{last_path} was trained with another configuration:\n  "
-                                 + "\n  ".join(changes) + f"\n{fix}")
+        raise CheckpointMismatch(
+            f"{last_path} was trained with another configuration:\n  " + "\n  ".join(changes) + f"\n{fix}"
+        )
     trained = len(state["history"])
     if trained > epochs:
-        raise CheckpointMismatch(f"{last_path} has {trained} epochs trained, but the run asks for {epochs}: its "
-                                 f"history and chosen checkpoint would not be a {epochs}-epoch run. {fix}")
+        raise CheckpointMismatch(
+            f"{last_path} has {trained} epochs trained, but the run asks for {epochs}: its "
+            f"history and chosen checkpoint would not be a {epochs}-epoch run. {fix}"
+        )

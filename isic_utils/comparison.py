@@ -43,9 +43,10 @@ def caveat(info: dict, per_image: Iterable[pd.DataFrame]) -> str:
     nothing = learned_nothing(per_image)
     random = random_encoder(info)
     if nothing:
-        return (f"learned nothing: its masks miss the lesion (JA < {MISSED_BELOW}) on {nothing[0]} of {nothing[1]} "
-                "test predictions"
-                + (" (its encoder is random: no ImageNet weights)" if random else ""))
+        return (
+            f"learned nothing: its masks miss the lesion (JA < {MISSED_BELOW}) on {nothing[0]} of {nothing[1]} "
+            "test predictions" + (" (its encoder is random: no ImageNet weights)" if random else "")
+        )
     return "random encoder (no ImageNet weights): not transfer learning" if random else ""
 
 
@@ -65,7 +66,9 @@ def comparison_table(runs: dict[str, SavedRun]) -> pd.DataFrame:
                 row[label] = "— (retrain to score)"
                 continue
             values = run.seeds[column]
-            row[label] = f"{values.mean():.4f} ± {values.std(ddof=1):.4f}" if len(values) > 1 else f"{values.mean():.4f}"
+            row[label] = (
+                f"{values.mean():.4f} ± {values.std(ddof=1):.4f}" if len(values) > 1 else f"{values.mean():.4f}"
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -88,28 +91,43 @@ def wilcoxon_table(runs: dict[str, SavedRun], metric: str = "iou") -> pd.DataFra
     run seed by seed (seed k of A against seed k of B) and the largest of those p-values is reported, so a reader
     sees whether the conclusion holds for every single training run and not only for the average.
     """
+
     def by_id(frame: pd.DataFrame) -> pd.Series:
         return frame.set_index("id")[metric]
 
-    per_image = {name: pd.concat(list(run.per_image.values())).groupby("id")[metric].mean() for name, run in runs.items()}
+    per_image = {
+        name: pd.concat(list(run.per_image.values())).groupby("id")[metric].mean() for name, run in runs.items()
+    }
     names = list(runs)
     rows = []
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             joined, statistic, p_value = _paired_wilcoxon(per_image[a], per_image[b])
             difference = joined["B"] - joined["A"]
-            row = {"A": a, "B": b, "images": len(joined), f"mean {metric} A": joined["A"].mean(),
-                   f"mean {metric} B": joined["B"].mean(), "mean B − A": difference.mean(),
-                   "B better on": f"{(difference > 0).mean():.0%} of images", "Wilcoxon W": statistic,
-                   "p-value": p_value}
+            row = {
+                "A": a,
+                "B": b,
+                "images": len(joined),
+                f"mean {metric} A": joined["A"].mean(),
+                f"mean {metric} B": joined["B"].mean(),
+                "mean B − A": difference.mean(),
+                "B better on": f"{(difference > 0).mean():.0%} of images",
+                "Wilcoxon W": statistic,
+                "p-value": p_value,
+            }
             common = sorted(set(runs[a].per_image) & set(runs[b].per_image))
             if len(common) > 1:
                 row["p-value, worst single seed"] = max(
-                    _paired_wilcoxon(by_id(runs[a].per_image[s]), by_id(runs[b].per_image[s]))[2] for s in common)
-            spread = seed_spread(by_id(runs[b].per_image[s]).mean() - by_id(runs[a].per_image[s]).mean()
-                                 for s in common)
-            row["B − A per seed (mean ± std)"] = (f"{signed(spread['mean'], 4)} ± {spread['std']:.4f}"
-                                                  if spread["seeds"] > 1 else signed(spread['mean'], 4))
+                    _paired_wilcoxon(by_id(runs[a].per_image[s]), by_id(runs[b].per_image[s]))[2] for s in common
+                )
+            spread = seed_spread(
+                by_id(runs[b].per_image[s]).mean() - by_id(runs[a].per_image[s]).mean() for s in common
+            )
+            row["B − A per seed (mean ± std)"] = (
+                f"{signed(spread['mean'], 4)} ± {spread['std']:.4f}"
+                if spread["seeds"] > 1
+                else signed(spread['mean'], 4)
+            )
             row["against the seed spread"] = spread["verdict"]
             rows.append(row)
     return pd.DataFrame(rows)
@@ -118,23 +136,35 @@ def wilcoxon_table(runs: dict[str, SavedRun], metric: str = "iou") -> pd.DataFra
 def written_reading(runs: dict[str, SavedRun], tests: pd.DataFrame) -> str:
     """A short reading of the comparison, generated from the numbers."""
     means = {name: run.seeds["test_iou_mean_orig"].mean() for name, run in runs.items()}
-    lines = [f"- **{name}** {text}: its scores, and any test against it, say nothing about the method."
-             for name, text in caveats(runs).items() if text.startswith("learned nothing")]
+    lines = [
+        f"- **{name}** {text}: its scores, and any test against it, say nothing about the method."
+        for name, text in caveats(runs).items()
+        if text.startswith("learned nothing")
+    ]
     segmenting = [name for name in means if not learned_nothing(runs[name].per_image.values())] or list(means)
     best = max(segmenting, key=means.get)
     lines.append(f"- Best mean per-image Jaccard on the test set: **{best}** ({means[best]:.3f}).")
     for _, row in tests.iterrows():
         verdict = "a significant" if row["p-value"] < 0.05 else "no significant"
-        lines.append(f"- {row['B']} vs {row['A']}: mean per-image JA changes by {signed(row['mean B − A'])} "
-                     f"({row['B better on']} improve); Wilcoxon p = {row['p-value']:.2g}, {verdict} difference at 0.05"
-                     + (f" (largest p over single seeds: {row['p-value, worst single seed']:.2g})."
-                        if pd.notna(row.get("p-value, worst single seed")) else "."))
+        lines.append(
+            f"- {row['B']} vs {row['A']}: mean per-image JA changes by {signed(row['mean B − A'])} "
+            f"({row['B better on']} improve); Wilcoxon p = {row['p-value']:.2g}, {verdict} difference at 0.05"
+            + (
+                f" (largest p over single seeds: {row['p-value, worst single seed']:.2g})."
+                if pd.notna(row.get("p-value, worst single seed"))
+                else "."
+            )
+        )
     spreads = {name: run.seeds["test_iou_mean_orig"].std(ddof=1) for name, run in runs.items() if len(run.seeds) > 1}
     if spreads:
-        lines.append("- Spread over seeds (std of mean JA): " + ", ".join(f"{n} {s:.3f}" for n, s in spreads.items()) + ".")
+        lines.append(
+            "- Spread over seeds (std of mean JA): " + ", ".join(f"{n} {s:.3f}" for n, s in spreads.items()) + "."
+        )
     else:
-        lines.append("- One seed per run: differences smaller than a few hundredths may be seed noise "
-                     "(set `seeds: [0, 1, 2]` for the spread).")
+        lines.append(
+            "- One seed per run: differences smaller than a few hundredths may be seed noise "
+            "(set `seeds: [0, 1, 2]` for the spread)."
+        )
     if all({"tp", "fp", "fn", "tn"} <= set(table) for run in runs.values() for table in run.per_image.values()):
         lines.append("\nWhere each run fails (per-image JA averaged over seeds; lesion area from the ground truth):\n")
         lines.append(failures.reading({name: failures.seed_mean_frame(run) for name, run in runs.items()}))

@@ -60,17 +60,23 @@ def candidate_scores(probabilities: torch.Tensor) -> pd.DataFrame:
     eroded = 1 - F.max_pool2d(1 - mask, k, stride=1, padding=BAND)
     band = (dilated - eroded).flatten(1)
     band_pixels = band.sum(1)
-    sharpness = torch.where(band_pixels > 0, (sure.flatten(1) * band).sum(1) / band_pixels.clamp(min=1),
-                            torch.zeros_like(band_pixels))
+    sharpness = torch.where(
+        band_pixels > 0, (sure.flatten(1) * band).sum(1) / band_pixels.clamp(min=1), torch.zeros_like(band_pixels)
+    )
     lesion = mask.flatten(1).sum(1)
     uncertain = (sure < UNCERTAIN).flatten(1).sum(1).float()
     certain = torch.where(lesion > 0, lesion / (lesion + uncertain).clamp(min=1), torch.zeros_like(lesion))
     shape = torch.tensor([_one_lesion(m[0].numpy().astype(bool)) for m in mask], dtype=torch.float64)
     sharpness, certain = sharpness.double(), certain.double()
-    return pd.DataFrame({
-        "boundary sharpness": sharpness.numpy(), "certain area": certain.numpy(), "one lesion": shape.numpy(),
-        KEPT[0]: (sharpness * shape).numpy(), KEPT[1]: (certain * shape).numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "boundary sharpness": sharpness.numpy(),
+            "certain area": certain.numpy(),
+            "one lesion": shape.numpy(),
+            KEPT[0]: (sharpness * shape).numpy(),
+            KEPT[1]: (certain * shape).numpy(),
+        }
+    )
 
 
 def _one_lesion(mask: np.ndarray) -> float:
@@ -114,8 +120,10 @@ def flag_threshold(confidence, iou, fail_below: float = THRESHOLD_JACCARD) -> fl
         return float(np.quantile(confidence, 0.1))
     cuts = np.unique(confidence)
     cuts = np.append(cuts, np.inf)  # "flag below cut": every observed value, and everything
-    j = [((confidence < c) & failed).sum() / failed.sum() + ((confidence >= c) & ~failed).sum() / (~failed).sum() - 1
-         for c in cuts]
+    j = [
+        ((confidence < c) & failed).sum() / failed.sum() + ((confidence >= c) & ~failed).sum() / (~failed).sum() - 1
+        for c in cuts
+    ]
     best = cuts[int(np.argmax(j))]
     return float(best) if np.isfinite(best) else float(confidence.max() + 1e-9)
 
@@ -169,9 +177,14 @@ def reliability(probabilities: torch.Tensor, masks: torch.Tensor, bins: int = EC
     predicted = torch.bincount(index, weights=p.double(), minlength=bins)
     observed = torch.bincount(index, weights=y.double(), minlength=bins)
     kept = pixels > 0
-    return pd.DataFrame({"bin": [f"{k / bins:.2f}–{(k + 1) / bins:.2f}" for k in range(bins)],
-                         "pixels": pixels.numpy(), "predicted": (predicted / pixels.clamp(min=1)).numpy(),
-                         "observed": (observed / pixels.clamp(min=1)).numpy()})[kept.numpy()].reset_index(drop=True)
+    return pd.DataFrame(
+        {
+            "bin": [f"{k / bins:.2f}–{(k + 1) / bins:.2f}" for k in range(bins)],
+            "pixels": pixels.numpy(),
+            "predicted": (predicted / pixels.clamp(min=1)).numpy(),
+            "observed": (observed / pixels.clamp(min=1)).numpy(),
+        }
+    )[kept.numpy()].reset_index(drop=True)
 
 
 def fit_temperature(probabilities: torch.Tensor, masks: torch.Tensor) -> float:
@@ -196,13 +209,24 @@ def fit_calibration(val_probabilities: torch.Tensor, val_masks: torch.Tensor, va
     temperature = fitted if after < before else 1.0
     candidates = candidate_scores(calibrated(val_probabilities, temperature))
     iou = np.asarray(val_iou, float)
-    rho = {name: (float(spearmanr(candidates[name], iou)[0])
-                  if len(iou) > 2 and np.ptp(candidates[name]) > 0 and np.ptp(iou) > 0 else float("nan"))
-           for name in CANDIDATES}
+    rho = {
+        name: (
+            float(spearmanr(candidates[name], iou)[0])
+            if len(iou) > 2 and np.ptp(candidates[name]) > 0 and np.ptp(iou) > 0
+            else float("nan")
+        )
+        for name in CANDIDATES
+    }
     chosen = max(KEPT, key=lambda name: -np.inf if np.isnan(rho[name]) else rho[name])
-    return {"temperature": temperature, "fitted_temperature": fitted, "ece_val": before,
-            "ece_val_calibrated": expected_calibration_error(calibrated(val_probabilities, temperature), val_masks),
-            "confidence": chosen, "flag_below": flag_threshold(candidates[chosen], iou), "validation_rho": rho}
+    return {
+        "temperature": temperature,
+        "fitted_temperature": fitted,
+        "ece_val": before,
+        "ece_val_calibrated": expected_calibration_error(calibrated(val_probabilities, temperature), val_masks),
+        "confidence": chosen,
+        "flag_below": flag_threshold(candidates[chosen], iou),
+        "validation_rho": rho,
+    }
 
 
 IN_CHECKPOINT = ("temperature", "confidence", "flag_below")  # what predict needs of a run's calibration

@@ -27,7 +27,9 @@ def split_ids(ids: Sequence[str], val_fraction: float = 0.2, seed: int = 0) -> t
     ids = sorted(ids)
     n_val = int(round(len(ids) * val_fraction))
     if n_val < 1 or n_val >= len(ids):
-        raise DataError(f"cannot split {len(ids)} ids with val_fraction={val_fraction}: need at least one id each side.")
+        raise DataError(
+            f"cannot split {len(ids)} ids with val_fraction={val_fraction}: need at least one id each side."
+        )
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
     val = sorted(ids[k] for k in order[:n_val])
     train = sorted(ids[k] for k in order[n_val:])
@@ -80,7 +82,9 @@ def load_report_data(
                 f"{root} holds {found['train']} training image/mask pairs (ISIC 2016 has {expected_counts['train']}) "
                 f"and {found['test']} test pairs (ISIC 2016 has {expected_counts['test']}). If this is not a subset "
                 "on purpose, a copy or an extraction was incomplete: delete the ISBI2016_* folders there and unzip "
-                "the archives again (or set download: true).", stacklevel=2)
+                "the archives again (or set download: true).",
+                stacklevel=2,
+            )
     elif test_split == "holdout":
         rest, held = split_ids([p.id for p in train_pairs], holdout_fraction, seed=1000)
         by_id = {p.id: p for p in train_pairs}
@@ -94,5 +98,3 @@ def load_report_data(
     test = decode_pairs(test_pairs, image_size, cache_dir, progress)
     train_ids, val_ids = split_ids(train_all.ids, val_fraction, seed)
     return ReportData(train_all.subset(train_ids), train_all.subset(val_ids), test, source, root)
-
-

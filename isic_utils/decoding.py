@@ -42,14 +42,20 @@ def _open(path: Path) -> Image.Image:
             image.load()
         if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
             width, height = image.size  # above Pillow's warning size, below its limit: read, and said in one line
-            print(f"note: {path} is {width * height / 1e6:.1f} megapixels ({width}×{height}); it is read whole, "
-                  "which takes a while and memory", file=sys.stderr, flush=True)
+            print(
+                f"note: {path} is {width * height / 1e6:.1f} megapixels ({width}×{height}); it is read whole, "
+                "which takes a while and memory",
+                file=sys.stderr,
+                flush=True,
+            )
     except PermissionError as exc:
         raise DataError(f"cannot read {path}: permission denied. Fix its permissions (chmod a+r).") from exc
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{path} is larger than Pillow's safety limit of {Image.MAX_IMAGE_PIXELS:,} pixels ({exc}). "
-                        "If it is a genuine image of yours, downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS before "
-                        "running.") from exc
+        raise DataError(
+            f"{path} is larger than Pillow's safety limit of {Image.MAX_IMAGE_PIXELS:,} pixels ({exc}). "
+            "If it is a genuine image of yours, downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS before "
+            "running."
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         size = path.stat().st_size if path.exists() else 0
         what = "is empty (0 bytes)" if size == 0 else f"cannot be decoded ({exc})"
@@ -118,12 +124,16 @@ def read_mask(path: str | Path, size: int | None = None, expected_size: tuple[in
             "The mask must have its image's size: re-export it at the image's size."
         )
     if image.mode not in MASK_MODES:
-        raise DataError(f"{path} is a {image.mode} image; masks must be single-channel 0/255 (grey, 1-bit or RGB with "
-                        "equal channels): re-export it as a grayscale PNG.")
+        raise DataError(
+            f"{path} is a {image.mode} image; masks must be single-channel 0/255 (grey, 1-bit or RGB with "
+            "equal channels): re-export it as a grayscale PNG."
+        )
     array = np.asarray(image)
     if image.mode in ("RGB", "RGBA"):
         channels = array[..., :3]
-        if not (np.array_equal(channels[..., 0], channels[..., 1]) and np.array_equal(channels[..., 0], channels[..., 2])):
+        if not (
+            np.array_equal(channels[..., 0], channels[..., 1]) and np.array_equal(channels[..., 0], channels[..., 2])
+        ):
             raise DataError(
                 f"{path} is a colour mask (its R, G and B channels differ). Masks must be single-channel "
                 "0/255 PNGs: re-export it as grayscale."
@@ -206,11 +216,15 @@ def decode_pairs(
                 stored = torch.load(cache_file, weights_only=True)
                 if stored["ids"] != [p.id for p in pairs]:
                     raise ValueError("it holds other ids")
-                return DecodedSplit(stored["ids"], stored["images"], stored["masks"],
-                                    [tuple(s) for s in stored["sizes"]], list(pairs))
+                return DecodedSplit(
+                    stored["ids"], stored["images"], stored["masks"], [tuple(s) for s in stored["sizes"]], list(pairs)
+                )
             except Exception as exc:  # truncated, overwritten or from another version: decoding again is safe
-                warnings.warn(f"decode cache {cache_file} is unreadable ({type(exc).__name__}: {exc}); decoding the "
-                              "images again and rewriting it.", stacklevel=2)
+                warnings.warn(
+                    f"decode cache {cache_file} is unreadable ({type(exc).__name__}: {exc}); decoding the "
+                    "images again and rewriting it.",
+                    stacklevel=2,
+                )
     count = len(pairs)
     images = torch.empty(count, 3, image_size, image_size, dtype=torch.uint8)
     masks = torch.empty(count, 1, image_size, image_size, dtype=torch.uint8)
@@ -227,5 +241,3 @@ def decode_pairs(
         with atomic_path(cache_file) as tmp:
             torch.save({"ids": decoded.ids, "images": images, "masks": masks, "sizes": [list(s) for s in sizes]}, tmp)
     return decoded
-
-

@@ -44,8 +44,10 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     cuda = device.startswith("cuda")
     if precision == "fp16" and not cuda:
-        raise ValueError("precision 'fp16' is for CUDA GPUs (autocast with a gradient scaler); on a CPU use 'auto', "
-                         "'fp32' or 'bf16'.")
+        raise ValueError(
+            "precision 'fp16' is for CUDA GPUs (autocast with a gradient scaler); on a CPU use 'auto', "
+            "'fp32' or 'bf16'."
+        )
     if precision != "auto":
         return precision
     if cuda:
@@ -73,7 +75,8 @@ def resolve_device(device: str = "auto") -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(
             f"device {device!r} was asked for, but torch {torch.__version__} sees no CUDA GPU. Fix: device: auto "
-            "(the GPU when there is one, else the CPU) or cpu; in Colab, Runtime → Change runtime type → GPU.")
+            "(the GPU when there is one, else the CPU) or cpu; in Colab, Runtime → Change runtime type → GPU."
+        )
     return device
 
 
@@ -96,8 +99,12 @@ def cpu_model() -> str:
 
 def cpu_flags() -> list[str]:
     """The CPU's vector extensions that decide the speed of training here: AVX2, AVX-512, AVX512-BF16, AMX."""
-    checks = {"AVX2": "_is_avx2_supported", "AVX-512": "_is_avx512_supported",
-              "AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
+    checks = {
+        "AVX2": "_is_avx2_supported",
+        "AVX-512": "_is_avx512_supported",
+        "AVX512-BF16": "_is_avx512_bf16_supported",
+        "AMX": "_is_amx_tile_supported",
+    }
     found = []
     for name, check in checks.items():
         try:

@@ -57,11 +57,13 @@ def check_alignment(split: DecodedSplit) -> pd.DataFrame:  # noqa: F821
     rows = []
     for k, image_id in enumerate(split.ids):
         paired = not split.sources or split.sources[k].mask.name == f"{image_id}{MASK_SUFFIX}"
-        rows.append({
-            "id": image_id,
-            "mask_named_for_image": paired,
-            "lesion_fraction": float(area[k]),
-            "lesion_darker_than_skin": bool(inside[k] < outside[k]),
-            "contrast": float(outside[k] - inside[k]) / 255,
-        })
+        rows.append(
+            {
+                "id": image_id,
+                "mask_named_for_image": paired,
+                "lesion_fraction": float(area[k]),
+                "lesion_darker_than_skin": bool(inside[k] < outside[k]),
+                "contrast": float(outside[k] - inside[k]) / 255,
+            }
+        )
     return pd.DataFrame(rows)

@@ -54,10 +54,15 @@ def describe_data(params: dict) -> str:
 
 def _data_line(params: dict) -> str:
     if params["data_source"] == "synthetic":
-        return ("**Synthetic data** (the embedded offline default): generated lesions, not dermoscopy. These numbers "
-                "show the pipeline works; they say nothing about real lesion segmentation.")
-    test = ("the official test set" if params["test_split"] == "official"
-            else f"a held-out {params['holdout_fraction']:.0%} of the training ids as test set (not the official test set)")
+        return (
+            "**Synthetic data** (the embedded offline default): generated lesions, not dermoscopy. These numbers "
+            "show the pipeline works; they say nothing about real lesion segmentation."
+        )
+    test = (
+        "the official test set"
+        if params["test_split"] == "official"
+        else f"a held-out {params['holdout_fraction']:.0%} of the training ids as test set (not the official test set)"
+    )
     return f"**ISIC 2016 Part 1** images from `{shown_path(data_root(params), DATA_ENV)}`, with {test}."
 
 
@@ -84,17 +89,23 @@ def describe_encoder(params: dict) -> str:
     """A line for the top of a chapter when its runs did (or, offline, will) start from a random encoder: their
     numbers are then not transfer learning, and a frozen random encoder (task 1) learns next to nothing; "" else."""
     runs = random_encoder_runs(params["output_dir"])
-    consequence = ("This is not transfer learning: a frozen random encoder (task 1) learns next to nothing, so its "
-                   "scores and any comparison with it say nothing about ImageNet features. Set "
-                   f"`${WEIGHTS_ENV}` (or `encoder_weights`) for the real study.")
+    consequence = (
+        "This is not transfer learning: a frozen random encoder (task 1) learns next to nothing, so its "
+        "scores and any comparison with it say nothing about ImageNet features. Set "
+        f"`${WEIGHTS_ENV}` (or `encoder_weights`) for the real study."
+    )
     if runs:
-        return (f"**Random encoder**: {', '.join(runs)} started from a randomly initialised MobileNetV2 (ImageNet "
-                f"weights were not available). {consequence}")
+        return (
+            f"**Random encoder**: {', '.join(runs)} started from a randomly initialised MobileNetV2 (ImageNet "
+            f"weights were not available). {consequence}"
+        )
     if "encoder_weights" not in params:  # a chapter that trains nothing: the profile's training settings say
         params = chapter_values("train", params["profile"])
     if params["allow_random_encoder"] and not weights_on_disk(params["encoder_weights"]):
-        return ("**No ImageNet weights on this machine**: unless they can be downloaded, the runs start from a "
-                f"randomly initialised MobileNetV2. {consequence}")
+        return (
+            "**No ImageNet weights on this machine**: unless they can be downloaded, the runs start from a "
+            f"randomly initialised MobileNetV2. {consequence}"
+        )
     return ""
 
 
@@ -113,9 +124,18 @@ def prepare_data(params: dict, progress: bool = True) -> ReportData:
         download_isic2016(root, splits)
     cache = absolute(params["output_dir"]).parent / "cache"
     expected = OFFICIAL_COUNTS if params["data_source"] == "isic2016" else None  # say so when a copy is partial
-    return load_report_data(root, params["image_size"], params["val_fraction"], seed=0,
-                            test_split=params["test_split"], holdout_fraction=params["holdout_fraction"],
-                            limit=params["limit"], cache_dir=cache, progress=progress, expected_counts=expected)
+    return load_report_data(
+        root,
+        params["image_size"],
+        params["val_fraction"],
+        seed=0,
+        test_split=params["test_split"],
+        holdout_fraction=params["holdout_fraction"],
+        limit=params["limit"],
+        cache_dir=cache,
+        progress=progress,
+        expected_counts=expected,
+    )
 
 
 def make_model(params: dict, seed: int | None = None):
@@ -136,8 +156,10 @@ def make_model(params: dict, seed: int | None = None):
             raise
         model = build_model(encoder_weights=None, **kwargs)
         model.encoder_weights["fallback"] = True
-        note = (f"**random initialisation** — ImageNet weights were not available ({str(exc).split('. Fix')[0]}). "
-                "This is not transfer learning; set encoder_weights or $ISIC_ENCODER_WEIGHTS for the real study.")
+        note = (
+            f"**random initialisation** — ImageNet weights were not available ({str(exc).split('. Fix')[0]}). "
+            "This is not transfer learning; set encoder_weights or $ISIC_ENCODER_WEIGHTS for the real study."
+        )
     return model, note
 
 
@@ -182,8 +204,10 @@ class RunResult:
         where = self.results[0].get("trained_on") or {}
         if not where:
             return "unrecorded hardware (a run trained before devices were recorded)"
-        return (f"{where['device_name']} ({where['device']}, {where['precision']}"
-                f"{', deterministic' if where.get('deterministic') else ''})")
+        return (
+            f"{where['device_name']} ({where['device']}, {where['precision']}"
+            f"{', deterministic' if where.get('deterministic') else ''})"
+        )
 
 
 _NOT_THE_EXPERIMENT = ("seeds", "resume", "output_dir", "jobs")  # keys that do not change what one seed's run is
@@ -218,8 +242,10 @@ def train_run(params: dict, data: ReportData, verbose: bool = True) -> RunResult
         trained = _fit_in_workers(params, data, jobs, max(1, threads // jobs), verbose)
     else:
         store = FeatureStore()
-        trained = {seed: _fit_seed(params, data, seed, params["epochs"] * (len(seeds) - k - 1), verbose, store)
-                   for k, seed in enumerate(seeds)}
+        trained = {
+            seed: _fit_seed(params, data, seed, params["epochs"] * (len(seeds) - k - 1), verbose, store)
+            for k, seed in enumerate(seeds)
+        }
     fits = {seed: fitted for seed, (fitted, _, _) in trained.items()}
     key = run_key(params, trained[seeds[0]][1])
     model, _ = make_model(params, seeds[0])
@@ -245,15 +271,25 @@ def _finish_seed(params: dict, data: ReportData, seed: int, result: FitResult, w
     _save_tensor(result.test.probabilities, seed_dir / "test_probabilities.pt")
     with atomic_path(seed_dir / "history.csv") as tmp:
         result.history.to_csv(tmp, index=False)
-    write_json(seed_dir / "result.json", {
-        "seed": seed, "run_key": run_key(params, weights), "best_epoch": result.best_epoch,
-        "val": result.val.summary(), "test": result.test.summary(), "test_orig": metrics.summarize(counts),
-        "val_orig": metrics.summarize(val_counts),
-        "precision": result.precision, "feature_cache": result.used_feature_cache,
-        "train_minutes": float(result.history["epoch_seconds"].sum()) / 60,  # the epochs' time: a resume adds none
-        "trained_on": result.trained_on,
-        "encoder_weights": weights, "weights_note": note, "calibration": calibration,
-    })
+    write_json(
+        seed_dir / "result.json",
+        {
+            "seed": seed,
+            "run_key": run_key(params, weights),
+            "best_epoch": result.best_epoch,
+            "val": result.val.summary(),
+            "test": result.test.summary(),
+            "test_orig": metrics.summarize(counts),
+            "val_orig": metrics.summarize(val_counts),
+            "precision": result.precision,
+            "feature_cache": result.used_feature_cache,
+            "train_minutes": float(result.history["epoch_seconds"].sum()) / 60,  # the epochs' time: a resume adds none
+            "trained_on": result.trained_on,
+            "encoder_weights": weights,
+            "weights_note": note,
+            "calibration": calibration,
+        },
+    )
 
 
 def _calibrate(result: FitResult, data: ReportData, val_table: pd.DataFrame, test_table: pd.DataFrame) -> dict:
@@ -262,8 +298,10 @@ def _calibrate(result: FitResult, data: ReportData, val_table: pd.DataFrame, tes
     calibration = confidence.fit_calibration(result.val.probabilities, data.val.masks, val_table["iou"])
     val_table["confidence"] = confidence.scores(result.val.probabilities, calibration)
     test_table["confidence"] = confidence.scores(result.test.probabilities, calibration)
-    test, calibrated = result.test.probabilities, confidence.calibrated(result.test.probabilities,
-                                                                         calibration["temperature"])
+    test, calibrated = (
+        result.test.probabilities,
+        confidence.calibrated(result.test.probabilities, calibration["temperature"]),
+    )
     calibration["ece_test"] = confidence.expected_calibration_error(test, data.test.masks)
     calibration["ece_test_calibrated"] = confidence.expected_calibration_error(calibrated, data.test.masks)
     # what a temperature does to the masks: nothing, and measured so
@@ -274,8 +312,9 @@ def _calibrate(result: FitResult, data: ReportData, val_table: pd.DataFrame, tes
 SEED_RESULTS = ("result.json", "history.csv", "test_probabilities.pt")  # written once a seed is trained and scored
 
 
-def _fit_seed(params: dict, data: ReportData, seed: int, later_epochs: int, verbose: bool,
-              store: FeatureStore) -> tuple[FitResult, dict, str]:
+def _fit_seed(
+    params: dict, data: ReportData, seed: int, later_epochs: int, verbose: bool, store: FeatureStore
+) -> tuple[FitResult, dict, str]:
     """Train (or resume) one seed into ``seed<k>/``; (its fit, its encoder's starting-weights record, the note)."""
     model, note = make_model(params, seed)
     label = f"{params['run_name']} seed {seed}"
@@ -283,8 +322,18 @@ def _fit_seed(params: dict, data: ReportData, seed: int, later_epochs: int, verb
     if verbose:
         print(f"— {label}: encoder {note}", flush=True)
     # a retrain removes the seed's old results (they no longer describe its checkpoints) under the seed's lock
-    result = fit(model, data, train_config(params, seed), seed_dir, resume=params["resume"], verbose=verbose,
-                 label=label, later_epochs=later_epochs, features=store, stale=SEED_RESULTS)
+    result = fit(
+        model,
+        data,
+        train_config(params, seed),
+        seed_dir,
+        resume=params["resume"],
+        verbose=verbose,
+        label=label,
+        later_epochs=later_epochs,
+        features=store,
+        stale=SEED_RESULTS,
+    )
     _finish_seed(params, data, seed, result, model.encoder_weights, note)
     return result, model.encoder_weights, note
 
@@ -304,8 +353,9 @@ def _worker_fit(params: dict, seed: int, later_epochs: int, verbose: bool):
     return _fit_seed(params, _WORKER["data"], seed, later_epochs, verbose, _WORKER["store"])
 
 
-def _fit_in_workers(params: dict, data: ReportData, jobs: int, threads: int,
-                    verbose: bool) -> dict[int, tuple[FitResult, dict, str]]:
+def _fit_in_workers(
+    params: dict, data: ReportData, jobs: int, threads: int, verbose: bool
+) -> dict[int, tuple[FitResult, dict, str]]:
     """Train the seeds in ``jobs`` spawned worker processes with ``threads`` threads each (two one-thread workers
     on two cores train more images a second than one two-thread process). Their epoch lines are printed here; the
     first error stops the others and is raised."""
@@ -315,8 +365,10 @@ def _fit_in_workers(params: dict, data: ReportData, jobs: int, threads: int,
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start, initargs=(data, lines, threads))
     finished = False
     try:
-        futures = {pool.submit(_worker_fit, params, seed, params["epochs"] * ((len(seeds) - k - 1) // jobs),
-                               verbose): seed for k, seed in enumerate(seeds)}
+        futures = {
+            pool.submit(_worker_fit, params, seed, params["epochs"] * ((len(seeds) - k - 1) // jobs), verbose): seed
+            for k, seed in enumerate(seeds)
+        }
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
@@ -360,11 +412,15 @@ def _finished(path: Path, record: dict) -> float:
     except (OSError, ValueError):
         return time.time()
     finished = previous.pop("finished", None)
-    same = json.dumps(previous, sort_keys=True) == json.dumps(json.loads(json.dumps(record, default=float)), sort_keys=True)
+    same = json.dumps(previous, sort_keys=True) == json.dumps(
+        json.loads(json.dumps(record, default=float)), sort_keys=True
+    )
     return finished if same and isinstance(finished, (int, float)) else time.time()
 
 
-def _merge_seeds(params: dict, data: ReportData, run_dir: Path, key: str, model, fits: dict[int, FitResult]) -> RunResult:
+def _merge_seeds(
+    params: dict, data: ReportData, run_dir: Path, key: str, model, fits: dict[int, FitResult]
+) -> RunResult:
     """Rebuild ``seeds.csv`` and ``run.json`` from every finished seed with configuration ``key``."""
     results = []
     for path in run_dir.glob("seed*/result.json"):
@@ -372,27 +428,49 @@ def _merge_seeds(params: dict, data: ReportData, run_dir: Path, key: str, model,
         if result.get("run_key") == key and (path.parent / "history.csv").exists():
             results.append(result)
     results.sort(key=lambda r: r["seed"])
-    rows = [{
-        "seed": r["seed"], "best_epoch": r["best_epoch"], "val_iou_mean": r["val"]["iou_mean"],
-        "test_iou_mean_model_px": r["test"]["iou_mean"], "test_iou_pooled_model_px": r["test"]["iou_pooled"],
-        **{f"test_{k}_orig": v for k, v in r["test_orig"].items()},
-        **({"val_iou_mean_orig": r["val_orig"]["iou_mean"]} if "val_orig" in r else {}),
-        "precision": r["precision"], "device": r.get("trained_on", {}).get("device", "cpu"),
-        "feature_cache": r["feature_cache"], "train_minutes": r["train_minutes"],
-    } for r in results]
+    rows = [
+        {
+            "seed": r["seed"],
+            "best_epoch": r["best_epoch"],
+            "val_iou_mean": r["val"]["iou_mean"],
+            "test_iou_mean_model_px": r["test"]["iou_mean"],
+            "test_iou_pooled_model_px": r["test"]["iou_pooled"],
+            **{f"test_{k}_orig": v for k, v in r["test_orig"].items()},
+            **({"val_iou_mean_orig": r["val_orig"]["iou_mean"]} if "val_orig" in r else {}),
+            "precision": r["precision"],
+            "device": r.get("trained_on", {}).get("device", "cpu"),
+            "feature_cache": r["feature_cache"],
+            "train_minutes": r["train_minutes"],
+        }
+        for r in results
+    ]
     seeds_table = save_table(pd.DataFrame(rows), run_dir, "seeds")
     seeds = [r["seed"] for r in results]
     record = {
-        "run_name": params["run_name"], "seeds": seeds, "weights": results[0]["weights_note"],
+        "run_name": params["run_name"],
+        "seeds": seeds,
+        "weights": results[0]["weights_note"],
         "encoder_weights": {str(r["seed"]): r["encoder_weights"] for r in results},
-        "trained_on": {str(r["seed"]): r.get("trained_on", {}) for r in results}, "params": params,
+        "trained_on": {str(r["seed"]): r.get("trained_on", {}) for r in results},
+        "params": params,
         "test_source": data.test_source,
     }
     write_json(run_dir / "run.json", {**record, "finished": _finished(run_dir / "run.json", record)})
     model.load_state_dict(load_checkpoint(run_dir / f"seed{seeds[0]}" / "best.pt")["model"])
     saved = load_run(params["output_dir"], params["run_name"])  # the same reading the comparison chapter does
-    return RunResult(params["run_name"], run_dir, fits, results, saved.per_image, seeds_table, model,
-                     results[0]["weights_note"], data, saved.history, saved.probabilities)
+    return RunResult(
+        params["run_name"],
+        run_dir,
+        fits,
+        results,
+        saved.per_image,
+        seeds_table,
+        model,
+        results[0]["weights_note"],
+        data,
+        saved.history,
+        saved.probabilities,
+    )
 
 
 # ----------------------------------------------------------------------------- a finished run, read back
@@ -416,8 +494,10 @@ def load_run(output_dir: str | Path, name: str) -> SavedRun:
     run_dir = absolute(output_dir) / name
     info_path = run_dir / "run.json"
     if not info_path.exists():
-        raise FileNotFoundError(f"{info_path} not found: run the training chapter for {name!r} first "
-                                f"(python -m isic_utils report --only {name}, or papermill notebooks/02_train.ipynb OUT.ipynb -p run {name}).")
+        raise FileNotFoundError(
+            f"{info_path} not found: run the training chapter for {name!r} first "
+            f"(python -m isic_utils report --only {name}, or papermill notebooks/02_train.ipynb OUT.ipynb -p run {name})."
+        )
     info = json.loads(info_path.read_text())
     seeds = read_table(run_dir, "seeds")
     per_image = {int(s): read_table(run_dir, f"per_image_test_seed{int(s)}") for s in seeds["seed"]}
@@ -432,5 +512,3 @@ def chapter_dir(params: dict, name: str) -> Path:
     folder = absolute(params["output_dir"]) / name
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-

@@ -28,8 +28,7 @@ from .sources import EXTERNAL_LAYOUTS, PH2_URL, DataError, find_external_pairs
 from .synthetic import make_synthetic_external
 
 # (tta, postprocess): every combination, scored for every run (the options study shows the single ones).
-INFERENCE_OPTIONS = (("none", "none"), ("flips", "none"), ("none", "largest_component"),
-                     ("flips", "largest_component"))
+INFERENCE_OPTIONS = (("none", "none"), ("flips", "none"), ("none", "largest_component"), ("flips", "largest_component"))
 TEST_NAME = "ISIC test"
 ON_SET = "on the set"  # the gap table's column for the external set's score (JA on the set, …)
 # Each external set is split once, the same way for every run and every study, into two halves: the cases any choice
@@ -72,8 +71,10 @@ class ExternalSet:
 
     def missing_note(self) -> str:
         where = f" Get it from {self.source}" if self.source else ""
-        return (f"{self.name}: no folder {self.root}; the set is skipped.{where} and unpack it there, or point the "
-                "set's environment variable at it.")
+        return (
+            f"{self.name}: no folder {self.root}; the set is skipped.{where} and unpack it there, or point the "
+            "set's environment variable at it."
+        )
 
 
 def external_sets(params: dict) -> list[ExternalSet]:
@@ -94,8 +95,9 @@ def external_sets(params: dict) -> list[ExternalSet]:
     return sets
 
 
-def load_external(external: ExternalSet, image_size: int, cache_dir: str | Path | None = None,
-                  progress: bool = False) -> DecodedSplit:
+def load_external(
+    external: ExternalSet, image_size: int, cache_dir: str | Path | None = None, progress: bool = False
+) -> DecodedSplit:
     """Find and decode (once, cached) an external set at ``image_size``; ``DataError`` names what is wrong."""
     if external.synthetic is not None:
         make_synthetic_external(external.root, external.synthetic)
@@ -123,16 +125,22 @@ class Scored:
 
     def per_seed_ja(self, tta: str, post: str, ids: list[str] | None = None) -> dict[int, float]:
         """Each seed's mean per-image JA on ``ids`` (all when None), scored with (tta, post)."""
-        return {seed: float((table if ids is None else table[table["id"].isin(ids)])["iou"].mean())
-                for (seed, a, b), table in self.tables.items() if (a, b) == (tta, post)}
+        return {
+            seed: float((table if ids is None else table[table["id"].isin(ids)])["iou"].mean())
+            for (seed, a, b), table in self.tables.items()
+            if (a, b) == (tta, post)
+        }
 
     def own_tables(self) -> dict[int, pd.DataFrame]:
         return {seed: table for (seed, tta, post), table in self.tables.items() if (tta, post) == self.own}
 
     def per_image_iou(self, flips: bool, post: bool) -> pd.Series:
         """Per-image JA (mean over seeds, indexed by id), scored with or without flips / post-processing."""
-        chosen = [t.set_index("id")["iou"] for (seed, tta, method), t in self.tables.items()
-                  if (tta != "none", method != "none") == (flips, post)]
+        chosen = [
+            t.set_index("id")["iou"]
+            for (seed, tta, method), t in self.tables.items()
+            if (tta != "none", method != "none") == (flips, post)
+        ]
         return pd.concat(chosen, axis=1).mean(axis=1)
 
 
@@ -187,25 +195,41 @@ def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bo
         run_params = run.info["params"]
         size = int(run_params["image_size"])
         if ("validation", size) not in splits:
-            splits[("validation", size)] = prepare_data({**run_params, "output_dir": params["output_dir"]},
-                                                        progress).val
+            splits[("validation", size)] = prepare_data(
+                {**run_params, "output_dir": params["output_dir"]}, progress
+            ).val
         for external in present:
             if (external.name, size) not in splits:
                 splits[(external.name, size)] = load_external(external, size, cache, progress)
         test = {int(s): t for s, t in run.per_image.items()}
-        rows.append({"run": name, "data": TEST_NAME, "images": len(next(iter(test.values()))), "seeds": len(test),
-                     **{label: _mean(test, metric) for metric, label in SUMMARY_METRICS.items()}})
+        rows.append(
+            {
+                "run": name,
+                "data": TEST_NAME,
+                "images": len(next(iter(test.values()))),
+                "seeds": len(test),
+                **{label: _mean(test, metric) for metric, label in SUMMARY_METRICS.items()},
+            }
+        )
         for split_name in ["validation"] + [s.name for s in present]:
             result = score_split(run, splits[(split_name, size)], split_name)
             scored[(name, split_name)] = result
-            plain = _mean({s: t for (s, tta, post), t in result.tables.items() if (tta, post) == ("none", "none")},
-                          "iou")
+            plain = _mean(
+                {s: t for (s, tta, post), t in result.tables.items() if (tta, post) == ("none", "none")}, "iou"
+            )
             for tta, post in INFERENCE_OPTIONS:
                 chosen = {s: t for (s, a, b), t in result.tables.items() if (a, b) == (tta, post)}
-                option_rows.append({"run": name, "data": split_name, "test-time flips": tta != "none",
-                                    "largest component": post != "none", "JA": _mean(chosen, "iou"),
-                                    "Δ JA": _mean(chosen, "iou") - plain,
-                                    "the run's own scoring": (tta, post) == result.own})
+                option_rows.append(
+                    {
+                        "run": name,
+                        "data": split_name,
+                        "test-time flips": tta != "none",
+                        "largest component": post != "none",
+                        "JA": _mean(chosen, "iou"),
+                        "Δ JA": _mean(chosen, "iou") - plain,
+                        "the run's own scoring": (tta, post) == result.own,
+                    }
+                )
             if split_name == "validation":
                 continue
             own = result.own_tables()
@@ -213,24 +237,53 @@ def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bo
                 save_table(table, out_dir, f"per_image_{split_name}_{name}_seed{seed}")
                 flag_below = result.calibrations[seed].get("flag_below")
                 if flag_below is not None:
-                    trust_rows.append({"run": name, "set": split_name, "seed": seed,
-                                       **confidence.assessment(table["confidence"], table["iou"], flag_below)})
+                    trust_rows.append(
+                        {
+                            "run": name,
+                            "set": split_name,
+                            "seed": seed,
+                            **confidence.assessment(table["confidence"], table["iou"], flag_below),
+                        }
+                    )
             reporting = halves(result.ids)[1]
-            for data_name, tables in ((split_name, own), (half_name(split_name, REPORTING),
-                                                          {s: t[t["id"].isin(reporting)] for s, t in own.items()})):
-                rows.append({"run": name, "data": data_name, "images": len(next(iter(tables.values()))),
-                             "seeds": len(tables),
-                             **{label: _mean(tables, metric) for metric, label in SUMMARY_METRICS.items()}})
+            for data_name, tables in (
+                (split_name, own),
+                (half_name(split_name, REPORTING), {s: t[t["id"].isin(reporting)] for s, t in own.items()}),
+            ):
+                rows.append(
+                    {
+                        "run": name,
+                        "data": data_name,
+                        "images": len(next(iter(tables.values()))),
+                        "seeds": len(tables),
+                        **{label: _mean(tables, metric) for metric, label in SUMMARY_METRICS.items()},
+                    }
+                )
                 for seed, table in tables.items():  # each seed's gap, against the same seed's ISIC test score
                     if seed in test:
-                        gaps.append({"run": name, "external set": data_name, "seed": seed,
-                                     "JA gap": float(table["iou"].mean() - test[seed]["iou"].mean())})
+                        gaps.append(
+                            {
+                                "run": name,
+                                "external set": data_name,
+                                "seed": seed,
+                                "JA gap": float(table["iou"].mean() - test[seed]["iou"].mean()),
+                            }
+                        )
     table = save_table(pd.DataFrame(rows), out_dir, "external")
     gap = save_table(gap_table(table, pd.DataFrame(gaps)), out_dir, "gap")
     options = save_table(pd.DataFrame(option_rows), out_dir, "inference_options")
     trust = save_table(pd.DataFrame(trust_rows), out_dir, "confidence")
-    return {"sets": sets, "skipped": skipped, "scored": scored, "splits": splits, "table": table, "gap": gap,
-            "options": options, "runs": saved, "confidence": trust}
+    return {
+        "sets": sets,
+        "skipped": skipped,
+        "scored": scored,
+        "splits": splits,
+        "table": table,
+        "gap": gap,
+        "options": options,
+        "runs": saved,
+        "confidence": trust,
+    }
 
 
 def gap_table(table: pd.DataFrame, seed_gaps: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -264,8 +317,10 @@ def gap_spread(row) -> str:
     if "seeds" not in row:
         return ""
     if row["seeds"] > 1:
-        return (f" ± {row['JA gap std over seeds']:.3f} over {int(row['seeds'])} seeds, "
-                f"{row['JA gap against the seed spread']}")
+        return (
+            f" ± {row['JA gap std over seeds']:.3f} over {int(row['seeds'])} seeds, "
+            f"{row['JA gap against the seed spread']}"
+        )
     return f" ({row['JA gap against the seed spread']})"
 
 
@@ -282,23 +337,30 @@ def reading(result: dict) -> str:
         return " ".join(lines) or "No external set was scored."
     for _, row in gap.iterrows():
         name = row["external set"]
-        lines.append(f"{row['run']}: JA {row['JA ISIC test']:.3f} on the ISIC test set, {row[f'JA {ON_SET}']:.3f} on "
-                     f"{name} ({row['images']} images): a gap of {signed(row['JA gap'])}{gap_spread(row)}.")
+        lines.append(
+            f"{row['run']}: JA {row['JA ISIC test']:.3f} on the ISIC test set, {row[f'JA {ON_SET}']:.3f} on "
+            f"{name} ({row['images']} images): a gap of {signed(row['JA gap'])}{gap_spread(row)}."
+        )
     if gap["external set"].str.endswith(REPORTING).any():
-        lines.append(f"Each set's {REPORTING} is the half no choice looks at (the options study, a threshold or a "
-                     f"fine-tune choose on the {CHOOSING}): its gap is the one to quote for options chosen that way.")
+        lines.append(
+            f"Each set's {REPORTING} is the half no choice looks at (the options study, a threshold or a "
+            f"fine-tune choose on the {CHOOSING}): its gap is the one to quote for options chosen that way."
+        )
     best = gap.loc[gap["JA gap"].idxmax()]
     lines.append(f"Smallest gap: {best['run']} on {best['external set']} ({signed(best['JA gap'])}).")
     for (data_name,), group in options[options["data"] != "validation"].groupby(["data"], sort=False):
         flips = group[group["test-time flips"] & ~group["largest component"]]["Δ JA"]
         post = group[~group["test-time flips"] & group["largest component"]]["Δ JA"]
-        lines.append(f"On {data_name}, test-time flips change JA by {signed(flips.min())} to {signed(flips.max())} across "
-                     f"runs, the largest-component post-processing by {signed(post.min())} to {signed(post.max())}.")
+        lines.append(
+            f"On {data_name}, test-time flips change JA by {signed(flips.min())} to {signed(flips.max())} across "
+            f"runs, the largest-component post-processing by {signed(post.min())} to {signed(post.max())}."
+        )
     return " ".join(lines)
 
 
-def worst_external(result: dict, run: str, split_name: str, k: int = 6) -> tuple[DecodedSplit, torch.Tensor,
-                                                                                  pd.DataFrame]:
+def worst_external(
+    result: dict, run: str, split_name: str, k: int = 6
+) -> tuple[DecodedSplit, torch.Tensor, pd.DataFrame]:
     """(the set at the run's size, the lowest seed's probabilities with the run's own options, its per-image
     table) for figures of the run on an external set."""
     saved = result["runs"][run]

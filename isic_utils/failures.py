@@ -30,8 +30,12 @@ def seed_mean_frame(run: SavedRun) -> pd.DataFrame:
     truth, hence lesion area and size, is the same for every seed)."""
     seeds = sorted(run.per_image)
     table = per_image_frame(run.per_image[seeds[0]])
-    table["iou"] = pd.concat([run.per_image[s].set_index("id")["iou"] for s in seeds], axis=1).mean(axis=1) \
-        .reindex(table["id"]).to_numpy()
+    table["iou"] = (
+        pd.concat([run.per_image[s].set_index("id")["iou"] for s in seeds], axis=1)
+        .mean(axis=1)
+        .reindex(table["id"])
+        .to_numpy()
+    )
     return table
 
 
@@ -45,9 +49,11 @@ def size_quartiles(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     for q in range(4):
         chosen = (quartile == q).to_numpy()
         areas = first["lesion_area"][chosen]
-        row = {"lesion size": ["Q1 (smallest)", "Q2", "Q3", "Q4 (largest)"][q],
-               "lesion area (% of image)": f"{100 * areas.min():.1f}–{100 * areas.max():.1f}",
-               "images": int(chosen.sum())}
+        row = {
+            "lesion size": ["Q1 (smallest)", "Q2", "Q3", "Q4 (largest)"][q],
+            "lesion area (% of image)": f"{100 * areas.min():.1f}–{100 * areas.max():.1f}",
+            "images": int(chosen.sum()),
+        }
         for name, frame in frames.items():
             scores = frame["iou"].to_numpy()[chosen]
             row[f"{name} JA"] = float(scores.mean())
@@ -67,9 +73,11 @@ def reading(frames: dict[str, pd.DataFrame]) -> str:
     quartiles = size_quartiles(frames)
     for name, frame in frames.items():
         failures = int((frame["iou"] < FAIL_BELOW).sum())
-        line = (f"- **{name}**: {failures} of {len(frame)} test images ({failures / len(frame):.0%}) score JA below "
-                f"{FAIL_BELOW}; mean JA {quartiles[f'{name} JA'].iloc[0]:.3f} on the smallest quarter of lesions "
-                f"vs {quartiles[f'{name} JA'].iloc[-1]:.3f} on the largest")
+        line = (
+            f"- **{name}**: {failures} of {len(frame)} test images ({failures / len(frame):.0%}) score JA below "
+            f"{FAIL_BELOW}; mean JA {quartiles[f'{name} JA'].iloc[0]:.3f} on the smallest quarter of lesions "
+            f"vs {quartiles[f'{name} JA'].iloc[-1]:.3f} on the largest"
+        )
         if len(frame) >= 4 and frame["iou"].nunique() > 1:
             for column, label in (("lesion_area", "lesion area"), ("megapixels", "original image size")):
                 if frame[column].nunique() > 1:
@@ -80,8 +88,10 @@ def reading(frames: dict[str, pd.DataFrame]) -> str:
                         trend = ("weakly " if abs(rho) < 0.3 else "") + ("rises with" if rho > 0 else "falls with")
                     line += f"; JA {trend} {label} (Spearman ρ {signed(rho, 2)}, p {p:.2g})"
         worst_row = frame.loc[frame["iou"].idxmin()]
-        line += (f". Worst: {worst_row['id']} (JA {worst_row['iou']:.2f}, lesion {100 * worst_row['lesion_area']:.1f}% "
-                 f"of the image).")
+        line += (
+            f". Worst: {worst_row['id']} (JA {worst_row['iou']:.2f}, lesion {100 * worst_row['lesion_area']:.1f}% "
+            f"of the image)."
+        )
         lines.append(line)
     return "\n".join(lines)
 
@@ -104,8 +114,22 @@ def area_ratio_table(frames: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFram
         ratio = area_ratio(table).dropna()
         median = float(ratio.median()) if len(ratio) else float("nan")
         over, under = float((ratio > OVER).mean()), float((ratio < UNDER).mean())
-        verdict = ("over-segments" if median > 1.1 and over > under else
-                   "under-segments" if median < 0.9 and under > over else "neither, on the whole")
-        rows.append({"run": run, "data": data, "images": int(len(ratio)), "median area ratio": median,
-                     f"> {OVER}×": f"{over:.0%}", f"< {UNDER:.2f}×": f"{under:.0%}", "reading": verdict})
+        verdict = (
+            "over-segments"
+            if median > 1.1 and over > under
+            else "under-segments"
+            if median < 0.9 and under > over
+            else "neither, on the whole"
+        )
+        rows.append(
+            {
+                "run": run,
+                "data": data,
+                "images": int(len(ratio)),
+                "median area ratio": median,
+                f"> {OVER}×": f"{over:.0%}",
+                f"< {UNDER:.2f}×": f"{under:.0%}",
+                "reading": verdict,
+            }
+        )
     return pd.DataFrame(rows)

@@ -32,13 +32,21 @@ def flip_variants(augment: Sequence[str]) -> list[tuple[bool, bool]]:
 
 
 @torch.no_grad()
-def encode_all(model: SegmentationModel, images: torch.Tensor, precision: str, device: str, batch_size: int = 64,
-               channels_last: bool = True, hflip: bool = False, vflip: bool = False) -> list[torch.Tensor]:
+def encode_all(
+    model: SegmentationModel,
+    images: torch.Tensor,
+    precision: str,
+    device: str,
+    batch_size: int = 64,
+    channels_last: bool = True,
+    hflip: bool = False,
+    vflip: bool = False,
+) -> list[torch.Tensor]:
     """The frozen encoder's features for every image (after the given flips), on ``device``: a list with one
     ``N×C×h×w`` tensor per level the decoder reads (the deepest map alone, or the skips then the deepest)."""
     outputs: list[torch.Tensor] = []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
+        batch = images[start : start + batch_size]
         if hflip:
             batch = batch.flip(-1)
         if vflip:
@@ -49,7 +57,7 @@ def encode_all(model: SegmentationModel, images: torch.Tensor, precision: str, d
         if not outputs:
             outputs = [torch.empty((len(images), *f.shape[1:]), dtype=f.dtype, device=f.device) for f in features]
         for store, feature in zip(outputs, features):
-            store[start:start + len(feature)] = feature
+            store[start : start + len(feature)] = feature
     return outputs
 
 
@@ -57,8 +65,9 @@ def select_features(features: list[torch.Tensor], rows: torch.Tensor, channels_l
     return [memory_formatted(level[rows.to(level.device)], channels_last) for level in features]
 
 
-def cached_batch(cache: list[torch.Tensor], variants: torch.Tensor, rows: torch.Tensor,
-                  channels_last: bool) -> list[torch.Tensor]:
+def cached_batch(
+    cache: list[torch.Tensor], variants: torch.Tensor, rows: torch.Tensor, channels_last: bool
+) -> list[torch.Tensor]:
     """Features for ``rows`` from the flip variant each image drew (``variants``: one index per row).
 
     ``cache`` holds one ``V×N×C×h×w`` tensor per level (V flip variants); one gather per level, on the cache's
@@ -93,9 +102,16 @@ class FeatureStore:
         self._features: dict[tuple, Features] = {}
 
     def get(self, model: SegmentationModel, data: ReportData, config: TrainConfig, precision: str) -> Features:
-        key = (model.encoder_weights.get("sha256") or id(model), bool(getattr(model.decoder, "needs_skips", False)),
-               tuple(flip_variants(config.augment)), config.monitor_test, precision, config.device,
-               config.channels_last, id(data))
+        key = (
+            model.encoder_weights.get("sha256") or id(model),
+            bool(getattr(model.decoder, "needs_skips", False)),
+            tuple(flip_variants(config.augment)),
+            config.monitor_test,
+            precision,
+            config.device,
+            config.channels_last,
+            id(data),
+        )
         if key not in self._features:
             self._features[key] = encode_splits(model, data, config, precision)
         return self._features[key]
@@ -108,22 +124,26 @@ def encode_splits(model: SegmentationModel, data: ReportData, config: TrainConfi
     def encode(images):
         return encode_all(model, images, precision, config.device, config.eval_batch_size, config.channels_last)
 
-    return Features(encode_variants(model, data.train.images, config, precision), encode(data.val.images),
-                     encode(data.test.images) if config.monitor_test else None)
+    return Features(
+        encode_variants(model, data.train.images, config, precision),
+        encode(data.val.images),
+        encode(data.test.images) if config.monitor_test else None,
+    )
 
 
-def encode_variants(model: SegmentationModel, images: torch.Tensor, config: TrainConfig,
-                    precision: str) -> list[torch.Tensor]:
+def encode_variants(
+    model: SegmentationModel, images: torch.Tensor, config: TrainConfig, precision: str
+) -> list[torch.Tensor]:
     """The training cache: per level, a ``V×N×…`` tensor of the features of every image in each of the V flip
     variants ``config.augment`` can draw (filled variant by variant, so there is never a second copy)."""
     variants = flip_variants(config.augment)
     stacked: list[torch.Tensor] = []
     for index, (h, v) in enumerate(variants):
-        levels = encode_all(model, images, precision, config.device, config.eval_batch_size, config.channels_last,
-                            h, v)
+        levels = encode_all(model, images, precision, config.device, config.eval_batch_size, config.channels_last, h, v)
         if not stacked:
-            stacked = [torch.empty((len(variants), *level.shape), dtype=level.dtype, device=level.device)
-                       for level in levels]
+            stacked = [
+                torch.empty((len(variants), *level.shape), dtype=level.dtype, device=level.device) for level in levels
+            ]
         for store, level in zip(stacked, levels):
             store[index] = level
     return stacked

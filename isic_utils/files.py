@@ -107,7 +107,7 @@ def remove_leftovers(folder: str | Path, below: bool = False) -> list[Path]:
     removed = []
     if not folder.is_dir():
         return removed
-    for path in (folder.rglob(".*") if below else folder.glob(".*")):
+    for path in folder.rglob(".*") if below else folder.glob(".*"):
         if not path.is_file():
             continue
         parts = path.name.split(".")
@@ -144,8 +144,10 @@ def locked(folder: str | Path, busy: str | None = None) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
         except BlockingIOError:
-            raise FolderBusy(f"{folder} is in use: another process is {busy} there right now. Wait for it to "
-                             "finish, or give this run another output_dir (or another seed).") from None
+            raise FolderBusy(
+                f"{folder} is in use: another process is {busy} there right now. Wait for it to "
+                "finish, or give this run another output_dir (or another seed)."
+            ) from None
         try:
             yield
         finally:
@@ -163,16 +165,19 @@ def writable_file(target: str | Path, overwrite: bool = False, ours=None, option
     ``overwrite``: no command replaces a file it did not write."""
     target = Path(target).expanduser().absolute()
     if target.is_dir():
-        raise FileProblem(f"{option} {target} is a folder; give the path of a file to write (e.g. "
-                          f"{target / 'report.zip'}).")
+        raise FileProblem(
+            f"{option} {target} is a folder; give the path of a file to write (e.g. {target / 'report.zip'})."
+        )
     for folder in target.parents:
         if folder.exists():
             if not folder.is_dir():
                 raise FileProblem(f"{option} {target}: {folder} is a file, not a folder. Choose another path.")
             break
     if target.exists() and not overwrite and not (ours is not None and ours(target)):
-        raise FileProblem(f"{target} exists and was not written by this command; it is kept. Choose another "
-                          f"{option}, or pass --overwrite to replace it.")
+        raise FileProblem(
+            f"{target} exists and was not written by this command; it is kept. Choose another "
+            f"{option}, or pass --overwrite to replace it."
+        )
     writable_folder(target.parent, f"{option} {target.name}: its folder")
     return target
 
@@ -198,8 +203,7 @@ _OS_FIXES = {
     errno.EPERM: "this user may not write there: choose a folder you can write, or change its permissions",
     errno.EROFS: "it is on a read-only file system: choose a folder on a writable disk",
     errno.ENOSPC: "the disk is full: free some space and run the same command again (what finished is kept)",
-    errno.EDQUOT: "your disk quota is used up: free some space and run the same command again (what finished is "
-                  "kept)",
+    errno.EDQUOT: "your disk quota is used up: free some space and run the same command again (what finished is kept)",
     errno.ENOTDIR: "a file stands where a folder is expected: move it away or choose another path",
     errno.EISDIR: "a folder stands where a file is expected: choose a file path",
     errno.EEXIST: "a file of that name exists: choose another path",
@@ -243,11 +247,16 @@ def report_lock(folder: str | Path, shared: bool = False) -> Iterator[None]:
         try:
             fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            holders = [tag for tag in (p.name.split(".report-holder.", 1)[1] for p in folder.glob(".report-holder.*"))
-                       if (pid := _leftover_pid(tag)) is None or _alive(pid)]
+            holders = [
+                tag
+                for tag in (p.name.split(".report-holder.", 1)[1] for p in folder.glob(".report-holder.*"))
+                if (pid := _leftover_pid(tag)) is None or _alive(pid)
+            ]
             named = ", ".join("PID {1} on {0}".format(*tag.rsplit("-", 1)) for tag in holders) or "another process"
-            raise ReportBusy(f"{folder} is being written by another report ({named}). Wait for it to finish, or "
-                             "give this one another output_dir. Nothing was changed.") from None
+            raise ReportBusy(
+                f"{folder} is being written by another report ({named}). Wait for it to finish, or "
+                "give this one another output_dir. Nothing was changed."
+            ) from None
         holder.touch()
         try:
             yield
@@ -364,8 +373,14 @@ def _progress_sink():
     return sys.stderr if sys.stderr.isatty() else None
 
 
-def progress_bar(iterable: Iterable, total: int | None = None, desc: str = "", enabled: bool = True,
-                 unit: str = "it", summary: bool = True) -> Iterator:
+def progress_bar(
+    iterable: Iterable,
+    total: int | None = None,
+    desc: str = "",
+    enabled: bool = True,
+    unit: str = "it",
+    summary: bool = True,
+) -> Iterator:
     """Iterate ``iterable`` with a tqdm bar in the terminal (also while a chapter runs under ``report``, which
     relays it), then, with ``summary``, one line on stdout (``decode: 260 images in 3.1 s``). Notebooks and HTML
     get that one line per stage, never a widget placeholder or carriage-return fragments."""
@@ -373,9 +388,19 @@ def progress_bar(iterable: Iterable, total: int | None = None, desc: str = "", e
 
     sink = _progress_sink() if enabled else None
     to_file = sink is not None and sink is not sys.stderr
-    bar = tqdm(iterable, total=total, desc=desc, disable=sink is None, leave=False, file=sink, unit=unit,
-               mininterval=2.0 if to_file else 0.1, ascii=to_file or None, ncols=90 if to_file else None,
-               dynamic_ncols=not to_file)
+    bar = tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        disable=sink is None,
+        leave=False,
+        file=sink,
+        unit=unit,
+        mininterval=2.0 if to_file else 0.1,
+        ascii=to_file or None,
+        ncols=90 if to_file else None,
+        dynamic_ncols=not to_file,
+    )
     start, count = time.perf_counter(), 0
     try:
         for item in bar:
@@ -398,8 +423,11 @@ def third_party_progress() -> Iterator[None]:
     if not path and sys.stderr.isatty():
         yield
         return
-    with (open(path or os.devnull, "a", encoding="utf-8") as sink, contextlib.redirect_stderr(sink),
-          contextlib.redirect_stdout(sink)):
+    with (
+        open(path or os.devnull, "a", encoding="utf-8") as sink,
+        contextlib.redirect_stderr(sink),
+        contextlib.redirect_stdout(sink),
+    ):
         yield
 
 
@@ -425,9 +453,11 @@ class LineWriter:
 def epoch_line(label: str, row: dict, epochs: int, eta_seconds: float) -> str:
     """One terminal / notebook line for a finished epoch: who, which epoch, losses, val IoU, time, ETA."""
     eta = f"{eta_seconds:.0f} s" if eta_seconds < 90 else f"{eta_seconds / 60:.1f} min"
-    line = (f"{label + ' ' if label else ''}epoch {row['epoch']:>2}/{epochs}  train loss {row['train_loss']:.4f}  "
-            f"val loss {row['val_loss']:.4f}  val IoU {row['val_iou_mean']:.4f}  {row['epoch_seconds']:.1f} s  "
-            f"ETA {eta}")
+    line = (
+        f"{label + ' ' if label else ''}epoch {row['epoch']:>2}/{epochs}  train loss {row['train_loss']:.4f}  "
+        f"val loss {row['val_loss']:.4f}  val IoU {row['val_iou_mean']:.4f}  {row['epoch_seconds']:.1f} s  "
+        f"ETA {eta}"
+    )
     if "test_iou_mean" in row:
         line += f"  [test IoU {row['test_iou_mean']:.4f}, monitoring only]"
     return line

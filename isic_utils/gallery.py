@@ -67,8 +67,15 @@ function sortBy(key, descending){
 """
 
 
-def write_gallery(path: str | Path, title: str, intro: str, images: torch.Tensor, masks: torch.Tensor | None,
-                  ids: list[str], runs: dict[str, dict]) -> Path:
+def write_gallery(
+    path: str | Path,
+    title: str,
+    intro: str,
+    images: torch.Tensor,
+    masks: torch.Tensor | None,
+    ids: list[str],
+    runs: dict[str, dict],
+) -> Path:
     """Write the gallery page ``path``: a card per image (in ``ids`` order), a thumbnail per run.
 
     ``runs``: name → ``{"masks": N×1×S×S predicted {0,1} (or probabilities, thresholded at 0.5), "table": per-image
@@ -83,9 +90,11 @@ def write_gallery(path: str | Path, title: str, intro: str, images: torch.Tensor
         figures, keys, lines = [], {}, []
         for name in names:
             predicted = runs[name]["masks"][k] > 0.5
-            figures.append(f'<figure><img alt="{html.escape(image_id)} {html.escape(name)}" '
-                           f'src="{thumbnail(images[k], None if masks is None else masks[k], predicted)}">'
-                           f"{html.escape(name) if len(names) > 1 else ''}</figure>")
+            figures.append(
+                f'<figure><img alt="{html.escape(image_id)} {html.escape(name)}" '
+                f'src="{thumbnail(images[k], None if masks is None else masks[k], predicted)}">'
+                f"{html.escape(name) if len(names) > 1 else ''}</figure>"
+            )
             row = tables[name].loc[image_id]
             parts = []
             if "iou" in row and pd.notna(row["iou"]):
@@ -94,8 +103,10 @@ def write_gallery(path: str | Path, title: str, intro: str, images: torch.Tensor
             if "confidence" in row and pd.notna(row["confidence"]):
                 flag = runs[name].get("flag_below")
                 doubtful = flag is not None and row["confidence"] < flag
-                parts.append(f"<span class='{'flag' if doubtful else ''}'>conf {row['confidence']:.2f}"
-                             f"{' ⚑' if doubtful else ''}</span>")
+                parts.append(
+                    f"<span class='{'flag' if doubtful else ''}'>conf {row['confidence']:.2f}"
+                    f"{' ⚑' if doubtful else ''}</span>"
+                )
             lines.append((f"{html.escape(name)}: " if len(names) > 1 else "") + " · ".join(parts))
         first = tables[names[0]].loc[image_id]
         for key, column in (("ja", "iou"), ("confidence", "confidence"), ("lesion", "lesion_area")):
@@ -105,15 +116,27 @@ def write_gallery(path: str | Path, title: str, intro: str, images: torch.Tensor
         failed = keys["ja"] != "0" and float(keys["ja"]) < THRESHOLD_JACCARD  # the mean over runs
         size = f"lesion {100 * float(first['lesion_area']):.0f}% · " if pd.notna(first.get("lesion_area")) else ""
         data = " ".join(f'data-{key}="{value}"' for key, value in keys.items())
-        cards.append(f'<div class="card{" failed" if failed else ""}" {data}><div class="runs">{"".join(figures)}'
-                     f'</div><b>{html.escape(image_id)}</b><br>{size}{"<br>".join(lines)}</div>')
-    buttons = " ".join(f'<button onclick="sortBy(\'{key}\',{str(desc).lower()})">{label}</button>' for key, desc, label in (
-        ("ja", False, "JA ↑ (worst first)"), ("ja", True, "JA ↓"), ("confidence", False, "confidence ↑"),
-        ("confidence", True, "confidence ↓"), ("lesion", False, "lesion size ↑"), ("lesion", True, "lesion size ↓")))
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE % (THUMBNAIL, THUMBNAIL)}</style><script>{_SCRIPT}</script></head><body>"
-            f"<h1>{html.escape(title)}</h1><p>{intro}</p>"
-            f"<div class='bar'>Sort by: {buttons} — {len(ids)} images; green: ground truth, magenta: prediction; "
-            f"red: JA below {THRESHOLD_JACCARD} (a card: the mean over runs); ⚑: confidence under the run's threshold (check by hand)</div>"
-            f"<div class='grid' id='grid'>{''.join(cards)}</div></body></html>")
+        cards.append(
+            f'<div class="card{" failed" if failed else ""}" {data}><div class="runs">{"".join(figures)}'
+            f'</div><b>{html.escape(image_id)}</b><br>{size}{"<br>".join(lines)}</div>'
+        )
+    buttons = " ".join(
+        f'<button onclick="sortBy(\'{key}\',{str(desc).lower()})">{label}</button>'
+        for key, desc, label in (
+            ("ja", False, "JA ↑ (worst first)"),
+            ("ja", True, "JA ↓"),
+            ("confidence", False, "confidence ↑"),
+            ("confidence", True, "confidence ↓"),
+            ("lesion", False, "lesion size ↑"),
+            ("lesion", True, "lesion size ↓"),
+        )
+    )
+    page = (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE % (THUMBNAIL, THUMBNAIL)}</style><script>{_SCRIPT}</script></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{intro}</p>"
+        f"<div class='bar'>Sort by: {buttons} — {len(ids)} images; green: ground truth, magenta: prediction; "
+        f"red: JA below {THRESHOLD_JACCARD} (a card: the mean over runs); ⚑: confidence under the run's threshold (check by hand)</div>"
+        f"<div class='grid' id='grid'>{''.join(cards)}</div></body></html>"
+    )
     return write_text(Path(path), page)

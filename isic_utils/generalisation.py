@@ -28,8 +28,13 @@ from .experiments import prepare_data, train_run
 from .external import CHOOSING, REPORTING, Scored, half_name, halves, validate_external
 from .files import save_table, signed
 
-BASE = {"color_constancy": "none", "tta": "none", "postprocess": "none", "image_size": 128,
-        "augment": ["hflip", "vflip", "rot90", "color_jitter"]}
+BASE = {
+    "color_constancy": "none",
+    "tta": "none",
+    "postprocess": "none",
+    "image_size": 128,
+    "augment": ["hflip", "vflip", "rot90", "color_jitter"],
+}
 TRAINING_OPTIONS = {  # name → what it changes on top of BASE
     "colour constancy": {"color_constancy": "shades_of_grey"},
     "crop + rotation": {"augment": BASE["augment"] + ["scale_rotate"]},
@@ -50,14 +55,20 @@ def run_name(option: str) -> str:
 STUDY_SEEDS = (0, 1, 2)  # a choice is judged against the seed spread, which needs three seeds (metrics.MIN_SEEDS)
 
 
-def study_params(profile: str, epochs: int | None = None, overrides: dict | None = None,
-                 root: Path | None = None) -> tuple[dict, dict[str, dict]]:
+def study_params(
+    profile: str, epochs: int | None = None, overrides: dict | None = None, root: Path | None = None
+) -> tuple[dict, dict[str, dict]]:
     """(the external chapter's parameters for the study's folder, {option: its run's training parameters})."""
     root = root or P.project_root()
     overrides = dict(overrides or {})
     P.check_overrides(overrides)
-    train = P.resolve("train", root / "params" / "task3.yaml", profile,
-                      {k: v for k, v in overrides.items() if k in P.schema("train")}, root)
+    train = P.resolve(
+        "train",
+        root / "params" / "task3.yaml",
+        profile,
+        {k: v for k, v in overrides.items() if k in P.schema("train")},
+        root,
+    )
     out = str(Path(train["output_dir"]) / FOLDER)
     runs = {}
     for option, change in {"base": {}, **TRAINING_OPTIONS}.items():
@@ -70,14 +81,20 @@ def study_params(profile: str, epochs: int | None = None, overrides: dict | None
         if problems:
             raise P.ParameterError("\n".join(problems))
         runs[option] = values
-    scoring = P.resolve("external", root / "params" / "external.yaml", profile,
-                        {k: v for k, v in overrides.items() if k in P.schema("external")}, root)
+    scoring = P.resolve(
+        "external",
+        root / "params" / "external.yaml",
+        profile,
+        {k: v for k, v in overrides.items() if k in P.schema("external")},
+        root,
+    )
     scoring.update(output_dir=out, runs=[run_name(o) for o in runs])
     return scoring, runs
 
 
-def options_study(profile: str, epochs: int | None = None, overrides: dict | None = None, root: Path | None = None,
-                  echo=print) -> pd.DataFrame:
+def options_study(
+    profile: str, epochs: int | None = None, overrides: dict | None = None, root: Path | None = None, echo=print
+) -> pd.DataFrame:
     """Train (or resume) the base and each option's run, every seed, score them, write and return ``options.csv``."""
     scoring, runs = study_params(profile, epochs, overrides, root)
     for option, values in runs.items():
@@ -111,10 +128,13 @@ def options_table(scored: dict[tuple[str, str], Scored], names: dict[str, str], 
     scoring (no flips, no post-processing); an inference option is the base run scored with it."""
     splits = study_splits(scored)
     base_run = next(run for run, option in names.items() if option == "base")
-    entries = [(option, "base" if option == "base" else "training", run, ("none", "none"))
-               for run, option in names.items()]
+    entries = [
+        (option, "base" if option == "base" else "training", run, ("none", "none")) for run, option in names.items()
+    ]
     entries += [(option, "inference", base_run, chosen) for option, chosen in INFERENCE_STUDIED.items()]
-    bases = {label: scored[(base_run, split)].per_seed_ja("none", "none", ids) for label, (split, ids) in splits.items()}
+    bases = {
+        label: scored[(base_run, split)].per_seed_ja("none", "none", ids) for label, (split, ids) in splits.items()
+    }
     rows = []
     for option, kind, run, (tta, post) in entries:
         row = {"option": option, "kind": kind, "epochs": epochs}
@@ -154,15 +174,19 @@ def saved_options(output_dir: str | Path) -> pd.DataFrame | None:
 
 def options_view(table: pd.DataFrame) -> pd.DataFrame:
     """The options table as a reader takes it in: per split "JA ± std" and "Δ ± std (beyond / within)"."""
-    splits = [c[len("JA std "):] for c in table.columns if c.startswith("JA std ")]
+    splits = [c[len("JA std ") :] for c in table.columns if c.startswith("JA std ")]
     view = table[["option", "kind", "epochs", "seeds"]].copy()
     for split in splits:
-        view[f"JA {split}"] = [f"{m:.3f} ± {s:.3f}" if s == s else f"{m:.3f}"
-                               for m, s in zip(table[f"JA {split}"], table[f"JA std {split}"])]
+        view[f"JA {split}"] = [
+            f"{m:.3f} ± {s:.3f}" if s == s else f"{m:.3f}"
+            for m, s in zip(table[f"JA {split}"], table[f"JA std {split}"])
+        ]
         view[f"Δ {split}"] = ["" if row["kind"] == "base" else _change(row, split) for _, row in table.iterrows()]
     outside = "yes, never a default (outside the report's design)"
-    view["chosen"] = [outside if option in OUTSIDE_DESIGN and chosen == "yes" else chosen
-                      for option, chosen in zip(table["option"], table["chosen"].fillna(""))]
+    view["chosen"] = [
+        outside if option in OUTSIDE_DESIGN and chosen == "yes" else chosen
+        for option, chosen in zip(table["option"], table["chosen"].fillna(""))
+    ]
     return view
 
 
@@ -177,17 +201,23 @@ def options_reading(table: pd.DataFrame, uses: list[str] | None = None) -> str:
     """Sentences on what the options table shows: how it was measured, which options the choosing splits choose,
     whether those still help on the reporting halves, and (with ``uses``, the options task 3's parameters take)
     whether task 3's defaults agree with the choice."""
-    splits = [c[len("JA std "):] for c in table.columns if c.startswith("JA std ")]
+    splits = [c[len("JA std ") :] for c in table.columns if c.startswith("JA std ")]
     choosing = [s for s in splits if not s.endswith(REPORTING)]
     reporting = [s for s in splits if s.endswith(REPORTING)]
     base = table.iloc[0]
     seeds = int(base["seeds"])
     plural = "s" if seeds > 1 else ""
-    lines = [f"Measured with {int(base['epochs'])} epochs per run and {seeds} seed{plural} per option; each "
-             "change is seed for seed against the base, judged against its spread over seeds (beyond: the mean more "
-             "than twice the std from 0). Chosen on " + " and ".join(choosing) + "; reported on "
-             + (" and ".join(reporting) or "no external set") + ", which no choice looked at. Base: "
-             + ", ".join(f"JA {base[f'JA {s}']:.3f} on {s}" for s in splits) + "."]
+    lines = [
+        f"Measured with {int(base['epochs'])} epochs per run and {seeds} seed{plural} per option; each "
+        "change is seed for seed against the base, judged against its spread over seeds (beyond: the mean more "
+        "than twice the std from 0). Chosen on "
+        + " and ".join(choosing)
+        + "; reported on "
+        + (" and ".join(reporting) or "no external set")
+        + ", which no choice looked at. Base: "
+        + ", ".join(f"JA {base[f'JA {s}']:.3f} on {s}" for s in splits)
+        + "."
+    ]
     options = table.iloc[1:]
     if (options["chosen"].isin(["yes", "no"])).all():
         chosen = options[options["chosen"] == "yes"]
@@ -200,11 +230,18 @@ def options_reading(table: pd.DataFrame, uses: list[str] | None = None) -> str:
         if uses is not None:
             picked = [o for o in chosen["option"] if o not in OUTSIDE_DESIGN]
             if set(picked) == set(uses) - set(OUTSIDE_DESIGN):
-                lines.append("Task 3's parameters take exactly the chosen options" +
-                             (" (" + ", ".join(picked) + ")." if picked else ": none."))
+                lines.append(
+                    "Task 3's parameters take exactly the chosen options"
+                    + (" (" + ", ".join(picked) + ")." if picked else ": none.")
+                )
             else:
-                lines.append("Task 3's parameters take " + (", ".join(uses) or "none of them")
-                             + ": not the study's choice (" + (", ".join(picked) or "none") + ").")
+                lines.append(
+                    "Task 3's parameters take "
+                    + (", ".join(uses) or "none of them")
+                    + ": not the study's choice ("
+                    + (", ".join(picked) or "none")
+                    + ")."
+                )
     else:
         lines.append(f"No option is chosen: {options['chosen'].iloc[0]}.")
     return " ".join(lines)
@@ -212,9 +249,16 @@ def options_reading(table: pd.DataFrame, uses: list[str] | None = None) -> str:
 
 def task_uses(params: dict) -> list[str]:
     """The study's options that a run's parameters take (e.g. task 3's defaults)."""
-    uses = [option for option, change in TRAINING_OPTIONS.items()
-            if all((set(v) <= set(params.get(k) or []) if isinstance(v, list) else params.get(k) == v)
-                   for k, v in change.items())]
-    return uses + [option for option, (tta, post) in INFERENCE_STUDIED.items()
-                   if (tta == "none" or params.get("tta") == tta)
-                   and (post == "none" or params.get("postprocess") == post)]
+    uses = [
+        option
+        for option, change in TRAINING_OPTIONS.items()
+        if all(
+            (set(v) <= set(params.get(k) or []) if isinstance(v, list) else params.get(k) == v)
+            for k, v in change.items()
+        )
+    ]
+    return uses + [
+        option
+        for option, (tta, post) in INFERENCE_STUDIED.items()
+        if (tta == "none" or params.get("tta") == tta) and (post == "none" or params.get("postprocess") == post)
+    ]

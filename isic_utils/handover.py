@@ -19,10 +19,15 @@ INTERNAL = ("pipeline.json",)  # the report's own bookkeeping: which chapters ar
 
 def bundle_files(out_dir: Path) -> list[Path]:
     """What a bundle of ``out_dir`` holds: the kept kinds of file, no hidden file, no partly executed notebook."""
-    return [path for path in sorted(out_dir.rglob("*"))
-            if path.is_file() and path.suffix in KEPT and path.name not in INTERNAL
-            and not path.name.endswith(".partial.ipynb")
-            and not any(part.startswith(".") for part in path.relative_to(out_dir).parts)]
+    return [
+        path
+        for path in sorted(out_dir.rglob("*"))
+        if path.is_file()
+        and path.suffix in KEPT
+        and path.name not in INTERNAL
+        and not path.name.endswith(".partial.ipynb")
+        and not any(part.startswith(".") for part in path.relative_to(out_dir).parts)
+    ]
 
 
 def machine_paths(files: list[Path], folders: list[Path]) -> list[Path]:
@@ -50,8 +55,9 @@ def missing_pages(out_dir: Path, files: list[Path]) -> list[str]:
     return sorted({link for link in links if link not in present})
 
 
-def pack_report(out_dir: str | Path, target: str | Path | None = None, overwrite: bool = False,
-                partial: bool = False) -> tuple[Path, int, list[Path], list[str]]:
+def pack_report(
+    out_dir: str | Path, target: str | Path | None = None, overwrite: bool = False, partial: bool = False
+) -> tuple[Path, int, list[Path], list[str]]:
     """Zip the report in ``out_dir`` into ``target`` (default ``<out_dir>-report.zip`` beside it), the files under a
     ``<name>-report/`` folder; returns (the zip, its size in bytes, files that name a folder of this machine, pages
     its index links that it lacks).
@@ -61,16 +67,18 @@ def pack_report(out_dir: str | Path, target: str | Path | None = None, overwrite
     replaced only when ``pack`` wrote it, or with ``overwrite``."""
     out_dir = Path(out_dir)
     if not (out_dir / "index.html").is_file():
-        raise FileNotFoundError(f"{out_dir / 'index.html'} not found: run the report first (make report DATA=…), then "
-                                "pack it.")
+        raise FileNotFoundError(
+            f"{out_dir / 'index.html'} not found: run the report first (make report DATA=…), then pack it."
+        )
     target = writable_file(target or out_dir.parent / f"{out_dir.name}-report.zip", overwrite, packed_by_us)
     try:
         with report_lock(out_dir, shared=True):  # no report starts writing the folder while it is read
             return _pack(out_dir, target, partial)
     except ReportBusy as exc:
         if not partial:
-            raise ReportBusy(f"{exc} Pack it when that report has finished, or pass --partial to pack what is "
-                             "there now.") from None
+            raise ReportBusy(
+                f"{exc} Pack it when that report has finished, or pass --partial to pack what is there now."
+            ) from None
         return _pack(out_dir, target, partial)
 
 
@@ -78,9 +86,11 @@ def _pack(out_dir: Path, target: Path, partial: bool) -> tuple[Path, int, list[P
     files = bundle_files(out_dir)
     missing = missing_pages(out_dir, files)
     if missing and not partial:
-        raise FileProblem(f"{out_dir}'s report is unfinished: its index links {len(missing)} file(s) that are not "
-                          f"there ({', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}). Run the report to "
-                          "the end and pack it then, or pass --partial to pack it as it is.")
+        raise FileProblem(
+            f"{out_dir}'s report is unfinished: its index links {len(missing)} file(s) that are not "
+            f"there ({', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}). Run the report to "
+            "the end and pack it then, or pass --partial to pack it as it is."
+        )
     folder = f"{out_dir.name}-report"
     with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in files:

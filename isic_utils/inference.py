@@ -71,8 +71,11 @@ def load_checkpoint(path: str | Path, fix: str = "Delete it to start the run afr
         raise
     except Exception as exc:
         size = path.stat().st_size if path.is_file() else None
-        reason = ("it is empty (0 bytes: a copy or a download that did not finish?)" if size == 0
-                  else str(exc).strip() or type(exc).__name__)
+        reason = (
+            "it is empty (0 bytes: a copy or a download that did not finish?)"
+            if size == 0
+            else str(exc).strip() or type(exc).__name__
+        )
         raise CheckpointMismatch(f"{path} cannot be read as a checkpoint of this project: {reason}. {fix}") from exc
 
 
@@ -80,8 +83,9 @@ def load_trained(checkpoint: str | Path) -> tuple[SegmentationModel, dict]:
     """Rebuild the model a ``best.pt`` describes and load its weights (``weights_only=True``); (model in eval mode,
     its meta: image size, mean/std, threshold, and the colour constancy, test-time flips and post-processing the run
     was trained and scored with; "none" for checkpoints from before those options)."""
-    state = load_checkpoint(checkpoint, "Give a best.pt that a training run wrote (outputs/<profile>/<run>/seed<k>/"
-                                        "best.pt).")
+    state = load_checkpoint(
+        checkpoint, "Give a best.pt that a training run wrote (outputs/<profile>/<run>/seed<k>/best.pt)."
+    )
     if not isinstance(state, dict) or "meta" not in state or "model" not in state:
         raise CheckpointMismatch(f"{checkpoint} is not a best.pt written by this project's training (no 'meta').")
     meta = {"color_constancy": "none", "tta": "none", "postprocess": "none", **state["meta"]}
@@ -108,8 +112,9 @@ def model_input(meta: dict, images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predicted_probabilities(model: SegmentationModel, meta: dict, images_uint8: torch.Tensor,
-                            tta: str | None = None, batch_size: int = 32) -> torch.Tensor:
+def predicted_probabilities(
+    model: SegmentationModel, meta: dict, images_uint8: torch.Tensor, tta: str | None = None, batch_size: int = 32
+) -> torch.Tensor:
     """Probability maps ``N×1×S×S`` (fp32, CPU) for decoded uint8 ``N×3×S×S`` images at the checkpoint's size:
     the checkpoint's colour constancy, normalisation, then the model (flip-averaged with ``tta``, default the
     checkpoint's). The path ``predict`` and the external chapter share with training's evaluation."""
@@ -117,6 +122,6 @@ def predicted_probabilities(model: SegmentationModel, meta: dict, images_uint8: 
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images_uint8), batch_size):  # colour constancy is per image: batching changes nothing
-        x = model_input(meta, images_uint8[start:start + batch_size].to(device))
+        x = model_input(meta, images_uint8[start : start + batch_size].to(device))
         out.append(flip_averaged(model, x, tta).cpu())
     return torch.cat(out)

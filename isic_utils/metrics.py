@@ -112,14 +112,16 @@ def postprocess_mask(mask: torch.Tensor, method: str = "none") -> torch.Tensor:
     return torch.from_numpy(plane.reshape(array.shape)).to(mask.device, mask.dtype)
 
 
-def full_size_mask(probabilities: torch.Tensor, size: tuple[int, int], threshold: float = 0.5,
-                   postprocess: str = "none") -> torch.Tensor:
+def full_size_mask(
+    probabilities: torch.Tensor, size: tuple[int, int], threshold: float = 0.5, postprocess: str = "none"
+) -> torch.Tensor:
     """A ``1×1×h×w`` probability map → the binary ``1×1×H×W`` mask at the image's original (width, height) =
     ``size``: bilinear upsampling, threshold, then ``postprocess``. The one path from a model's output to a mask,
     for scoring and for ``predict``."""
     width, height = size
-    upsampled = torch.nn.functional.interpolate(probabilities.float(), size=(height, width), mode="bilinear",
-                                                align_corners=False)
+    upsampled = torch.nn.functional.interpolate(
+        probabilities.float(), size=(height, width), mode="bilinear", align_corners=False
+    )
     return postprocess_mask(upsampled > threshold, postprocess)
 
 
@@ -137,7 +139,7 @@ def original_size_counts(probabilities, data_split, threshold: float = 0.5, post
     for k, pair in enumerate(data_split.sources):
         mask = read_mask(pair.mask, None).float().unsqueeze(0)
         for store, maps_k, method in zip(counts, maps, methods):
-            predicted = full_size_mask(maps_k[k:k + 1], data_split.sizes[k], threshold, method)
+            predicted = full_size_mask(maps_k[k : k + 1], data_split.sizes[k], threshold, method)
             store.append(confusion_counts(predicted.float(), mask, 0.5))
     joined = [torch.cat(store) for store in counts]
     return joined if several else joined[0]
@@ -154,8 +156,11 @@ def seed_spread(differences) -> dict:
     mean = float(values.mean()) if len(values) else float("nan")
     std = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
     if len(values) < MIN_SEEDS:
-        verdict = f"one seed's difference: needs ≥ {MIN_SEEDS} seeds" if len(values) == 1 else \
-            f"{len(values)} seeds: needs ≥ {MIN_SEEDS}"
+        verdict = (
+            f"one seed's difference: needs ≥ {MIN_SEEDS} seeds"
+            if len(values) == 1
+            else f"{len(values)} seeds: needs ≥ {MIN_SEEDS}"
+        )
     else:
         verdict = "beyond the seed spread" if abs(mean) > 2 * std else "within the seed spread"
     return {"mean": mean, "std": std, "seeds": int(len(values)), "verdict": verdict}

@@ -133,8 +133,11 @@ class ReportDecoder(nn.Module):
         layers: list[nn.Module] = []
         previous = in_channels
         for width in channels:
-            layers += [nn.ConvTranspose2d(previous, width, kernel_size=4, stride=2, padding=1), nn.ReLU(inplace=True),
-                       nn.Dropout(dropout)]
+            layers += [
+                nn.ConvTranspose2d(previous, width, kernel_size=4, stride=2, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Dropout(dropout),
+            ]
             previous = width
         self.blocks = nn.Sequential(*layers)
         self.head = nn.Conv2d(previous, 1, kernel_size=1)
@@ -149,9 +152,11 @@ class ConvBlock(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -164,8 +169,9 @@ class UNetDecoder(nn.Module):
 
     needs_skips = True
 
-    def __init__(self, in_channels: int, skip_channels=(16, 24, 32, 96), channels=(256, 128, 64, 32, 16),
-                 dropout: float = 0.0):
+    def __init__(
+        self, in_channels: int, skip_channels=(16, 24, 32, 96), channels=(256, 128, 64, 32, 16), dropout: float = 0.0
+    ):
         super().__init__()
         skips = list(reversed(skip_channels)) + [0]  # deepest skip first; the last block has none
         blocks, previous = [], in_channels
@@ -263,8 +269,11 @@ def build_model(
     features = build_encoder(encoder, encoder_weights)
     model = SegmentationModel(features, head, spec, freeze_encoder)
     model.built_with = {"encoder": encoder, "decoder": decoder, "dropout": float(dropout)}  # what rebuilds it
-    model.encoder_weights = {"source": weights_source(encoder_weights), "sha256": state_sha256(features),
-                             "fallback": False}
+    model.encoder_weights = {
+        "source": weights_source(encoder_weights),
+        "sha256": state_sha256(features),
+        "fallback": False,
+    }
     return model
 
 
@@ -275,8 +284,11 @@ def weights_source(weights: str | None) -> str:
         return "random initialisation"
     if resolved == "imagenet":
         return "ImageNet weights (torchvision IMAGENET1K_V1)"
-    return f"ImageNet weights from {shown_path(resolved, WEIGHTS_ENV)}" if weights == "imagenet" \
+    return (
+        f"ImageNet weights from {shown_path(resolved, WEIGHTS_ENV)}"
+        if weights == "imagenet"
         else f"weights from {shown_path(resolved)}"
+    )
 
 
 def state_sha256(module: nn.Module) -> str:

@@ -34,7 +34,7 @@ def parameter_cell_names(history: list[str]) -> set[str] | None:
     """
     cells = [source for source in history if isinstance(source, str) and source.startswith(PARAMETERS_HEADER)]
     own = [k for k, source in enumerate(cells) if source.startswith(OWN_PARAMETERS_HEADER)]
-    cells = cells[own[-1]:] if own else cells
+    cells = cells[own[-1] :] if own else cells
     if not cells:
         return None
     names: set[str] = set()
@@ -44,7 +44,13 @@ def parameter_cell_names(history: list[str]) -> set[str] | None:
         except SyntaxError:
             continue
         for node in tree.body:
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, ast.AnnAssign)
+                else []
+            )
             names.update(t.id for t in targets if isinstance(t, ast.Name))
     return names
 
@@ -64,10 +70,17 @@ def from_notebook(chapter: str, namespace: dict[str, Any]) -> dict[str, Any]:
     history = namespace.get("In")
     given = parameter_cell_names(history) if isinstance(history, list) else None
     if given is None:
-        given = {name for name, value in namespace.items()
-                 if not (name.startswith("_") or name in ("In", "Out", "get_ipython", "exit", "quit", "open")
-                         or name.isupper()  # the setup cell's constants (REPOSITORY): never a parameter
-                         or callable(value) or type(value).__name__ == "module")}
+        given = {
+            name
+            for name, value in namespace.items()
+            if not (
+                name.startswith("_")
+                or name in ("In", "Out", "get_ipython", "exit", "quit", "open")
+                or name.isupper()  # the setup cell's constants (REPOSITORY): never a parameter
+                or callable(value)
+                or type(value).__name__ == "module"
+            )
+        }
     keys = schema(chapter)
     unknown = sorted(name for name in given if name not in keys and name not in ALL_KEYS and name not in SELECTORS)
     if unknown:
@@ -93,5 +106,3 @@ def _from_text(name: str, value: Any, keys: dict) -> Any:
     except yaml.YAMLError:
         return value
     return parsed if isinstance(parsed, types) or (float in types and isinstance(parsed, int)) else value
-
-

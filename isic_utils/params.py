@@ -155,8 +155,18 @@ class TrainConfig:
     def fingerprint(self) -> dict:
         keep = asdict(self)
         keep["augment"] = list(self.augment)
-        for volatile in ("precision", "channels_last", "feature_cache", "eval_batch_size", "device", "epochs",
-                         "monitor_test", "deterministic", "tta", "postprocess"):  # not how the weights are trained
+        for volatile in (
+            "precision",
+            "channels_last",
+            "feature_cache",
+            "eval_batch_size",
+            "device",
+            "epochs",
+            "monitor_test",
+            "deterministic",
+            "tta",
+            "postprocess",
+        ):  # not how the weights are trained
             keep.pop(volatile)
         if keep["color_constancy"] == "none":  # checkpoints from before the option resume as they are
             keep.pop("color_constancy")
@@ -211,8 +221,13 @@ def run_file(chapter: str, run: str | None = None, root: Path | None = None) -> 
     return path
 
 
-def chapter_values(chapter: str, profile: str | None = None, run: str | None = None,
-                   overrides: dict[str, Any] | None = None, root: Path | None = None) -> dict[str, Any]:
+def chapter_values(
+    chapter: str,
+    profile: str | None = None,
+    run: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    root: Path | None = None,
+) -> dict[str, Any]:
     """A chapter's parameters, as the report resolves them: defaults ← ``params/<run>.yaml`` ← the profile ←
     ``overrides``; ``run`` names the training chapter's run file (ignored by the others)."""
     root = root or project_root()
@@ -224,8 +239,13 @@ def chapter_values(chapter: str, profile: str | None = None, run: str | None = N
     return values
 
 
-def resolve(chapter: str, run_file: str | Path | None = None, profile: str | None = None,
-            overrides: dict[str, Any] | None = None, root: Path | None = None) -> dict[str, Any]:
+def resolve(
+    chapter: str,
+    run_file: str | Path | None = None,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    root: Path | None = None,
+) -> dict[str, Any]:
     """Merge defaults ← run file ← profile ← overrides for ``chapter`` and validate the result."""
     root = root or project_root()
     values = defaults(chapter)
@@ -242,8 +262,9 @@ def resolve(chapter: str, run_file: str | Path | None = None, profile: str | Non
             raise ParameterError(f"unknown data profile {profile!r} (no {path}); known profiles: {known}")
         profile_values = read_yaml(path)
         if profile_values.get("profile", profile) != profile:
-            raise ParameterError(f"{path} says profile: {profile_values['profile']!r}; a profile file names itself "
-                                 f"(profile: {profile})")
+            raise ParameterError(
+                f"{path} says profile: {profile_values['profile']!r}; a profile file names itself (profile: {profile})"
+            )
         profile_values = {k: v for k, v in profile_values.items() if k in schema(chapter) or k not in ALL_KEYS}
         sources.append((str(path), {"profile": profile, **profile_values}))
     if overrides:
@@ -291,14 +312,17 @@ def parse_override(item: str) -> tuple[str, Any]:
     if types and set(types) <= {str, type(None)}:
         return key, None if type(None) in types and text.strip() in ("null", "~", "") else text
     if _yaml_comment(text):
-        raise ParameterError(f"--set {item}: YAML reads the part of {key}'s value from ' #' on as a comment and "
-                             "would drop it; remove the '#', or quote the text that holds it (\"a #1\")")
+        raise ParameterError(
+            f"--set {item}: YAML reads the part of {key}'s value from ' #' on as a comment and "
+            "would drop it; remove the '#', or quote the text that holds it (\"a #1\")"
+        )
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         reason = str(exc).splitlines()[0]
-        raise ParameterError(f"--set {item}: the value of {key} is not valid YAML ({reason}). Write lists as in "
-                             "--set 'seeds=[0, 1, 2]'") from None
+        raise ParameterError(
+            f"--set {item}: the value of {key} is not valid YAML ({reason}). Write lists as in --set 'seeds=[0, 1, 2]'"
+        ) from None
     if float in types and isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as text
         try:
             value = float(text)
@@ -325,9 +349,11 @@ def check_overrides(overrides: dict[str, Any]) -> None:
     unknown = sorted(set(overrides) - ALL_KEYS)
     if unknown:
         problems = [f"unknown key {name!r}{suggest([name], ALL_KEYS)}" for name in unknown]
-        raise ParameterError(f"{len(problems)} problem(s) with the overrides (--set / SET=):\n"
-                             + "\n".join(f"  - {p}" for p in problems)
-                             + f"\nvalid keys: {', '.join(sorted(ALL_KEYS))}")
+        raise ParameterError(
+            f"{len(problems)} problem(s) with the overrides (--set / SET=):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + f"\nvalid keys: {', '.join(sorted(ALL_KEYS))}"
+        )
 
 
 def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> list[str]:
@@ -365,9 +391,11 @@ def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> lis
     if isinstance(limit, int) and not isinstance(limit, bool):
         fraction = val_fraction if isinstance(val_fraction, float) and 0 < val_fraction < 1 else 0.2
         if limit < 2 or not 1 <= round(limit * fraction) < limit:
-            problems.append(f"limit must leave at least one validation and one training image "
-                            f"(round(limit × val_fraction) ≥ 1), got limit {limit} with val_fraction {fraction}; "
-                            f"use at least {math.ceil(0.5 / fraction)} or null")
+            problems.append(
+                f"limit must leave at least one validation and one training image "
+                f"(round(limit × val_fraction) ≥ 1), got limit {limit} with val_fraction {fraction}; "
+                f"use at least {math.ceil(0.5 / fraction)} or null"
+            )
     if isinstance(values.get("dropout"), float) and not 0 <= values["dropout"] < 1:
         problems.append(f"dropout must be in [0, 1), got {values['dropout']}")
     if chapter == "train":
@@ -377,7 +405,9 @@ def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> lis
             if bad:
                 problems.append(f"augment has unknown entries {bad}; valid: {list(AUGMENTATIONS)}")
         seeds = values.get("seeds")
-        if isinstance(seeds, list) and (not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        if isinstance(seeds, list) and (
+            not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        ):
             problems.append(f"seeds must be a non-empty list of integers, got {seeds!r}")
         elif isinstance(seeds, list) and len(set(seeds)) < len(seeds):
             problems.append(f"seeds must not repeat (each seed trains into its own folder), got {seeds}")
@@ -386,8 +416,10 @@ def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> lis
             path = Path(weights).expanduser()
             path = path if path.is_absolute() else (root or project_root()) / path
             if not path.is_file():
-                problems.append(f"encoder_weights file {weights} not found (looked at {path}); give an existing "
-                                "state_dict path, 'imagenet', or null")
+                problems.append(
+                    f"encoder_weights file {weights} not found (looked at {path}); give an existing "
+                    "state_dict path, 'imagenet', or null"
+                )
     if chapter == "external":
         problems += check_external(values.get("external"))
         problems += _integers(values, "adapt_k", 1, "labelled cases to fine-tune on (e.g. [5, 10, 25])")
@@ -396,10 +428,16 @@ def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> lis
         if isinstance(adapt_runs, list) and not all(isinstance(r, str) for r in adapt_runs):
             problems.append(f"adapt_runs must be a list of run names, got {adapt_runs!r}")
     data_dir = values.get("data_dir")
-    if isinstance(data_dir, str) and data_dir and absolute(data_dir, root).exists() \
-            and not absolute(data_dir, root).is_dir():
-        problems.append(f"data_dir {data_dir} is a file, not a folder: give the folder holding the data (or \"\" "
-                        "for the profile's own)")
+    if (
+        isinstance(data_dir, str)
+        and data_dir
+        and absolute(data_dir, root).exists()
+        and not absolute(data_dir, root).is_dir()
+    ):
+        problems.append(
+            f"data_dir {data_dir} is a file, not a folder: give the folder holding the data (or \"\" "
+            "for the profile's own)"
+        )
     if chapter in ("compare", "external"):
         runs = values.get("runs")
         if isinstance(runs, list) and (len(runs) < 1 or not all(isinstance(r, str) for r in runs)):
@@ -414,8 +452,7 @@ def _integers(values: dict, key: str, least: int, meaning: str) -> list[str]:
         return []
     whole = all(isinstance(v, int) and not isinstance(v, bool) for v in given)
     if not given or not whole or any(v < least for v in given) or len(set(given)) < len(given):
-        return [f"{key} must be a non-empty list of distinct integers >= {least}, {meaning}; "
-                f"got {given!r}"]
+        return [f"{key} must be a non-empty list of distinct integers >= {least}, {meaning}; got {given!r}"]
     return []
 
 
@@ -431,8 +468,9 @@ def check_external(sets) -> list[str]:
             continue
         unknown = sorted(set(entry) - set(EXTERNAL_KEYS))
         if unknown:
-            problems.append(f"{where}: unknown key(s) {unknown}{suggest(unknown, EXTERNAL_KEYS)}; valid: "
-                            f"{sorted(EXTERNAL_KEYS)}")
+            problems.append(
+                f"{where}: unknown key(s) {unknown}{suggest(unknown, EXTERNAL_KEYS)}; valid: {sorted(EXTERNAL_KEYS)}"
+            )
         name = entry.get("name")
         if not isinstance(name, str) or not name or "/" in name:
             problems.append(f"{where}: name must be a non-empty string without '/', got {name!r}")
@@ -442,8 +480,10 @@ def check_external(sets) -> list[str]:
         if "layout" in entry and entry["layout"] not in EXTERNAL_LAYOUTS:
             problems.append(f"{where}: layout must be one of {list(EXTERNAL_LAYOUTS)}, got {entry['layout']!r}")
         if "masks" in entry and (not isinstance(entry["masks"], str) or "{stem}" not in entry["masks"]):
-            problems.append(f"{where}: masks must be a path with {{stem}} (e.g. '{{stem}}_Segmentation.png'), "
-                            f"got {entry['masks']!r}")
+            problems.append(
+                f"{where}: masks must be a path with {{stem}} (e.g. '{{stem}}_Segmentation.png'), "
+                f"got {entry['masks']!r}"
+            )
         if "synthetic" in entry and (not isinstance(entry["synthetic"], int) or entry["synthetic"] < 2):
             problems.append(f"{where}: synthetic must be a number of cases >= 2, got {entry['synthetic']!r}")
         if "dir" not in entry and "env" not in entry and "synthetic" not in entry:

@@ -45,8 +45,12 @@ from .files import (
 from .gallery import GALLERY
 from .model import resolve_weights
 
-NOTEBOOKS = {"eda": "01_eda.ipynb", "train": "02_train.ipynb", "compare": "04_compare.ipynb",
-             "external": "03_external.ipynb"}
+NOTEBOOKS = {
+    "eda": "01_eda.ipynb",
+    "train": "02_train.ipynb",
+    "compare": "04_compare.ipynb",
+    "external": "03_external.ipynb",
+}
 READS_RUNS = ("external", "compare")  # chapters that read the training runs' outputs (stale once a run retrains)
 
 
@@ -68,12 +72,17 @@ def steps_for(profile_values: dict) -> list[Step]:
     comparison."""
     runs = profile_values.get("runs", ["task1", "task2"])
     external = [Step("external", "external", "external.yaml")] if profile_values.get("external") else []
-    return ([Step("eda", "eda", "eda.yaml")] + [Step(run, "train", f"{run}.yaml") for run in runs] + external
-            + [Step("compare", "compare", "compare.yaml")])
+    return (
+        [Step("eda", "eda", "eda.yaml")]
+        + [Step(run, "train", f"{run}.yaml") for run in runs]
+        + external
+        + [Step("compare", "compare", "compare.yaml")]
+    )
 
 
-def chapter_parameters(step: Step, steps: list[Step], profile: str, overrides: dict | None, force: bool,
-                       root: Path) -> dict:
+def chapter_parameters(
+    step: Step, steps: list[Step], profile: str, overrides: dict | None, force: bool, root: Path
+) -> dict:
     """What the report sets for a chapter beyond its profile: the run, the overrides it takes, the runs to read when
     they differ from the profile's, and ``resume: false`` under ``--force``. Papermill injects exactly these (and the
     profile), so the executed notebook says how to run the chapter again, and the notebook resolves the rest itself
@@ -197,18 +206,28 @@ def export_html(notebook_path: Path, html_path: Path, reader: bool = False) -> P
     from nbconvert import HTMLExporter
 
     notebook = nbformat.read(notebook_path, as_version=4)
-    exporter = HTMLExporter(template_name="lab", exclude_input=reader, exclude_input_prompt=reader,
-                            exclude_output_prompt=reader)
-    body, _ = exporter.from_notebook_node(notebook, resources={"metadata": {"name": page_title(notebook_path,
-                                                                                                  notebook)}})
+    exporter = HTMLExporter(
+        template_name="lab", exclude_input=reader, exclude_input_prompt=reader, exclude_output_prompt=reader
+    )
+    body, _ = exporter.from_notebook_node(
+        notebook, resources={"metadata": {"name": page_title(notebook_path, notebook)}}
+    )
     return write_text(html_path, body)
 
 
 def page_title(notebook_path: Path, notebook) -> str:
     """A chapter page's title in the browser's tab and history: the step and the chapter's own heading ("task1 ·
     Chapter 2 — Training a run"), not nbconvert's "Notebook"."""
-    heading = next((line.lstrip("#").strip() for cell in notebook.cells if cell.cell_type == "markdown"
-                    for line in cell.source.splitlines() if line.startswith("#")), "")
+    heading = next(
+        (
+            line.lstrip("#").strip()
+            for cell in notebook.cells
+            if cell.cell_type == "markdown"
+            for line in cell.source.splitlines()
+            if line.startswith("#")
+        ),
+        "",
+    )
     return " · ".join(part for part in (notebook_path.stem, heading) if part)
 
 
@@ -216,8 +235,7 @@ def reader_name(step_name: str) -> str:
     return f"{step_name}_reader.html"
 
 
-def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str | None = None,
-                echo=print) -> float:
+def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str | None = None, echo=print) -> float:
     """Execute one chapter with papermill into ``out_dir/<step>.ipynb``; returns its wall time in seconds.
 
     What the chapter prints (one line per epoch while training) is echoed to ``echo`` as it runs. On any failure
@@ -235,9 +253,17 @@ def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str
     try:
         with _ProgressRelay(relay, _line_echo(echo, step.name)), _project_for_kernels(root):
             # in the report's folder, as a notebook runs in its own: the links it prints open from its page
-            pm.execute_notebook(str(source), str(running), parameters=values, cwd=str(out_dir), progress_bar=False,
-                                kernel_name=kernel, log_output=False, stdout_file=_line_echo(echo, step.name),
-                                extra_arguments=KERNEL_ARGUMENTS)
+            pm.execute_notebook(
+                str(source),
+                str(running),
+                parameters=values,
+                cwd=str(out_dir),
+                progress_bar=False,
+                kernel_name=kernel,
+                log_output=False,
+                stdout_file=_line_echo(echo, step.name),
+                extra_arguments=KERNEL_ARGUMENTS,
+            )
     except BaseException:
         if running.exists():
             running.replace(partial)
@@ -288,8 +314,11 @@ def _run_or_explain(step: Step, values: dict, out_dir: Path, root: Path, kernel:
         return run_chapter(step, values, out_dir, root, kernel, echo)
     except pm.PapermillExecutionError as exc:
         code = re.match(r"\[Errno (\d+)\]", exc.evalue or "")
-        fix = (f"{os_error_fix(int(code.group(1))).capitalize()}." if code  # a full disk, a read-only folder
-               else "Fix the cause and rerun: finished chapters are not run again.")
+        fix = (
+            f"{os_error_fix(int(code.group(1))).capitalize()}."
+            if code  # a full disk, a read-only folder
+            else "Fix the cause and rerun: finished chapters are not run again."
+        )
         raise ChapterFailed(
             f"{source.name} ({step.name}) failed in cell {exc.exec_count} with {exc.ename}: {exc.evalue}\n"
             f"The partly executed notebook is kept at {partial}. {fix}"
@@ -330,9 +359,15 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def run_report(profile: str = "synthetic", force: bool = False, only: list[str] | None = None,
-               overrides: dict | None = None, root: Path | None = None, kernel: str | None = None,
-               echo=_print) -> dict[str, float]:
+def run_report(
+    profile: str = "synthetic",
+    force: bool = False,
+    only: list[str] | None = None,
+    overrides: dict | None = None,
+    root: Path | None = None,
+    kernel: str | None = None,
+    echo=_print,
+) -> dict[str, float]:
     """Run every chapter of the report for ``profile``; returns {chapter: seconds} (0 for a chapter skipped)."""
     root = root or P.project_root()
     P.check_overrides(overrides or {})  # a key no chapter knows is a typo, not a key for another chapter
@@ -340,12 +375,15 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
     steps = steps_for({**profile_values, **{k: v for k, v in (overrides or {}).items() if k == "runs"}})
     names = [step.name for step in steps]
     if only is not None and not only:
-        raise P.ParameterError(f"--only needs the steps to run; the steps of profile {profile!r} are "
-                               f"{', '.join(names)}")
+        raise P.ParameterError(
+            f"--only needs the steps to run; the steps of profile {profile!r} are {', '.join(names)}"
+        )
     for name in only or []:  # a typo would otherwise run nothing and say "done"
         if name not in names:
-            raise P.ParameterError(f"unknown step {name!r}{P.suggest([name], names)} for profile {profile!r}; "
-                                   f"its steps are {', '.join(names)}")
+            raise P.ParameterError(
+                f"unknown step {name!r}{P.suggest([name], names)} for profile {profile!r}; "
+                f"its steps are {', '.join(names)}"
+            )
     resolved, injected = _checked(steps, profile, overrides, force, root)
     out_dir = writable_folder(P.absolute(resolved["eda"]["output_dir"], root), "output_dir")
     # one report writes a folder at a time; processes that only train seeds of their own may share it
@@ -354,8 +392,7 @@ def run_report(profile: str = "synthetic", force: bool = False, only: list[str] 
         return _run_steps(steps, resolved, injected, profile, out_dir, root, force, only, kernel, echo)
 
 
-def _checked(steps: list[Step], profile: str, overrides: dict | None, force: bool,
-             root: Path) -> tuple[dict, dict]:
+def _checked(steps: list[Step], profile: str, overrides: dict | None, force: bool, root: Path) -> tuple[dict, dict]:
     """Every chapter's parameters resolved and validated, and the device each run asks for checked, before any work:
     (resolved values, what papermill injects) per step."""
     resolved, injected = {}, {}
@@ -371,8 +408,18 @@ def _checked(steps: list[Step], profile: str, overrides: dict | None, force: boo
     return resolved, injected
 
 
-def _run_steps(steps: list[Step], resolved: dict, injected: dict, profile: str, out_dir: Path, root: Path,
-               force: bool, only: list[str] | None, kernel: str | None, echo) -> dict[str, float]:
+def _run_steps(
+    steps: list[Step],
+    resolved: dict,
+    injected: dict,
+    profile: str,
+    out_dir: Path,
+    root: Path,
+    force: bool,
+    only: list[str] | None,
+    kernel: str | None,
+    echo,
+) -> dict[str, float]:
     remove_leftovers(out_dir, below=True)  # what killed chapters and processes left (their PIDs are gone)
     state_path = out_dir / "pipeline.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -388,7 +435,8 @@ def _run_steps(steps: list[Step], resolved: dict, injected: dict, profile: str, 
         done = state.get(step.name, {})
         executed = done.get("fingerprint") == key and (out_dir / f"{step.name}.ipynb").exists()
         stale = step.chapter in READS_RUNS and any(  # a run retrained since the comparison was written
-            state.get(s.name, {}).get("finished", 0) > done.get("finished", 0) for s in steps if s.chapter == "train")
+            state.get(s.name, {}).get("finished", 0) > done.get("finished", 0) for s in steps if s.chapter == "train"
+        )
         if executed and not force and not stale:
             if (out_dir / f"{step.name}.html").exists():
                 echo(f"report: {step.name:8s} up to date, skipped")
@@ -409,8 +457,11 @@ def _run_steps(steps: list[Step], resolved: dict, injected: dict, profile: str, 
         echo(f"report: {step.name:8s} done in {seconds / 60:.1f} min")
     write_index(out_dir, steps, resolved, state)
     total = sum(timings.values())
-    echo("report: chapter times — " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
-         + f"; total {total / 60:.1f} min")
+    echo(
+        "report: chapter times — "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+        + f"; total {total / 60:.1f} min"
+    )
     echo(f"report: open {out_dir / 'index.html'}")
     return timings
 
@@ -440,8 +491,10 @@ def write_index(out_dir: Path, steps: list[Step], resolved: dict, state: dict) -
     for step in steps:
         seconds = state.get(step.name, {}).get("seconds")
         timing = f" ({seconds / 60:.1f} min)" if seconds is not None else ""
-        links = (f'<a href="{reader_name(step.name)}">read</a> · <a href="{step.name}.html">with code</a> · '
-                 f'<a href="{step.name}.ipynb">notebook</a>')
+        links = (
+            f'<a href="{reader_name(step.name)}">read</a> · <a href="{step.name}.html">with code</a> · '
+            f'<a href="{step.name}.ipynb">notebook</a>'
+        )
         for page in sorted((out_dir / step.name).glob(GALLERY.replace(".html", "*.html"))):
             which = page.stem.removeprefix(GALLERY.removesuffix(".html")).strip("_")
             label = f"every prediction ({which})" if which else "every prediction"
@@ -452,8 +505,11 @@ def write_index(out_dir: Path, steps: list[Step], resolved: dict, state: dict) -
         for kind in ("tables", "figures"):
             for path in sorted((out_dir / step.name / kind).glob("*.csv" if kind == "tables" else "*.png")):
                 extras.append(f'<a href="{step.name}/{kind}/{path.name}">{path.name}</a>')
-        files_.append(f"<li><b>{html.escape(step.name)}</b>{timing}: {links}"
-                      + (f"<br><small>{' · '.join(extras)}</small>" if extras else "") + "</li>")
+        files_.append(
+            f"<li><b>{html.escape(step.name)}</b>{timing}: {links}"
+            + (f"<br><small>{' · '.join(extras)}</small>" if extras else "")
+            + "</li>"
+        )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>ISIC 2016 segmentation report — {html.escape(first['profile'])}</title>

@@ -135,8 +135,11 @@ def augmentation_examples(images: torch.Tensor, masks: torch.Tensor, rows: int =
         for r in range(count):
             _show_image(axes[2 * r, c], shown_images[r], name)
             _show_mask(axes[2 * r + 1, c], shown_masks[r])
-    fig.suptitle("Augmentations as training applies them (flips and rotations move image and mask together; "
-                 "colour jitter changes the image only)", fontsize=10)
+    fig.suptitle(
+        "Augmentations as training applies them (flips and rotations move image and mask together; "
+        "colour jitter changes the image only)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
@@ -146,8 +149,14 @@ def loss_curves(history: pd.DataFrame, title: str = "Loss per epoch"):
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for column, label in (("train_loss", "train"), ("val_loss", "validation"), ("test_loss", "test (monitor)")):
         if column in history:
-            ax.plot(history["epoch"], history[column], marker="o", markersize=3, label=label,
-                    linestyle="--" if column.startswith("test") else "-")
+            ax.plot(
+                history["epoch"],
+                history[column],
+                marker="o",
+                markersize=3,
+                label=label,
+                linestyle="--" if column.startswith("test") else "-",
+            )
     _epoch_axis(ax)
     ax.set_ylabel("BCE loss")
     ax.set_title(title)
@@ -163,8 +172,14 @@ def metric_curves(history: pd.DataFrame, metric: str, title: str | None = None, 
         for kind in ("mean", "pooled"):
             column = f"{split}_{metric}_{kind}"
             if column in history and (kind == "mean" or metric == "iou"):
-                ax.plot(history["epoch"], history[column], marker="o", markersize=3, linestyle=style,
-                        label=f"{label}, {'mean per image' if kind == 'mean' else 'pooled pixels'}")
+                ax.plot(
+                    history["epoch"],
+                    history[column],
+                    marker="o",
+                    markersize=3,
+                    linestyle=style,
+                    label=f"{label}, {'mean per image' if kind == 'mean' else 'pooled pixels'}",
+                )
     if best_epoch is not None:
         ax.axvline(best_epoch, color="grey", linewidth=1, linestyle=":", label=f"selected (epoch {best_epoch})")
     _epoch_axis(ax)
@@ -175,8 +190,14 @@ def metric_curves(history: pd.DataFrame, metric: str, title: str | None = None, 
     return fig
 
 
-def predictions(images: torch.Tensor, masks: torch.Tensor, probabilities: torch.Tensor, ids: Sequence[str],
-                scores: Sequence[float] | None = None, columns: int = 6):
+def predictions(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    probabilities: torch.Tensor,
+    ids: Sequence[str],
+    scores: Sequence[float] | None = None,
+    columns: int = 6,
+):
     """Figures 8 / 13: images with their actual and predicted masks (probability > 0.5)."""
     count = min(columns, len(images))
     fig, axes = plt.subplots(3, count, figsize=(2.2 * count, 6.8), squeeze=False)
@@ -204,12 +225,14 @@ def compare_curves(histories: dict[str, pd.DataFrame], metric: str = "val_iou_me
     return fig
 
 
-def compare_predictions(images: torch.Tensor, masks: torch.Tensor, predicted: dict[str, torch.Tensor],
-                        ids: Sequence[str], columns: int = 6):
+def compare_predictions(
+    images: torch.Tensor, masks: torch.Tensor, predicted: dict[str, torch.Tensor], ids: Sequence[str], columns: int = 6
+):
     """The same test images predicted by every run: image, actual mask, then one row per run."""
     count = min(columns, len(images))
-    fig, axes = plt.subplots(2 + len(predicted), count, figsize=(2.2 * count, 2.3 * (2 + len(predicted))),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        2 + len(predicted), count, figsize=(2.2 * count, 2.3 * (2 + len(predicted))), squeeze=False
+    )
     for k in range(count):
         _show_image(axes[0, k], images[k], ids[k])
         _show_mask(axes[1, k], masks[k], "actual")
@@ -231,8 +254,15 @@ def per_image_distribution(per_image: dict[str, pd.DataFrame], metric: str = "io
     return fig
 
 
-def worst_cases(images: torch.Tensor, masks: torch.Tensor, probabilities: torch.Tensor, ids: Sequence[str],
-                scores: Sequence[float], title: str = "", axes_row=None):
+def worst_cases(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    probabilities: torch.Tensor,
+    ids: Sequence[str],
+    scores: Sequence[float],
+    title: str = "",
+    axes_row=None,
+):
     """Images with the ground truth (green) and the prediction (magenta, probability > 0.5) outlined, JA in each
     title. Draws into ``axes_row`` when given (one row of a larger figure), else into a figure of its own."""
     fig = None
@@ -250,11 +280,21 @@ def worst_cases(images: torch.Tensor, masks: torch.Tensor, probabilities: torch.
             ax.contour(predicted, levels=[0.5], colors="magenta", linewidths=1.2)
         ax.title.set_fontsize(8)
     if title:  # the run's name beside its row (the image axes themselves are hidden)
-        axes_row[0].text(-0.06, 0.5, title, transform=axes_row[0].transAxes, rotation=90, ha="right", va="center",
-                         fontsize=10, fontweight="bold")
+        axes_row[0].text(
+            -0.06,
+            0.5,
+            title,
+            transform=axes_row[0].transAxes,
+            rotation=90,
+            ha="right",
+            va="center",
+            fontsize=10,
+            fontweight="bold",
+        )
     if fig is not None:
-        fig.suptitle(f"{title + ': ' if title else ''}worst test images — green: ground truth, magenta: prediction",
-                     fontsize=9)
+        fig.suptitle(
+            f"{title + ': ' if title else ''}worst test images — green: ground truth, magenta: prediction", fontsize=9
+        )
         fig.tight_layout()
     return fig
 
@@ -291,8 +331,13 @@ def run_figures(result: RunResult, n_images: int = 6) -> dict[str, object]:
     test = result.data.test
     rows = list(range(min(n_images, len(test))))
     scores = result.per_image[int(result.seeds_table["seed"].iloc[0])]["iou"].tolist()
-    figures["predictions"] = predictions(test.images[rows], test.masks[rows], result.probabilities[rows],
-                                               [test.ids[k] for k in rows], [scores[k] for k in rows])
+    figures["predictions"] = predictions(
+        test.images[rows],
+        test.masks[rows],
+        result.probabilities[rows],
+        [test.ids[k] for k in rows],
+        [scores[k] for k in rows],
+    )
     for key, fig in figures.items():
         save_figure(fig, result.run_dir, key)
     return figures
@@ -302,9 +347,10 @@ def failure_figures(result: RunResult, k: int = 6) -> dict[str, object]:
     """The training chapter's "where it fails" figures for the lowest seed: its ``k`` worst test images with both
     outlines, and JA against lesion area and image size; saved under the run's ``figures/``."""
     frame = failures.per_image_frame(result.per_image[int(result.seeds_table["seed"].iloc[0])])
-    figures = {"worst": _worst_of(result.data.test, as_scored(result.probabilities, result.params), frame, k,
-                                  result.name),
-               "ja_vs_size": ja_vs_size({result.name: frame})}
+    figures = {
+        "worst": _worst_of(result.data.test, as_scored(result.probabilities, result.params), frame, k, result.name),
+        "ja_vs_size": ja_vs_size({result.name: frame}),
+    }
     for key, fig in figures.items():
         save_figure(fig, result.run_dir, key)
     return figures
@@ -331,12 +377,14 @@ def compare_predictions_figure(params: dict, runs: dict[str, SavedRun], count: i
     return compare_predictions(test.images[rows], test.masks[rows], predicted, [test.ids[k] for k in rows])
 
 
-def _worst_of(test: DecodedSplit, probabilities: torch.Tensor, frame: pd.DataFrame, k: int, title: str = "",
-              axes_row=None):
+def _worst_of(
+    test: DecodedSplit, probabilities: torch.Tensor, frame: pd.DataFrame, k: int, title: str = "", axes_row=None
+):
     bad = failures.worst(frame, k)
     rows = [test.ids.index(i) for i in bad["id"]]
-    return worst_cases(test.images[rows], test.masks[rows], probabilities[rows], list(bad["id"]),
-                       bad["iou"].tolist(), title, axes_row)
+    return worst_cases(
+        test.images[rows], test.masks[rows], probabilities[rows], list(bad["id"]), bad["iou"].tolist(), title, axes_row
+    )
 
 
 def compare_failures_figure(params: dict, runs: dict[str, SavedRun], k: int = 6):
@@ -365,8 +413,18 @@ def external_distribution(result: dict):
     fig, ax = plt.subplots(figsize=(7.5, 4))
     sns.boxplot(data=long, x="run", y="iou", hue="data", ax=ax, fliersize=0)
     with _fixed_jitter():
-        sns.stripplot(data=long, x="run", y="iou", hue="data", dodge=True, ax=ax, size=2, alpha=0.5,
-                      palette=["black"] * long["data"].nunique(), legend=False)
+        sns.stripplot(
+            data=long,
+            x="run",
+            y="iou",
+            hue="data",
+            dodge=True,
+            ax=ax,
+            size=2,
+            alpha=0.5,
+            palette=["black"] * long["data"].nunique(),
+            legend=False,
+        )
     ax.axhline(failures.FAIL_BELOW, color="grey", linestyle="--", linewidth=0.8)
     ax.set_ylabel("JA per image (original size)")
     ax.set_title("ISIC test set vs the external sets (dashed: JA 0.65)", fontsize=10)
@@ -380,8 +438,14 @@ def external_worst_figure(result: dict, split_name: str, k: int = 6):
     fig, axes = plt.subplots(len(runs), k, figsize=(2.4 * k, 2.8 * len(runs)), squeeze=False)
     for row, name in zip(axes, runs):
         split, probabilities, table = external.worst_external(result, name, split_name, k)
-        _worst_of(split, as_scored(probabilities, result["runs"][name].info["params"]), failures.per_image_frame(table),
-                  k, name, row)
+        _worst_of(
+            split,
+            as_scored(probabilities, result["runs"][name].info["params"]),
+            failures.per_image_frame(table),
+            k,
+            name,
+            row,
+        )
     fig.suptitle(f"each run's worst {split_name} images — green: ground truth, magenta: prediction", fontsize=10)
     fig.tight_layout()
     return fig
@@ -411,14 +475,22 @@ def reliability_figure(result: RunResult):
     fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 4), squeeze=False)
     for ax, (label, (p, masks)) in zip(axes[0], sets.items()):
         ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="calibrated")
-        shown = {"as trained": p} if temperature == 1.0 else {"as trained": p, f"T = {temperature:.2f}":
-                                                                confidence.calibrated(p, temperature)}
+        shown = (
+            {"as trained": p}
+            if temperature == 1.0
+            else {"as trained": p, f"T = {temperature:.2f}": confidence.calibrated(p, temperature)}
+        )
         for name, probs in shown.items():
             table = confidence.reliability(probs, masks)
             ece = confidence.expected_calibration_error(probs, masks)
             ax.plot(table["predicted"], table["observed"], marker="o", label=f"{name} (ECE {ece:.3f})")
-        ax.set(xlabel="predicted lesion probability", ylabel="observed lesion share", title=f"{result.name}: {label}",
-               xlim=(0, 1), ylim=(0, 1))
+        ax.set(
+            xlabel="predicted lesion probability",
+            ylabel="observed lesion share",
+            title=f"{result.name}: {label}",
+            xlim=(0, 1),
+            ylim=(0, 1),
+        )
         ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, result.run_dir, "reliability")
@@ -431,9 +503,16 @@ RATIO_RANGE = 20.0  # area ratios drawn between 1/20 and 20 (an empty predicted 
 def area_ratio_figure(frames: dict[tuple[str, str], pd.DataFrame]):
     """Each image's predicted-to-true lesion area (log scale, clipped to 1/20–20), per set and run: above 1 a run
     over-segments."""
-    rows = [pd.DataFrame({"run": run, "data": data,  # an empty mask (ratio 0) has no logarithm: drawn at the floor
-                          "area ratio": failures.area_ratio(table).clip(1 / RATIO_RANGE, RATIO_RANGE)}).dropna()
-            for (run, data), table in frames.items()]
+    rows = [
+        pd.DataFrame(
+            {
+                "run": run,
+                "data": data,  # an empty mask (ratio 0) has no logarithm: drawn at the floor
+                "area ratio": failures.area_ratio(table).clip(1 / RATIO_RANGE, RATIO_RANGE),
+            }
+        ).dropna()
+        for (run, data), table in frames.items()
+    ]
     long = pd.concat(rows, ignore_index=True)
     fig, ax = plt.subplots(figsize=(7, 3.8))
     sns.boxplot(data=long, x="data", y="area ratio", hue="run", ax=ax, fliersize=2, log_scale=True)
@@ -452,18 +531,40 @@ def learning_curve_figure(summary: pd.DataFrame):
     for (run, data), rows in summary.groupby(["run", "set"], sort=False):
         tuned = rows[rows["method"].str.startswith("fine-tuned")]
         base = rows[rows["method"] == "as trained"]
-        line = ax.errorbar(pd.concat([base["k"], tuned["k"]]), pd.concat([base["JA mean"], tuned["JA mean"]]),
-                           yerr=pd.concat([base["JA std"], tuned["JA std"]]).fillna(0), marker="o", capsize=3,
-                           label=f"{run} on {data}: fine-tuned on k cases")
+        line = ax.errorbar(
+            pd.concat([base["k"], tuned["k"]]),
+            pd.concat([base["JA mean"], tuned["JA mean"]]),
+            yerr=pd.concat([base["JA std"], tuned["JA std"]]).fillna(0),
+            marker="o",
+            capsize=3,
+            label=f"{run} on {data}: fine-tuned on k cases",
+        )
         threshold = rows[rows["method"].str.startswith("threshold")]
         if len(threshold):
-            ax.errorbar(threshold["k"], threshold["JA mean"], yerr=threshold["JA std"].fillna(0), marker="s", ls=":",
-                        capsize=3, color=line[0].get_color(), label=f"{run}: only the threshold chosen on k cases")
+            ax.errorbar(
+                threshold["k"],
+                threshold["JA mean"],
+                yerr=threshold["JA std"].fillna(0),
+                marker="s",
+                ls=":",
+                capsize=3,
+                color=line[0].get_color(),
+                label=f"{run}: only the threshold chosen on k cases",
+            )
         adapted = rows[rows["method"].str.startswith("batch-norm")]
-        ax.scatter(adapted["k"], adapted["JA mean"], marker="x", s=80, color=line[0].get_color(),
-                   label=f"{run}: batch-norm statistics adapted (no labels)")
-    ax.set(xlabel="labelled cases of the clinic used (k)", ylabel="JA on the clinic's reporting half",
-           title="adapting to another clinic")
+        ax.scatter(
+            adapted["k"],
+            adapted["JA mean"],
+            marker="x",
+            s=80,
+            color=line[0].get_color(),
+            label=f"{run}: batch-norm statistics adapted (no labels)",
+        )
+    ax.set(
+        xlabel="labelled cases of the clinic used (k)",
+        ylabel="JA on the clinic's reporting half",
+        title="adapting to another clinic",
+    )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     fig.tight_layout()
     return fig

@@ -37,9 +37,15 @@ def predict_probabilities(model, meta: dict, images_uint8: torch.Tensor, tta: st
     return predicted_probabilities(model, meta, images_uint8, tta)
 
 
-def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: str | Path,
-                   overlays: bool = False, tta: str | None = None, postprocess: str | None = None,
-                   overwrite: bool = False) -> list[Path]:
+def predict_folder(
+    checkpoint: str | Path,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    overlays: bool = False,
+    tta: str | None = None,
+    postprocess: str | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
     """Write a 0/255 PNG mask at original size for every image in ``input_dir``; returns the mask paths.
 
     Every JPEG/PNG/BMP/TIFF is read but the masks and overlays of another image of the folder
@@ -58,9 +64,14 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
     _refuse_collisions(files, Path(output_dir), overlays, overwrite)
     output_dir = writable_folder(output_dir, "--output")
     if left_out:
-        shown = ", ".join(p.name for p in left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
-        print(f"predict: {len(files)} image(s) in {input_dir}; left out {len(left_out)} file(s) that are not images "
-              f"or are an image's mask or overlay: {shown}", flush=True)
+        shown = ", ".join(p.name for p in left_out[:5]) + (
+            f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
+        )
+        print(
+            f"predict: {len(files)} image(s) in {input_dir}; left out {len(left_out)} file(s) that are not images "
+            f"or are an image's mask or overlay: {shown}",
+            flush=True,
+        )
     calibration = meta.get("calibration") or {}
     flag_below = calibration.get("flag_below")
     written, rows = [], []
@@ -75,11 +86,22 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
         written.append(target)
         score = round(float(confidence.scores(probabilities, calibration)[0]), 6)  # flagged as written
         flagged = flag_below is not None and score < flag_below
-        rows.append({"image": path.name, "mask": target.name, "confidence": score,
-                     "flag_below": flag_below, "flag": CHECK if flagged else ""})
+        rows.append(
+            {
+                "image": path.name,
+                "mask": target.name,
+                "confidence": score,
+                "flag_below": flag_below,
+                "flag": CHECK if flagged else "",
+            }
+        )
         if overlays:
-            _write_overlay(path, mask, f"confidence {score:.2f}" + (f" - {CHECK}" if flagged else ""),
-                           output_dir / f"{path.stem}_overlay.jpg")
+            _write_overlay(
+                path,
+                mask,
+                f"confidence {score:.2f}" + (f" - {CHECK}" if flagged else ""),
+                output_dir / f"{path.stem}_overlay.jpg",
+            )
     with atomic_path(output_dir / CONFIDENCE_FILE) as tmp:  # flag_below: the run's threshold, chosen on validation
         pd.DataFrame(rows).to_csv(tmp, index=False)
     return written
@@ -91,8 +113,10 @@ def confidence_summary(path: Path) -> str:
     flagged = int((table["flag"] == CHECK).sum())
     threshold = table["flag_below"].iloc[0] if len(table) else float("nan")
     if pd.isna(threshold):
-        return (f"{path}: each mask's confidence; this checkpoint has no threshold chosen on validation (trained "
-                "before it), so none is flagged")
+        return (
+            f"{path}: each mask's confidence; this checkpoint has no threshold chosen on validation (trained "
+            "before it), so none is flagged"
+        )
     return f"{path}: {flagged} of {len(table)} masks to check by hand (confidence below {threshold:.3f})"
 
 
@@ -120,8 +144,10 @@ def _refuse_collisions(files: list[Path], output_dir: Path, overlays: bool, over
     shared = {stem: paths for stem, paths in by_stem.items() if len(paths) > 1}
     if shared:
         stem, paths = next(iter(shared.items()))
-        raise DataError(f"{' and '.join(p.name for p in paths)} in {paths[0].parent} would both be written as "
-                        f"{stem}_Segmentation.png ({len(shared)} such name(s)). Fix: rename or move one of each.")
+        raise DataError(
+            f"{' and '.join(p.name for p in paths)} in {paths[0].parent} would both be written as "
+            f"{stem}_Segmentation.png ({len(shared)} such name(s)). Fix: rename or move one of each."
+        )
     if overwrite:
         return
     targets = [output_dir / f"{p.stem}_Segmentation.png" for p in files]
@@ -129,9 +155,11 @@ def _refuse_collisions(files: list[Path], output_dir: Path, overlays: bool, over
     targets.append(output_dir / CONFIDENCE_FILE)
     existing = [t for t in targets if t.exists()]
     if existing:
-        raise DataError(f"{len(existing)} file(s) that predict would write exist already in {output_dir} (e.g. "
-                        f"{existing[0].name}: ground truth, or an earlier run) and are kept. Fix: choose an empty "
-                        "--output folder, or pass --overwrite to replace them.")
+        raise DataError(
+            f"{len(existing)} file(s) that predict would write exist already in {output_dir} (e.g. "
+            f"{existing[0].name}: ground truth, or an earlier run) and are kept. Fix: choose an empty "
+            "--output folder, or pass --overwrite to replace them."
+        )
 
 
 def round_trip(checkpoint: str | Path, pairs: list, output_dir: str | Path) -> dict:
@@ -146,9 +174,14 @@ def round_trip(checkpoint: str | Path, pairs: list, output_dir: str | Path) -> d
     written = predict_folder(checkpoint, pairs[0].image.parent, output_dir)
     model, meta = load_predictor(checkpoint)
     decoded = decode_pairs(pairs, meta["image_size"], progress=False)
-    expected = original_size_counts(predict_probabilities(model, meta, decoded.images), decoded,
-                                    postprocess=meta["postprocess"])
+    expected = original_size_counts(
+        predict_probabilities(model, meta, decoded.images), decoded, postprocess=meta["postprocess"]
+    )
     masks = [output_dir / f"{pair.id}_Segmentation.png" for pair in pairs]
-    counts = torch.cat([confusion_counts(read_mask(path).float().unsqueeze(0), read_mask(pair.mask).float().unsqueeze(0))
-                        for pair, path in zip(pairs, masks)])
+    counts = torch.cat(
+        [
+            confusion_counts(read_mask(path).float().unsqueeze(0), read_mask(pair.mask).float().unsqueeze(0))
+            for pair, path in zip(pairs, masks)
+        ]
+    )
     return {"written": written, "masks": masks, "sizes": decoded.sizes, "counts": counts, "expected": expected}

@@ -70,11 +70,23 @@ def summary_table(history: pd.DataFrame, final_val: dict, final_test: dict, best
         columns = {name: f"{split}_{key}" for name, key in metrics_.items()}
         if f"{split}_iou_mean" in history:
             for stat in ("min", "max", "mean"):
-                rows.append({"split": label, "row": f"{stat} over epochs" + (" [monitor]" if split == "test" else ""),
-                             **{name: getattr(history[column], stat)() if column in history else None
-                                for name, column in columns.items()}})
-        rows.append({"split": label, "row": f"selected checkpoint (epoch {best_epoch})",
-                     **{name: final.get(key) for name, key in metrics_.items()}})
+                rows.append(
+                    {
+                        "split": label,
+                        "row": f"{stat} over epochs" + (" [monitor]" if split == "test" else ""),
+                        **{
+                            name: getattr(history[column], stat)() if column in history else None
+                            for name, column in columns.items()
+                        },
+                    }
+                )
+        rows.append(
+            {
+                "split": label,
+                "row": f"selected checkpoint (epoch {best_epoch})",
+                **{name: final.get(key) for name, key in metrics_.items()},
+            }
+        )
         original = {name: final.get(f"{key} (original size)") for name, key in metrics_.items() if key != "loss"}
         if any(value is not None for value in original.values()):
             rows.append({"split": label, "row": "selected checkpoint, original size", "loss": None, **original})
@@ -84,8 +96,16 @@ def summary_table(history: pd.DataFrame, final_val: dict, final_test: dict, best
 def parameter_table(module, name: str) -> pd.DataFrame:
     """Total / trainable / non-trainable parameters of ``module`` (the report's Tables 3, 4, 7, 8)."""
     counts = count_parameters(module)
-    return pd.DataFrame([{"part": name, "total": counts["total"], "trainable": counts["trainable"],
-                          "non-trainable": counts["non_trainable"]}])
+    return pd.DataFrame(
+        [
+            {
+                "part": name,
+                "total": counts["total"],
+                "trainable": counts["trainable"],
+                "non-trainable": counts["non_trainable"],
+            }
+        ]
+    )
 
 
 def write_decoder_parameters(decoder, path: str | Path, max_values: int = 20) -> Path:
@@ -95,9 +115,15 @@ def write_decoder_parameters(decoder, path: str | Path, max_values: int = 20) ->
         if not tensor.is_floating_point():
             continue
         flat = tensor.flatten().float()
-        lines.append(f"{name}  shape={tuple(tensor.shape)}  mean={flat.mean():.6f}  std={flat.std(correction=0):.6f}  "
-                     f"min={flat.min():.6f}  max={flat.max():.6f}")
-        lines.append("  " + " ".join(f"{v:.5f}" for v in flat[:max_values].tolist()) + (" ..." if flat.numel() > max_values else ""))
+        lines.append(
+            f"{name}  shape={tuple(tensor.shape)}  mean={flat.mean():.6f}  std={flat.std(correction=0):.6f}  "
+            f"min={flat.min():.6f}  max={flat.max():.6f}"
+        )
+        lines.append(
+            "  "
+            + " ".join(f"{v:.5f}" for v in flat[:max_values].tolist())
+            + (" ..." if flat.numel() > max_values else "")
+        )
     return write_text(path, "\n".join(lines) + "\n")
 
 
@@ -110,35 +136,65 @@ def report_vs_reproduction(ours: dict[str, dict], notes: dict[str, str] | None =
         if task not in ours:
             continue
         mine = ours[task]
-        rows.append({
-            "task": task,
-            "report IoU (max over epochs, last test batch)": theirs["iou"],
-            "ours IoU (mean/img, whole test set, val-selected)": mine.get("iou_mean"),
-            "ours IoU (pooled)": mine.get("iou_pooled"),
-            "report Dice": theirs["dice"],
-            "ours Dice (mean/img)": mine.get("dice_mean"),
-            "report accuracy": theirs["accuracy"],
-            "ours accuracy (mean/img)": mine.get("accuracy_mean"),
-            **({"ours: read first": (notes or {}).get(task, "")} if notes else {}),
-        })
+        rows.append(
+            {
+                "task": task,
+                "report IoU (max over epochs, last test batch)": theirs["iou"],
+                "ours IoU (mean/img, whole test set, val-selected)": mine.get("iou_mean"),
+                "ours IoU (pooled)": mine.get("iou_pooled"),
+                "report Dice": theirs["dice"],
+                "ours Dice (mean/img)": mine.get("dice_mean"),
+                "report accuracy": theirs["accuracy"],
+                "ours accuracy (mean/img)": mine.get("accuracy_mean"),
+                **({"ours: read first": (notes or {}).get(task, "")} if notes else {}),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 METHOD_DIFFERENCES = [
-    ("Test metrics", "the last test batch only", "every test image, once",
-     "a single batch of a few images is a noisy sample; ours averages the whole set"),
-    ("Model selection", "max IoU over epochs on the test set", "best validation IoU; test scored once",
-     "choosing on the test set inflates the number by the noise across epochs"),
-    ("Frozen BatchNorm", "left in train mode (running stats drift)", "kept in eval mode",
-     "task 1 then really is feature extraction with ImageNet statistics"),
-    ("Input normalisation", "none", "ImageNet mean/std, as the weights expect",
-     "the encoder sees inputs on the scale it was trained on"),
-    ("Mask resizing", "bilinear (grey edge values)", "nearest-neighbour, binarised",
-     "targets stay binary, so BCE and IoU are computed on true labels"),
-    ("Threshold", "0.5 on raw logits (= probability 0.62)", "0.5 on probabilities",
-     "a logit threshold of 0.5 shrinks every predicted lesion"),
-    ("IoU averaging", "unstated (batch-level)", "mean per image and pooled, both labelled",
-     "the challenge ranked by mean per-image Jaccard; pooled IoU is higher on large lesions"),
+    (
+        "Test metrics",
+        "the last test batch only",
+        "every test image, once",
+        "a single batch of a few images is a noisy sample; ours averages the whole set",
+    ),
+    (
+        "Model selection",
+        "max IoU over epochs on the test set",
+        "best validation IoU; test scored once",
+        "choosing on the test set inflates the number by the noise across epochs",
+    ),
+    (
+        "Frozen BatchNorm",
+        "left in train mode (running stats drift)",
+        "kept in eval mode",
+        "task 1 then really is feature extraction with ImageNet statistics",
+    ),
+    (
+        "Input normalisation",
+        "none",
+        "ImageNet mean/std, as the weights expect",
+        "the encoder sees inputs on the scale it was trained on",
+    ),
+    (
+        "Mask resizing",
+        "bilinear (grey edge values)",
+        "nearest-neighbour, binarised",
+        "targets stay binary, so BCE and IoU are computed on true labels",
+    ),
+    (
+        "Threshold",
+        "0.5 on raw logits (= probability 0.62)",
+        "0.5 on probabilities",
+        "a logit threshold of 0.5 shrinks every predicted lesion",
+    ),
+    (
+        "IoU averaging",
+        "unstated (batch-level)",
+        "mean per image and pooled, both labelled",
+        "the challenge ranked by mean per-image Jaccard; pooled IoU is higher on large lesions",
+    ),
 ]
 
 
@@ -148,22 +204,36 @@ def method_differences_table() -> pd.DataFrame:
 
 def counts_table(dataset) -> pd.DataFrame:
     """Images per split, with where the test set came from."""
-    return pd.DataFrame([{"split": split, "images": count} for split, count in dataset.counts().items()]
-                        + [{"split": "test source", "images": dataset.test_source}])
+    return pd.DataFrame(
+        [{"split": split, "images": count} for split, count in dataset.counts().items()]
+        + [{"split": "test source", "images": dataset.test_source}]
+    )
 
 
 def size_overview(sizes: pd.DataFrame) -> pd.DataFrame:
     """Original sizes at a glance: per dimension (width, height, megapixels) the images, distinct values, min,
     median and max, and how many distinct (width, height) pairs there are (the full list: ``size_summary``)."""
     values = sizes.assign(megapixels=sizes["width"] * sizes["height"] / 1e6)
+
     def plain(value, pixels: bool):  # pixels stay whole numbers (602, not 602.000); a median may be a half
         return int(value) if pixels and float(value).is_integer() else float(value)
 
-    rows = [{"dimension": column, "images": int(values[column].count()), "distinct": int(values[column].nunique()),
-             **{k: plain(getattr(values[column], k)(), column != "megapixels") for k in ("min", "median", "max")}}
-            for column in ("width", "height", "megapixels")]
-    rows.append({"dimension": "width × height", "images": int(len(sizes)),
-                 "distinct": int(len(sizes.groupby(["width", "height"])))})
+    rows = [
+        {
+            "dimension": column,
+            "images": int(values[column].count()),
+            "distinct": int(values[column].nunique()),
+            **{k: plain(getattr(values[column], k)(), column != "megapixels") for k in ("min", "median", "max")},
+        }
+        for column in ("width", "height", "megapixels")
+    ]
+    rows.append(
+        {
+            "dimension": "width × height",
+            "images": int(len(sizes)),
+            "distinct": int(len(sizes.groupby(["width", "height"]))),
+        }
+    )
     return pd.DataFrame(rows, columns=["dimension", "images", "distinct", "min", "median", "max"], dtype=object)
 
 
@@ -175,9 +245,15 @@ def size_summary(sizes: pd.DataFrame) -> pd.DataFrame:
 
 def pixel_stats_table(stats: dict) -> pd.DataFrame:
     """Per-channel mean/std of the training images beside ImageNet's."""
-    return pd.DataFrame({"channel": ["R", "G", "B"], "mean (training images)": stats["mean"],
-                         "std (training images)": stats["std"], "ImageNet mean": IMAGENET_MEAN,
-                         "ImageNet std": IMAGENET_STD})
+    return pd.DataFrame(
+        {
+            "channel": ["R", "G", "B"],
+            "mean (training images)": stats["mean"],
+            "std (training images)": stats["std"],
+            "ImageNet mean": IMAGENET_MEAN,
+            "ImageNet std": IMAGENET_STD,
+        }
+    )
 
 
 def alignment_summary(splits: dict) -> pd.DataFrame:
@@ -185,14 +261,17 @@ def alignment_summary(splits: dict) -> pd.DataFrame:
     rows = []
     for name, split in splits.items():
         table = check_alignment(split)
-        rows.append({
-            "split": name, "images": len(table),
-            "mask named for its image": int(table["mask_named_for_image"].sum()),
-            "empty masks": int((table["lesion_fraction"] == 0).sum()),
-            "full masks": int((table["lesion_fraction"] == 1).sum()),
-            "lesion darker than skin": int(table["lesion_darker_than_skin"].sum()),
-            "mean lesion fraction": table["lesion_fraction"].mean(),
-        })
+        rows.append(
+            {
+                "split": name,
+                "images": len(table),
+                "mask named for its image": int(table["mask_named_for_image"].sum()),
+                "empty masks": int((table["lesion_fraction"] == 0).sum()),
+                "full masks": int((table["lesion_fraction"] == 1).sum()),
+                "lesion darker than skin": int(table["lesion_darker_than_skin"].sum()),
+                "mean lesion fraction": table["lesion_fraction"].mean(),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -204,12 +283,23 @@ def run_tables(run: RunResult) -> dict[str, pd.DataFrame]:
     write_decoder_parameters(run.model.decoder, run.run_dir / "decoder_parameters.txt")
     return {
         "epochs": save_table(epoch_table(run.history), run.run_dir, "epochs"),
-        "summary": save_table(summary_table(run.history, first["val"], {**first["test"], **original},
-                                            first["best_epoch"]), run.run_dir, "summary"),
-        "parameters": save_table(pd.concat([parameter_table(run.model.encoder, "encoder"),
-                                            parameter_table(run.model.decoder, "decoder"),
-                                            parameter_table(run.model, "whole model")], ignore_index=True),
-                                 run.run_dir, "parameters"),
+        "summary": save_table(
+            summary_table(run.history, first["val"], {**first["test"], **original}, first["best_epoch"]),
+            run.run_dir,
+            "summary",
+        ),
+        "parameters": save_table(
+            pd.concat(
+                [
+                    parameter_table(run.model.encoder, "encoder"),
+                    parameter_table(run.model.decoder, "decoder"),
+                    parameter_table(run.model, "whole model"),
+                ],
+                ignore_index=True,
+            ),
+            run.run_dir,
+            "parameters",
+        ),
     }
 
 
@@ -218,16 +308,25 @@ def trust_tables(run: RunResult) -> dict:
     test set), its candidates' validation ρ, the calibration, saved under the run's ``tables/``; the run's gallery
     page (``<run>/gallery.html``) written; the reading."""
     seed = int(run.results[0]["seed"])
-    tables = {"confidence": save_table(trust.confidence_table(run.run_dir, run.name), run.run_dir, "confidence"),
-              "candidates": save_table(trust.candidates_table(run.run_dir, run.name), run.run_dir,
-                                       "confidence_candidates"),
-              "calibration": save_table(trust.calibration_table(run.run_dir, run.name), run.run_dir, "calibration")}
+    tables = {
+        "confidence": save_table(trust.confidence_table(run.run_dir, run.name), run.run_dir, "confidence"),
+        "candidates": save_table(trust.candidates_table(run.run_dir, run.name), run.run_dir, "confidence_candidates"),
+        "calibration": save_table(trust.calibration_table(run.run_dir, run.name), run.run_dir, "calibration"),
+    }
     flag = trust.calibrations(run.run_dir).get(seed, {}).get("flag_below")
-    trust.run_gallery(run.run_dir / GALLERY, run.name, run.data.test, plots.as_scored(run.probabilities, run.params),
-                      run.per_image[seed], flag)
+    trust.run_gallery(
+        run.run_dir / GALLERY,
+        run.name,
+        run.data.test,
+        plots.as_scored(run.probabilities, run.params),
+        run.per_image[seed],
+        flag,
+    )
     tables["reading"] = trust.reading(tables["confidence"], tables["calibration"])
-    tables["link"] = (f"**[Every test prediction of {run.name}]({page_link(run.run_dir / GALLERY)})** — a page of thumbnails "
-                      "sortable by JA, confidence and lesion size.")
+    tables["link"] = (
+        f"**[Every test prediction of {run.name}]({page_link(run.run_dir / GALLERY)})** — a page of thumbnails "
+        "sortable by JA, confidence and lesion size."
+    )
     return tables
 
 
@@ -237,12 +336,15 @@ def compare_trust(params: dict, runs: dict[str, SavedRun], out_dir: Path) -> dic
     confidence = pd.concat([trust.confidence_table(r.run_dir, n) for n, r in runs.items()], ignore_index=True)
     calibration = pd.concat([trust.calibration_table(r.run_dir, n) for n, r in runs.items()], ignore_index=True)
     test = prepare_data(params, progress=False).test
-    trust.compare_gallery(out_dir / GALLERY, test, runs,
-                          {n: plots.as_scored(r.probabilities, r.info["params"]) for n, r in runs.items()})
-    return {"confidence": save_table(confidence, out_dir, "confidence"),
-            "calibration": save_table(calibration, out_dir, "calibration"),
-            "reading": trust.reading(confidence, calibration),
-            "link": f"**[Every test prediction, run by run]({page_link(out_dir / GALLERY)})**"}
+    trust.compare_gallery(
+        out_dir / GALLERY, test, runs, {n: plots.as_scored(r.probabilities, r.info["params"]) for n, r in runs.items()}
+    )
+    return {
+        "confidence": save_table(confidence, out_dir, "confidence"),
+        "calibration": save_table(calibration, out_dir, "calibration"),
+        "reading": trust.reading(confidence, calibration),
+        "link": f"**[Every test prediction, run by run]({page_link(out_dir / GALLERY)})**",
+    }
 
 
 def external_galleries(result: dict, out_dir: Path) -> str:
@@ -255,14 +357,22 @@ def external_galleries(result: dict, out_dir: Path) -> str:
             scored = result["scored"][(name, external.name)]
             seed = min(scored.probabilities)
             split = result["splits"][(external.name, int(run.info["params"]["image_size"]))]
-            entries[name] = {"masks": plots.as_scored(scored.probabilities[seed], run.info["params"]),
-                             "table": failures.per_image_frame(scored.own_tables()[seed]),
-                             "flag_below": scored.calibrations[seed].get("flag_below")}
+            entries[name] = {
+                "masks": plots.as_scored(scored.probabilities[seed], run.info["params"]),
+                "table": failures.per_image_frame(scored.own_tables()[seed]),
+                "flag_below": scored.calibrations[seed].get("flag_below"),
+            }
         page = out_dir / f"{GALLERY.removesuffix('.html')}_{_slug(external.name)}.html"
-        gallery.write_gallery(page, f"{external.name} — every prediction, run by run",
-                              f"Every image of {html.escape(external.name)}, one thumbnail per run: JA and the run's "
-                              "confidence (chosen on ISIC validation, never on this set).",
-                              split.images, split.masks, split.ids, entries)
+        gallery.write_gallery(
+            page,
+            f"{external.name} — every prediction, run by run",
+            f"Every image of {html.escape(external.name)}, one thumbnail per run: JA and the run's "
+            "confidence (chosen on ISIC validation, never on this set).",
+            split.images,
+            split.masks,
+            split.ids,
+            entries,
+        )
         links.append(f"**[Every {external.name} prediction]({page_link(page)})**")
     return " · ".join(links) or "No external set scored: no gallery."
 
@@ -280,13 +390,14 @@ def _table(folder: Path, name: str) -> pd.DataFrame | None:
 
 
 def data_line(out_dir: Path) -> str:
-    """"Data: 516 train / 129 validation / 161 test images." from the EDA chapter's counts ('' before it ran)."""
+    """ "Data: 516 train / 129 validation / 161 test images." from the EDA chapter's counts ('' before it ran)."""
     counts = _table(out_dir / "eda", "counts")
     if counts is None:
         return ""
     images = dict(zip(counts["split"], counts["images"]))
-    return (f"Data: {images.get('train')} train / {images.get('validation')} validation / {images.get('test')} test "
-            f"images.")
+    return (
+        f"Data: {images.get('train')} train / {images.get('validation')} validation / {images.get('test')} test images."
+    )
 
 
 def _run_finding(folder: Path) -> str:
@@ -299,19 +410,27 @@ def _run_finding(folder: Path) -> str:
     spread = f" ± {scores.std(ddof=1):.3f} over {len(seeds)} seeds" if len(seeds) > 1 else ""
     first = int(seeds["seed"].iloc[0])
     per_image = _table(folder, f"per_image_test_seed{first}")
-    fails = "" if per_image is None else (
-        f"; {int((per_image['iou'] < failures.FAIL_BELOW).sum())} of {len(per_image)} test images below JA "
-        f"{failures.FAIL_BELOW} (seed {first})")
+    fails = (
+        ""
+        if per_image is None
+        else (
+            f"; {int((per_image['iou'] < failures.FAIL_BELOW).sum())} of {len(per_image)} test images below JA "
+            f"{failures.FAIL_BELOW} (seed {first})"
+        )
+    )
     trained = (info.get("trained_on") or {}).get(str(first), {})
     where = f"; trained on {trained['device_name']} ({trained['precision']})" if trained else ""
     weights = (info.get("encoder_weights") or {}).get(str(first), {})
-    encoder = weights.get("source", "unrecorded") + (" (ImageNet weights were unavailable)"
-                                                     if weights.get("fallback") else "")
+    encoder = weights.get("source", "unrecorded") + (
+        " (ImageNet weights were unavailable)" if weights.get("fallback") else ""
+    )
     warning = _run_caveat(folder, seeds)
     warning = f"{warning[0].upper()}{warning[1:]}; " if warning else ""
-    return (f"{warning}test JA {scores.mean():.3f}{spread} (mean per image, original size); checkpoint of epoch "
-            f"{int(seeds['best_epoch'].iloc[0])} of {info['params']['epochs']} chosen on validation (val IoU "
-            f"{seeds['val_iou_mean'].iloc[0]:.3f}){fails}; encoder: {encoder}{where}.")
+    return (
+        f"{warning}test JA {scores.mean():.3f}{spread} (mean per image, original size); checkpoint of epoch "
+        f"{int(seeds['best_epoch'].iloc[0])} of {info['params']['epochs']} chosen on validation (val IoU "
+        f"{seeds['val_iou_mean'].iloc[0]:.3f}){fails}; encoder: {encoder}{where}."
+    )
 
 
 def _compare_finding(out_dir: Path) -> str:
@@ -364,8 +483,10 @@ def _eda_finding(out_dir: Path) -> str:
     largest = sizes.loc[(sizes["width"] * sizes["height"]).idxmax()]
     alignment = _table(folder, "alignment")
     checked = "" if alignment is None else " Every image was checked against its own mask (see the alignment table)."
-    return (f"{line} Original sizes from {smallest['width']}×{smallest['height']} to {largest['width']}×"
-            f"{largest['height']} ({len(sizes)} distinct), resized to the model's square input.{checked}")
+    return (
+        f"{line} Original sizes from {smallest['width']}×{smallest['height']} to {largest['width']}×"
+        f"{largest['height']} ({len(sizes)} distinct), resized to the model's square input.{checked}"
+    )
 
 
 def _external_finding(out_dir: Path) -> str:
@@ -384,8 +505,10 @@ def _external_finding(out_dir: Path) -> str:
         name = row["external set"]
         spread = gap_spread(row) if row.get("seeds", 0) > 1 else ""
         on_set = row.get(f"JA {ON_SET}", row.get(f"JA {name}"))  # or a table of an earlier version, per-set columns
-        parts.append(f"{row['run']} JA {on_set:.3f} on {name} vs {row['JA ISIC test']:.3f} on the ISIC "
-                     f"test set ({signed(row['JA gap'])}{spread})")
+        parts.append(
+            f"{row['run']} JA {on_set:.3f} on {name} vs {row['JA ISIC test']:.3f} on the ISIC "
+            f"test set ({signed(row['JA gap'])}{spread})"
+        )
     left_out = "".join(f" {name} is left out: it {text}." for name, text in nothing.items())
     return ("; ".join(parts) + "." if parts else "") + left_out
 
@@ -414,21 +537,34 @@ def answer_section(out_dir: Path) -> str:
     if table is None:
         return "<p>The comparison chapter has not run yet: the answer appears here once it has.</p>"
     figure = folder / "figures" / "predictions.png"
-    picture = (f'<figure><img src="{embedded_png(figure) if figure.exists() else ""}" '
-               'alt="the same test images predicted by every run">'
-               "<figcaption>The same test images (from easy to hard for the first run), their ground truth, and each "
-               "run's prediction.</figcaption></figure>") if figure.exists() else ""
+    picture = (
+        (
+            f'<figure><img src="{embedded_png(figure) if figure.exists() else ""}" '
+            'alt="the same test images predicted by every run">'
+            "<figcaption>The same test images (from easy to hard for the first run), their ground truth, and each "
+            "run's prediction.</figcaption></figure>"
+        )
+        if figure.exists()
+        else ""
+    )
     elsewhere = _external_finding(out_dir)
-    elsewhere = ("" if elsewhere == "not run yet." else
-                 f'<p class="answer">On another clinic\'s images: {html.escape(elsewhere)}</p>')
-    return (f'<h2>The answer</h2><p class="answer">{html.escape(_compare_finding(out_dir))}</p>{elsewhere}'
-            "<h3>Table 9 — test scores per run (validation-selected checkpoints; mean ± std over seeds)</h3>"
-            + table.to_html(index=False, border=0, na_rep="", classes="table9") + picture)
+    elsewhere = (
+        ""
+        if elsewhere == "not run yet."
+        else f'<p class="answer">On another clinic\'s images: {html.escape(elsewhere)}</p>'
+    )
+    return (
+        f'<h2>The answer</h2><p class="answer">{html.escape(_compare_finding(out_dir))}</p>{elsewhere}'
+        "<h3>Table 9 — test scores per run (validation-selected checkpoints; mean ± std over seeds)</h3>"
+        + table.to_html(index=False, border=0, na_rep="", classes="table9")
+        + picture
+    )
 
 
 def for_reading(table: pd.DataFrame, digits: int = 3):
     """``table`` as a chapter shows it: no index column, numbers rounded to ``digits`` decimals, blanks for missing
     values (the CSV under ``tables/`` keeps full precision)."""
+
     def shown(value):  # -0.0001 reads 0.000, not -0.000
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
             return str(value)

@@ -50,6 +50,7 @@ MASK_SUFFIX = "_Segmentation.png"
 _ID = re.compile(r"^(ISIC_\d+)$")
 _MASK = re.compile(r"^(ISIC_\d+)_Segmentation\.png$", re.IGNORECASE)
 
+
 class DataError(ValueError):
     """A problem with the input data; the message names the file and the fix."""
 
@@ -174,11 +175,19 @@ def find_external_pairs(root: str | Path, images: str = "*", masks: str = "{stem
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"external data folder {root} not found. Point the set's dir (or its environment variable) at "
-                        "the folder holding the images and masks.")
-    candidates = sorted(p for p in root.glob(images) if p.is_file() and p.suffix.lower() in EXTERNAL_IMAGE_SUFFIXES
-                        and not p.name.startswith(".") and "__MACOSX" not in p.parts
-                        and not p.stem.endswith("_superpixels"))
+        raise DataError(
+            f"external data folder {root} not found. Point the set's dir (or its environment variable) at "
+            "the folder holding the images and masks."
+        )
+    candidates = sorted(
+        p
+        for p in root.glob(images)
+        if p.is_file()
+        and p.suffix.lower() in EXTERNAL_IMAGE_SUFFIXES
+        and not p.name.startswith(".")
+        and "__MACOSX" not in p.parts
+        and not p.stem.endswith("_superpixels")
+    )
     mask_of = {p: (p.parent / masks.format(stem=p.stem)) for p in candidates}
     mask_paths = {os.path.normpath(m) for m in mask_of.values()}
     pairs: dict[str, Pair] = {}
@@ -188,20 +197,26 @@ def find_external_pairs(root: str | Path, images: str = "*", masks: str = "{stem
             continue
         mask = Path(os.path.normpath(mask_of[path]))
         if path.stem in pairs:
-            raise DataError(f"two images with the id {path.stem} under {root}: {pairs[path.stem].image} and {path}. "
-                            "Keep one file per id.")
+            raise DataError(
+                f"two images with the id {path.stem} under {root}: {pairs[path.stem].image} and {path}. "
+                "Keep one file per id."
+            )
         if not mask.is_file():
             missing.append((path, mask))
             continue
         pairs[path.stem] = Pair(path.stem, path, mask)
     if missing:
         image, mask = missing[0]
-        raise DataError(f"mask missing for {image}: expected {mask} (mask rule {masks!r})"
-                        + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-                        + ". Restore the mask, remove the image, or fix the set's masks rule in the profile.")
+        raise DataError(
+            f"mask missing for {image}: expected {mask} (mask rule {masks!r})"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            + ". Restore the mask, remove the image, or fix the set's masks rule in the profile."
+        )
     if not pairs:
-        raise DataError(f"no images ({', '.join('*' + s for s in EXTERNAL_IMAGE_SUFFIXES)}) matching {images!r} under "
-                        f"{root}. Check the folder, or the set's images glob / layout in the profile.")
+        raise DataError(
+            f"no images ({', '.join('*' + s for s in EXTERNAL_IMAGE_SUFFIXES)}) matching {images!r} under "
+            f"{root}. Check the folder, or the set's images glob / layout in the profile."
+        )
     return [pairs[k] for k in sorted(pairs)]
 
 
@@ -219,9 +234,7 @@ def verify_zip(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise DataError(
-            f"{path} is not a valid zip archive ({exc}). Delete it and download again."
-        ) from exc
+        raise DataError(f"{path} is not a valid zip archive ({exc}). Delete it and download again.") from exc
     if bad is not None:
         raise DataError(f"{path} is corrupt (member {bad} fails its CRC check). Delete it and download again.")
 
@@ -247,8 +260,10 @@ def safe_extract(archive_path: Path, target: Path, max_bytes: int = MAX_EXTRACTE
         total = sum(member.file_size for member in archive.infolist())
         if total > max_bytes:
             shutil.rmtree(staging, ignore_errors=True)
-            raise DataError(f"{archive_path} would expand to {total / 2**30:.1f} GiB (more than {max_bytes / 2**30:.0f} "
-                            "GiB): not an official ISIC archive. Delete it and download again.")
+            raise DataError(
+                f"{archive_path} would expand to {total / 2**30:.1f} GiB (more than {max_bytes / 2**30:.0f} "
+                "GiB): not an official ISIC archive. Delete it and download again."
+            )
         members = archive.infolist()
         for member in progress_bar(members, total=len(members), desc=f"extract {archive_path.name}", unit="files"):
             name = member.filename
@@ -330,5 +345,3 @@ def download_isic2016(
                 f"Delete {', '.join(archive_names(split))} (folders and .zip) under {root} and download again."
             )
     return root
-
-

@@ -27,8 +27,10 @@ MARKER = "synthetic.json"
 def _smooth_noise(rng: np.random.Generator, width: int, height: int, cells: int, channels: int = 1) -> np.ndarray:
     """Low-frequency noise in [-1, 1]: a random grid upsampled bicubically to width × height."""
     grid = rng.uniform(0, 255, size=(cells, max(2, int(cells * height / width)), channels)).astype(np.uint8)
-    layers = [np.asarray(Image.fromarray(grid[..., c].T).resize((width, height), Image.Resampling.BICUBIC),
-                         dtype=np.float32) for c in range(channels)]
+    layers = [
+        np.asarray(Image.fromarray(grid[..., c].T).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+        for c in range(channels)
+    ]
     return np.stack(layers, axis=-1) / 127.5 - 1
 
 
@@ -52,7 +54,7 @@ def make_lesion_image(seed: int) -> tuple[Image.Image, Image.Image]:
     theta = np.arctan2(yy - cy, xx - cx)
     boundary = np.ones_like(theta)
     for k in range(2, 8):
-        boundary += rng.uniform(0.02, 0.16) / k ** 0.7 * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+        boundary += rng.uniform(0.02, 0.16) / k**0.7 * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
     distance = np.hypot(xx - cx, yy - cy) / (radius * boundary)
     edge = rng.uniform(0.03, 0.12)  # width of the blurred border, as a fraction of the radius
     alpha = np.clip((1 + edge - distance) / (2 * edge), 0, 1)
@@ -77,10 +79,13 @@ def make_lesion_image(seed: int) -> tuple[Image.Image, Image.Image]:
     for _ in range(int(rng.integers(0, 7))):  # hairs: dark quadratic curves
         p0, p1, p2 = (rng.uniform([0, 0], [width, height]) for _ in range(3))
         t = np.linspace(0, 1, 40)[:, None]
-        curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
+        curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
         shade = int(rng.uniform(20, 70))
-        draw.line([tuple(p) for p in curve], fill=(shade, shade - 10 if shade > 10 else 0, shade // 2),
-                  width=int(rng.integers(2, 5)))
+        draw.line(
+            [tuple(p) for p in curve],
+            fill=(shade, shade - 10 if shade > 10 else 0, shade // 2),
+            width=int(rng.integers(2, 5)),
+        )
     picture = picture.filter(ImageFilter.GaussianBlur(radius=0.8))
     return picture, Image.fromarray((mask * 255).astype(np.uint8))
 
@@ -110,8 +115,12 @@ def make_synthetic_isic(root: str | Path, n_train: int = 200, n_test: int = 60, 
     root = Path(root)
     settings = {"n_train": n_train, "n_test": n_test, "seed": seed, "version": 2}
     marker = root / MARKER
-    if marker.exists() and json.loads(marker.read_text()) == settings and has_split(root, "train") \
-            and has_split(root, "test"):
+    if (
+        marker.exists()
+        and json.loads(marker.read_text()) == settings
+        and has_split(root, "train")
+        and has_split(root, "test")
+    ):
         return root
     refuse_foreign_files(root, marker)
     write_json(marker, {**settings, "complete": False})  # ours from the first file on: a killed run is redone
@@ -163,7 +172,7 @@ def make_synthetic_external(root: str | Path, count: int = 20, seed: int = 1) ->
         size = (int(rng.integers(761, 769)), int(rng.integers(571, 577)))
         image, mask = image.resize(size, Image.Resampling.BILINEAR), mask.resize(size, Image.Resampling.NEAREST)
         pixels = np.asarray(image, dtype=np.float32) / 255
-        shifted = np.clip(255 * (pixels ** 1.15) * cast, 0, 255).astype(np.uint8)
+        shifted = np.clip(255 * (pixels**1.15) * cast, 0, 255).astype(np.uint8)
         folder = root / PH2_FOLDER / case
         with atomic_path(folder / f"{case}_Dermoscopic_Image" / f"{case}.bmp") as tmp:
             Image.fromarray(shifted).save(tmp, format="BMP")

@@ -64,8 +64,10 @@ def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if kind == "bce":
         return lambda logits, targets: nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
     if kind == "bce+dice":
-        return lambda logits, targets: (nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
-                                        + soft_dice_loss(logits.float(), targets))
+        return lambda logits, targets: (
+            nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
+            + soft_dice_loss(logits.float(), targets)
+        )
     raise ValueError(f"loss must be 'bce' or 'bce+dice', got {kind!r}")
 
 
@@ -82,8 +84,15 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model: SegmentationModel, split: DecodedSplit, config: TrainConfig, precision: str,
-             features=None, keep_probabilities: bool = False, tta: str = "none") -> Evaluation:
+def evaluate(
+    model: SegmentationModel,
+    split: DecodedSplit,
+    config: TrainConfig,
+    precision: str,
+    features=None,
+    keep_probabilities: bool = False,
+    tta: str = "none",
+) -> Evaluation:
     """Loss and per-image counts over the **whole** split (threshold 0.5 on probabilities); ``tta="flips"``
     scores the flip-averaged probabilities (the loss then of their logits)."""
     model.eval()
@@ -97,8 +106,9 @@ def evaluate(model: SegmentationModel, split: DecodedSplit, config: TrainConfig,
             if features is not None:
                 logits = model.decoder(select_features(features, rows, config.channels_last))
             elif tta != "none":
-                averaged = flip_averaged(model, to_input(split.images[rows], model.spec, config.device,
-                                                          config.channels_last), tta)
+                averaged = flip_averaged(
+                    model, to_input(split.images[rows], model.spec, config.device, config.channels_last), tta
+                )
                 logits = torch.logit(averaged, eps=1e-6)
             else:
                 logits = model(to_input(split.images[rows], model.spec, config.device, config.channels_last))
@@ -108,17 +118,28 @@ def evaluate(model: SegmentationModel, split: DecodedSplit, config: TrainConfig,
         counts.append(metrics.confusion_counts(probabilities, targets))
         if keep_probabilities:
             kept.append(probabilities)
-    return Evaluation(float(total) / len(split), torch.cat(counts).cpu(),
-                      torch.cat(kept).cpu() if keep_probabilities else None)
+    return Evaluation(
+        float(total) / len(split), torch.cat(counts).cpu(), torch.cat(kept).cpu() if keep_probabilities else None
+    )
 
 
 def build_optimizer(model: SegmentationModel, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with a decoder group (``decoder_lr``) and, when the encoder trains, an encoder group (``encoder_lr``)."""
-    groups = [{"params": [p for p in model.decoder.parameters() if p.requires_grad], "lr": config.decoder_lr,
-               "name": "decoder"}]
+    groups = [
+        {
+            "params": [p for p in model.decoder.parameters() if p.requires_grad],
+            "lr": config.decoder_lr,
+            "name": "decoder",
+        }
+    ]
     if not model.freeze_encoder:
-        groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": config.encoder_lr,
-                       "name": "encoder"})
+        groups.append(
+            {
+                "params": [p for p in model.encoder.parameters() if p.requires_grad],
+                "lr": config.encoder_lr,
+                "name": "encoder",
+            }
+        )
     fused = config.device.startswith("cuda") or hasattr(torch, "_fused_adamw_")  # the CPU kernel's op (torch >= 2.4)
     try:
         return torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused)
@@ -126,10 +147,18 @@ def build_optimizer(model: SegmentationModel, config: TrainConfig) -> torch.opti
         return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
-def train_epoch(model: SegmentationModel, split: DecodedSplit, optimizer, config: TrainConfig, precision: str,
-                generator: torch.Generator, feature_cache: list | None = None,
-                on_step: Callable[[int], None] | None = None, desc: str = "train",
-                scaler: torch.amp.GradScaler | None = None) -> float:
+def train_epoch(
+    model: SegmentationModel,
+    split: DecodedSplit,
+    optimizer,
+    config: TrainConfig,
+    precision: str,
+    generator: torch.Generator,
+    feature_cache: list | None = None,
+    on_step: Callable[[int], None] | None = None,
+    desc: str = "train",
+    scaler: torch.amp.GradScaler | None = None,
+) -> float:
     """One pass over ``split`` in seeded random order; returns the mean training loss.
 
     Raises ``TrainingDiverged`` on a NaN or infinite loss: on the CPU before the optimiser steps on it; on a GPU,
@@ -149,8 +178,9 @@ def train_epoch(model: SegmentationModel, split: DecodedSplit, optimizer, config
         rows = rows.to(split.masks.device)  # the data's device (the GPU when fit put it there)
         masks = split.masks[rows].to(config.device, non_blocking=True)
         if feature_cache is not None:
-            inputs = cached_batch(feature_cache, variant_index(draws, len(rows), horizontal_choices), rows,
-                                   config.channels_last)
+            inputs = cached_batch(
+                feature_cache, variant_index(draws, len(rows), horizontal_choices), rows, config.channels_last
+            )
             _, masks = apply_augmentation(masks, masks, draws)  # flip the masks like the cached features
         else:
             images = split.images[rows].to(config.device, non_blocking=True)
@@ -203,10 +233,19 @@ class FitResult:
     trained_on: dict = field(default_factory=dict)  # device, its name, precision, deterministic
 
 
-def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir: str | Path,
-        on_step: Callable[[int, int], None] | None = None, resume: bool = True, verbose: bool = True,
-        label: str = "", later_epochs: int = 0, features: FeatureStore | None = None,
-        stale: tuple[str, ...] = ()) -> FitResult:
+def fit(
+    model: SegmentationModel,
+    data: ReportData,
+    config: TrainConfig,
+    run_dir: str | Path,
+    on_step: Callable[[int, int], None] | None = None,
+    resume: bool = True,
+    verbose: bool = True,
+    label: str = "",
+    later_epochs: int = 0,
+    features: FeatureStore | None = None,
+    stale: tuple[str, ...] = (),
+) -> FitResult:
     """Train for ``config.epochs`` epochs; select the checkpoint with the best validation mean IoU; score the
     test set once with it.
 
@@ -233,8 +272,18 @@ def fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir
         return _fit(model, data, config, Path(run_dir), on_step, resume, verbose, label, later_epochs, features)
 
 
-def _fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_dir: Path, on_step, resume: bool,
-         verbose: bool, label: str, later_epochs: int, features: FeatureStore | None) -> FitResult:
+def _fit(
+    model: SegmentationModel,
+    data: ReportData,
+    config: TrainConfig,
+    run_dir: Path,
+    on_step,
+    resume: bool,
+    verbose: bool,
+    label: str,
+    later_epochs: int,
+    features: FeatureStore | None,
+) -> FitResult:
     start = time.perf_counter()
     remove_leftovers(run_dir)  # a killed run's half-written checkpoint copies
     precision = resolve_precision(config.precision, config.device)
@@ -242,12 +291,26 @@ def _fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_di
     generator = seed_everything(config.seed)
     optimizer = _place(model, config)
     scaler = grad_scaler(precision, config.device)
-    trained_on = {"device": config.device, "device_name": device_name(config.device), "precision": precision,
-                  "deterministic": config.deterministic}
+    trained_on = {
+        "device": config.device,
+        "device_name": device_name(config.device),
+        "precision": precision,
+        "deterministic": config.deterministic,
+    }
     data = with_color_constancy(data, config.color_constancy)
     fingerprint, weights = checkpoints.run_fingerprint(model, data, config)
-    progress = checkpoints.resume_or_start(model, optimizer, scaler, generator, fingerprint, weights, config,
-                                           run_dir, resume, (label or str(run_dir)) if verbose else None)
+    progress = checkpoints.resume_or_start(
+        model,
+        optimizer,
+        scaler,
+        generator,
+        fingerprint,
+        weights,
+        config,
+        run_dir,
+        resume,
+        (label or str(run_dir)) if verbose else None,
+    )
     data = on_device(data, config.device)
     timings = {"feature_cache_s": 0.0, "checkpoint_s": 0.0}
     cached = Features()
@@ -267,11 +330,21 @@ def _fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_di
         if improved:
             progress.best_iou, progress.best_epoch = row["val_iou_mean"], epoch
         # last.pt first: it records the best epoch, and a crash before best.pt is written is mended on resume
-        checkpoints.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scaler": scaler.state_dict(), "rng": checkpoints.rng_state(generator, config.device),
-                          "history": progress.rows, "best_iou": progress.best_iou, "best_epoch": progress.best_epoch,
-                          "fingerprint": fingerprint, "encoder_weights": weights, "trained_on": trained_on},
-                         run_dir / "last.pt")
+        checkpoints.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": checkpoints.rng_state(generator, config.device),
+                "history": progress.rows,
+                "best_iou": progress.best_iou,
+                "best_epoch": progress.best_epoch,
+                "fingerprint": fingerprint,
+                "encoder_weights": weights,
+                "trained_on": trained_on,
+            },
+            run_dir / "last.pt",
+        )
         if improved:
             best = checkpoints.best_state(model.state_dict(), meta, epoch, progress.best_iou, fingerprint)
             checkpoints.save(best, run_dir / "best.pt")
@@ -284,8 +357,18 @@ def _fit(model: SegmentationModel, data: ReportData, config: TrainConfig, run_di
     t0 = time.perf_counter()
     final_val, final_test = _score_selected(model, data, config, precision, run_dir / "best.pt")
     timings["final_eval_s"] = time.perf_counter() - t0
-    return FitResult(pd.DataFrame(progress.rows), progress.best_epoch, final_test, final_val, run_dir, precision,
-                     uses_feature_cache(model, config), time.perf_counter() - start, timings, trained_on)
+    return FitResult(
+        pd.DataFrame(progress.rows),
+        progress.best_epoch,
+        final_test,
+        final_val,
+        run_dir,
+        precision,
+        uses_feature_cache(model, config),
+        time.perf_counter() - start,
+        timings,
+        trained_on,
+    )
 
 
 def with_color_constancy(data: ReportData, method: str) -> ReportData:
@@ -295,6 +378,7 @@ def with_color_constancy(data: ReportData, method: str) -> ReportData:
         return data
     done = data.__dict__.setdefault("_color_constant", {})
     if method not in done:
+
         def apply(split: DecodedSplit) -> DecodedSplit:
             return replace(split, images=apply_color_constancy(split.images, method))
 
@@ -321,16 +405,38 @@ def _place(model: SegmentationModel, config: TrainConfig) -> torch.optim.Optimiz
     return build_optimizer(model, config)
 
 
-def _one_epoch(model, data: ReportData, optimizer, config: TrainConfig, precision: str, generator: torch.Generator,
-               features: Features, epoch: int, on_step, scaler) -> dict:
+def _one_epoch(
+    model,
+    data: ReportData,
+    optimizer,
+    config: TrainConfig,
+    precision: str,
+    generator: torch.Generator,
+    features: Features,
+    epoch: int,
+    on_step,
+    scaler,
+) -> dict:
     """Train one epoch, evaluate validation (and monitor test); the epoch's row of the history."""
     t0 = time.perf_counter()
-    train_loss = train_epoch(model, data.train, optimizer, config, precision, generator, features.train,
-                             on_step=(lambda step: on_step(epoch, step)) if on_step else None,
-                             desc=f"epoch {epoch}/{config.epochs}", scaler=scaler)
+    train_loss = train_epoch(
+        model,
+        data.train,
+        optimizer,
+        config,
+        precision,
+        generator,
+        features.train,
+        on_step=(lambda step: on_step(epoch, step)) if on_step else None,
+        desc=f"epoch {epoch}/{config.epochs}",
+        scaler=scaler,
+    )
     t1 = time.perf_counter()
-    row = {"epoch": epoch, "train_loss": train_loss,
-           **_prefixed("val", evaluate(model, data.val, config, precision, features.val).summary())}
+    row = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        **_prefixed("val", evaluate(model, data.val, config, precision, features.val).summary()),
+    }
     if config.monitor_test:
         row.update(_prefixed("test", evaluate(model, data.test, config, precision, features.test).summary()))
     t2 = time.perf_counter()
@@ -344,8 +450,11 @@ def _check_epoch(model: SegmentationModel, row: dict) -> None:
     finite = torch.stack([torch.isfinite(tensor).all() for tensor in weights.values()]).cpu()  # one read per epoch
     broken = [name for name, ok in zip(weights, finite.tolist()) if not ok]
     if broken or not math.isfinite(row["val_loss"]):
-        where = f"weights {', '.join(broken[:3])}{' …' if len(broken) > 3 else ''} are not finite" if broken \
+        where = (
+            f"weights {', '.join(broken[:3])}{' …' if len(broken) > 3 else ''} are not finite"
+            if broken
             else f"validation loss is {row['val_loss']}"
+        )
         raise TrainingDiverged(
             f"epoch {row['epoch']}: {where}. Training stopped before this epoch was saved; the last complete "
             "epoch's checkpoints are kept. Fix: lower the learning rates, or use precision='fp32'."
@@ -356,8 +465,10 @@ def _score_selected(model, data: ReportData, config: TrainConfig, precision: str
     """Load the validation-selected weights; evaluate validation and, once, the whole test set (probabilities kept),
     with the run's test-time flips when it asks for them (selection itself never uses them)."""
     model.load_state_dict(load_checkpoint(best_path)["model"])
-    return (evaluate(model, data.val, config, precision, keep_probabilities=True, tta=config.tta),
-            evaluate(model, data.test, config, precision, keep_probabilities=True, tta=config.tta))
+    return (
+        evaluate(model, data.val, config, precision, keep_probabilities=True, tta=config.tta),
+        evaluate(model, data.test, config, precision, keep_probabilities=True, tta=config.tta),
+    )
 
 
 def _prefixed(prefix: str, values: dict) -> dict:

@@ -39,7 +39,7 @@ def apply_color_constancy(images: torch.Tensor, method: str = "none", power: int
     x = images.double()
     illuminant = x.pow(power).mean(dim=(-2, -1), keepdim=True).pow(1.0 / power)  # N×3×1×1
     unit = illuminant / illuminant.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    scaled = x / (unit * 3 ** 0.5).clamp(min=1e-12)
+    scaled = x / (unit * 3**0.5).clamp(min=1e-12)
     return scaled.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -78,10 +78,12 @@ def _scale_rotate(images: torch.Tensor, masks: torch.Tensor, u: torch.Tensor) ->
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
     grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
-    moved = torch.nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection",
-                                            align_corners=False)
-    moved_masks = torch.nn.functional.grid_sample(masks.float(), grid, mode="nearest", padding_mode="reflection",
-                                                  align_corners=False)
+    moved = torch.nn.functional.grid_sample(
+        images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
+    moved_masks = torch.nn.functional.grid_sample(
+        masks.float(), grid, mode="nearest", padding_mode="reflection", align_corners=False
+    )
     return moved.round_().clamp_(0, 255).to(images.dtype), moved_masks.round_().to(masks.dtype)
 
 
@@ -106,8 +108,9 @@ def _where(selected: torch.Tensor, changed: torch.Tensor, original: torch.Tensor
     return torch.where(selected.view(-1, *([1] * (original.dim() - 1))), changed, original)
 
 
-def apply_augmentation(images: torch.Tensor, masks: torch.Tensor, draws: dict[str, torch.Tensor],
-                       jitter: float = COLOR_JITTER) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_augmentation(
+    images: torch.Tensor, masks: torch.Tensor, draws: dict[str, torch.Tensor], jitter: float = COLOR_JITTER
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the drawn augmentations: flips, 90° rotations and ``scale_rotate`` (a random resized crop with a small
     rotation) jointly to uint8 images and masks; ``color_jitter`` and ``color_strong`` (brightness, contrast,
     saturation, hue and gamma) to images only.
@@ -161,7 +164,9 @@ def each_augmentation(images: torch.Tensor, masks: torch.Tensor, seed: int = 0) 
         "original": (images, masks),
         "horizontal flip": apply_augmentation(images, masks, {"hflip": every}),
         "vertical flip": apply_augmentation(images, masks, {"vflip": every}),
-        "90° rotation": apply_augmentation(images, masks, {"rot90": torch.randint(1, 4, (count,), generator=generator)}),
+        "90° rotation": apply_augmentation(
+            images, masks, {"rot90": torch.randint(1, 4, (count,), generator=generator)}
+        ),
         "colour jitter": apply_augmentation(images, masks, draw_augmentation(count, ["color_jitter"], generator)),
         "crop and rotation": apply_augmentation(images, masks, draw_augmentation(count, ["scale_rotate"], generator)),
         "strong colour": apply_augmentation(images, masks, draw_augmentation(count, ["color_strong"], generator)),
@@ -184,9 +189,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int):
-        image, mask = self.split.images[index:index + 1], self.split.masks[index:index + 1]
+        image, mask = self.split.images[index : index + 1], self.split.masks[index : index + 1]
         if self.augment:
             image, mask = apply_augmentation(image, mask, draw_augmentation(1, self.augment, self.generator))
         return normalize(image, self.mean, self.std)[0], mask[0].float()
-
-

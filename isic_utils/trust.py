@@ -40,26 +40,47 @@ def confidence_table(run_dir: Path, name: str) -> pd.DataFrame:
         for split, label in SETS.items():
             table = read_table(run_dir, f"per_image_{split}_seed{seed}")
             if "confidence" in table:
-                rows.append({"run": name, "set": label, "seed": seed, "confidence": calibration["confidence"],
-                             **confidence.assessment(table["confidence"], table["iou"], calibration["flag_below"])})
+                rows.append(
+                    {
+                        "run": name,
+                        "set": label,
+                        "seed": seed,
+                        "confidence": calibration["confidence"],
+                        **confidence.assessment(table["confidence"], table["iou"], calibration["flag_below"]),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
 def candidates_table(run_dir: Path, name: str) -> pd.DataFrame:
     """Each candidate's Spearman ρ with JA on validation, per seed (where the confidence was chosen)."""
-    return pd.DataFrame([{"run": name, "seed": seed, **calibration["validation_rho"],
-                          "kept": calibration["confidence"]} for seed, calibration in calibrations(run_dir).items()])
+    return pd.DataFrame(
+        [
+            {"run": name, "seed": seed, **calibration["validation_rho"], "kept": calibration["confidence"]}
+            for seed, calibration in calibrations(run_dir).items()
+        ]
+    )
 
 
 def calibration_table(run_dir: Path, name: str) -> pd.DataFrame:
     """Per seed: the temperature fitted on validation and whether it was kept, the pixel ECE before and after on
     validation and test, and how many test mask pixels it changed (always 0: a temperature keeps p > 0.5)."""
-    return pd.DataFrame([{
-        "run": name, "seed": seed, "fitted T": c["fitted_temperature"], "kept T": c["temperature"],
-        "ECE validation": c["ece_val"], "ECE validation, calibrated": c["ece_val_calibrated"],
-        "ECE test": c["ece_test"], "ECE test, calibrated": c["ece_test_calibrated"],
-        "test mask pixels changed": c.get("mask_pixels_changed", 0),
-    } for seed, c in calibrations(run_dir).items()])
+    return pd.DataFrame(
+        [
+            {
+                "run": name,
+                "seed": seed,
+                "fitted T": c["fitted_temperature"],
+                "kept T": c["temperature"],
+                "ECE validation": c["ece_val"],
+                "ECE validation, calibrated": c["ece_val_calibrated"],
+                "ECE test": c["ece_test"],
+                "ECE test, calibrated": c["ece_test_calibrated"],
+                "test mask pixels changed": c.get("mask_pixels_changed", 0),
+            }
+            for seed, c in calibrations(run_dir).items()
+        ]
+    )
 
 
 def reading(trust: pd.DataFrame, calibration: pd.DataFrame) -> str:
@@ -74,9 +95,12 @@ def reading(trust: pd.DataFrame, calibration: pd.DataFrame) -> str:
             parts.append(f"on {label} {_set_reading(group, auroc)}")
         cal = calibration[calibration["run"] == name]
         kept = cal[cal["kept T"] != 1.0]
-        temperature = (f"a temperature of {kept['kept T'].mean():.2f} lowers the test ECE from "
-                       f"{kept['ECE test'].mean():.3f} to {kept['ECE test, calibrated'].mean():.3f}"
-                       if len(kept) else "no temperature lowered the validation ECE, so none is applied")
+        temperature = (
+            f"a temperature of {kept['kept T'].mean():.2f} lowers the test ECE from "
+            f"{kept['ECE test'].mean():.3f} to {kept['ECE test, calibrated'].mean():.3f}"
+            if len(kept)
+            else "no temperature lowered the validation ECE, so none is applied"
+        )
         lines.append(f"- **{name}** ({rows['confidence'].iloc[0]}): " + "; ".join(parts) + f"; {temperature}.")
     return "\n".join(lines)
 
@@ -88,8 +112,10 @@ def _set_reading(group: pd.DataFrame, auroc: str) -> str:
     failed = int((group["failed & flagged"] + group["failed, not flagged"]).sum())
     caught, alarms = int(group["failed & flagged"].sum()), int(group["flagged, not failed"].sum())
     if failed == images:
-        return (f"every image failed (JA < {THRESHOLD_JACCARD}): the confidence has no success to tell them from "
-                f"({caught} of {failed} flagged)")
+        return (
+            f"every image failed (JA < {THRESHOLD_JACCARD}): the confidence has no success to tell them from "
+            f"({caught} of {failed} flagged)"
+        )
     rho, value = group["Spearman ρ"].mean(), group[auroc].mean()
     rho = "ρ — (one confidence or one JA for every image)" if np.isnan(rho) else f"ρ {signed(rho, 2)}"
     value = "— (no failure)" if np.isnan(value) else f"{value:.2f}"
@@ -99,14 +125,35 @@ def _set_reading(group: pd.DataFrame, auroc: str) -> str:
 # ----------------------------------------------------------------------------- galleries
 
 
-def run_gallery(path: Path, name: str, test: DecodedSplit, probabilities, per_image: pd.DataFrame,
-                flag_below: float | None, masks=None) -> Path:
+def run_gallery(
+    path: Path,
+    name: str,
+    test: DecodedSplit,
+    probabilities,
+    per_image: pd.DataFrame,
+    flag_below: float | None,
+    masks=None,
+) -> Path:
     """A run's gallery: every test image with its ground truth and prediction (the lowest seed's)."""
-    intro = (f"Every test image of <b>{name}</b> (its lowest seed): JA at original size, the confidence the run "
-             "computes from its probabilities alone, the lesion's share of the image.")
-    return gallery.write_gallery(path, f"{name} — every test prediction", intro, test.images, test.masks, test.ids,
-                                 {name: {"masks": probabilities if masks is None else masks,
-                                         "table": per_image_frame(per_image), "flag_below": flag_below}})
+    intro = (
+        f"Every test image of <b>{name}</b> (its lowest seed): JA at original size, the confidence the run "
+        "computes from its probabilities alone, the lesion's share of the image."
+    )
+    return gallery.write_gallery(
+        path,
+        f"{name} — every test prediction",
+        intro,
+        test.images,
+        test.masks,
+        test.ids,
+        {
+            name: {
+                "masks": probabilities if masks is None else masks,
+                "table": per_image_frame(per_image),
+                "flag_below": flag_below,
+            }
+        },
+    )
 
 
 def compare_gallery(path: Path, test: DecodedSplit, runs: dict[str, SavedRun], masks: dict) -> Path:
@@ -114,9 +161,15 @@ def compare_gallery(path: Path, test: DecodedSplit, runs: dict[str, SavedRun], m
     entries = {}
     for name, run in runs.items():
         seed = int(run.seeds["seed"].iloc[0])
-        entries[name] = {"masks": masks[name], "table": per_image_frame(run.per_image[seed]),
-                         "flag_below": calibrations(run.run_dir).get(seed, {}).get("flag_below")}
-    intro = ("Every test image, one thumbnail per run (" + ", ".join(runs) + "): JA and confidence per run; sorting "
-             "uses the mean over runs.")
-    return gallery.write_gallery(path, "Every test prediction, run by run", intro, test.images, test.masks, test.ids,
-                                 entries)
+        entries[name] = {
+            "masks": masks[name],
+            "table": per_image_frame(run.per_image[seed]),
+            "flag_below": calibrations(run.run_dir).get(seed, {}).get("flag_below"),
+        }
+    intro = (
+        "Every test image, one thumbnail per run (" + ", ".join(runs) + "): JA and confidence per run; sorting "
+        "uses the mean over runs."
+    )
+    return gallery.write_gallery(
+        path, "Every test prediction, run by run", intro, test.images, test.masks, test.ids, entries
+    )

@@ -45,20 +45,37 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data(synthetic_root, tmp_path_factory):
-    return load_report_data(synthetic_root, image_size=64, val_fraction=0.2, seed=0,
-                            cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+    return load_report_data(
+        synthetic_root,
+        image_size=64,
+        val_fraction=0.2,
+        seed=0,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        progress=False,
+    )
 
 
-def tiny_params(tmp_path: Path, synthetic_root: Path, run_file: str | None = "task1", chapter: str = "train",
-                **overrides) -> dict:
+def tiny_params(
+    tmp_path: Path, synthetic_root: Path, run_file: str | None = "task1", chapter: str = "train", **overrides
+) -> dict:
     """A chapter's parameters on the tiny profile, writing under ``tmp_path`` and reading the shared data set."""
     values = {"output_dir": str(tmp_path / "out"), "data_dir": str(synthetic_root), **overrides}
     run = ROOT / "params" / f"{run_file}.yaml" if run_file else None
     return P.resolve(chapter, run, "tiny", values, root=ROOT)
 
 
-TRAINED_CONFIG = TrainConfig(freeze_encoder=False, epochs=3, batch_size=8, eval_batch_size=8, precision="fp32",
-                             seed=0, decoder_lr=3e-3, augment=(), loss="bce+dice", monitor_test=False)
+TRAINED_CONFIG = TrainConfig(
+    freeze_encoder=False,
+    epochs=3,
+    batch_size=8,
+    eval_batch_size=8,
+    precision="fp32",
+    seed=0,
+    decoder_lr=3e-3,
+    augment=(),
+    loss="bce+dice",
+    monitor_test=False,
+)
 
 
 def unet_model(seed: int = 0):

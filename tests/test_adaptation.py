@@ -27,8 +27,9 @@ def tiny_report_run(trained_run, tmp_path):
     _, run_dir = trained_run
     (tmp_path / "run" / "seed0").mkdir(parents=True)
     shutil.copy(run_dir / "best.pt", tmp_path / "run" / "seed0" / "best.pt")
-    return SavedRun("task3", tmp_path / "run", {"params": {}}, pd.DataFrame({"seed": [0]}), pd.DataFrame(), {},
-                    torch.empty(0))
+    return SavedRun(
+        "task3", tmp_path / "run", {"params": {}}, pd.DataFrame({"seed": [0]}), pd.DataFrame(), {}, torch.empty(0)
+    )
 
 
 @pytest.fixture()
@@ -128,8 +129,12 @@ def test_the_learning_curve_scores_only_cases_it_did_not_adapt_on(tiny_report_ru
     curve = A.learning_curve(run, tiny_data.test, "clinic", ks=(1, 2, 99), seeds=(0, 1), steps=2)
     pool, scored = halves(tiny_data.test.ids)
     assert not set(pool) & set(scored) and sorted(pool + scored) == sorted(tiny_data.test.ids)
-    assert set(curve["method"]) == {"as trained", "batch-norm statistics (no labels)", "fine-tuned on k labelled cases",
-                                    "threshold chosen on k labelled cases"}
+    assert set(curve["method"]) == {
+        "as trained",
+        "batch-norm statistics (no labels)",
+        "fine-tuned on k labelled cases",
+        "threshold chosen on k labelled cases",
+    }
     assert curve["threshold"].between(0.3, 0.9).all()
     tuned = curve[curve["method"].str.startswith("fine")]
     assert sorted(set(tuned["k"])) == [1, 2, len(pool)]  # k capped at the pool
@@ -154,12 +159,30 @@ def test_the_threshold_chosen_on_a_few_cases_undoes_over_segmentation():
 
 
 def test_the_curve_reading_says_which_way_does_better_with_the_fewest_cases():
-    rows = [("as trained", 0, 0.80, float("nan")), ("batch-norm statistics (no labels)", 0, 0.75, float("nan")),
-            ("threshold chosen on k labelled cases", 5, 0.86, 0.01), ("threshold chosen on k labelled cases", 25, 0.86, 0.0),
-            ("fine-tuned on k labelled cases", 5, 0.82, 0.02), ("fine-tuned on k labelled cases", 25, 0.88, 0.01)]
-    summary = pd.DataFrame([{"run": "task3", "set": "PH2", "method": m, "k": k, "JA mean": j, "JA std": s, "draws": 3,
-                             "threshold min": 0.7 if m.startswith("threshold") else 0.5,
-                             "threshold max": 0.85 if m.startswith("threshold") else 0.5} for m, k, j, s in rows])
+    rows = [
+        ("as trained", 0, 0.80, float("nan")),
+        ("batch-norm statistics (no labels)", 0, 0.75, float("nan")),
+        ("threshold chosen on k labelled cases", 5, 0.86, 0.01),
+        ("threshold chosen on k labelled cases", 25, 0.86, 0.0),
+        ("fine-tuned on k labelled cases", 5, 0.82, 0.02),
+        ("fine-tuned on k labelled cases", 25, 0.88, 0.01),
+    ]
+    summary = pd.DataFrame(
+        [
+            {
+                "run": "task3",
+                "set": "PH2",
+                "method": m,
+                "k": k,
+                "JA mean": j,
+                "JA std": s,
+                "draws": 3,
+                "threshold min": 0.7 if m.startswith("threshold") else 0.5,
+                "threshold max": 0.85 if m.startswith("threshold") else 0.5,
+            }
+            for m, k, j, s in rows
+        ]
+    )
     text = A.curve_reading(summary)
     assert text.startswith("task3 on PH2's reporting half: 0.800 as trained, 0.750 with batch-norm")
     assert "k = 5 labelled cases, 0.860 ± 0.010 by choosing the threshold alone and 0.820 ± 0.020 fine-tuned" in text

@@ -30,7 +30,6 @@ from .conftest import ROOT
 CHAPTERS = ("eda", "task1", "task2", "task3", "external", "compare")  # the tiny profile's
 
 
-
 def fake_report(out: Path, monkeypatch, fail: set | None = None) -> None:
     """The tiny report's bookkeeping without its notebooks: each chapter writes its notebook and pages at once."""
 
@@ -53,8 +52,11 @@ def fake_report(out: Path, monkeypatch, fail: set | None = None) -> None:
 
 def snapshot(folder: Path) -> dict:
     """Every file's bytes, but the lock and the name of its holder (the first report's own)."""
-    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
-            if p.is_file() and not p.name.startswith(".report")}
+    return {
+        p.relative_to(folder): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".report")
+    }
 
 
 # ----------------------------------------------------------------------------- 1. pack --output
@@ -87,15 +89,18 @@ def test_pack_never_replaces_a_file_it_did_not_write(tmp_path, monkeypatch, caps
 # ----------------------------------------------------------------------------- 2. --set read literally
 
 
-@pytest.mark.parametrize("item, key, value", [
-    ("data_dir=/data/dönnées #1", "data_dir", "/data/dönnées #1"),
-    ("output_dir=/x/site #2", "output_dir", "/x/site #2"),
-    ("encoder_weights=/w/#3 best.pth", "encoder_weights", "/w/#3 best.pth"),
-    ("encoder_weights=null", "encoder_weights", None),
-    ("seeds=[0, 1, 2]", "seeds", [0, 1, 2]),
-    ("augment=[hflip]", "augment", ["hflip"]),
-    ("decoder_lr=5e-4", "decoder_lr", 5e-4),
-])
+@pytest.mark.parametrize(
+    "item, key, value",
+    [
+        ("data_dir=/data/dönnées #1", "data_dir", "/data/dönnées #1"),
+        ("output_dir=/x/site #2", "output_dir", "/x/site #2"),
+        ("encoder_weights=/w/#3 best.pth", "encoder_weights", "/w/#3 best.pth"),
+        ("encoder_weights=null", "encoder_weights", None),
+        ("seeds=[0, 1, 2]", "seeds", [0, 1, 2]),
+        ("augment=[hflip]", "augment", ["hflip"]),
+        ("decoder_lr=5e-4", "decoder_lr", 5e-4),
+    ],
+)
 def test_set_reads_a_value_as_typed(item, key, value):
     assert P.parse_override(item) == (key, value)
 
@@ -142,8 +147,13 @@ def test_a_second_report_on_a_folder_in_use_stops_at_once_and_changes_nothing(tm
     out, go = tmp_path / "out", tmp_path / "go"
     fake_report(out, monkeypatch)
     pipeline.run_report("tiny", overrides={"output_dir": str(out)}, root=ROOT, echo=lambda *_: None)  # a finished one
-    first = subprocess.Popen([sys.executable, "-c", FIRST_REPORT, str(out), str(ROOT), str(go), "--force"], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", FIRST_REPORT, str(out), str(ROOT), str(go), "--force"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert next(line for line in first.stdout if "training task1" in line)
         before = snapshot(out)
@@ -158,8 +168,13 @@ def test_a_second_report_on_a_folder_in_use_stops_at_once_and_changes_nothing(tm
         assert snapshot(out) == before
         # processes that only train their own seeds may share the folder with each other, not with a whole report
         with pytest.raises(files.ReportBusy):
-            pipeline.run_report("tiny", only=["task2"], overrides={"output_dir": str(out), "seeds": [1]}, root=ROOT,
-                                echo=lambda *_: None)
+            pipeline.run_report(
+                "tiny",
+                only=["task2"],
+                overrides={"output_dir": str(out), "seeds": [1]},
+                root=ROOT,
+                echo=lambda *_: None,
+            )
     finally:
         go.touch()
         _, first_error = first.communicate(timeout=60)
@@ -178,8 +193,11 @@ def test_pack_refuses_a_half_finished_report_unless_partial(tmp_path, monkeypatc
     fake_report(out, monkeypatch)
     pipeline.run_report("tiny", overrides={"output_dir": str(out)}, root=ROOT, echo=lambda *_: None)
     (out / "task2.html").unlink()  # a chapter rerunning: its pages are removed until it finishes
-    with pytest.raises(files.FileProblem, match=r"unfinished: its index links 1 file\(s\) that are not there "
-                                                r"\(task2.html\).*--partial"):
+    with pytest.raises(
+        files.FileProblem,
+        match=r"unfinished: its index links 1 file\(s\) that are not there "
+        r"\(task2.html\).*--partial",
+    ):
         handover.pack_report(out)
     assert not (tmp_path / "out-report.zip").exists()
     target, _, _, missing = handover.pack_report(out, partial=True)
@@ -229,8 +247,10 @@ def test_predict_and_pack_given_the_wrong_kind_of_path_say_so(trained_run, tiny_
     shutil.copy(tiny_data.test.sources[0].image, images)
     existing = tmp_path / "notes.txt"
     existing.write_text("mine")
-    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(images), "--output",
-                 str(existing)]) == 1
+    assert (
+        main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(images), "--output", str(existing)])
+        == 1
+    )
     error = capsys.readouterr().err
     assert "--output" in error and "is a file, not a folder" in error and "Traceback" not in error
     assert existing.read_text() == "mine"
@@ -238,8 +258,20 @@ def test_predict_and_pack_given_the_wrong_kind_of_path_say_so(trained_run, tiny_
 
 def test_adapt_refuses_a_negative_seed(trained_run, tiny_data, tmp_path, capsys):
     _, run_dir = trained_run
-    assert main(["adapt", "--checkpoint", str(run_dir / "best.pt"), "--images",
-                 str(tiny_data.test.sources[0].image.parent), "--seed", "-1"]) == 1
+    assert (
+        main(
+            [
+                "adapt",
+                "--checkpoint",
+                str(run_dir / "best.pt"),
+                "--images",
+                str(tiny_data.test.sources[0].image.parent),
+                "--seed",
+                "-1",
+            ]
+        )
+        == 1
+    )
     assert "--seed -1: a seed is an integer >= 0" in capsys.readouterr().err
 
 
@@ -250,12 +282,15 @@ def test_the_kernel_logs_nothing_on_an_interrupt_or_a_shutdown():
 # ----------------------------------------------------------------------------- 6. every setting checked first
 
 
-@pytest.mark.parametrize("item, message", [
-    ("adapt_k=[0]", r"adapt_k must be a non-empty list of distinct integers >= 1"),
-    ("adapt_k=[-3]", r"adapt_k must be a non-empty list of distinct integers >= 1"),
-    ("adapt_seeds=[]", r"adapt_seeds must be a non-empty list"),
-    ("runs=[task9]", r"unknown run 'task9'.*did you mean"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("adapt_k=[0]", r"adapt_k must be a non-empty list of distinct integers >= 1"),
+        ("adapt_k=[-3]", r"adapt_k must be a non-empty list of distinct integers >= 1"),
+        ("adapt_seeds=[]", r"adapt_seeds must be a non-empty list"),
+        ("runs=[task9]", r"unknown run 'task9'.*did you mean"),
+    ],
+)
 def test_settings_that_would_fail_after_training_are_refused_before_any_work(item, message, tmp_path, monkeypatch):
     out = tmp_path / "out"
     fake_report(out, monkeypatch)
@@ -270,8 +305,9 @@ def test_a_gpu_asked_for_where_there_is_none_is_refused_before_any_work(tmp_path
     out = tmp_path / "out"
     fake_report(out, monkeypatch)
     with pytest.raises(P.ParameterError, match=r"task1: device 'cuda' was asked for, but .* sees no CUDA GPU"):
-        pipeline.run_report("tiny", overrides={"output_dir": str(out), "device": "cuda"}, root=ROOT,
-                            echo=lambda *_: None)
+        pipeline.run_report(
+            "tiny", overrides={"output_dir": str(out), "device": "cuda"}, root=ROOT, echo=lambda *_: None
+        )
     assert not out.exists()
 
 
@@ -293,8 +329,7 @@ def test_only_without_steps_and_a_data_dir_that_is_a_file_are_refused(tmp_path, 
 def test_a_checkpoint_folder_or_an_empty_file_is_named_in_words(trained_run, tiny_data, tmp_path, capsys):
     _, run_dir = trained_run
     folder = tiny_data.test.sources[0].image.parent
-    assert main(["predict", "--checkpoint", str(run_dir), "--input", str(folder), "--output",
-                 str(tmp_path / "o")]) == 1
+    assert main(["predict", "--checkpoint", str(run_dir), "--input", str(folder), "--output", str(tmp_path / "o")]) == 1
     error = capsys.readouterr().err
     assert "is a folder; give the checkpoint file in it, a best.pt" in error and "Delete" not in error
     empty = tmp_path / "best.pt"
@@ -304,8 +339,9 @@ def test_a_checkpoint_folder_or_an_empty_file_is_named_in_words(trained_run, tin
     assert "it is empty (0 bytes" in error and "()" not in error and "Delete" not in error
 
 
-def test_an_image_whose_name_looks_like_a_mask_is_read_and_what_is_left_out_is_named(trained_run, tiny_data,
-                                                                                      tmp_path, capsys):
+def test_an_image_whose_name_looks_like_a_mask_is_read_and_what_is_left_out_is_named(
+    trained_run, tiny_data, tmp_path, capsys
+):
     _, run_dir = trained_run
     images = tmp_path / "images"
     images.mkdir()
@@ -335,8 +371,9 @@ def test_a_very_large_image_is_one_line_not_pillows_warning(tmp_path, capsys, mo
 def test_a_synthetic_other_clinic_is_made_inside_the_data_folder_it_was_given(tmp_path):
     from isic_utils.external import external_sets
 
-    values = P.resolve("external", ROOT / "params" / "external.yaml", "tiny",
-                       {"data_dir": str(tmp_path / "photos" / "new")}, root=ROOT)
+    values = P.resolve(
+        "external", ROOT / "params" / "external.yaml", "tiny", {"data_dir": str(tmp_path / "photos" / "new")}, root=ROOT
+    )
     roots = [s.root for s in external_sets(values) if s.synthetic]
     assert roots and all(tmp_path / "photos" / "new" in r.parents for r in roots)
 

@@ -23,19 +23,35 @@ from .conftest import assert_same_counts, requires
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*inplace:")  # the scorer uses a pandas idiom newer pandas deprecates
 
-COLUMNS = {"iou": "jaccard", "threshold_iou": "threshold_jaccard", "dice": "dice", "accuracy": "accuracy",
-           "sensitivity": "sensitivity", "specificity": "specificity"}
+COLUMNS = {
+    "iou": "jaccard",
+    "threshold_iou": "threshold_jaccard",
+    "dice": "dice",
+    "accuracy": "accuracy",
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+}
 
 
 def challenge_scores(truth_dir, prediction_dir) -> pd.DataFrame:
     rows = []
     for pair in iter_image_pairs(truth_dir, prediction_dir):
-        cm = create_binary_confusion_matrix(truth_binary_values=pair.truth_image > 128,
-                                            prediction_binary_values=pair.prediction_image > 128, name=pair.image_id)
-        rows.append({"id": pair.image_id, "jaccard": challenge.binary_jaccard(cm),
-                     "threshold_jaccard": challenge.binary_threshold_jaccard(cm, threshold=0.65),
-                     "dice": challenge.binary_dice(cm), "accuracy": challenge.binary_accuracy(cm),
-                     "sensitivity": challenge.binary_sensitivity(cm), "specificity": challenge.binary_specificity(cm)})
+        cm = create_binary_confusion_matrix(
+            truth_binary_values=pair.truth_image > 128,
+            prediction_binary_values=pair.prediction_image > 128,
+            name=pair.image_id,
+        )
+        rows.append(
+            {
+                "id": pair.image_id,
+                "jaccard": challenge.binary_jaccard(cm),
+                "threshold_jaccard": challenge.binary_threshold_jaccard(cm, threshold=0.65),
+                "dice": challenge.binary_dice(cm),
+                "accuracy": challenge.binary_accuracy(cm),
+                "sensitivity": challenge.binary_sensitivity(cm),
+                "specificity": challenge.binary_specificity(cm),
+            }
+        )
     return pd.DataFrame(rows).set_index("id")
 
 

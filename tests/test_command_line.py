@@ -40,12 +40,17 @@ def test_report_only_runs_the_steps_named(chapters_run, tmp_path):
 def test_report_only_with_an_unknown_step_names_the_steps(chapters_run, tmp_path, capsys):
     assert main(["report", "--data", "tiny", "--only", "tsk2", "--set", f"output_dir={tmp_path / 'out'}"]) == 1
     error = capsys.readouterr().err
-    assert "unknown step 'tsk2' (did you mean 'task2'?)" in error and "eda, task1, task2, task3, external, compare" in error
+    assert (
+        "unknown step 'tsk2' (did you mean 'task2'?)" in error
+        and "eda, task1, task2, task3, external, compare" in error
+    )
     assert chapters_run == [] and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("item, message", [("epochs", "--set expects KEY=VALUE"),
-                                           ("seeds=[0, 1", "--set seeds=[0, 1: the value of seeds is not valid YAML")])
+@pytest.mark.parametrize(
+    "item, message",
+    [("epochs", "--set expects KEY=VALUE"), ("seeds=[0, 1", "--set seeds=[0, 1: the value of seeds is not valid YAML")],
+)
 def test_a_malformed_set_says_what_is_wrong(chapters_run, tmp_path, capsys, item, message):
     assert main(["report", "--data", "tiny", "--set", item, f"output_dir={tmp_path / 'out'}"]) == 1
     assert message in capsys.readouterr().err
@@ -65,11 +70,25 @@ def test_the_isic_report_console_script_is_installed():
     assert done.returncode == 0 and "report" in done.stdout and "predict" in done.stdout and "options" in done.stdout
 
 
-def test_check_predict_compares_the_written_masks_with_the_evaluation(trained_run, synthetic_root, monkeypatch,
-                                                                      capsys, tmp_path):
+def test_check_predict_compares_the_written_masks_with_the_evaluation(
+    trained_run, synthetic_root, monkeypatch, capsys, tmp_path
+):
     _, run_dir = trained_run
-    monkeypatch.setattr(sys, "argv", ["check_predict.py", "--checkpoint", str(run_dir / "best.pt"), "--root",
-                                      str(synthetic_root), "--split", "test", "--output", str(tmp_path)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "check_predict.py",
+            "--checkpoint",
+            str(run_dir / "best.pt"),
+            "--root",
+            str(synthetic_root),
+            "--split",
+            "test",
+            "--output",
+            str(tmp_path),
+        ],
+    )
     runpy.run_path(str(ROOT / "tools" / "check_predict.py"), run_name="__main__")
     printed = capsys.readouterr().out
     assert "6 masks written" in printed and "sizes exact: True" in printed and "binary 0/255: True" in printed

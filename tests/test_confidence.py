@@ -28,8 +28,10 @@ def disk(size: int = 64, radius: float = 16, centre=(32, 32), edge: float = 1.5)
 
 def test_the_confidence_reads_nothing_but_probabilities():
     for function in (C.scores, C.candidate_scores):
-        assert [name for name in inspect.signature(function).parameters] in (["probabilities", "calibration"],
-                                                                               ["probabilities"])
+        assert [name for name in inspect.signature(function).parameters] in (
+            ["probabilities", "calibration"],
+            ["probabilities"],
+        )
 
 
 def test_the_ground_truth_never_enters_a_runs_confidence(trained_run, tiny_data):
@@ -110,8 +112,9 @@ def test_predict_writes_each_masks_confidence_and_flags_the_doubtful(trained_run
     shutil.copy(run_dir / "best.pt", checkpoint)
     own = C.scores(trained_run[0].test.probabilities, {"confidence": C.KEPT[0]})
     cut = float(np.median(own))
-    checkpoints.record_calibration(checkpoint, {"temperature": 1.0, "confidence": C.KEPT[0], "flag_below": cut},
-                                   C.IN_CHECKPOINT)
+    checkpoints.record_calibration(
+        checkpoint, {"temperature": 1.0, "confidence": C.KEPT[0], "flag_below": cut}, C.IN_CHECKPOINT
+    )
     images = tiny_data.test.sources[0].image.parent
     out = tmp_path / "masks"
     predict_folder(checkpoint, images, out, overlays=True)
@@ -131,13 +134,17 @@ def test_the_gallery_is_one_light_page_with_every_image_sortable(tiny_data, trai
 
     result, _ = trained_run
     test = tiny_data.test
-    table = per_image_frame(per_image_table(confusion_counts(result.test.probabilities, test.masks.float()),
-                                            test.ids, test.sizes))
+    table = per_image_frame(
+        per_image_table(confusion_counts(result.test.probabilities, test.masks.float()), test.ids, test.sizes)
+    )
     table["confidence"] = C.scores(result.test.probabilities)
-    runs = {name: {"masks": result.test.probabilities, "table": table, "flag_below": float(table["confidence"].median())}
-            for name in ("task2", "task3")}
-    page = gallery.write_gallery(tmp_path / "gallery.html", "every prediction", "intro", test.images, test.masks,
-                                 test.ids, runs)
+    runs = {
+        name: {"masks": result.test.probabilities, "table": table, "flag_below": float(table["confidence"].median())}
+        for name in ("task2", "task3")
+    }
+    page = gallery.write_gallery(
+        tmp_path / "gallery.html", "every prediction", "intro", test.images, test.masks, test.ids, runs
+    )
     text = page.read_text()
     sources = re.findall(r'src="([^"]*)"', text)
     assert len(sources) == 2 * len(test) and all(s.startswith("data:image/jpeg;base64,") for s in sources)

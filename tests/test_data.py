@@ -30,10 +30,13 @@ def write_pair(root, image_id, size=(40, 30), image=None, mask=None):
         image = Image.fromarray(np.full((height, width, 3), 150, np.uint8))
     if mask is None:
         array = np.zeros((height, width), np.uint8)
-        array[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+        array[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
         mask = Image.fromarray(array)
-    image.save(root / TRAIN_IMAGES / f"{image_id}.jpg", format="JPEG") if image.mode in ("RGB", "L", "CMYK") \
-        else image.save(root / TRAIN_IMAGES / f"{image_id}.png")
+    image.save(root / TRAIN_IMAGES / f"{image_id}.jpg", format="JPEG") if image.mode in (
+        "RGB",
+        "L",
+        "CMYK",
+    ) else image.save(root / TRAIN_IMAGES / f"{image_id}.png")
     mask.save(root / TRAIN_MASKS / f"{image_id}_Segmentation.png")
 
 
@@ -54,7 +57,9 @@ def test_pairs_by_id_and_ignores_strays(tmp_path):
 def test_image_without_mask(tmp_path):
     root = make_root(tmp_path)
     (root / TRAIN_MASKS / "ISIC_0000001_Segmentation.png").unlink()
-    with pytest.raises(sources.DataError, match=r"mask missing for ISIC_0000001 .*expected ISIC_0000001_Segmentation\.png"):
+    with pytest.raises(
+        sources.DataError, match=r"mask missing for ISIC_0000001 .*expected ISIC_0000001_Segmentation\.png"
+    ):
         sources.find_pairs(root, "train")
 
 
@@ -74,7 +79,9 @@ def test_duplicate_ids(tmp_path):
 
 def test_missing_split_folder(tmp_path):
     root = make_root(tmp_path)
-    with pytest.raises(sources.DataError, match=r"ISBI2016_ISIC_Part1_Test_Data not found.*found \['ISBI2016_ISIC_Part1_Training"):
+    with pytest.raises(
+        sources.DataError, match=r"ISBI2016_ISIC_Part1_Test_Data not found.*found \['ISBI2016_ISIC_Part1_Training"
+    ):
         sources.find_pairs(root, "test")
 
 
@@ -284,11 +291,14 @@ def test_dataset_normalises_and_augments_jointly(tiny_data):
     plain = transforms.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD)
     image, mask = plain[0]
     assert image.dtype == torch.float32 and image.shape == (3, 64, 64)
-    expected = (tiny_data.train.images[0].float() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / \
-        torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    expected = (tiny_data.train.images[0].float() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
+        IMAGENET_STD
+    ).view(3, 1, 1)
     assert torch.allclose(image, expected, atol=1e-6)
     # a seed whose first draw flips: the dataset must flip image and mask together
-    seed = next(s for s in range(50) if transforms.draw_augmentation(1, ["hflip"], torch.Generator().manual_seed(s))["hflip"])
+    seed = next(
+        s for s in range(50) if transforms.draw_augmentation(1, ["hflip"], torch.Generator().manual_seed(s))["hflip"]
+    )
     flipped = transforms.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD, augment=["hflip"], seed=seed)
     image_f, mask_f = flipped[0]
     assert torch.allclose(image_f, image.flip(-1)) and torch.equal(mask_f, mask.flip(-1))

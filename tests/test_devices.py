@@ -89,8 +89,9 @@ def test_device_auto_follows_the_gpu_and_cuda_without_one_names_the_fix(monkeypa
 
 
 def test_device_jobs_and_deterministic_are_validated_parameters():
-    values = P.resolve("train", profile="tiny", overrides={"device": "cpu", "jobs": 2, "deterministic": True},
-                       root=ROOT)
+    values = P.resolve(
+        "train", profile="tiny", overrides={"device": "cpu", "jobs": 2, "deterministic": True}, root=ROOT
+    )
     assert (values["device"], values["jobs"], values["deterministic"]) == ("cpu", 2, True)
     with pytest.raises(P.ParameterError) as error:
         P.resolve("train", profile="tiny", overrides={"device": "gpu", "jobs": 0, "precision": "fp8"}, root=ROOT)
@@ -134,6 +135,7 @@ def run_params(synthetic_root):
     """``run_params(tmp_path, **overrides)``: task 1 on the tiny profile, one epoch, reading the shared data set, with
     the U-Net decoder (where the run's files go and how seeds share work does not depend on the decoder; its
     checkpoints are a third of the report decoder's)."""
+
     def make(tmp_path: Path, **overrides) -> dict:
         return tiny_params(tmp_path, synthetic_root, "task1", **{"epochs": 1, "decoder": "unet", **overrides})
 
@@ -173,8 +175,11 @@ def test_seeds_share_the_frozen_encoders_features(tmp_path, monkeypatch, encoder
     # the shared features give seed 1 exactly what features of its own would have
     alone = run_params(tmp_path / "alone", seeds=[1], encoder_weights=encoder_file)
     own = experiments.train_run(alone, experiments.prepare_data(alone, progress=False), verbose=False)
-    pd.testing.assert_frame_equal(shared.fits[1].history.drop(columns=list(TIMING_COLUMNS)),
-                                  own.fits[1].history.drop(columns=list(TIMING_COLUMNS)), check_exact=True)
+    pd.testing.assert_frame_equal(
+        shared.fits[1].history.drop(columns=list(TIMING_COLUMNS)),
+        own.fits[1].history.drop(columns=list(TIMING_COLUMNS)),
+        check_exact=True,
+    )
     # seeds with random encoders of their own never share
     built.clear()
     params = run_params(tmp_path / "random", seeds=[0, 1])
@@ -186,8 +191,9 @@ def test_full_size_masks_are_read_once_for_all_seeds(tiny_data, monkeypatch):
     reads = []
     read = metrics.read_mask
     monkeypatch.setattr(metrics, "read_mask", lambda *a, **k: reads.append(a[0]) or read(*a, **k))
-    probabilities = [torch.rand(len(tiny_data.test), 1, 64, 64, generator=torch.Generator().manual_seed(s))
-                     for s in (0, 1)]
+    probabilities = [
+        torch.rand(len(tiny_data.test), 1, 64, 64, generator=torch.Generator().manual_seed(s)) for s in (0, 1)
+    ]
     both = metrics.original_size_counts(probabilities, tiny_data.test)
     assert len(reads) == len(tiny_data.test)
     for seed in (0, 1):
@@ -206,15 +212,25 @@ def test_seeds_in_worker_processes_write_their_own_files_and_match_one_process(t
     run_dir = parallel.run_dir
     for seed in (0, 1, 2):
         assert {p.name for p in (run_dir / f"seed{seed}").iterdir() if not p.name.startswith(".")} == {
-            "best.pt", "last.pt", "history.csv", "result.json", "test_probabilities.pt"}
+            "best.pt",
+            "last.pt",
+            "history.csv",
+            "result.json",
+            "test_probabilities.pt",
+        }
         assert (run_dir / "tables" / f"per_image_test_seed{seed}.csv").exists()
     assert parallel.seeds_table["seed"].tolist() == [0, 1, 2] and set(parallel.fits) == {0, 1, 2}
     assert json.loads((run_dir / "run.json").read_text())["seeds"] == [0, 1, 2]
-    sequential = experiments.train_run(run_params(tmp_path / "one", seeds=[0, 1, 2], jobs=1, precision="fp32"), data, verbose=False)
+    sequential = experiments.train_run(
+        run_params(tmp_path / "one", seeds=[0, 1, 2], jobs=1, precision="fp32"), data, verbose=False
+    )
     for seed in (0, 1, 2):  # one thread per worker sums in another order: equal to float precision
-        pd.testing.assert_frame_equal(parallel.fits[seed].history.drop(columns=list(TIMING_COLUMNS)),
-                                      sequential.fits[seed].history.drop(columns=list(TIMING_COLUMNS)),
-                                      rtol=1e-4, atol=1e-5)
+        pd.testing.assert_frame_equal(
+            parallel.fits[seed].history.drop(columns=list(TIMING_COLUMNS)),
+            sequential.fits[seed].history.drop(columns=list(TIMING_COLUMNS)),
+            rtol=1e-4,
+            atol=1e-5,
+        )
     # a worker's error (here: the finished seeds refuse another configuration) stops the run with its message
     changed = run_params(tmp_path, seeds=[0, 1, 2], jobs=2, precision="fp32", decoder_lr=5e-4)
     with pytest.raises(inference.CheckpointMismatch, match="decoder_lr: 0.001 → 0.0005"):
@@ -238,12 +254,22 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_gpu_check_rehearsed_on_the_cpu_passes_every_check(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--device", "cpu", "--quick",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--device", "cpu", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = done.stdout.split("\n\n")[-2]
-    for check in ("tiny task1", "tiny task2", "tiny task3", "identical histories",
-                  "identical to the uninterrupted run", "bench task2"):
+    for check in (
+        "tiny task1",
+        "tiny task2",
+        "tiny task3",
+        "identical histories",
+        "identical to the uninterrupted run",
+        "bench task2",
+    ):
         assert check in table, table
     assert "FAILED" not in done.stdout

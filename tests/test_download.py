@@ -12,8 +12,10 @@ from PIL import Image
 
 from isic_utils.sources import DataError, download_isic2016, find_pairs
 
-NAMES = {"train": ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
-         "test": ("ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth")}
+NAMES = {
+    "train": ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
+    "test": ("ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth"),
+}
 
 
 def _png(array) -> bytes:
@@ -215,8 +217,11 @@ def download_from(server, monkeypatch):
 
     from isic_utils import experiments
 
-    monkeypatch.setattr(experiments, "download_isic2016",
-                        partial(download_isic2016, base_url=server.url, expected_counts={"train": 3, "test": 2}))
+    monkeypatch.setattr(
+        experiments,
+        "download_isic2016",
+        partial(download_isic2016, base_url=server.url, expected_counts={"train": 3, "test": 2}),
+    )
     return server
 
 
@@ -234,7 +239,8 @@ def test_the_real_profile_downloads_into_isic_data_dir_once(download_from, tmp_p
     with pytest.warns(UserWarning):
         prepare_data(params, progress=False)  # in place: nothing downloaded again
     assert len(download_from.requests) == asked and {name for _, name in download_from.requests} == {
-        f"{n}.zip" for pair in NAMES.values() for n in pair}
+        f"{n}.zip" for pair in NAMES.values() for n in pair
+    }
 
 
 def test_isic_data_dir_with_the_data_is_read_without_downloading(download_from, tmp_path, monkeypatch):
@@ -258,8 +264,9 @@ def test_no_data_and_no_download_names_the_fix(tmp_path, monkeypatch):
         prepare_data(isic_params(tmp_path, download=False), progress=False)
 
 
-def test_download_progress_goes_to_the_relay_and_the_notebook_gets_one_line_per_archive(server, tmp_path, capsys,
-                                                                                        monkeypatch):
+def test_download_progress_goes_to_the_relay_and_the_notebook_gets_one_line_per_archive(
+    server, tmp_path, capsys, monkeypatch
+):
     """Under `report`, torchvision's download bar and the extraction bar go to the file the report relays to the
     terminal; what the chapter prints (its notebook, its page) is one line per archive, and stderr stays empty."""
     from isic_utils.files import PROGRESS_ENV

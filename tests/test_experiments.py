@@ -21,8 +21,12 @@ def saved_run(name: str, per_seed: dict[int, np.ndarray]) -> experiments.SavedRu
     """A finished run as the comparison chapter reads it, with hand-made per-image JA for each seed."""
     ids = [f"ISIC_{k:07d}" for k in range(len(next(iter(per_seed.values()))))]
     per_image = {seed: pd.DataFrame({"id": ids, "iou": values}) for seed, values in per_seed.items()}
-    seeds = pd.DataFrame({"seed": list(per_seed), **{column: [float(v.mean()) for v in per_seed.values()]
-                                                     for column in comparison.SPREAD_COLUMNS}})
+    seeds = pd.DataFrame(
+        {
+            "seed": list(per_seed),
+            **{column: [float(v.mean()) for v in per_seed.values()] for column in comparison.SPREAD_COLUMNS},
+        }
+    )
     return experiments.SavedRun(name, Path("."), {}, seeds, pd.DataFrame(), per_image, torch.zeros(0))
 
 
@@ -50,8 +54,10 @@ def test_wilcoxon_pairs_seed_averaged_images_and_reports_the_worst_seed():
     per_seed = [wilcoxon(a[s], b[s]).pvalue for s in (0, 1, 2)]
     assert row["p-value, worst single seed"] == pytest.approx(max(per_seed))
     assert row["p-value"] < 0.05 < row["p-value, worst single seed"]
-    reading = comparison.written_reading({"A": saved_run("A", a), "B": saved_run("B", b)},
-                                    comparison.wilcoxon_table({"A": saved_run("A", a), "B": saved_run("B", b)}))
+    reading = comparison.written_reading(
+        {"A": saved_run("A", a), "B": saved_run("B", b)},
+        comparison.wilcoxon_table({"A": saved_run("A", a), "B": saved_run("B", b)}),
+    )
     assert "largest p over single seeds" in reading and "Spread over seeds" in reading
 
 

@@ -127,9 +127,14 @@ def test_a_colour_mask_is_refused(ph2_like, tmp_path):
 
 
 def test_the_profile_says_what_is_wrong_with_an_external_set():
-    problems = P.check_external([{"name": "PH2", "layot": "ph2", "dir": "x"}, {"dir": "y"},
-                                 {"name": "Z", "layout": "nope", "dir": "z"}, {"name": "W", "masks": "mask.png",
-                                                                              "dir": "w"}])
+    problems = P.check_external(
+        [
+            {"name": "PH2", "layot": "ph2", "dir": "x"},
+            {"dir": "y"},
+            {"name": "Z", "layout": "nope", "dir": "z"},
+            {"name": "W", "masks": "mask.png", "dir": "w"},
+        ]
+    )
     text = "\n".join(problems)
     assert "unknown key(s) ['layot'] (did you mean 'layout'?)" in text
     assert "external[1]: name must be a non-empty string" in text
@@ -160,10 +165,18 @@ def test_colour_constancy_is_applied_alike_in_training_evaluation_and_predict(ti
     torch.manual_seed(0)
     model = build_model(encoder_weights=None, freeze_encoder=False)
     seen = []
-    hook = model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone())
-                                           if module.training else None)
-    config = TrainConfig(epochs=1, batch_size=32, precision="fp32", augment=(), monitor_test=False,
-                         color_constancy="shades_of_grey", channels_last=False)
+    hook = model.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach().clone()) if module.training else None
+    )
+    config = TrainConfig(
+        epochs=1,
+        batch_size=32,
+        precision="fp32",
+        augment=(),
+        monitor_test=False,
+        color_constancy="shades_of_grey",
+        channels_last=False,
+    )
     result = fit(model, tiny_data, config, tmp_path / "run", verbose=False)
     hook.remove()
     spec = model.spec
@@ -185,9 +198,15 @@ def test_colour_constancy_is_applied_alike_in_training_evaluation_and_predict(ti
     for pair in tiny_data.test.sources:
         shutil.copy(pair.image, inputs / pair.image.name)
     predict_folder(tmp_path / "run" / "best.pt", inputs, tmp_path / "out")
-    written = torch.cat([confusion_counts(read_mask(tmp_path / "out" / f"{p.id}_Segmentation.png").float()
-                                          .unsqueeze(0), read_mask(p.mask).float().unsqueeze(0))
-                         for p in tiny_data.test.sources])
+    written = torch.cat(
+        [
+            confusion_counts(
+                read_mask(tmp_path / "out" / f"{p.id}_Segmentation.png").float().unsqueeze(0),
+                read_mask(p.mask).float().unsqueeze(0),
+            )
+            for p in tiny_data.test.sources
+        ]
+    )
     assert_same_counts(written, original_size_counts(result.test.probabilities, tiny_data.test))
 
 
@@ -250,8 +269,13 @@ def tiny_task1(tmp_path_factory, synthetic_root):
     base = tmp_path_factory.mktemp("tiny-task1")
     root = P.project_root(Path(__file__).parent)
     overrides = {"output_dir": str(base / "out"), "data_dir": str(synthetic_root)}
-    train = P.resolve("train", root / "params" / "task1.yaml", "tiny",
-                      {**overrides, "epochs": 1, "postprocess": "largest_component"}, root)
+    train = P.resolve(
+        "train",
+        root / "params" / "task1.yaml",
+        "tiny",
+        {**overrides, "epochs": 1, "postprocess": "largest_component"},
+        root,
+    )
     train_run(train, prepare_data(train, progress=False), verbose=False)
     return base, overrides, root
 
@@ -266,8 +290,9 @@ def test_external_scores_equal_a_by_hand_scoring(tiny_task1):
     (other,) = external_sets(chapter)
     split = load_external(other, 64)
     model, meta = load_trained(base / "out" / "task1" / "seed0" / "best.pt")
-    by_hand = original_size_counts(predicted_probabilities(model, meta, split.images, "none"), split,
-                                   postprocess="largest_component")
+    by_hand = original_size_counts(
+        predicted_probabilities(model, meta, split.images, "none"), split, postprocess="largest_component"
+    )
     table = pd.read_csv(base / "out" / "external" / "tables" / f"per_image_{other.name}_task1_seed0.csv")
     assert table[["tp", "fp", "fn", "tn"]].to_numpy().tolist() == by_hand.tolist()
     gap = result["gap"].iloc[0]
@@ -296,8 +321,13 @@ def test_two_runs_compared_seed_for_seed_on_every_split_and_half(tiny_task1):
     chapter = P.resolve("external", None, "tiny", {**overrides, "runs": ["task1"]}, root)
     out = str(base / "out")
     table = tool.compare(out, out, "task1", chapter).set_index("split")
-    assert list(table.index) == ["ISIC test", "validation", "other-clinic", "other-clinic, choosing half",
-                                 "other-clinic, reporting half"]
+    assert list(table.index) == [
+        "ISIC test",
+        "validation",
+        "other-clinic",
+        "other-clinic, choosing half",
+        "other-clinic, reporting half",
+    ]
     assert (table["B − A"] == 0).all() and (table["JA A"] == table["JA B"]).all()
     result = validate_external(chapter, ["task1"], base / "out" / "compare-check")
     whole = result["table"].set_index("data").loc["other-clinic", "JA"]
@@ -315,8 +345,10 @@ def test_a_missing_external_folder_is_skipped_with_where_to_get_it(tiny_task1, t
     assert ph2.root == tmp_path / "no-ph2" and not ph2.found
     assert "fc.up.pt" in ph2.missing_note() and "skipped" in ph2.missing_note()
     # the chapter still runs: validation scored, the set named as skipped, an empty gap table the index can read
-    chapter = {**P.resolve("external", None, "tiny", {**overrides, "runs": ["task1"]}, root),
-               "external": values["external"]}
+    chapter = {
+        **P.resolve("external", None, "tiny", {**overrides, "runs": ["task1"]}, root),
+        "external": values["external"],
+    }
     out = base / "out" / "external-missing"
     result = validate_external(chapter, ["task1"], out)
     assert result["gap"].empty and set(result["options"]["data"]) == {"validation"}
@@ -346,7 +378,17 @@ def test_the_index_reads_a_gap_table_of_an_earlier_version(tmp_path):
 
     tables = tmp_path / "external" / "tables"
     tables.mkdir(parents=True)
-    pd.DataFrame([{"run": "task3", "external set": "PH2", "images": 50, "JA ISIC test": 0.859, "JA PH2": 0.816,
-                   "JA gap": -0.043}]).to_csv(tables / "gap.csv", index=False)
+    pd.DataFrame(
+        [
+            {
+                "run": "task3",
+                "external set": "PH2",
+                "images": 50,
+                "JA ISIC test": 0.859,
+                "JA PH2": 0.816,
+                "JA gap": -0.043,
+            }
+        ]
+    ).to_csv(tables / "gap.csv", index=False)
     finding = report.chapter_finding(tmp_path, "external", "external")
     assert "task3 JA 0.816 on PH2 vs 0.859 on the ISIC test set (-0.043)" in finding

@@ -21,8 +21,18 @@ def per_image(areas, ious, width=100, height=50):
     for k, (area, iou) in enumerate(zip(areas, ious)):
         lesion = int(round(area * pixels))
         tp = int(round(iou * lesion))  # a prediction inside the lesion: JA = tp / lesion
-        rows.append({"id": f"ISIC_{k:07d}", "width": width, "height": height + k, "tp": tp, "fp": 0,
-                     "fn": lesion - tp, "tn": pixels + k * width - lesion, "iou": iou})
+        rows.append(
+            {
+                "id": f"ISIC_{k:07d}",
+                "width": width,
+                "height": height + k,
+                "tp": tp,
+                "fp": 0,
+                "fn": lesion - tp,
+                "tn": pixels + k * width - lesion,
+                "iou": iou,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -54,22 +64,45 @@ def test_seed_mean_frame_averages_each_image_over_seeds():
     first = per_image([0.1, 0.2], [0.2, 0.4])
     second = first.copy()
     second["iou"] = [0.4, 0.8]
-    run = experiments.SavedRun("r", Path("."), {}, pd.DataFrame({"seed": [0, 1]}), pd.DataFrame(),
-                               {0: first, 1: second.iloc[::-1].reset_index(drop=True)}, torch.zeros(0))
+    run = experiments.SavedRun(
+        "r",
+        Path("."),
+        {},
+        pd.DataFrame({"seed": [0, 1]}),
+        pd.DataFrame(),
+        {0: first, 1: second.iloc[::-1].reset_index(drop=True)},
+        torch.zeros(0),
+    )
     assert failures.seed_mean_frame(run)["iou"].tolist() == pytest.approx([0.3, 0.6])
 
 
 def test_the_summary_is_one_compact_table_with_the_selected_checkpoint_per_split():
-    history = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [1, 0.5, 0.4], "val_loss": [0.9, 0.6, 0.7],
-                            "test_loss": [1, 0.7, 0.8], "val_iou_mean": [0.2, 0.5, 0.4],
-                            "test_iou_mean": [0.3, 0.1, 0.6], "val_dice_mean": [0.3, 0.6, 0.5],
-                            "test_dice_mean": [0.4, 0.2, 0.7], "val_accuracy_mean": [0.8, 0.9, 0.85],
-                            "test_accuracy_mean": [0.7, 0.6, 0.75]})
-    final_test = {"loss": 0.7, "iou_mean": 0.1, "dice_mean": 0.2, "accuracy_mean": 0.6,
-                  "iou_mean (original size)": 0.12, "dice_mean (original size)": 0.22,
-                  "accuracy_mean (original size)": 0.61}
-    table = report.summary_table(history, {"loss": 0.6, "iou_mean": 0.5, "dice_mean": 0.6, "accuracy_mean": 0.9},
-                                 final_test, 2)
+    history = pd.DataFrame(
+        {
+            "epoch": [1, 2, 3],
+            "train_loss": [1, 0.5, 0.4],
+            "val_loss": [0.9, 0.6, 0.7],
+            "test_loss": [1, 0.7, 0.8],
+            "val_iou_mean": [0.2, 0.5, 0.4],
+            "test_iou_mean": [0.3, 0.1, 0.6],
+            "val_dice_mean": [0.3, 0.6, 0.5],
+            "test_dice_mean": [0.4, 0.2, 0.7],
+            "val_accuracy_mean": [0.8, 0.9, 0.85],
+            "test_accuracy_mean": [0.7, 0.6, 0.75],
+        }
+    )
+    final_test = {
+        "loss": 0.7,
+        "iou_mean": 0.1,
+        "dice_mean": 0.2,
+        "accuracy_mean": 0.6,
+        "iou_mean (original size)": 0.12,
+        "dice_mean (original size)": 0.22,
+        "accuracy_mean (original size)": 0.61,
+    }
+    table = report.summary_table(
+        history, {"loss": 0.6, "iou_mean": 0.5, "dice_mean": 0.6, "accuracy_mean": 0.9}, final_test, 2
+    )
     assert list(table.columns) == ["split", "row", "loss", "IoU", "Dice", "accuracy"] and len(table) == 9
     rows = table.set_index(["split", "row"])
     assert rows.loc[("validation", "max over epochs"), "IoU"] == 0.5
@@ -82,7 +115,9 @@ def test_the_summary_is_one_compact_table_with_the_selected_checkpoint_per_split
 def test_the_eda_size_overview_sums_up_every_size():
     sizes = pd.DataFrame({"width": [1022, 1022, 3008, 640], "height": [767, 767, 2000, 480]})
     table = report.size_overview(sizes).set_index("dimension")
-    assert table.loc["width", "min"] == 640 and table.loc["width", "max"] == 3008 and table.loc["width", "median"] == 1022
+    assert (
+        table.loc["width", "min"] == 640 and table.loc["width", "max"] == 3008 and table.loc["width", "median"] == 1022
+    )
     assert table.loc["megapixels", "max"] == pytest.approx(6.016)
     assert table.loc["width × height", "distinct"] == 3 and table.loc["width × height", "images"] == 4
 
@@ -111,14 +146,17 @@ def test_the_area_ratio_says_which_way_a_run_misses():
 
     def table(predicted_over_true):
         # 100-pixel lesions; predictions k times as large, overlapping the lesion as far as they can
-        rows = [{"tp": min(100, 100 * k), "fp": max(0, 100 * k - 100), "fn": max(0, 100 - 100 * k), "tn": 1000}
-                for k in predicted_over_true]
+        rows = [
+            {"tp": min(100, 100 * k), "fp": max(0, 100 * k - 100), "fn": max(0, 100 - 100 * k), "tn": 1000}
+            for k in predicted_over_true
+        ]
         return pd.DataFrame(rows + [{"tp": 0, "fp": 5, "fn": 0, "tn": 1000}])  # no lesion: no ratio
 
     over, under = table([1.5, 1.4, 1.6, 1.0]), table([0.5, 0.6, 1.0, 0.7])
     assert area_ratio(over).round(3).tolist()[:4] == [1.5, 1.4, 1.6, 1.0] and area_ratio(over).isna().iloc[-1]
-    result = area_ratio_table({("task3", "ISIC test"): table([1.0, 1.05, 0.95]), ("task3", "PH2"): over,
-                               ("task2", "PH2"): under}).set_index(["run", "data"])
+    result = area_ratio_table(
+        {("task3", "ISIC test"): table([1.0, 1.05, 0.95]), ("task3", "PH2"): over, ("task2", "PH2"): under}
+    ).set_index(["run", "data"])
     assert result.loc[("task3", "PH2"), "reading"] == "over-segments"
     assert result.loc[("task3", "PH2"), "> 1.3×"] == "75%" and result.loc[("task3", "PH2"), "images"] == 4
     assert result.loc[("task2", "PH2"), "reading"] == "under-segments"

@@ -23,11 +23,14 @@ pytestmark = pytest.mark.slow
 HIDE_PACKAGE = """import sys
 sys.meta_path[:] = [f for f in sys.meta_path if "isic_utils" not in getattr(f, "__module__", "")]
 """
-COLAB = {"__init__.py": "", "drive.py": """from pathlib import Path
+COLAB = {
+    "__init__.py": "",
+    "drive.py": """from pathlib import Path
 def mount(mountpoint, **_):
     (Path(mountpoint) / "MyDrive").mkdir(parents=True, exist_ok=True)
     (Path(mountpoint) / "mounted").write_text("yes")
-"""}
+""",
+}
 
 
 @pytest.fixture
@@ -43,8 +46,11 @@ def run_all(notebook_path: Path, cwd: Path, selectors: str) -> nbformat.Notebook
     """Every cell of the committed chapter in order in a new kernel started in ``cwd``, its selector lines set."""
     notebook = nbformat.read(notebook_path, as_version=4)
     cell = notebook.cells[1]
-    cell.source = "\n".join(line for line in cell.source.splitlines()
-                            if not line.startswith(("profile =", "run ="))) + "\n" + selectors
+    cell.source = (
+        "\n".join(line for line in cell.source.splitlines() if not line.startswith(("profile =", "run =")))
+        + "\n"
+        + selectors
+    )
     notebook.cells.append(nbformat.v4.new_code_cell("import isic_utils; print('package from', isic_utils.__file__)"))
     client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
     client.execute()
@@ -97,8 +103,12 @@ def colab(tmp_path, monkeypatch, synthetic_root):
     """(the runtime's /content, the project on Drive, the install record): the project uploaded to Drive, nothing
     installed, a lone chapter file opened from GitHub in /content."""
     site = tmp_path / "site"
-    for name, text in {"sitecustomize.py": COLAB_RUNTIME, "pip/__init__.py": "", "pip/__main__.py": STAND_IN_PIP,
-                       **{f"google/colab/{k}": v for k, v in COLAB.items()}}.items():
+    for name, text in {
+        "sitecustomize.py": COLAB_RUNTIME,
+        "pip/__init__.py": "",
+        "pip/__main__.py": STAND_IN_PIP,
+        **{f"google/colab/{k}": v for k, v in COLAB.items()},
+    }.items():
         (site / name).parent.mkdir(parents=True, exist_ok=True)
         (site / name).write_text(text)
     monkeypatch.setenv("PYTHONPATH", str(site))

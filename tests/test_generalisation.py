@@ -27,8 +27,9 @@ def scored(run: str, split: str, seeds, shift) -> Scored:
 
 def study(shifts: dict, seeds=(0, 1, 2)) -> pd.DataFrame:
     runs = {"base": lambda seed, i, split: 0.0, **shifts}
-    result = {(run, split): scored(run, split, seeds, shift) for run, shift in runs.items()
-              for split in ("validation", "PH2")}
+    result = {
+        (run, split): scored(run, split, seeds, shift) for run, shift in runs.items() for split in ("validation", "PH2")
+    }
     return G.options_table(result, {run: run for run in runs}, epochs=5)
 
 
@@ -39,16 +40,18 @@ def test_the_halves_are_fixed_disjoint_and_cover_the_set():
 
 
 def test_an_option_is_chosen_on_the_choosing_half_and_reported_on_the_other():
-    table = study({
-        # helps everywhere on PH2, by a steady +0.05 whatever the seed: chosen, and it holds on the reporting half
-        "helps": lambda seed, i, split: 0.05 if split == "PH2" else 0.0,
-        # helps only the reporting half's cases: the choice never sees it
-        "only reporting": lambda seed, i, split: 0.05 if i in REPORT and split == "PH2" else 0.0,
-        # helps PH2 but costs validation beyond the seed spread: not chosen
-        "costs validation": lambda seed, i, split: 0.05 if split == "PH2" else -0.03,
-        # +0.05 on one seed, −0.05 on another: within the spread
-        "noisy": lambda seed, i, split: [0.05, -0.05, 0.01][seed] if split == "PH2" else 0.0,
-    }).set_index("option")
+    table = study(
+        {
+            # helps everywhere on PH2, by a steady +0.05 whatever the seed: chosen, and it holds on the reporting half
+            "helps": lambda seed, i, split: 0.05 if split == "PH2" else 0.0,
+            # helps only the reporting half's cases: the choice never sees it
+            "only reporting": lambda seed, i, split: 0.05 if i in REPORT and split == "PH2" else 0.0,
+            # helps PH2 but costs validation beyond the seed spread: not chosen
+            "costs validation": lambda seed, i, split: 0.05 if split == "PH2" else -0.03,
+            # +0.05 on one seed, −0.05 on another: within the spread
+            "noisy": lambda seed, i, split: [0.05, -0.05, 0.01][seed] if split == "PH2" else 0.0,
+        }
+    ).set_index("option")
     choose, report = half_name("PH2", CHOOSING), half_name("PH2", REPORTING)
     assert list(table.index) == ["base", "helps", "only reporting", "costs validation", "noisy", *G.INFERENCE_STUDIED]
     assert table.loc["helps", "chosen"] == "yes"
@@ -61,7 +64,9 @@ def test_an_option_is_chosen_on_the_choosing_half_and_reported_on_the_other():
     assert table.loc["noisy", "chosen"] == "no"
     # test-time flips add 0.01 to every image of the base run: chosen; the base itself is no choice
     assert table.loc["test-time flips", "chosen"] == "yes" and table.loc["largest component", "chosen"] == "no"
-    assert table.loc["base", "chosen"] == "" and (table.loc["base", [f"Δ {s}" for s in ("validation", choose)]] == 0).all()
+    assert (
+        table.loc["base", "chosen"] == "" and (table.loc["base", [f"Δ {s}" for s in ("validation", choose)]] == 0).all()
+    )
     assert (table["seeds"] == 3).all()
     reading = G.options_reading(table.reset_index(), ["colour constancy"])
     assert "Chosen: helps, test-time flips." in reading
@@ -84,7 +89,10 @@ def test_task_uses_reads_the_options_from_a_runs_parameters():
     assert "256 px" not in uses and "test-time flips" not in uses and "largest component" in uses
     assert G.task_uses({**task3, **G.BASE}) == []
     assert G.task_uses({**task3, "image_size": 256, "color_constancy": "shades_of_grey"}) == [
-        "colour constancy", "256 px", "largest component"]
+        "colour constancy",
+        "256 px",
+        "largest component",
+    ]
 
 
 def test_an_option_outside_the_reports_design_is_measured_never_taken():

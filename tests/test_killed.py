@@ -62,8 +62,12 @@ def _per_image(out: Path) -> str:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, synthetic_root):
     out = tmp_path_factory.mktemp("straight") / "out"
-    done = subprocess.run([sys.executable, "-c", KILLED_RUN, str(ROOT), str(out), str(synthetic_root), "none"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(ROOT), str(out), str(synthetic_root), "none"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return _per_image(out)
 
@@ -71,15 +75,20 @@ def uninterrupted(tmp_path_factory, synthetic_root):
 @pytest.mark.parametrize("point", ["mid-epoch", "inside-save", "between-writes"])
 def test_a_run_killed_then_asked_again_ends_as_if_never_killed(uninterrupted, synthetic_root, tmp_path, point):
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(ROOT), str(out), str(synthetic_root), point],
-                            capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(ROOT), str(out), str(synthetic_root), point],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     seed_dir = out / "task1" / "seed0"
     assert not (out / "task1" / "tables" / "per_image_test_seed0.csv").exists()
     if point == "inside-save":
         assert list(seed_dir.glob(".last.pt.*.tmp"))  # the half-written copy a SIGKILL leaves
-    params = tiny_params(tmp_path, synthetic_root, "task1", epochs=3, decoder="unet", freeze_encoder=False,
-                         precision="fp32")
+    params = tiny_params(
+        tmp_path, synthetic_root, "task1", epochs=3, decoder="unet", freeze_encoder=False, precision="fp32"
+    )
     experiments.train_run(params, experiments.prepare_data(params, progress=False), verbose=False)
     assert _per_image(out) == uninterrupted
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
@@ -107,8 +116,9 @@ def test_an_extraction_killed_then_asked_again_gives_the_whole_split(tmp_path):
     root = tmp_path / "isic"
     root.mkdir()
     build_archives(root, counts={"train": 3})  # the archives are there: no download, only extraction
-    killed = subprocess.run([sys.executable, "-c", KILLED_EXTRACTION, str(root)], capture_output=True, text=True,
-                            timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_EXTRACTION, str(root)], capture_output=True, text=True, timeout=300
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert list(root.glob(".extracting-*"))  # what the kill left: a staging folder, no split folder
     assert not (root / "ISBI2016_ISIC_Part1_Training_Data").exists()
@@ -137,8 +147,9 @@ def test_an_export_killed_then_asked_again_is_exported_alone(tmp_path):
 
     root = fake_project(tmp_path, "print('the chapter ran')")
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(root), str(out)], capture_output=True,
-                            text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_EXPORT, str(root), str(out)], capture_output=True, text=True, timeout=300
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert list(out.glob(".*.tmp")) and not (out / "eda.html").exists()
     stamp = (out / "eda.ipynb").stat().st_mtime_ns
@@ -156,11 +167,26 @@ def test_ctrl_c_in_a_running_report_prints_one_line(tmp_path, synthetic_root):
     import os
     import time
 
-    command = [sys.executable, "-m", "isic_utils", "report", "--data", "tiny", "--set", f"output_dir={tmp_path / 'out'}",
-               f"data_dir={synthetic_root}"]
-    report = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True,  # a terminal's process group, which Ctrl-C signals whole
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    command = [
+        sys.executable,
+        "-m",
+        "isic_utils",
+        "report",
+        "--data",
+        "tiny",
+        "--set",
+        f"output_dir={tmp_path / 'out'}",
+        f"data_dir={synthetic_root}",
+    ]
+    report = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a terminal's process group, which Ctrl-C signals whole
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     for line in report.stdout:  # wait for the first epoch of task 1: its kernel is busy training
         if "task1 seed 0 epoch" in line:
             break
@@ -168,5 +194,6 @@ def test_ctrl_c_in_a_running_report_prints_one_line(tmp_path, synthetic_root):
     os.killpg(report.pid, signal.SIGINT)
     _, error = report.communicate(timeout=120)
     assert report.returncode == 130
-    assert error.strip() == ("interrupted: every finished epoch and chapter is kept: run the same command again to "
-                             "continue."), error
+    assert error.strip() == (
+        "interrupted: every finished epoch and chapter is kept: run the same command again to continue."
+    ), error

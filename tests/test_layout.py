@@ -18,9 +18,39 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "isic_utils"
 
 # Bottom to top: a module may import only modules listed before it.
-LAYERS = ["files", "sources", "decoding", "transforms", "data", "eda", "synthetic", "metrics", "confidence", "gallery", "model", "params",
-          "notebook", "devices", "inference", "features", "checkpoints", "training", "experiments", "failures", "trust",
-          "external", "adaptation", "generalisation", "comparison", "plots", "report", "pipeline", "handover", "predict", "__main__"]
+LAYERS = [
+    "files",
+    "sources",
+    "decoding",
+    "transforms",
+    "data",
+    "eda",
+    "synthetic",
+    "metrics",
+    "confidence",
+    "gallery",
+    "model",
+    "params",
+    "notebook",
+    "devices",
+    "inference",
+    "features",
+    "checkpoints",
+    "training",
+    "experiments",
+    "failures",
+    "trust",
+    "external",
+    "adaptation",
+    "generalisation",
+    "comparison",
+    "plots",
+    "report",
+    "pipeline",
+    "handover",
+    "predict",
+    "__main__",
+]
 
 
 def package_imports(path: Path) -> tuple[set[str], list[tuple[int, str]]]:
@@ -53,7 +83,7 @@ def test_every_module_has_a_layer_and_a_docstring():
 @pytest.mark.parametrize("module", LAYERS)
 def test_imports_flow_one_way_without_function_level_dodges(module):
     top, nested = package_imports(PACKAGE / f"{module}.py")
-    below = set(LAYERS[:LAYERS.index(module)])
+    below = set(LAYERS[: LAYERS.index(module)])
     assert top <= below, f"{module} imports {sorted(top - below)}, which are not below it in {LAYERS}"
     if module != "__main__":  # the entry point loads only the command asked for; every other import is at the top
         assert not nested, f"{module} imports {nested} inside functions"
@@ -89,14 +119,27 @@ def test_applying_a_model_imports_no_plotting_module():
 
 @pytest.mark.slow
 def test_applying_a_model_loads_no_plotting():
-    loaded = subprocess.run([sys.executable, "-c", "import sys, isic_utils.predict; "
-                             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(PLOTTING)})))"],
-                            capture_output=True, text=True, check=True, cwd=ROOT)
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, isic_utils.predict; "
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(PLOTTING)})))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     assert loaded.stdout.strip() == "[]"
 
 
-CHAPTERS = {"01_eda.ipynb": "eda", "02_train.ipynb": "train", "04_compare.ipynb": "compare",
-            "03_external.ipynb": "external"}
+CHAPTERS = {
+    "01_eda.ipynb": "eda",
+    "02_train.ipynb": "train",
+    "04_compare.ipynb": "compare",
+    "03_external.ipynb": "external",
+}
 
 
 @pytest.mark.parametrize("name, chapter", CHAPTERS.items())
@@ -107,8 +150,9 @@ def test_each_notebook_parameters_cell_names_only_the_profile_and_run(name, chap
     notebook = json.loads((ROOT / "notebooks" / name).read_text())
     tagged = [c for c in notebook["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, f"{name}: exactly one cell tagged 'parameters'"
-    assert notebook["cells"][0]["cell_type"] == "markdown" and notebook["cells"][1] is tagged[0], \
+    assert notebook["cells"][0]["cell_type"] == "markdown" and notebook["cells"][1] is tagged[0], (
         f"{name}: a title, then the parameters cell"
+    )
     source = "".join(tagged[0]["source"])
     assert source.startswith(N.OWN_PARAMETERS_HEADER)
     values = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(source).body}
@@ -154,8 +198,10 @@ def test_a_settings_default_is_one_in_the_schema_the_trainer_and_the_notebook():
 def test_every_chapter_has_the_same_setup_cell():
     """One setup cell (the package from the checkout or, in Colab, from Drive) in every chapter, right after the
     parameters: a fix made in one chapter and not the others is a chapter that fails in a fresh kernel."""
-    cells = {name: "".join(json.loads((ROOT / "notebooks" / name).read_text())["cells"][2]["source"])
-             for name in [*CHAPTERS, "run_in_colab.ipynb"]}
+    cells = {
+        name: "".join(json.loads((ROOT / "notebooks" / name).read_text())["cells"][2]["source"])
+        for name in [*CHAPTERS, "run_in_colab.ipynb"]
+    }
     assert len(set(cells.values())) == 1, "the chapters' setup cells differ"
     assert next(iter(cells.values())).startswith("# Setup: makes `isic_utils` importable")
 

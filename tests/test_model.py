@@ -32,8 +32,12 @@ def test_decoder_is_the_reports():
     decoder = M.ReportDecoder(dropout=0.3)
     convs = [m for m in decoder.modules() if isinstance(m, nn.ConvTranspose2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [
-        (1280, 512, (4, 4), (2, 2), (1, 1)), (512, 256, (4, 4), (2, 2), (1, 1)), (256, 128, (4, 4), (2, 2), (1, 1)),
-        (128, 64, (4, 4), (2, 2), (1, 1)), (64, 32, (4, 4), (2, 2), (1, 1))]
+        (1280, 512, (4, 4), (2, 2), (1, 1)),
+        (512, 256, (4, 4), (2, 2), (1, 1)),
+        (256, 128, (4, 4), (2, 2), (1, 1)),
+        (128, 64, (4, 4), (2, 2), (1, 1)),
+        (64, 32, (4, 4), (2, 2), (1, 1)),
+    ]
     assert [m.p for m in decoder.modules() if isinstance(m, nn.Dropout)] == [0.3] * 5
     assert decoder.head.in_channels == 32 and decoder.head.out_channels == 1 and decoder.head.kernel_size == (1, 1)
 
@@ -163,8 +167,15 @@ def test_a_decoder_registered_in_the_registry_alone_trains_saves_loads_and_predi
     assert P.resolve("train", overrides={"decoder": "toy"}, root=ROOT)["decoder"] == "toy"
     torch.manual_seed(0)
     model = M.build_model(encoder_weights=None, decoder="toy", dropout=0.3, freeze_encoder=False)
-    config = TrainConfig(freeze_encoder=False, epochs=1, batch_size=8, eval_batch_size=8, precision="fp32",
-                         monitor_test=False, augment=())
+    config = TrainConfig(
+        freeze_encoder=False,
+        epochs=1,
+        batch_size=8,
+        eval_batch_size=8,
+        precision="fp32",
+        monitor_test=False,
+        augment=(),
+    )
     result = fit(model, tiny_data, config, tmp_path / "run", verbose=False)
     rebuilt, meta = load_trained(tmp_path / "run" / "best.pt")
     assert (meta["decoder"], meta["dropout"]) == ("toy", 0.3) and isinstance(rebuilt.decoder, ToyDecoder)

@@ -79,19 +79,30 @@ def test_predict_into_its_own_input_folder_keeps_the_ground_truth(trained_run, t
     truth = tiny_data.test.sources[0].mask
     shutil.copy(truth, images / truth.name)  # ground truth beside the images, as in the official layout
     kept = (images / truth.name).read_bytes()
-    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(images),
-                 "--output", str(images)]) == 1
+    assert (
+        main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(images), "--output", str(images)])
+        == 1
+    )
     error = capsys.readouterr().err
     assert truth.name in error and "--overwrite" in error and "kept" in error
     assert (images / truth.name).read_bytes() == kept
-    assert sorted(p.name for p in images.iterdir()) == sorted([truth.name] + [p.image.name for p in
-                                                                             tiny_data.test.sources[:2]])
+    assert sorted(p.name for p in images.iterdir()) == sorted(
+        [truth.name] + [p.image.name for p in tiny_data.test.sources[:2]]
+    )
 
 
 def test_predict_again_replaces_only_with_overwrite(trained_run, images, tmp_path):
     _, run_dir = trained_run
-    arguments = ["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(images), "--output",
-                 str(tmp_path / "out"), "--overlays"]
+    arguments = [
+        "predict",
+        "--checkpoint",
+        str(run_dir / "best.pt"),
+        "--input",
+        str(images),
+        "--output",
+        str(tmp_path / "out"),
+        "--overlays",
+    ]
     assert main(arguments) == 0
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
     assert len(stamps) == 5  # two masks, two overlays, confidence.csv
@@ -111,8 +122,20 @@ def test_two_inputs_of_one_name_are_refused_before_any_mask(trained_run, images,
     _, run_dir = trained_run
     first = sorted(images.glob("*.jpg"))[0]
     Image.open(first).save(images / f"{first.stem}.png")
-    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(images), "--output",
-                 str(tmp_path / "out")]) == 1
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run_dir / "best.pt"),
+                "--input",
+                str(images),
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 1
+    )
     error = capsys.readouterr().err
     assert f"{first.name} and {first.stem}.png" in error or f"{first.stem}.png and {first.name}" in error
     assert not (tmp_path / "out").exists()
@@ -121,8 +144,20 @@ def test_two_inputs_of_one_name_are_refused_before_any_mask(trained_run, images,
 def test_a_file_given_as_input_is_a_clear_error(trained_run, images, tmp_path, capsys):
     _, run_dir = trained_run
     image = next(images.glob("*.jpg"))
-    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(image), "--output",
-                 str(tmp_path / "out")]) == 1
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run_dir / "best.pt"),
+                "--input",
+                str(image),
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 1
+    )
     assert "is a file: point it at a folder of images" in capsys.readouterr().err
 
 
@@ -162,8 +197,16 @@ def test_a_kill_between_the_two_checkpoint_writes_is_mended_on_resume(tiny_data,
     hold. The resume writes best.pt from last.pt's weights, so best.pt and the history agree again."""
     from isic_utils import checkpoints, training
 
-    cfg = P.TrainConfig(freeze_encoder=False, epochs=2, batch_size=8, eval_batch_size=8, precision="fp32",
-                               decoder_lr=3e-3, augment=(), monitor_test=False)
+    cfg = P.TrainConfig(
+        freeze_encoder=False,
+        epochs=2,
+        batch_size=8,
+        eval_batch_size=8,
+        precision="fp32",
+        decoder_lr=3e-3,
+        augment=(),
+        monitor_test=False,
+    )
 
     straight = training.fit(unet_model(), tiny_data, cfg, tmp_path / "straight", verbose=False)
     assert straight.best_epoch == 2  # epoch 2 improves: its best.pt is the write that the kill loses
@@ -191,8 +234,15 @@ def test_a_kill_between_the_two_checkpoint_writes_is_mended_on_resume(tiny_data,
 def test_weights_broken_by_the_last_step_of_an_epoch_are_never_saved(tiny_data, tmp_path):
     from isic_utils import training
 
-    cfg = P.TrainConfig(freeze_encoder=False, epochs=2, batch_size=8, eval_batch_size=8, precision="fp32",
-                               augment=(), monitor_test=False)
+    cfg = P.TrainConfig(
+        freeze_encoder=False,
+        epochs=2,
+        batch_size=8,
+        eval_batch_size=8,
+        precision="fp32",
+        augment=(),
+        monitor_test=False,
+    )
     model = unet_model()
     steps = len(tiny_data.train) // cfg.batch_size + bool(len(tiny_data.train) % cfg.batch_size)
 
@@ -209,8 +259,15 @@ def test_weights_broken_by_the_last_step_of_an_epoch_are_never_saved(tiny_data, 
     assert len(inference.load_checkpoint(tmp_path / "run" / "last.pt")["history"]) == 1
 
 
-@pytest.mark.parametrize("key, value", [("decoder_lr", float("inf")), ("encoder_lr", float("nan")),
-                                        ("weight_decay", -0.01), ("weight_decay", float("inf"))])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("decoder_lr", float("inf")),
+        ("encoder_lr", float("nan")),
+        ("weight_decay", -0.01),
+        ("weight_decay", float("inf")),
+    ],
+)
 def test_values_that_poison_a_run_are_refused_at_validation(key, value):
     from isic_utils import params as P
 
@@ -264,11 +321,18 @@ def test_leftovers_of_dead_processes_are_removed_and_a_live_ones_kept(tmp_path):
     folder = tmp_path / "run"
     (folder / "tables").mkdir(parents=True)
     host = process_tag().rpartition("-")[0]
-    leftovers = [folder / f".last.pt.{host}-{dead}.ab12cd34.tmp", folder / f".task2.running-{host}-{dead}.ipynb",
-                 folder / "tables" / f".epochs.csv.{host}-{dead}.0a0b0c0d.tmp"]
-    kept = [folder / f".best.pt.{host}-{live}.ab12cd34.tmp", folder / f".task1.running-{host}-{live}.ipynb",
-            folder / f".last.pt.othermachine-{dead}.ab12cd34.tmp",  # another machine sharing the folder: its own
-            folder / "last.pt", folder / ".lock"]
+    leftovers = [
+        folder / f".last.pt.{host}-{dead}.ab12cd34.tmp",
+        folder / f".task2.running-{host}-{dead}.ipynb",
+        folder / "tables" / f".epochs.csv.{host}-{dead}.0a0b0c0d.tmp",
+    ]
+    kept = [
+        folder / f".best.pt.{host}-{live}.ab12cd34.tmp",
+        folder / f".task1.running-{host}-{live}.ipynb",
+        folder / f".last.pt.othermachine-{dead}.ab12cd34.tmp",  # another machine sharing the folder: its own
+        folder / "last.pt",
+        folder / ".lock",
+    ]
     for path in leftovers + kept:
         path.write_bytes(b"x")
     assert sorted(remove_leftovers(folder)) == sorted(leftovers[:2])
@@ -313,7 +377,9 @@ def test_an_interrupted_forced_chapter_runs_again_on_the_next_plain_report(monke
         return 0.0
 
     monkeypatch.setattr(pipeline, "run_chapter", fake_chapter)
-    monkeypatch.setattr(pipeline, "export_chapter", lambda step, out_dir: (out_dir / f"{step.name}.html").write_text(""))
+    monkeypatch.setattr(
+        pipeline, "export_chapter", lambda step, out_dir: (out_dir / f"{step.name}.html").write_text("")
+    )
     monkeypatch.setattr(pipeline, "write_index", lambda *a, **k: None)
     overrides = {"output_dir": str(tmp_path / "out")}
     fail.clear()

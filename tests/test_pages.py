@@ -26,8 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def per_image(ids: int, missed: int, iou: float = 0.8) -> pd.DataFrame:
     """A per-image test table: ``missed`` predictions miss the lesion (a speck beside it: JA 0, as the offline task 1's
     did, never an empty mask), the rest score ``iou``."""
-    rows = [{"id": f"ISIC_{k:07d}", "tp": 0 if k < missed else 80, "fp": 40 if k < missed else 10, "fn": 20, "tn": 900,
-             "iou": 0.0 if k < missed else iou} for k in range(ids)]
+    rows = [
+        {
+            "id": f"ISIC_{k:07d}",
+            "tp": 0 if k < missed else 80,
+            "fp": 40 if k < missed else 10,
+            "fn": 20,
+            "tn": 900,
+            "iou": 0.0 if k < missed else iou,
+        }
+        for k in range(ids)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -36,10 +45,14 @@ def saved_run(folder: Path, name: str, frame: pd.DataFrame, random: bool, seeds=
     run_dir = folder / name
     (run_dir / "tables").mkdir(parents=True)
     source = "random initialisation" if random else "ImageNet weights (torchvision IMAGENET1K_V1)"
-    (run_dir / "run.json").write_text(json.dumps({
-        "params": {"epochs": 8}, "encoder_weights": {str(s): {"source": source} for s in seeds}, "trained_on": {}}))
-    pd.DataFrame([{"seed": s, "test_iou_mean_orig": frame["iou"].mean(), "best_epoch": 8, "val_iou_mean": 0.5}
-                  for s in seeds]).to_csv(run_dir / "tables" / "seeds.csv", index=False)
+    (run_dir / "run.json").write_text(
+        json.dumps(
+            {"params": {"epochs": 8}, "encoder_weights": {str(s): {"source": source} for s in seeds}, "trained_on": {}}
+        )
+    )
+    pd.DataFrame(
+        [{"seed": s, "test_iou_mean_orig": frame["iou"].mean(), "best_epoch": 8, "val_iou_mean": 0.5} for s in seeds]
+    ).to_csv(run_dir / "tables" / "seeds.csv", index=False)
     for s in seeds:
         frame.to_csv(run_dir / "tables" / f"per_image_test_seed{s}.csv", index=False)
 
@@ -54,7 +67,8 @@ def offline_report(tmp_path):
     (out / "compare" / "tables").mkdir(parents=True)
     pd.DataFrame({"run": ["task1", "task2"]}).to_csv(out / "compare" / "tables" / "comparison.csv", index=False)
     pd.DataFrame([{"A": "task1", "B": "task2", "mean B − A": 0.572, "p-value": 1.6e-11}]).to_csv(
-        out / "compare" / "tables" / "wilcoxon.csv", index=False)
+        out / "compare" / "tables" / "wilcoxon.csv", index=False
+    )
     return out
 
 
@@ -64,7 +78,10 @@ def test_the_headline_leaves_out_a_run_that_learned_nothing_and_says_why(offline
     line = report.chapter_finding(offline_report, "compare", "compare")
     assert "over task1" not in line and "Wilcoxon" not in line
     assert "task2 segments the test set best" in line
-    assert "task1 is not compared: it learned nothing: its masks miss the lesion (JA < 0.05) on 60 of 60 test predictions" in line
+    assert (
+        "task1 is not compared: it learned nothing: its masks miss the lesion (JA < 0.05) on 60 of 60 test predictions"
+        in line
+    )
     assert "random" in line
     task1 = report.chapter_finding(offline_report, "task1", "train")
     assert task1.startswith("Learned nothing: its masks miss the lesion (JA < 0.05) on 60 of 60")
@@ -100,43 +117,77 @@ def test_every_chapter_names_the_random_encoder_at_its_top(offline_report, tmp_p
 
 def test_the_student_table_says_what_a_run_that_learned_nothing_means():
     frames = {"task1": per_image(60, missed=60), "task2": per_image(60, missed=0)}
-    runs = {name: experiments.SavedRun(name, Path(name), {"encoder_weights": {"0": {"source": "random initialisation"}}},
-                                       pd.DataFrame({"seed": [0], "test_iou_mean_orig": [frame["iou"].mean()]}),
-                                       pd.DataFrame(), {0: frame}, None) for name, frame in frames.items()}
+    runs = {
+        name: experiments.SavedRun(
+            name,
+            Path(name),
+            {"encoder_weights": {"0": {"source": "random initialisation"}}},
+            pd.DataFrame({"seed": [0], "test_iou_mean_orig": [frame["iou"].mean()]}),
+            pd.DataFrame(),
+            {0: frame},
+            None,
+        )
+        for name, frame in frames.items()
+    }
     notes = comparison.caveats(runs)
     assert notes["task1"].startswith("learned nothing") and notes["task2"].startswith("random encoder")
     table = report.report_vs_reproduction({"task1": {"iou_mean": 0.0}, "task2": {"iou_mean": 0.8}}, notes)
     assert list(table["ours: read first"]) == [notes["task1"], notes["task2"]]
     reading = comparison.written_reading(runs, pd.DataFrame())
-    assert "**task1** learned nothing" in reading and "Best mean per-image Jaccard on the test set: **task2**" in reading
+    assert (
+        "**task1** learned nothing" in reading and "Best mean per-image Jaccard on the test set: **task2**" in reading
+    )
 
 
 def test_a_set_where_every_image_failed_reads_without_nan():
     """Task 1's trust line read "ρ +nan, AUROC —, 0 of 60 failures flagged" when all 60 had failed."""
-    rows = pd.DataFrame([
-        {"run": "task1", "set": "ISIC test", "confidence": "mean max-probability", "images": 60,
-         "Spearman ρ": np.nan, "AUROC (JA < 0.65)": np.nan, "failed & flagged": 0, "failed, not flagged": 60,
-         "flagged, not failed": 0},
-        {"run": "task2", "set": "ISIC test", "confidence": "mean max-probability", "images": 60,
-         "Spearman ρ": -0.00001, "AUROC (JA < 0.65)": np.nan, "failed & flagged": 0, "failed, not flagged": 0,
-         "flagged, not failed": 1}])
-    calibration = pd.DataFrame([{"run": r, "kept T": 1.0, "ECE test": 0.1, "ECE test, calibrated": 0.1}
-                                for r in ("task1", "task2")])
+    rows = pd.DataFrame(
+        [
+            {
+                "run": "task1",
+                "set": "ISIC test",
+                "confidence": "mean max-probability",
+                "images": 60,
+                "Spearman ρ": np.nan,
+                "AUROC (JA < 0.65)": np.nan,
+                "failed & flagged": 0,
+                "failed, not flagged": 60,
+                "flagged, not failed": 0,
+            },
+            {
+                "run": "task2",
+                "set": "ISIC test",
+                "confidence": "mean max-probability",
+                "images": 60,
+                "Spearman ρ": -0.00001,
+                "AUROC (JA < 0.65)": np.nan,
+                "failed & flagged": 0,
+                "failed, not flagged": 0,
+                "flagged, not failed": 1,
+            },
+        ]
+    )
+    calibration = pd.DataFrame(
+        [{"run": r, "kept T": 1.0, "ECE test": 0.1, "ECE test, calibrated": 0.1} for r in ("task1", "task2")]
+    )
     text = trust.reading(rows, calibration)
     assert "nan" not in text and "-0.00" not in text
     assert "every image failed (JA < 0.65)" in text and "0 of 60 flagged" in text
     assert "ρ +0.00, AUROC — (no failure), 0 of 0 failures flagged with 1 false alarms" in text
 
 
-@pytest.mark.parametrize("value, shown", [(-0.00004, "+0.000"), (0.0004, "+0.000"), (-0.0006, "-0.001"),
-                                          (0.5724, "+0.572"), (-0.0, "+0.000")])
+@pytest.mark.parametrize(
+    "value, shown",
+    [(-0.00004, "+0.000"), (0.0004, "+0.000"), (-0.0006, "-0.001"), (0.5724, "+0.572"), (-0.0, "+0.000")],
+)
 def test_a_change_too_small_to_show_never_reads_minus_zero(value, shown):
     assert files.signed(value) == shown
 
 
 def test_tables_on_pages_show_no_minus_zero_and_keep_thousands():
-    table = pd.DataFrame({"JA gap": [-0.00004, -0.25], "images": [1200, 3], "p-value": [1.6e-11, 0.5],
-                          "run": ["task1", "task2"]})
+    table = pd.DataFrame(
+        {"JA gap": [-0.00004, -0.25], "images": [1200, 3], "p-value": [1.6e-11, 0.5], "run": ["task1", "task2"]}
+    )
     page = report.for_reading(table).to_html()
     cells = [c.split(">")[-1] for c in page.split("</td>")[:-1]]
     assert cells == ["0.000", "1,200", "1.6e-11", "task1", "-0.250", "3", "0.5", "task2"]
@@ -170,12 +221,24 @@ def test_figures_are_written_and_shown_in_256_colours(tmp_path):
     assert _png(path.read_bytes()).mode == "P" and path.stat().st_size < own.tell() / 2
     plt.close(fig)
     # in a kernel, as a chapter shows them: a figure returned by a cell, and one drawn and left for the inline backend
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in (
-        "from isic_utils import plots\nimport matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([1, 3, 2])\nfig",
-        "plt.subplots()[1].imshow([[0, 1], [2, 3]]);")])
-    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    shown = [base64.b64decode(output["data"]["image/png"]) for cell in notebook.cells for output in cell.outputs
-             if "image/png" in output.get("data", {})]
+    notebook = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(source)
+            for source in (
+                "from isic_utils import plots\nimport matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([1, 3, 2])\nfig",
+                "plt.subplots()[1].imshow([[0, 1], [2, 3]]);",
+            )
+        ]
+    )
+    NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    shown = [
+        base64.b64decode(output["data"]["image/png"])
+        for cell in notebook.cells
+        for output in cell.outputs
+        if "image/png" in output.get("data", {})
+    ]
     assert len(shown) >= 2 and all(_png(picture).mode == "P" for picture in shown)
 
 
@@ -184,10 +247,21 @@ def test_the_other_clinic_line_leaves_out_a_run_that_learned_nothing(offline_rep
     from isic_utils.external import ON_SET
 
     (offline_report / "external" / "tables").mkdir(parents=True)
-    pd.DataFrame([{"run": run, "external set": "other-clinic", f"JA {ON_SET}": ja, "JA ISIC test": ja + 0.003,
-                   "JA gap": -0.003} for run, ja in (("task1", 0.0), ("task2", 0.572))]).to_csv(
-        offline_report / "external" / "tables" / "gap.csv", index=False)
+    pd.DataFrame(
+        [
+            {
+                "run": run,
+                "external set": "other-clinic",
+                f"JA {ON_SET}": ja,
+                "JA ISIC test": ja + 0.003,
+                "JA gap": -0.003,
+            }
+            for run, ja in (("task1", 0.0), ("task2", 0.572))
+        ]
+    ).to_csv(offline_report / "external" / "tables" / "gap.csv", index=False)
     line = report.chapter_finding(offline_report, "external", "external")
     assert line.startswith("task2 JA 0.572 on other-clinic") and "task1 JA" not in line
-    assert line.endswith("task1 is left out: it learned nothing: its masks miss the lesion (JA < 0.05) on 60 of 60 "
-                         "test predictions (its encoder is random: no ImageNet weights).")
+    assert line.endswith(
+        "task1 is left out: it learned nothing: its masks miss the lesion (JA < 0.05) on 60 of 60 "
+        "test predictions (its encoder is random: no ImageNet weights)."
+    )

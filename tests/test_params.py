@@ -9,8 +9,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_run_file_and_profile_validates():
-    for chapter, run_file in (("eda", "eda"), ("train", "task1"), ("train", "task2"), ("train", "task3"),
-                              ("compare", "compare")):
+    for chapter, run_file in (
+        ("eda", "eda"),
+        ("train", "task1"),
+        ("train", "task2"),
+        ("train", "task3"),
+        ("compare", "compare"),
+    ):
         for profile in ("synthetic", "isic2016", "isic2016_holdout", "tiny"):
             values = P.resolve(chapter, ROOT / "params" / f"{run_file}.yaml", profile, root=ROOT)
             assert values["profile"] == profile
@@ -37,14 +42,27 @@ def test_task_files_hold_the_reports_design():
 
 
 def test_all_problems_reported_at_once_with_the_valid_keys(tmp_path):
-    bad = {"epochs": 0, "image_size": 100, "val_fraction": 1.5, "batchsize": 8, "dropout": "high",
-           "encoder_weights": str(tmp_path / "missing.pth")}
+    bad = {
+        "epochs": 0,
+        "image_size": 100,
+        "val_fraction": 1.5,
+        "batchsize": 8,
+        "dropout": "high",
+        "encoder_weights": str(tmp_path / "missing.pth"),
+    }
     with pytest.raises(P.ParameterError) as error:
         P.resolve("train", overrides=bad, root=ROOT)
     message = str(error.value)
-    for expected in ("unknown key(s) ['batchsize']", "epochs must be >= 1", "image_size must be a positive multiple of 32",
-                     "val_fraction must be in (0, 1)", "dropout must be float", "missing.pth not found",
-                     "valid keys for train:", "batch_size"):
+    for expected in (
+        "unknown key(s) ['batchsize']",
+        "epochs must be >= 1",
+        "image_size must be a positive multiple of 32",
+        "val_fraction must be in (0, 1)",
+        "dropout must be float",
+        "missing.pth not found",
+        "valid keys for train:",
+        "batch_size",
+    ):
         assert expected in message, expected
 
 
@@ -84,7 +102,12 @@ def test_a_chapter_names_its_profile_and_run_and_resolves_as_the_report_does():
     namespace = _kernel(["# Parameters\nprofile = 'tiny'\nrun = 'task2'\n"], profile="tiny", run="task2")
     assert N.from_notebook("train", namespace) == P.chapter_values("train", "tiny", "task2", root=ROOT)
     values = N.from_notebook("train", namespace)
-    assert (values["epochs"], values["batch_size"], values["run_name"], values["freeze_encoder"]) == (2, 8, "task2", False)
+    assert (values["epochs"], values["batch_size"], values["run_name"], values["freeze_encoder"]) == (
+        2,
+        8,
+        "task2",
+        False,
+    )
     # opened by hand, nothing changed: the synthetic profile's values, not the schema's (epochs 8, batch 8)
     synthetic = N.from_notebook("train", _kernel([]))
     assert (synthetic["epochs"], synthetic["batch_size"], synthetic["allow_random_encoder"]) == (8, 8, True)
@@ -94,8 +117,13 @@ def test_a_chapter_names_its_profile_and_run_and_resolves_as_the_report_does():
 
 def test_papermill_text_values_are_read_as_yaml():
     """`papermill -p seeds '[0,1]' -p download true` passes text; the keys take a list and a boolean."""
-    namespace = _kernel(["# Parameters\nseeds = '[0, 1]'\ndownload = 'true'\nlimit = 'null'\nepochs = '3'\n"],
-                        seeds="[0, 1]", download="true", limit="null", epochs="3")
+    namespace = _kernel(
+        ["# Parameters\nseeds = '[0, 1]'\ndownload = 'true'\nlimit = 'null'\nepochs = '3'\n"],
+        seeds="[0, 1]",
+        download="true",
+        limit="null",
+        epochs="3",
+    )
     values = N.from_notebook("train", namespace)
     assert (values["seeds"], values["download"], values["limit"], values["epochs"]) == ([0, 1], True, None, 3)
     namespace = _kernel(["# Parameters\nseeds = 'zero'\n"], seeds="zero")
@@ -111,8 +139,10 @@ def test_papermill_f_runs_what_its_injected_cell_shows(profile, run):
     used."""
     import yaml
 
-    injected = {**yaml.safe_load((ROOT / "params" / "profiles" / f"{profile}.yaml").read_text()),
-                **yaml.safe_load((ROOT / "params" / f"{run}.yaml").read_text())}
+    injected = {
+        **yaml.safe_load((ROOT / "params" / "profiles" / f"{profile}.yaml").read_text()),
+        **yaml.safe_load((ROOT / "params" / f"{run}.yaml").read_text()),
+    }
     cell = "# Parameters\n" + "".join(f"{k} = {v!r}\n" for k, v in injected.items())
     values = N.from_notebook("train", _kernel([cell], **injected))
     shown = {k: v for k, v in injected.items() if k in values}
@@ -122,7 +152,9 @@ def test_papermill_f_runs_what_its_injected_cell_shows(profile, run):
     only_profile = yaml.safe_load((ROOT / "params" / "profiles" / f"{profile}.yaml").read_text())
     cell = "# Parameters\n" + "".join(f"{k} = {v!r}\n" for k, v in only_profile.items())
     for chapter in ("eda", "external", "compare"):  # keys other chapters take (runs, external) are theirs
-        assert N.from_notebook(chapter, _kernel([cell], **only_profile)) == P.chapter_values(chapter, profile, root=ROOT)
+        assert N.from_notebook(chapter, _kernel([cell], **only_profile)) == P.chapter_values(
+            chapter, profile, root=ROOT
+        )
 
 
 def test_a_value_set_by_hand_overrides_the_profile_and_a_typo_names_the_close_match():

@@ -45,8 +45,13 @@ def test_every_chapter_executed_and_exported(tiny_report):
     assert list(timings) == ["eda", *RUNS, "external", "compare"]
     for name in timings:
         notebook = json.loads((out / f"{name}.ipynb").read_text())
-        errors = [o for c in notebook["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
-                  if o.get("output_type") == "error"]
+        errors = [
+            o
+            for c in notebook["cells"]
+            if c["cell_type"] == "code"
+            for o in c.get("outputs", [])
+            if o.get("output_type") == "error"
+        ]
         assert not errors, name
         page = (out / f"{name}.html").read_text()
         assert "Synthetic data" in page, name  # every chapter says what data it ran on
@@ -69,8 +74,11 @@ def test_no_page_table_or_record_names_a_folder_of_this_machine(tiny_report, syn
         recorded = json.loads((out / f"{name}.ipynb").read_text())["metadata"]["papermill"]
         assert recorded["input_path"].startswith("notebooks/") and recorded["output_path"] == f"{name}.ipynb"
     folders = [str(root), str(ROOT), str(synthetic_root), str(Path.home())]
-    named = [p for p in out.rglob("*") if p.is_file() and p.suffix not in (".pt",)
-             and any(f in p.read_text(errors="replace") for f in folders)]
+    named = [
+        p
+        for p in out.rglob("*")
+        if p.is_file() and p.suffix not in (".pt",) and any(f in p.read_text(errors="replace") for f in folders)
+    ]
     assert not named, named
 
 
@@ -109,8 +117,9 @@ def test_the_terminal_shows_one_line_per_epoch_while_a_chapter_runs(tiny_report)
         # a bar's update ("epoch 1/2: 100%|…") is relayed too when an epoch outlasts the bar's two-second refresh
         epochs = [line for line in lines if line.startswith(f"  {run} | ") and " epoch " in line and "%|" not in line]
         assert len(epochs) == 2, lines  # tiny profile: two epochs, one line each
-        assert all(f"{run} seed 0" in line and "val IoU" in line and "ETA" in line and " s " in line
-                   for line in epochs), epochs
+        assert all(
+            f"{run} seed 0" in line and "val IoU" in line and "ETA" in line and " s " in line for line in epochs
+        ), epochs
     page = (out / "task1.html").read_text()
     assert "task1 seed 0 epoch" in page.replace("  ", " ")  # the same lines are the chapter's log
 
@@ -126,10 +135,19 @@ def test_tables_have_the_right_columns_and_rows(tiny_report):
     for run in RUNS:
         epochs = pd.read_csv(out / run / "tables" / "epochs.csv")
         assert len(epochs) == 2  # tiny profile: two epochs
-        for column in ("epoch", "train loss", "val loss", "val IoU (mean/img)", "val IoU (pooled)",
-                       "val Dice (mean/img)", "val pixel acc (mean/img)", "test loss [monitor]",
-                       "test IoU (mean/img) [monitor]", "test Dice (mean/img) [monitor]",
-                       "test pixel acc (mean/img) [monitor]"):
+        for column in (
+            "epoch",
+            "train loss",
+            "val loss",
+            "val IoU (mean/img)",
+            "val IoU (pooled)",
+            "val Dice (mean/img)",
+            "val pixel acc (mean/img)",
+            "test loss [monitor]",
+            "test IoU (mean/img) [monitor]",
+            "test Dice (mean/img) [monitor]",
+            "test pixel acc (mean/img) [monitor]",
+        ):
             assert column in epochs, (run, column)
         summary = pd.read_csv(out / run / "tables" / "summary.csv")
         assert list(summary.columns) == ["split", "row", "loss", "IoU", "Dice", "accuracy"]
@@ -157,7 +175,8 @@ def test_tables_have_the_right_columns_and_rows(tiny_report):
     for run in RUNS:  # Table 9's numbers are the runs' per-image scores (one seed: no spread claimed)
         per_image = pd.read_csv(out / run / "tables" / "per_image_test_seed0.csv")
         assert float(comparison.loc[run, "JA / IoU (mean per image, original size)"]) == pytest.approx(
-            per_image["iou"].mean(), abs=5e-5)
+            per_image["iou"].mean(), abs=5e-5
+        )
     wilcoxon = pd.read_csv(out / "compare" / "tables" / "wilcoxon.csv")
     assert len(wilcoxon) >= 2 and (wilcoxon["p-value"].between(0, 1)).all() and (wilcoxon["images"] == 6).all()
     assert len(pd.read_csv(out / "compare" / "tables" / "report_vs_reproduction.csv")) == 2
@@ -231,9 +250,14 @@ def test_the_index_gives_the_answer_first_and_every_chapter_has_a_readers_copy(t
     assert answer < index.index("What each chapter found") < index.index("Files")
     assert "Table 9" in index and '<table' in index and "JA / IoU (mean per image, original size)" in index
     assert '<img src="data:image/png;base64,' in index  # the headline figure, embedded: the page stands alone
-    assert ("segments the test set best" in index or "no run learned to segment" in index) and "test JA" in index \
-        and "Data: " in index  # the tiny profile's two epochs may teach no run (then it says so)
-    assert "on other-clinic vs" in index or "is left out: it learned nothing" in index  # the external chapter's finding, from its gap table
+    assert (
+        ("segments the test set best" in index or "no run learned to segment" in index)
+        and "test JA" in index
+        and "Data: " in index
+    )  # the tiny profile's two epochs may teach no run (then it says so)
+    assert (
+        "on other-clinic vs" in index or "is left out: it learned nothing" in index
+    )  # the external chapter's finding, from its gap table
     for name in timings:
         assert f'href="{name}_reader.html"' in index
         reader = (out / f"{name}_reader.html").read_text()
@@ -254,8 +278,13 @@ def _trained_files(out: Path, run: str) -> dict:
 
 
 def _papermill(root: Path, target: Path, *arguments: str) -> None:
-    completed = subprocess.run([sys.executable, "-m", "papermill", "notebooks/02_train.ipynb", str(target), *arguments,
-                                "--no-progress-bar"], cwd=root, capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(
+        [sys.executable, "-m", "papermill", "notebooks/02_train.ipynb", str(target), *arguments, "--no-progress-bar"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
 
 
@@ -263,10 +292,26 @@ def test_plain_papermill_with_a_profile_and_run_continues_the_reports_run(tiny_r
     """`papermill -p profile tiny -p run task2` is the report's task 2 chapter; so is `-f` of the profile's file, with
     list and boolean values given as text (-p seeds '[0]' -p download false)."""
     out, _, _, root = tiny_report
-    before, per_image = _trained_files(out, "task2"), (out / "task2" / "tables" / "per_image_test_seed0.csv").read_text()
+    before, per_image = (
+        _trained_files(out, "task2"),
+        (out / "task2" / "tables" / "per_image_test_seed0.csv").read_text(),
+    )
     _papermill(root, tmp_path / "a.ipynb", "-p", "profile", "tiny", "-p", "run", "task2")
-    _papermill(root, tmp_path / "b.ipynb", "-f", "params/profiles/tiny.yaml", "-p", "run", "task2",
-               "-p", "seeds", "[0]", "-p", "download", "false")
+    _papermill(
+        root,
+        tmp_path / "b.ipynb",
+        "-f",
+        "params/profiles/tiny.yaml",
+        "-p",
+        "run",
+        "task2",
+        "-p",
+        "seeds",
+        "[0]",
+        "-p",
+        "download",
+        "false",
+    )
     assert _trained_files(out, "task2") == before  # resumed: no epoch trained, no checkpoint written
     assert (out / "task2" / "tables" / "per_image_test_seed0.csv").read_text() == per_image
     for name in ("a", "b"):
@@ -282,10 +327,14 @@ def _by_hand(root: Path, name: str, cells: str, runs: int = 1):
 
     notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     parameters = notebook.cells[1]
-    parameters.source = "\n".join(line for line in parameters.source.splitlines()
-                                   if not line.startswith(("profile =", "run ="))) + "\n" + cells
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(root / "notebooks")}})
+    parameters.source = (
+        "\n".join(line for line in parameters.source.splitlines() if not line.startswith(("profile =", "run =")))
+        + "\n"
+        + cells
+    )
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(root / "notebooks")}}
+    )
     with client.setup_kernel():
         for _ in range(runs):
             for index, cell in enumerate(notebook.cells):
@@ -361,8 +410,9 @@ def test_no_page_shows_nan_or_minus_zero(tiny_report):
         text = re.sub(r"data:image/[a-z]+;base64,[A-Za-z0-9+/=]+", "", page.read_text(encoding="utf-8"))
         text = re.sub(r"<(script|style)\b.*?</\1>", "", text, flags=re.S)
         assert not re.search(r"\bnan\b|-0\.0+\b(?![1-9])", re.sub(r"<[^>]+>", " ", text), flags=re.I) or False, (
-            page.name, re.findall(r".{60}(?:\bnan\b|-0\.0+\b(?![1-9])).{20}", re.sub(r"<[^>]+>", " ", text),
-                                  flags=re.I)[:3])
+            page.name,
+            re.findall(r".{60}(?:\bnan\b|-0\.0+\b(?![1-9])).{20}", re.sub(r"<[^>]+>", " ", text), flags=re.I)[:3],
+        )
 
 
 def test_a_page_nbconvert_writes_beside_a_papermill_run_links_what_is_there(tiny_report):
@@ -370,8 +420,13 @@ def test_a_page_nbconvert_writes_beside_a_papermill_run_links_what_is_there(tiny
     the page's gallery link opens (it named 'task2/gallery.html', relative to the report's folder)."""
     out, _, _, root = tiny_report
     _papermill(root, root / "task2-by-hand.ipynb", "-p", "profile", "tiny", "-p", "run", "task2")
-    converted = subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "task2-by-hand.ipynb"],
-                               cwd=root, capture_output=True, text=True, timeout=300)
+    converted = subprocess.run(
+        [sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "task2-by-hand.ipynb"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert converted.returncode == 0, converted.stderr[-2000:]
     page = root / "task2-by-hand.html"
     assert "gallery.html" in page.read_text() and broken_links(page) == []

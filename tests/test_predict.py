@@ -34,18 +34,39 @@ def inputs(tiny_data, tmp_path):
 
 
 def counts_of(folder, tiny_data):
-    return torch.cat([confusion_counts(read_mask(folder / f"{p.id}_Segmentation.png").float().unsqueeze(0),
-                                       read_mask(p.mask).float().unsqueeze(0)) for p in tiny_data.test.sources])
+    return torch.cat(
+        [
+            confusion_counts(
+                read_mask(folder / f"{p.id}_Segmentation.png").float().unsqueeze(0),
+                read_mask(p.mask).float().unsqueeze(0),
+            )
+            for p in tiny_data.test.sources
+        ]
+    )
 
 
 def test_predict_writes_the_masks_the_evaluation_scored(trained_run, tiny_data, inputs, tmp_path, capsys):
     result, run_dir = trained_run
     out = tmp_path / "out"
-    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(inputs), "--output", str(out),
-                 "--overlays"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run_dir / "best.pt"),
+                "--input",
+                str(inputs),
+                "--output",
+                str(out),
+                "--overlays",
+            ]
+        )
+        == 0
+    )
     assert f"wrote {len(tiny_data.test)} masks" in capsys.readouterr().out  # not the mask, overlay or text file
     assert sorted(p.name for p in out.glob("*_Segmentation.png")) == sorted(
-        f"{p.id}_Segmentation.png" for p in tiny_data.test.sources)
+        f"{p.id}_Segmentation.png" for p in tiny_data.test.sources
+    )
     for k, pair in enumerate(tiny_data.test.sources):
         written = Image.open(out / f"{pair.id}_Segmentation.png")
         assert written.size == tiny_data.test.sizes[k]  # the image's own original size
@@ -62,8 +83,24 @@ def test_predict_applies_the_flips_and_post_processing_it_is_asked_for(trained_r
     for tta in ("none", "flips"):
         for post in ("none", "largest_component"):
             out = tmp_path / f"{tta}-{post}"
-            assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(inputs),
-                         "--output", str(out), "--tta", tta, "--postprocess", post]) == 0
+            assert (
+                main(
+                    [
+                        "predict",
+                        "--checkpoint",
+                        str(run_dir / "best.pt"),
+                        "--input",
+                        str(inputs),
+                        "--output",
+                        str(out),
+                        "--tta",
+                        tta,
+                        "--postprocess",
+                        post,
+                    ]
+                )
+                == 0
+            )
             probabilities = predicted_probabilities(model, meta, tiny_data.test.images, tta)
             expected = original_size_counts(probabilities, tiny_data.test, postprocess=post)
             assert_same_counts(counts_of(out, tiny_data), expected)
@@ -102,11 +139,27 @@ def test_predict_post_processes_the_masks_it_writes(trained_run, tiny_data, tmp_
     monkeypatch.setattr("isic_utils.predict.predict_probabilities", holed)
     folder = tiny_data.test.sources[0].image.parent
     for post in ("none", "largest_component"):
-        assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(folder),
-                     "--output", str(tmp_path / post), "--postprocess", post]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    "--checkpoint",
+                    str(run_dir / "best.pt"),
+                    "--input",
+                    str(folder),
+                    "--output",
+                    str(tmp_path / post),
+                    "--postprocess",
+                    post,
+                ]
+            )
+            == 0
+        )
     for source in tiny_data.test.sources:
-        plain, post = (read_mask(tmp_path / kind / f"{source.id}_Segmentation.png")[0].bool()
-                       for kind in ("none", "largest_component"))
+        plain, post = (
+            read_mask(tmp_path / kind / f"{source.id}_Segmentation.png")[0].bool()
+            for kind in ("none", "largest_component")
+        )
         height, width = plain.shape
         assert not plain[height // 2, width // 2] and plain[0, 0]  # as predicted: the hole and the speck
         assert post[height // 2, width // 2] and not post[0, 0]  # filled, and the speck gone
@@ -140,8 +193,20 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_empty_input_folder_is_an_error(trained_run, tmp_path, capsys):
     _, run_dir = trained_run
-    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(tmp_path),
-                 "--output", str(tmp_path / "out")]) == 1
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run_dir / "best.pt"),
+                "--input",
+                str(tmp_path),
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 1
+    )
     assert "no .jpg/.jpeg/.png/.bmp/.tif images in" in capsys.readouterr().err
 
 
@@ -164,7 +229,9 @@ def test_png_bmp_and_tiff_inputs_give_the_same_masks(trained_run, tiny_data, tmp
     written = predict_folder(run_dir / "best.pt", folder, tmp_path / "out")
     assert len(written) == 6
     for pair in pairs:
-        masks = [np.asarray(Image.open(tmp_path / "out" / f"{pair.id}-{suffix}_Segmentation.png"))
-                 for suffix in ("png", "bmp", "tif")]
+        masks = [
+            np.asarray(Image.open(tmp_path / "out" / f"{pair.id}-{suffix}_Segmentation.png"))
+            for suffix in ("png", "bmp", "tif")
+        ]
         assert masks[0].shape[::-1] == Image.open(pair.image).size and set(np.unique(masks[0])) == {0, 255}
         assert all(np.array_equal(masks[0], other) for other in masks[1:])

@@ -43,8 +43,9 @@ def test_one_epoch_on_real_images_with_imagenet_weights(tmp_path):
     assert data.counts() == {"train": 32, "validation": 8, "test": 20}
     torch.manual_seed(0)
     model = build_model(encoder_weights="imagenet", freeze_encoder=False)  # $ISIC_ENCODER_WEIGHTS stands in
-    result = fit(model, data, TrainConfig(freeze_encoder=False, epochs=1, batch_size=16), tmp_path / "run",
-                 verbose=False)
+    result = fit(
+        model, data, TrainConfig(freeze_encoder=False, epochs=1, batch_size=16), tmp_path / "run", verbose=False
+    )
     # the weights are named by the variable that points at them, never by a folder of this machine
     assert model.encoder_weights["source"] == "ImageNet weights from $ISIC_ENCODER_WEIGHTS"
     # transfer learning shows at once: one epoch of 2 steps from ImageNet weights finds lesions (validation and test

@@ -18,8 +18,13 @@ def split_with_masks(tmp_path, masks: list[np.ndarray]) -> DecodedSplit:
         pairs.append(Pair(f"ISIC_{k:07d}", tmp_path / f"ISIC_{k:07d}.jpg", path))
         sizes.append((mask.shape[1], mask.shape[0]))
     n = len(masks)
-    return DecodedSplit([p.id for p in pairs], torch.zeros(n, 3, 2, 2, dtype=torch.uint8),
-                        torch.zeros(n, 1, 2, 2, dtype=torch.uint8), sizes, pairs)
+    return DecodedSplit(
+        [p.id for p in pairs],
+        torch.zeros(n, 3, 2, 2, dtype=torch.uint8),
+        torch.zeros(n, 1, 2, 2, dtype=torch.uint8),
+        sizes,
+        pairs,
+    )
 
 
 def test_upsampled_to_original_size_before_thresholding(tmp_path):

@@ -19,8 +19,15 @@ VOLATILE = list(TIMING_COLUMNS)
 
 
 def config(**changes):
-    base = dict(freeze_encoder=False, epochs=2, batch_size=8, eval_batch_size=8, precision="fp32", seed=0,
-                augment=("hflip", "vflip", "color_jitter"))
+    base = dict(
+        freeze_encoder=False,
+        epochs=2,
+        batch_size=8,
+        eval_batch_size=8,
+        precision="fp32",
+        seed=0,
+        augment=("hflip", "vflip", "color_jitter"),
+    )
     return TrainConfig(**{**base, **changes})
 
 
@@ -80,8 +87,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
     assert len(state["history"]) == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     best = load_checkpoint(tmp_path / "run" / "best.pt")
-    assert best["epoch"] == 1 and all(torch.isfinite(v).all() for v in best["model"].values()
-                                      if v.is_floating_point())
+    assert best["epoch"] == 1 and all(torch.isfinite(v).all() for v in best["model"].values() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("decoder", ["report", "unet"])  # the U-Net reads the cached skip features too
@@ -97,8 +103,7 @@ def test_feature_cache_gives_the_uncached_history(tiny_data, tmp_path, decoder):
 def test_augmentation_moves_image_and_mask_together():
     images = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
     masks = (images[:, :1] % 2).to(torch.uint8)
-    draws = {"hflip": torch.tensor([True, False]), "vflip": torch.tensor([False, True]),
-             "rot90": torch.tensor([1, 0])}
+    draws = {"hflip": torch.tensor([True, False]), "vflip": torch.tensor([False, True]), "rot90": torch.tensor([1, 0])}
     out_images, out_masks = apply_augmentation(images, masks, draws)
     assert torch.equal(out_images[0], images[0].flip(-1).rot90(1, dims=(-2, -1)))
     assert torch.equal(out_images[1], images[1].flip(-2))

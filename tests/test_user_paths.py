@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**changes):
-    base = dict(freeze_encoder=False, epochs=1, batch_size=8, eval_batch_size=8, precision="fp32", seed=0,
-                monitor_test=False)
+    base = dict(
+        freeze_encoder=False, epochs=1, batch_size=8, eval_batch_size=8, precision="fp32", seed=0, monitor_test=False
+    )
     return TrainConfig(**{**base, **changes})
 
 
@@ -76,8 +77,9 @@ def test_a_typo_in_the_parameters_cell_is_still_reported():
 
 def test_a_mistyped_override_stops_the_report_before_any_work(tmp_path):
     with pytest.raises(P.ParameterError, match=r"'seed' \(did you mean 'seeds'\?\)") as error:
-        pipeline.run_report("tiny", overrides={"output_dir": str(tmp_path / "out"), "seed": [0, 1, 2]}, root=ROOT,
-                            echo=lambda *_: None)
+        pipeline.run_report(
+            "tiny", overrides={"output_dir": str(tmp_path / "out"), "seed": [0, 1, 2]}, root=ROOT, echo=lambda *_: None
+        )
     assert "valid keys" in str(error.value)
     assert not (tmp_path / "out").exists()
 
@@ -91,8 +93,9 @@ def test_the_command_line_names_the_close_match(capsys, tmp_path):
 
 def test_bad_parameters_fail_before_any_work(tmp_path):
     with pytest.raises(P.ParameterError, match="image_size must be a positive multiple of 32"):
-        pipeline.run_report("tiny", overrides={"output_dir": str(tmp_path / "out"), "image_size": 100}, root=ROOT,
-                            echo=lambda *_: None)
+        pipeline.run_report(
+            "tiny", overrides={"output_dir": str(tmp_path / "out"), "image_size": 100}, root=ROOT, echo=lambda *_: None
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -118,8 +121,14 @@ def test_force_retrains_and_a_plain_rerun_does_not(monkeypatch, tmp_path):
     assert dict(seen)["task1"] is True
     seen.clear()
     pipeline.run_report("tiny", force=True, overrides=overrides, root=ROOT, echo=lambda *_: None)
-    assert dict(seen) == {"eda": None, "task1": False, "task2": False, "task3": False, "external": None,
-                          "compare": None}
+    assert dict(seen) == {
+        "eda": None,
+        "task1": False,
+        "task2": False,
+        "task3": False,
+        "external": None,
+        "compare": None,
+    }
     seen.clear()
     pipeline.run_report("tiny", overrides=overrides, root=ROOT, echo=lambda *_: None)
     assert seen == []  # a forced run leaves the chapters up to date: resume is not part of their fingerprint
@@ -133,7 +142,9 @@ def test_force_retrains_and_a_plain_rerun_does_not(monkeypatch, tmp_path):
 def test_resume_false_retrains_from_scratch(tiny_data, tmp_path):
     cfg = tiny_config()
     first = fit(tiny_model(cfg, decoder="unet"), tiny_data, cfg, tmp_path / "run", verbose=False)
-    changed = tiny_model(cfg, seed=5, decoder="unet")  # another start: a retrained run must differ, a resumed one would not
+    changed = tiny_model(
+        cfg, seed=5, decoder="unet"
+    )  # another start: a retrained run must differ, a resumed one would not
     again = fit(changed, tiny_data, cfg, tmp_path / "run", resume=False, verbose=False)
     assert not again.history["train_loss"].equals(first.history["train_loss"])
 
@@ -168,8 +179,9 @@ def test_a_finished_run_asked_again_trains_nothing_and_scores_the_same(tiny_data
     result, run_dir = trained_run
     before = untouched(run_dir)
     steps = []
-    again = fit(unet_model(), tiny_data, TRAINED_CONFIG, run_dir, verbose=False,
-                on_step=lambda epoch, step: steps.append(epoch))
+    again = fit(
+        unet_model(), tiny_data, TRAINED_CONFIG, run_dir, verbose=False, on_step=lambda epoch, step: steps.append(epoch)
+    )
     assert steps == [] and untouched(run_dir) == before
     assert torch.equal(again.test.counts, result.test.counts) and again.best_epoch == result.best_epoch
 
@@ -178,15 +190,21 @@ def test_a_finished_run_asked_again_trains_nothing_and_scores_the_same(tiny_data
 
 ENCODER, DECODER = "encoder.", "decoder."
 # A covering set: every pair of (frozen?, decoder), (frozen?, augmentation) and (decoder, augmentation) is trained once.
-COVERING = [(True, "report", ()), (False, "unet", ()), (True, "unet", ("hflip", "vflip")),
-            (False, "report", ("hflip", "vflip")), (True, "unet", ("hflip", "vflip", "rot90", "color_jitter")),
-            (False, "report", ("hflip", "vflip", "rot90", "color_jitter"))]
+COVERING = [
+    (True, "report", ()),
+    (False, "unet", ()),
+    (True, "unet", ("hflip", "vflip")),
+    (False, "report", ("hflip", "vflip")),
+    (True, "unet", ("hflip", "vflip", "rot90", "color_jitter")),
+    (False, "report", ("hflip", "vflip", "rot90", "color_jitter")),
+]
 
 
 @pytest.mark.parametrize("freeze, decoder, augment", COVERING)
 def test_every_model_and_augmentation_combination_trains(tiny_data, tmp_path, freeze, decoder, augment):
-    cfg = tiny_config(freeze_encoder=freeze, augment=augment, loss="bce+dice" if decoder == "unet" else "bce",
-                      monitor_test=True)
+    cfg = tiny_config(
+        freeze_encoder=freeze, augment=augment, loss="bce+dice" if decoder == "unet" else "bce", monitor_test=True
+    )
     model = tiny_model(cfg, decoder=decoder)
     start = {name: tensor.clone() for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
     result = fit(model, tiny_data, cfg, tmp_path / "run", verbose=False)
@@ -194,8 +212,11 @@ def test_every_model_and_augmentation_combination_trains(tiny_data, tmp_path, fr
     assert len(result.history) == 1 and all(np.isfinite(row[c]) for c in ("train_loss", "val_loss", "test_loss"))
     # the feature cache serves a frozen encoder with flips at most; anything else encodes every batch
     assert result.used_feature_cache == (freeze and set(augment) <= {"hflip", "vflip"})
-    moved = {name for name, tensor in load_checkpoint(tmp_path / "run" / "best.pt")["model"].items()
-             if name in start and not torch.equal(tensor, start[name])}
+    moved = {
+        name
+        for name, tensor in load_checkpoint(tmp_path / "run" / "best.pt")["model"].items()
+        if name in start and not torch.equal(tensor, start[name])
+    }
     assert any(name.startswith(DECODER) for name in moved)
     encoder_moved = {name for name in moved if name.startswith(ENCODER)}
     if freeze:  # not a weight, not a BatchNorm statistic
@@ -227,8 +248,12 @@ def test_written_files_get_the_umask_mode(tmp_path, umask, mode):
             torch.save({"x": torch.zeros(1)}, tmp)
     finally:
         os.umask(old)
-    for path in (tmp_path / "page.html", tmp_path / "tables" / "t.csv", tmp_path / "tables" / "t.md",
-                 tmp_path / "model.pt"):
+    for path in (
+        tmp_path / "page.html",
+        tmp_path / "tables" / "t.csv",
+        tmp_path / "tables" / "t.md",
+        tmp_path / "model.pt",
+    ):
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
 
 
@@ -249,16 +274,24 @@ def test_the_encoder_weights_are_recorded_and_a_resume_with_others_is_refused(ti
 
 
 def test_the_random_fallback_is_named_in_run_json(tiny_data, tmp_path, monkeypatch):
-    params = P.resolve("train", ROOT / "params" / "task1.yaml", "tiny",
-                       {"output_dir": str(tmp_path), "epochs": 1, "encoder_weights": "imagenet"}, root=ROOT)
+    params = P.resolve(
+        "train",
+        ROOT / "params" / "task1.yaml",
+        "tiny",
+        {"output_dir": str(tmp_path), "epochs": 1, "encoder_weights": "imagenet"},
+        root=ROOT,
+    )
     from isic_utils import model as M
 
     def offline(*args, **kwargs):
         raise M.EncoderWeightsError("could not download the ImageNet weights (offline). Fix: ...")
 
     real = M.build_encoder
-    monkeypatch.setattr(M, "build_encoder", lambda name="mobilenet_v2", weights="imagenet":
-                        offline() if weights == "imagenet" else real(name, weights))
+    monkeypatch.setattr(
+        M,
+        "build_encoder",
+        lambda name="mobilenet_v2", weights="imagenet": offline() if weights == "imagenet" else real(name, weights),
+    )
     experiments.train_run(params, tiny_data, verbose=False)
     info = json.loads((tmp_path / "task1" / "run.json").read_text())
     weights = info["encoder_weights"]["0"]
@@ -273,8 +306,9 @@ def test_a_chapter_is_stale_when_its_weights_or_data_point_elsewhere(monkeypatch
     first = pipeline._fingerprint(values, source, ROOT)
     monkeypatch.setenv(variable, str(tmp_path / "b"))
     assert pipeline._fingerprint(values, source, ROOT) != first
-    assert pipeline._fingerprint({**values, "resume": False}, source, ROOT) == pipeline._fingerprint(values, source,
-                                                                                                      ROOT)
+    assert pipeline._fingerprint({**values, "resume": False}, source, ROOT) == pipeline._fingerprint(
+        values, source, ROOT
+    )
 
 
 def test_a_checkout_moved_whole_is_still_up_to_date(tmp_path):
@@ -345,27 +379,35 @@ def fake_project(tmp_path: Path, source: str) -> Path:
     root = tmp_path / "project"
     shutil.copytree(ROOT / "params", root / "params")
     (root / "notebooks").mkdir()
-    nbformat.write(new_notebook(cells=[new_code_cell(source)],
-                                metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                         "language": "python"}}),
-                   root / "notebooks" / "01_eda.ipynb")
+    nbformat.write(
+        new_notebook(
+            cells=[new_code_cell(source)],
+            metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        ),
+        root / "notebooks" / "01_eda.ipynb",
+    )
     return root
 
 
 def test_a_killed_kernel_is_named_as_such(tmp_path):
     root = fake_project(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
     with pytest.raises(pipeline.ChapterFailed, match=r"kernel died.*out of memory.*partly executed notebook"):
-        pipeline.run_report("tiny", only=["eda"], overrides={"output_dir": str(tmp_path / "out")}, root=root,
-                            echo=lambda *_: None)
+        pipeline.run_report(
+            "tiny", only=["eda"], overrides={"output_dir": str(tmp_path / "out")}, root=root, echo=lambda *_: None
+        )
 
 
 def test_a_failing_chapter_names_notebook_and_cell_and_keeps_the_partial_notebook(tmp_path):
     root = fake_project(tmp_path, "print('before')\nraise ValueError('no lesions in this folder')")
-    with pytest.raises(pipeline.ChapterFailed, match=r"(?s)01_eda\.ipynb \(eda\) failed in cell 2 with ValueError: "
-                                                     r"no lesions in this folder.*partly executed notebook is kept"):
+    with pytest.raises(
+        pipeline.ChapterFailed,
+        match=r"(?s)01_eda\.ipynb \(eda\) failed in cell 2 with ValueError: "
+        r"no lesions in this folder.*partly executed notebook is kept",
+    ):
         # cell 1 is the parameters cell papermill injects
-        pipeline.run_report("tiny", only=["eda"], overrides={"output_dir": str(tmp_path / "out")}, root=root,
-                            echo=lambda *_: None)
+        pipeline.run_report(
+            "tiny", only=["eda"], overrides={"output_dir": str(tmp_path / "out")}, root=root, echo=lambda *_: None
+        )
     partial = json.loads((tmp_path / "out" / "eda.partial.ipynb").read_text())
     assert "before" in json.dumps(partial["cells"][-1]["outputs"])  # what ran is kept, with its output
     assert not (tmp_path / "out" / "eda.ipynb").exists() and not list((tmp_path / "out").glob(".eda.running-*"))
@@ -415,10 +457,20 @@ def test_probabilities_just_above_one_half_stay_foreground(tiny_data):
 
 
 def test_the_summary_labels_test_numbers_over_epochs_as_monitoring():
-    history = pd.DataFrame({"epoch": [1, 2], "train_loss": [1, 0.5], "val_loss": [1, 0.6], "test_loss": [1, 0.7],
-                            "val_iou_mean": [0.2, 0.3], "test_iou_mean": [0.4, 0.1], "val_dice_mean": [0.3, 0.4],
-                            "test_dice_mean": [0.5, 0.2], "val_accuracy_mean": [0.8, 0.9],
-                            "test_accuracy_mean": [0.7, 0.6]})
+    history = pd.DataFrame(
+        {
+            "epoch": [1, 2],
+            "train_loss": [1, 0.5],
+            "val_loss": [1, 0.6],
+            "test_loss": [1, 0.7],
+            "val_iou_mean": [0.2, 0.3],
+            "test_iou_mean": [0.4, 0.1],
+            "val_dice_mean": [0.3, 0.4],
+            "test_dice_mean": [0.5, 0.2],
+            "val_accuracy_mean": [0.8, 0.9],
+            "test_accuracy_mean": [0.7, 0.6],
+        }
+    )
     table = report.summary_table(history, {"iou_mean": 0.3}, {"iou_mean": 0.1}, 2)
     over_epochs = table[table["row"].str.contains("over epochs")]
     assert set(over_epochs["split"]) == {"validation", "test"}
@@ -443,9 +495,16 @@ experiments.train_run(params, data, verbose=False)
 @pytest.mark.slow
 def test_seeds_trained_in_parallel_processes_keep_each_others_results(synthetic_root, tmp_path):
     out = tmp_path / "out"
-    workers = [subprocess.Popen([sys.executable, "-c", PARALLEL_SEED, str(ROOT), str(out), str(synthetic_root),
-                                 str(seed)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}) for seed in (0, 1)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", PARALLEL_SEED, str(ROOT), str(out), str(synthetic_root), str(seed)],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for seed in (0, 1)
+    ]
     for worker in workers:
         assert worker.wait(timeout=300) == 0, worker.stderr.read()[-2000:]
     seeds = pd.read_csv(out / "task2" / "tables" / "seeds.csv")
@@ -480,7 +539,9 @@ def test_figure_3_shows_the_augmentation_training_applies(tiny_data, monkeypatch
 def test_the_dataset_class_augments_with_the_same_code(tiny_data):
     from isic_utils.model import IMAGENET_MEAN, IMAGENET_STD
 
-    dataset = transforms.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD, augment=["color_jitter"], seed=3)
+    dataset = transforms.SegmentationDataset(
+        tiny_data.train, IMAGENET_MEAN, IMAGENET_STD, augment=["color_jitter"], seed=3
+    )
     image, _ = dataset[0]
     draws = transforms.draw_augmentation(1, ["color_jitter"], torch.Generator().manual_seed(3))
     expected, _ = transforms.apply_augmentation(tiny_data.train.images[:1], tiny_data.train.masks[:1], draws)
@@ -530,12 +591,16 @@ def test_progress_reaches_the_terminal_and_the_notebook_keeps_one_line(tmp_path)
     """While a chapter decodes (downloads, extracts), its bar is relayed to the terminal under `report`; the notebook
     and its page get one line for the stage, no bar fragments (tqdm wrote nothing there, so `make report` was silent
     for the minutes real data takes to decode)."""
-    root = fake_project(tmp_path, "import time\nfrom isic_utils.files import progress_bar\n"
-                                  "for _ in progress_bar(range(10), total=10, desc='decode', unit='images'):\n"
-                                  "    time.sleep(0.4)")
+    root = fake_project(
+        tmp_path,
+        "import time\nfrom isic_utils.files import progress_bar\n"
+        "for _ in progress_bar(range(10), total=10, desc='decode', unit='images'):\n"
+        "    time.sleep(0.4)",
+    )
     lines = []
-    pipeline.run_report("tiny", only=["eda"], overrides={"output_dir": str(tmp_path / "out")}, root=root,
-                        echo=lines.append)
+    pipeline.run_report(
+        "tiny", only=["eda"], overrides={"output_dir": str(tmp_path / "out")}, root=root, echo=lines.append
+    )
     bars = [line for line in lines if line.startswith("  eda | decode:") and "%|" in line]
     assert bars and all("/10 [" in line for line in bars), lines
     assert "  eda | decode: 10 images in" in "\n".join(lines)

@@ -30,7 +30,9 @@ from isic_utils.sources import find_pairs  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a best.pt from a training run")
-    parser.add_argument("--root", required=True, help="folder with ISBI2016_ISIC_Part1_Training_Data/ and _GroundTruth/")
+    parser.add_argument(
+        "--root", required=True, help="folder with ISBI2016_ISIC_Part1_Training_Data/ and _GroundTruth/"
+    )
     parser.add_argument("--split", default="train", choices=["train", "test"])
     parser.add_argument("--output", help="where the masks go (default: a temporary folder)")
     parser.add_argument("--test-table", help="a per_image_test_seed*.csv: mark the ids that run held out")
@@ -42,8 +44,14 @@ def main() -> None:
         rows = []
         for pair, size, path in zip(pairs, result["sizes"], result["masks"]):
             with Image.open(path) as mask:  # the ISIC name; missing → the check fails loudly
-                rows.append({"id": pair.id, "size": f"{size[0]}x{size[1]}", "size_ok": mask.size == tuple(size),
-                             "values": sorted(np.unique(np.asarray(mask)).tolist())})
+                rows.append(
+                    {
+                        "id": pair.id,
+                        "size": f"{size[0]}x{size[1]}",
+                        "size_ok": mask.size == tuple(size),
+                        "values": sorted(np.unique(np.asarray(mask)).tolist()),
+                    }
+                )
     written, counts, expected = result["written"], result["counts"], result["expected"]
     table = pd.DataFrame(rows)
     table["JA_written_mask"] = scores(counts)["iou"].numpy()
@@ -51,16 +59,22 @@ def main() -> None:
     if args.test_table:
         table["held_out"] = table["id"].isin(set(pd.read_csv(args.test_table)["id"]))
     print(table.to_string(index=False, float_format="%.4f"))
-    print(f"\n{len(written)} masks written, one <id>_Segmentation.png per image; sizes exact: {table.size_ok.all()}; "
-          f"binary 0/255: {all(set(v) <= {0, 255} for v in table['values'])}")
-    print(f"mean JA written masks {table.JA_written_mask.mean():.4f}, evaluation {table.JA_evaluation.mean():.4f}; "
-          f"max |difference| {(table.JA_written_mask - table.JA_evaluation).abs().max():.2e}; "
-          f"max pixel-count difference {int((counts - expected).abs().max())}")
+    print(
+        f"\n{len(written)} masks written, one <id>_Segmentation.png per image; sizes exact: {table.size_ok.all()}; "
+        f"binary 0/255: {all(set(v) <= {0, 255} for v in table['values'])}"
+    )
+    print(
+        f"mean JA written masks {table.JA_written_mask.mean():.4f}, evaluation {table.JA_evaluation.mean():.4f}; "
+        f"max |difference| {(table.JA_written_mask - table.JA_evaluation).abs().max():.2e}; "
+        f"max pixel-count difference {int((counts - expected).abs().max())}"
+    )
     if args.test_table:
         held = table[table.held_out]
-        print(f"{len(held)} of {len(table)} ids were in that run's test split"
-              + (f" (mean JA on them {held.JA_written_mask.mean():.4f})" if len(held) else "")
-              + "; the rest were training/validation ids for it, so their scores are optimistic.")
+        print(
+            f"{len(held)} of {len(table)} ids were in that run's test split"
+            + (f" (mean JA on them {held.JA_written_mask.mean():.4f})" if len(held) else "")
+            + "; the rest were training/validation ids for it, so their scores are optimistic."
+        )
 
 
 if __name__ == "__main__":

@@ -52,9 +52,17 @@ def compare(a_dir: str, b_dir: str, run_name: str, profile: dict) -> pd.DataFram
     for label in a:
         seeds = sorted(set(a[label]) & set(b[label]))
         spread = metrics.seed_spread([b[label][s] - a[label][s] for s in seeds])
-        rows.append({"split": label, "seeds": len(seeds), "JA A": sum(a[label][s] for s in seeds) / len(seeds),
-                     "JA B": sum(b[label][s] for s in seeds) / len(seeds), "B − A": spread["mean"],
-                     "std over seeds": spread["std"], "against the seed spread": spread["verdict"]})
+        rows.append(
+            {
+                "split": label,
+                "seeds": len(seeds),
+                "JA A": sum(a[label][s] for s in seeds) / len(seeds),
+                "JA B": sum(b[label][s] for s in seeds) / len(seeds),
+                "B − A": spread["mean"],
+                "std over seeds": spread["std"],
+                "against the seed spread": spread["verdict"],
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -44,9 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print(f"gpu_check: no CUDA device here (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
-              "nothing was checked. Run it on a machine with an NVIDIA GPU (in Colab: Runtime → Change runtime "
-              "type → GPU).")
+        print(
+            f"gpu_check: no CUDA device here (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+            "nothing was checked. Run it on a machine with an NVIDIA GPU (in Colab: Runtime → Change runtime "
+            "type → GPU)."
+        )
         return 0
     if args.weights:
         os.environ["ISIC_ENCODER_WEIGHTS"] = str(Path(args.weights).resolve())
@@ -56,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu-check-"))
     device = args.device
-    print(f"gpu_check on {device_name(device)}: torch {torch.__version__}, CUDA {torch.version.cuda}, precision "
-          f"auto → {resolve_precision('auto', device)}; runs under {out}", flush=True)
+    print(
+        f"gpu_check on {device_name(device)}: torch {torch.__version__}, CUDA {torch.version.cuda}, precision "
+        f"auto → {resolve_precision('auto', device)}; runs under {out}",
+        flush=True,
+    )
     rows: list[dict] = []
     start = time.perf_counter()
     for step in (tiny_tasks, determinism, kill_and_resume, real_tasks, benchmark):
@@ -80,8 +85,7 @@ def _params(task: str, profile: str, out: Path, device: str, **overrides):
     values = {"output_dir": str(out / profile), "device": device, "seeds": [0], **overrides}
     if profile == "tiny":
         values["data_dir"] = str(out / "data" / "tiny")
-    return P.resolve("train", run_file=ROOT / "params" / f"{task}.yaml", profile=profile, overrides=values,
-                     root=ROOT)
+    return P.resolve("train", run_file=ROOT / "params" / f"{task}.yaml", profile=profile, overrides=values, root=ROOT)
 
 
 def _peak_reset(device: str) -> None:
@@ -95,7 +99,7 @@ def _peak_reset(device: str) -> None:
 def _peak_gib(device: str) -> float | None:
     import torch
 
-    return torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 
 
 def _run_rows(label: str, params: dict, data, device: str) -> dict:
@@ -112,13 +116,17 @@ def _run_rows(label: str, params: dict, data, device: str) -> dict:
     evaluated = len(data.val) + (len(data.test) if params["monitor_test"] else 0)
     per_epoch = float(epochs["epoch_seconds"].median()) + fitted.timings["checkpoint_s"] / max(1, len(history))
     return {
-        "check": label, "device": fitted.trained_on["device"], "precision": fitted.precision,
+        "check": label,
+        "device": fitted.trained_on["device"],
+        "precision": fitted.precision,
         "train img/s": len(data.train) / float(epochs["train_seconds"].median()),
         "eval img/s": evaluated / float(epochs["eval_seconds"].median()),
-        "epoch s": per_epoch, "20 epochs s": fitted.timings["feature_cache_s"] + 20 * per_epoch,
-        "wall s": seconds, "peak GiB": _peak_gib(device),
+        "epoch s": per_epoch,
+        "20 epochs s": fitted.timings["feature_cache_s"] + 20 * per_epoch,
+        "wall s": seconds,
+        "peak GiB": _peak_gib(device),
         "result": f"test JA {run.results[0]['test_orig']['iou_mean']:.4f} ({len(history)} epochs, "
-                  f"{len(data.train)} train / {evaluated} evaluated an epoch)",
+        f"{len(data.train)} train / {evaluated} evaluated an epoch)",
     }
 
 
@@ -159,8 +167,14 @@ def determinism(args, out: Path, device: str) -> list[dict]:
     first = _tiny_fit(out, device, "same-seed-a", epochs=epochs)
     second = _tiny_fit(out, device, "same-seed-b", epochs=epochs)
     same, difference = _same(first, second)
-    return [{"check": "same seed twice (deterministic)", "device": device, "precision": first.precision,
-             "result": "identical histories" if same else f"DIFFERENT (largest difference {difference:.2e})"}]
+    return [
+        {
+            "check": "same seed twice (deterministic)",
+            "device": device,
+            "precision": first.precision,
+            "result": "identical histories" if same else f"DIFFERENT (largest difference {difference:.2e})",
+        }
+    ]
 
 
 def kill_and_resume(args, out: Path, device: str) -> list[dict]:
@@ -177,9 +191,16 @@ def kill_and_resume(args, out: Path, device: str) -> list[dict]:
         pass
     resumed = _tiny_fit(out, device, "killed", resume=True, epochs=epochs)
     same, difference = _same(straight, resumed)
-    return [{"check": "killed in epoch 2, resumed", "device": device, "precision": resumed.precision,
-             "result": "identical to the uninterrupted run" if same
-             else f"DIFFERENT (largest difference {difference:.2e})"}]
+    return [
+        {
+            "check": "killed in epoch 2, resumed",
+            "device": device,
+            "precision": resumed.precision,
+            "result": "identical to the uninterrupted run"
+            if same
+            else f"DIFFERENT (largest difference {difference:.2e})",
+        }
+    ]
 
 
 def real_tasks(args, out: Path, device: str) -> list[dict]:
@@ -214,10 +235,17 @@ def benchmark(args, out: Path, device: str) -> list[dict]:
     ours = B.project_rates(train, test, device, precision)
     rows = []
     for task in ("task1", "task2", "eval"):
-        rows.append({"check": f"bench {task}", "device": device, "precision": precision,
-                     "train img/s" if task != "eval" else "eval img/s": ours[task], "peak GiB": _peak_gib(device),
-                     "result": f"naive {naive[task]:.1f} img/s → project {ours[task]:.1f}: "
-                               f"{ours[task] / naive[task]:.2f}x ({len(train_pairs)}/{len(test_pairs)} {source})"})
+        rows.append(
+            {
+                "check": f"bench {task}",
+                "device": device,
+                "precision": precision,
+                "train img/s" if task != "eval" else "eval img/s": ours[task],
+                "peak GiB": _peak_gib(device),
+                "result": f"naive {naive[task]:.1f} img/s → project {ours[task]:.1f}: "
+                f"{ours[task] / naive[task]:.2f}x ({len(train_pairs)}/{len(test_pairs)} {source})",
+            }
+        )
     return rows
 
 
@@ -225,8 +253,17 @@ def print_table(rows: list[dict], device: str, seconds: float) -> None:
     import pandas as pd
 
     table = pd.DataFrame(rows)
-    columns = ["check", "device", "precision", "train img/s", "eval img/s", "epoch s", "20 epochs s", "peak GiB",
-               "result"]
+    columns = [
+        "check",
+        "device",
+        "precision",
+        "train img/s",
+        "eval img/s",
+        "epoch s",
+        "20 epochs s",
+        "peak GiB",
+        "result",
+    ]
     table = table[[c for c in columns if c in table.columns]]
     with pd.option_context("display.max_colwidth", 120, "display.width", 250):
         print("\n" + table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep=""))

@@ -39,15 +39,22 @@ def main() -> None:
     train_ids, val_ids = split_ids(decoded.ids, 0.2, args.seed)
     val = decoded.subset(val_ids)
     # no test set here: the validation split stands in for it, and per-epoch test monitoring is off
-    data = ReportData(decoded.subset(train_ids), val, val, "validation split (no test set in this check)", Path(args.root))
-    print(f"{len(decoded)} ids → {len(train_ids)} train / {len(val_ids)} validation; decoded in "
-          f"{time.perf_counter() - start:.0f} s")
+    data = ReportData(
+        decoded.subset(train_ids), val, val, "validation split (no test set in this check)", Path(args.root)
+    )
+    print(
+        f"{len(decoded)} ids → {len(train_ids)} train / {len(val_ids)} validation; decoded in "
+        f"{time.perf_counter() - start:.0f} s"
+    )
     torch.manual_seed(args.seed)
     model = build_model(encoder_weights=args.weights, freeze_encoder=False)
     config = TrainConfig(freeze_encoder=False, epochs=args.epochs, seed=args.seed, monitor_test=False)
     result = fit(model, data, config, Path(tempfile.mkdtemp(prefix="quick-task2-")), resume=False)
-    print(result.history[["epoch", "train_loss", "val_loss", "val_iou_mean", "val_iou_pooled", "val_dice_mean",
-                          "epoch_seconds"]].to_string(index=False))
+    print(
+        result.history[
+            ["epoch", "train_loss", "val_loss", "val_iou_mean", "val_iou_pooled", "val_dice_mean", "epoch_seconds"]
+        ].to_string(index=False)
+    )
     print(f"best epoch {result.best_epoch}; total {(time.perf_counter() - start) / 60:.1f} min ({result.precision})")
 
 
