@@ -33,8 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from isic_utils import decoding, sources, transforms  # noqa: E402
-from isic_utils.devices import (  # noqa: E402
+from isic_utils.base.devices import (  # noqa: E402
     cpu_flags,
     cpu_has_native_bf16,
     cuda_has_native_bf16,
@@ -43,11 +42,12 @@ from isic_utils.devices import (  # noqa: E402
     resolve_precision,
     set_threads,
 )
-from isic_utils.features import encode_variants  # noqa: E402
-from isic_utils.model import ENCODERS, build_model  # noqa: E402
-from isic_utils.params import TrainConfig  # noqa: E402
-from isic_utils.synthetic import make_synthetic_isic  # noqa: E402
-from isic_utils.training import build_optimizer, evaluate, loss_fn, train_epoch  # noqa: E402
+from isic_utils.config.params import TrainConfig  # noqa: E402
+from isic_utils.data import decoding, sources, transforms  # noqa: E402
+from isic_utils.data.synthetic import make_synthetic_isic  # noqa: E402
+from isic_utils.model.networks import ENCODERS, build_model  # noqa: E402
+from isic_utils.training.features import encode_variants  # noqa: E402
+from isic_utils.training.loop import build_optimizer, evaluate, loss_fn, train_epoch  # noqa: E402
 
 
 def find_images(n_train: int, n_test: int, sample_dir: str | Path | None = None):

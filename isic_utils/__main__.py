@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def _parse_set(items: list[str]) -> dict:
-    from .params import parse_override
+    from .config.params import parse_override
 
     return dict(parse_override(item) for item in items)
 
@@ -100,24 +100,24 @@ def _command(argv: list[str] | None) -> int:
     adapt.add_argument("--overwrite", action="store_true", help="replace --output if it exists (refused otherwise)")
     args = parser.parse_args(argv)
 
-    from .files import FileProblem, ReportBusy, os_error_sentence
-    from .inference import CheckpointMismatch
-    from .params import ParameterError
-    from .pipeline import ChapterFailed
-    from .sources import DataError
+    from .base.files import FileProblem, ReportBusy, os_error_sentence
+    from .config.params import ParameterError
+    from .data.sources import DataError
+    from .model.inference import CheckpointMismatch
+    from .report.pipeline import ChapterFailed
 
     try:
         if args.command == "report":
-            from .pipeline import run_report
+            from .report.pipeline import run_report
 
             run_report(args.data, force=args.force, only=args.only, overrides=_parse_set(args.set))
         elif args.command == "options":
-            from .generalisation import options_study
+            from .evaluation.generalisation import options_study
 
             options_study(args.data, args.epochs, _parse_set(args.set))
         elif args.command == "pack":
-            from .handover import pack_report
-            from .params import absolute, chapter_values
+            from .config.params import absolute, chapter_values
+            from .report.handover import pack_report
 
             out_dir = absolute(chapter_values("eda", args.data)["output_dir"])
             target, size, named, missing = pack_report(out_dir, args.output, args.overwrite, args.partial)
@@ -138,7 +138,7 @@ def _command(argv: list[str] | None) -> int:
                     file=sys.stderr,
                 )
         elif args.command == "adapt":
-            from .adaptation import adapt_checkpoint
+            from .evaluation.adaptation import adapt_checkpoint
 
             target, adapted = adapt_checkpoint(
                 args.checkpoint, args.images, args.masks, args.k, args.seed, args.output, args.overwrite

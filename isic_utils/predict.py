@@ -15,12 +15,12 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from . import confidence
-from .decoding import decode_pairs, read_image, read_mask
-from .files import atomic_path, writable_folder
-from .inference import load_trained, predicted_probabilities
-from .metrics import confusion_counts, full_size_mask, original_size_counts
-from .sources import OVERLAY_COMMENT, DataError, folder_images
+from .base.files import atomic_path, writable_folder
+from .data.decoding import decode_pairs, read_image, read_mask
+from .data.sources import OVERLAY_COMMENT, DataError, folder_images
+from .model.inference import load_trained, predicted_probabilities
+from .scoring import confidence
+from .scoring.metrics import confusion_counts, full_size_mask, original_size_counts
 
 CONFIDENCE_FILE = "confidence.csv"
 CHECK = "check by hand"

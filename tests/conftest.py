@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from isic_utils import params as P
-from isic_utils.data import load_report_data
-from isic_utils.model import build_model
-from isic_utils.params import TrainConfig
-from isic_utils.synthetic import make_synthetic_isic
-from isic_utils.training import fit
+from isic_utils.config import params as P
+from isic_utils.config.params import TrainConfig
+from isic_utils.data.splits import load_report_data
+from isic_utils.data.synthetic import make_synthetic_isic
+from isic_utils.model.networks import build_model
+from isic_utils.training.loop import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,8 +138,8 @@ def built_report(tmp_path_factory, synthetic_root) -> tuple[Path, dict, list[str
     work on their own copy (``report_copy``), never on this one."""
     import fcntl
 
-    from isic_utils.generalisation import options_study
-    from isic_utils.pipeline import run_report
+    from isic_utils.evaluation.generalisation import options_study
+    from isic_utils.report.pipeline import run_report
 
     base = tmp_path_factory.getbasetemp()
     shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built-tiny-report"

@@ -11,18 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils import adaptation as A
 from isic_utils.__main__ import main
-from isic_utils.external import halves
-from isic_utils.inference import load_trained, model_input
+from isic_utils.evaluation import adaptation as A
+from isic_utils.evaluation.external import halves
+from isic_utils.model.inference import load_trained, model_input
 from isic_utils.predict import predict_folder
-from isic_utils.training import loss_fn
+from isic_utils.training.loop import loss_fn
 
 
 @pytest.fixture()
 def tiny_report_run(trained_run, tmp_path):
     """The trained checkpoint as a finished run's seed 0, as chapter 3 reads it."""
-    from isic_utils.experiments import SavedRun
+    from isic_utils.training.experiments import SavedRun
 
     _, run_dir = trained_run
     (tmp_path / "run" / "seed0").mkdir(parents=True)

@@ -20,10 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils import files, handover, pipeline
-from isic_utils import params as P
 from isic_utils.__main__ import main
+from isic_utils.base import files
+from isic_utils.config import params as P
 from isic_utils.predict import predict_folder
+from isic_utils.report import handover, pipeline
 
 from .conftest import ROOT
 
@@ -45,9 +46,9 @@ def fake_report(out: Path, monkeypatch, fail: set | None = None) -> None:
 
     monkeypatch.setattr(pipeline, "run_chapter", chapter)
     monkeypatch.setattr(pipeline, "export_chapter", export)
-    monkeypatch.setattr(pipeline.report, "answer_section", lambda out_dir: "")
-    monkeypatch.setattr(pipeline.report, "chapter_finding", lambda *a: "found")
-    monkeypatch.setattr(pipeline.report, "data_line", lambda out_dir: "")
+    monkeypatch.setattr(pipeline.tables, "answer_section", lambda out_dir: "")
+    monkeypatch.setattr(pipeline.tables, "chapter_finding", lambda *a: "found")
+    monkeypatch.setattr(pipeline.tables, "data_line", lambda out_dir: "")
 
 
 def snapshot(folder: Path) -> dict:
@@ -116,7 +117,7 @@ FIRST_REPORT = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-from isic_utils import pipeline
+from isic_utils.report import pipeline
 from isic_utils.__main__ import main
 out, go = Path(sys.argv[1]), Path(sys.argv[3])
 
@@ -133,9 +134,9 @@ def export(step, out_dir):
         (out_dir / page).write_text("<html></html>")
 
 pipeline.run_chapter, pipeline.export_chapter = chapter, export
-pipeline.report.answer_section = lambda out_dir: ""
-pipeline.report.chapter_finding = lambda *a: "found"
-pipeline.report.data_line = lambda out_dir: ""
+pipeline.tables.answer_section = lambda out_dir: ""
+pipeline.tables.chapter_finding = lambda *a: "found"
+pipeline.tables.data_line = lambda out_dir: ""
 sys.exit(main(["report", "--data", "tiny", "--set", f"output_dir={out}"] + sys.argv[4:]))
 """
 
@@ -357,7 +358,7 @@ def test_an_image_whose_name_looks_like_a_mask_is_read_and_what_is_left_out_is_n
 
 
 def test_a_very_large_image_is_one_line_not_pillows_warning(tmp_path, capsys, monkeypatch):
-    from isic_utils import decoding
+    from isic_utils.data import decoding
 
     path = tmp_path / "big.png"
     Image.new("RGB", (400, 300)).save(path)
@@ -369,7 +370,7 @@ def test_a_very_large_image_is_one_line_not_pillows_warning(tmp_path, capsys, mo
 
 
 def test_a_synthetic_other_clinic_is_made_inside_the_data_folder_it_was_given(tmp_path):
-    from isic_utils.external import external_sets
+    from isic_utils.evaluation.external import external_sets
 
     values = P.resolve(
         "external", ROOT / "params" / "external.yaml", "tiny", {"data_dir": str(tmp_path / "photos" / "new")}, root=ROOT
@@ -383,7 +384,7 @@ def test_a_synthetic_other_clinic_is_made_inside_the_data_folder_it_was_given(tm
 
 def test_a_seeds_checkpoint_is_final_when_the_seed_finishes(tiny_data, synthetic_root, tmp_path, monkeypatch):
     """Seed 0's best.pt holds its confidence rule before seed 1 starts: a copy taken then is the final file."""
-    from isic_utils import experiments
+    from isic_utils.training import experiments
 
     from .conftest import tiny_params
 

@@ -16,8 +16,8 @@ from isic_challenge_scoring.load_image import iter_image_pairs
 from isic_challenge_scoring.segmentation import SegmentationScore
 
 from isic_utils import predict
-from isic_utils.metrics import per_image_table
-from isic_utils.sources import find_pairs
+from isic_utils.data.sources import find_pairs
+from isic_utils.scoring.metrics import per_image_table
 
 from .conftest import assert_same_counts, requires
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from isic_utils import generalisation, pipeline
 from isic_utils.__main__ import main
+from isic_utils.evaluation import generalisation
+from isic_utils.report import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +99,7 @@ def test_check_predict_compares_the_written_masks_with_the_evaluation(
 
 
 def test_ctrl_c_says_how_to_continue_instead_of_a_traceback(monkeypatch, capsys):
-    from isic_utils import pipeline
+    from isic_utils.report import pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

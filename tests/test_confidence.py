@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from isic_utils import checkpoints
-from isic_utils import confidence as C
-from isic_utils.experiments import _calibrate
 from isic_utils.predict import CHECK, CONFIDENCE_FILE, predict_folder
+from isic_utils.scoring import confidence as C
+from isic_utils.training import checkpoints
+from isic_utils.training.experiments import _calibrate
 
 
 def disk(size: int = 64, radius: float = 16, centre=(32, 32), edge: float = 1.5) -> torch.Tensor:
@@ -128,9 +128,9 @@ def test_predict_writes_each_masks_confidence_and_flags_the_doubtful(trained_run
 
 
 def test_the_gallery_is_one_light_page_with_every_image_sortable(tiny_data, trained_run, tmp_path):
-    from isic_utils import gallery
-    from isic_utils.failures import per_image_frame
-    from isic_utils.metrics import confusion_counts, per_image_table
+    from isic_utils.evaluation import gallery
+    from isic_utils.evaluation.failures import per_image_frame
+    from isic_utils.scoring.metrics import confusion_counts, per_image_table
 
     result, _ = trained_run
     test = tiny_data.test

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils import data as D
-from isic_utils import decoding, eda, sources, transforms
+from isic_utils.data import decoding, eda, sources, transforms
+from isic_utils.data import splits as D
 
 TRAIN_IMAGES, TRAIN_MASKS = sources.SPLIT_FOLDERS["train"]
 
@@ -286,7 +286,7 @@ def test_load_report_data_holdout(synthetic_root, tmp_path):
 
 
 def test_dataset_normalises_and_augments_jointly(tiny_data):
-    from isic_utils.model import IMAGENET_MEAN, IMAGENET_STD
+    from isic_utils.model.networks import IMAGENET_MEAN, IMAGENET_STD
 
     plain = transforms.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD)
     image, mask = plain[0]

@@ -16,11 +16,14 @@ import pandas as pd
 import pytest
 import torch
 
-from isic_utils import checkpoints, devices, experiments, features, inference, metrics
-from isic_utils import params as P
-from isic_utils.devices import resolve_device, resolve_precision
-from isic_utils.inference import load_checkpoint
-from isic_utils.training import TIMING_COLUMNS
+from isic_utils.base import devices
+from isic_utils.base.devices import resolve_device, resolve_precision
+from isic_utils.config import params as P
+from isic_utils.model import inference
+from isic_utils.model.inference import load_checkpoint
+from isic_utils.scoring import metrics
+from isic_utils.training import checkpoints, experiments, features
+from isic_utils.training.loop import TIMING_COLUMNS
 
 from .conftest import tiny_params
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from isic_utils.sources import DataError, download_isic2016, find_pairs
+from isic_utils.data.sources import DataError, download_isic2016, find_pairs
 
 NAMES = {
     "train": ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
@@ -203,7 +203,7 @@ def test_an_extraction_killed_half_way_is_redone_not_trusted(server, tmp_path, m
 
 
 def isic_params(tmp_path, **overrides):
-    from isic_utils import params as P
+    from isic_utils.config import params as P
 
     root = Path(__file__).resolve().parents[1]
     values = {"output_dir": str(tmp_path / "out"), "image_size": 32, **overrides}
@@ -215,7 +215,7 @@ def download_from(server, monkeypatch):
     """prepare_data's download, pointed at the local server (the real download code; the counts of its archives)."""
     from functools import partial
 
-    from isic_utils import experiments
+    from isic_utils.training import experiments
 
     monkeypatch.setattr(
         experiments,
@@ -226,7 +226,7 @@ def download_from(server, monkeypatch):
 
 
 def test_the_real_profile_downloads_into_isic_data_dir_once(download_from, tmp_path, monkeypatch):
-    from isic_utils.experiments import prepare_data
+    from isic_utils.training.experiments import prepare_data
 
     monkeypatch.setenv("ISIC_DATA_DIR", str(tmp_path / "isic"))
     params = isic_params(tmp_path)
@@ -244,7 +244,7 @@ def test_the_real_profile_downloads_into_isic_data_dir_once(download_from, tmp_p
 
 
 def test_isic_data_dir_with_the_data_is_read_without_downloading(download_from, tmp_path, monkeypatch):
-    from isic_utils.experiments import prepare_data
+    from isic_utils.training.experiments import prepare_data
 
     build_archives(tmp_path)
     for name in (n for pair in NAMES.values() for n in pair):
@@ -257,7 +257,7 @@ def test_isic_data_dir_with_the_data_is_read_without_downloading(download_from, 
 
 
 def test_no_data_and_no_download_names_the_fix(tmp_path, monkeypatch):
-    from isic_utils.experiments import prepare_data
+    from isic_utils.training.experiments import prepare_data
 
     monkeypatch.setenv("ISIC_DATA_DIR", str(tmp_path / "nothing"))
     with pytest.raises(DataError, match=r"no ISIC 2016 data under .*nothing.*ISIC_DATA_DIR.*download: true"):
@@ -269,7 +269,7 @@ def test_download_progress_goes_to_the_relay_and_the_notebook_gets_one_line_per_
 ):
     """Under `report`, torchvision's download bar and the extraction bar go to the file the report relays to the
     terminal; what the chapter prints (its notebook, its page) is one line per archive, and stderr stays empty."""
-    from isic_utils.files import PROGRESS_ENV
+    from isic_utils.base.files import PROGRESS_ENV
 
     relay = tmp_path / "relay.log"
     monkeypatch.setenv(PROGRESS_ENV, str(relay))

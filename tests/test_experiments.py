@@ -11,8 +11,9 @@ import pytest
 import torch
 from scipy.stats import wilcoxon
 
-from isic_utils import comparison, experiments
-from isic_utils.params import resolve
+from isic_utils.config.params import resolve
+from isic_utils.evaluation import comparison
+from isic_utils.training import experiments
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,17 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils import params as P
-from isic_utils.decoding import decode_pairs, read_mask
-from isic_utils.inference import flip_averaged, load_trained, predicted_probabilities
-from isic_utils.metrics import confusion_counts, original_size_counts, postprocess_mask
-from isic_utils.model import build_model
-from isic_utils.params import TrainConfig
+from isic_utils.config import params as P
+from isic_utils.config.params import TrainConfig
+from isic_utils.data.decoding import decode_pairs, read_mask
+from isic_utils.data.sources import EXTERNAL_LAYOUTS, DataError, find_external_pairs
+from isic_utils.data.synthetic import make_synthetic_external
+from isic_utils.data.transforms import apply_augmentation, apply_color_constancy, draw_augmentation, normalize
+from isic_utils.model.inference import flip_averaged, load_trained, predicted_probabilities
+from isic_utils.model.networks import build_model
 from isic_utils.predict import predict_folder
-from isic_utils.sources import EXTERNAL_LAYOUTS, DataError, find_external_pairs
-from isic_utils.synthetic import make_synthetic_external
-from isic_utils.training import fit
-from isic_utils.transforms import apply_augmentation, apply_color_constancy, draw_augmentation, normalize
+from isic_utils.scoring.metrics import confusion_counts, original_size_counts, postprocess_mask
+from isic_utils.training.loop import fit
 
 from .conftest import assert_same_counts, requires
 
@@ -264,7 +264,7 @@ def test_new_augmentations_move_image_and_mask_together(tiny_data, name):
 @pytest.fixture(scope="module")
 def tiny_task1(tmp_path_factory, synthetic_root):
     """task1 trained one epoch on the tiny profile (post-processing on), in a folder of its own."""
-    from isic_utils.experiments import prepare_data, train_run
+    from isic_utils.training.experiments import prepare_data, train_run
 
     base = tmp_path_factory.mktemp("tiny-task1")
     root = P.project_root(Path(__file__).parent)
@@ -282,7 +282,7 @@ def tiny_task1(tmp_path_factory, synthetic_root):
 
 def test_external_scores_equal_a_by_hand_scoring(tiny_task1):
     """The chapter's per-image table for a run equals scoring the run's checkpoint on the set by hand."""
-    from isic_utils.external import external_sets, halves, load_external, validate_external
+    from isic_utils.evaluation.external import external_sets, halves, load_external, validate_external
 
     base, overrides, root = tiny_task1
     chapter = P.resolve("external", None, "tiny", {**overrides, "runs": ["task1"]}, root)
@@ -312,7 +312,7 @@ def test_two_runs_compared_seed_for_seed_on_every_split_and_half(tiny_task1):
     one chapter 3 reports for it."""
     import importlib.util
 
-    from isic_utils.external import validate_external
+    from isic_utils.evaluation.external import validate_external
 
     spec = importlib.util.spec_from_file_location("compare_runs", P.project_root() / "tools" / "compare_runs.py")
     tool = importlib.util.module_from_spec(spec)
@@ -335,8 +335,8 @@ def test_two_runs_compared_seed_for_seed_on_every_split_and_half(tiny_task1):
 
 
 def test_a_missing_external_folder_is_skipped_with_where_to_get_it(tiny_task1, tmp_path, monkeypatch):
-    from isic_utils import report
-    from isic_utils.external import external_sets, reading, validate_external
+    from isic_utils.evaluation.external import external_sets, reading, validate_external
+    from isic_utils.report import tables as report
 
     base, overrides, root = tiny_task1
     monkeypatch.setenv("PH2_DIR", str(tmp_path / "no-ph2"))
@@ -360,7 +360,7 @@ def test_a_missing_external_folder_is_skipped_with_where_to_get_it(tiny_task1, t
 
 def test_figures_show_the_masks_the_scores_come_from():
     """A run scored with post-processing is drawn post-processed: no speck in a figure that the scoring removed."""
-    from isic_utils.plots import as_scored
+    from isic_utils.report.plots import as_scored
 
     probabilities = torch.zeros(1, 1, 8, 8)
     probabilities[0, 0, 1:4, 1:4] = 0.9
@@ -374,7 +374,7 @@ def test_the_index_reads_a_gap_table_of_an_earlier_version(tmp_path):
     """An index rewritten after one chapter reran (``--only task3``) reads chapter 3's gap table as that chapter last
     wrote it: before the reporting halves, a set's scores sat in columns named after it (found by rerunning the
     development report)."""
-    from isic_utils import report
+    from isic_utils.report import tables as report
 
     tables = tmp_path / "external" / "tables"
     tables.mkdir(parents=True)

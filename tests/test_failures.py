@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from isic_utils import experiments, failures, report
+from isic_utils.evaluation import failures
+from isic_utils.report import tables as report
+from isic_utils.training import experiments
 
 
 def per_image(areas, ious, width=100, height=50):
@@ -132,7 +134,7 @@ def test_tables_for_reading_hide_the_index_and_round_but_keep_small_p_values():
 
 def test_the_size_overview_shows_pixels_as_whole_numbers():
     """The EDA's size table read '602.000' for a width: pixel counts stay whole, megapixels keep decimals."""
-    from isic_utils import report
+    from isic_utils.report import tables as report
 
     sizes = pd.DataFrame({"width": [602, 700, 1000, 1500], "height": [400, 500, 600, 700]})
     page = report.for_reading(report.size_overview(sizes)).to_html()
@@ -141,8 +143,8 @@ def test_the_size_overview_shows_pixels_as_whole_numbers():
 
 
 def test_the_area_ratio_says_which_way_a_run_misses():
-    from isic_utils.failures import area_ratio, area_ratio_table
-    from isic_utils.plots import area_ratio_figure
+    from isic_utils.evaluation.failures import area_ratio, area_ratio_table
+    from isic_utils.report.plots import area_ratio_figure
 
     def table(predicted_over_true):
         # 100-pixel lesions; predictions k times as large, overlapping the lesion as far as they can

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from isic_utils import generalisation as G
-from isic_utils.external import CHOOSING, INFERENCE_OPTIONS, REPORTING, Scored, half_name, halves
+from isic_utils.evaluation import generalisation as G
+from isic_utils.evaluation.external import CHOOSING, INFERENCE_OPTIONS, REPORTING, Scored, half_name, halves
 
 IDS = [f"IMD{i:03d}" for i in range(20)]
 CHOOSE, REPORT = halves(IDS)
@@ -82,7 +82,7 @@ def test_one_seed_chooses_nothing_and_says_why():
 
 
 def test_task_uses_reads_the_options_from_a_runs_parameters():
-    from isic_utils import params as P
+    from isic_utils.config import params as P
 
     task3 = P.resolve("train", P.project_root() / "params" / "task3.yaml", "synthetic", {})
     uses = G.task_uses(task3)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from isic_utils import experiments
+from isic_utils.training import experiments
 
 from .conftest import ROOT, tiny_params
 
@@ -21,8 +21,10 @@ pytestmark = pytest.mark.slow
 KILLED_RUN = """
 import os, signal, sys, torch
 from pathlib import Path
-from isic_utils import checkpoints, experiments, training
-from isic_utils.params import resolve
+from isic_utils.training import checkpoints
+from isic_utils.training import experiments
+from isic_utils.training import loop as training
+from isic_utils.config.params import resolve
 root, out, data_dir, point = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 params = resolve("train", root / "params" / "task1.yaml", "tiny",
                  {"output_dir": out, "data_dir": data_dir, "epochs": 3, "decoder": "unet", "freeze_encoder": False,
@@ -96,7 +98,7 @@ def test_a_run_killed_then_asked_again_ends_as_if_never_killed(uninterrupted, sy
 
 KILLED_EXTRACTION = """
 import os, signal, sys, zipfile
-from isic_utils import sources
+from isic_utils.data import sources
 real, done = zipfile.ZipFile.extract, []
 def extract(self, member, path=None, pwd=None):
     done.append(member)
@@ -109,7 +111,7 @@ sources.download_isic2016(sys.argv[1], ["train"], base_url="http://127.0.0.1:9/u
 
 
 def test_an_extraction_killed_then_asked_again_gives_the_whole_split(tmp_path):
-    from isic_utils.sources import download_isic2016, find_pairs
+    from isic_utils.data.sources import download_isic2016, find_pairs
 
     from .test_download import build_archives
 
@@ -129,7 +131,8 @@ def test_an_extraction_killed_then_asked_again_gives_the_whole_split(tmp_path):
 KILLED_EXPORT = """
 import os, signal, sys
 from pathlib import Path
-from isic_utils import files, pipeline
+from isic_utils.base import files
+from isic_utils.report import pipeline
 def export_html(notebook_path, html_path, reader=False):
     tmp = html_path.parent / f".{html_path.name}.{files.process_tag()}.0badc0de.tmp"
     tmp.write_text("<html><body>half a pa")
@@ -141,7 +144,7 @@ pipeline.run_report("tiny", only=["eda"], overrides={"output_dir": sys.argv[2]},
 
 
 def test_an_export_killed_then_asked_again_is_exported_alone(tmp_path):
-    from isic_utils import pipeline
+    from isic_utils.report import pipeline
 
     from .test_user_paths import fake_project
 

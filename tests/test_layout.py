@@ -11,59 +11,51 @@ from pathlib import Path
 
 import pytest
 
-from isic_utils import notebook as N
-from isic_utils import params as P
+from isic_utils.config import notebook as N
+from isic_utils.config import params as P
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "isic_utils"
 
-# Bottom to top: a module may import only modules listed before it.
-LAYERS = [
-    "files",
-    "sources",
-    "decoding",
-    "transforms",
-    "data",
-    "eda",
-    "synthetic",
-    "metrics",
-    "confidence",
-    "gallery",
-    "model",
-    "params",
-    "notebook",
-    "devices",
-    "inference",
-    "features",
-    "checkpoints",
-    "training",
-    "experiments",
-    "failures",
-    "trust",
-    "external",
-    "adaptation",
-    "generalisation",
-    "comparison",
-    "plots",
-    "report",
-    "pipeline",
-    "handover",
-    "predict",
-    "__main__",
-]
+# The layers, bottom to top, by folder: a module imports from the folders below its own and, in its own folder, only
+# the modules listed before it. The command line (predict, __main__) sits on top, in the package's own folder.
+LAYERS = {
+    "base": ["files", "devices"],
+    "data": ["sources", "decoding", "transforms", "splits", "eda", "synthetic"],
+    "model": ["networks", "inference"],
+    "scoring": ["metrics", "confidence"],
+    "config": ["params", "notebook"],
+    "training": ["features", "checkpoints", "loop", "experiments"],
+    "evaluation": ["failures", "gallery", "trust", "external", "adaptation", "generalisation", "comparison"],
+    "report": ["plots", "tables", "pipeline", "handover"],
+    "": ["predict", "__main__"],
+}
+ORDER = [f"{folder}.{name}".lstrip(".") for folder, names in LAYERS.items() for name in names]
+
+
+def path_of(module: str) -> Path:
+    return PACKAGE / f"{module.replace('.', '/')}.py"
 
 
 def package_imports(path: Path) -> tuple[set[str], list[tuple[int, str]]]:
-    """(modules of the package imported at module level, [(line, module) imported inside a function])."""
+    """(the package's modules imported at module level, as ``folder.module``; [(line, module) imported inside a
+    function])."""
     tree = ast.parse(path.read_text())
+    folder = path.parent.relative_to(PACKAGE).parts
     top, nested = set(), []
 
+    def resolved(base: list[str], name: str) -> str:
+        dotted = ".".join([*base, name])
+        return dotted if dotted in ORDER else ".".join(base)
+
     def names(node) -> list[str]:
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            return [node.module] if node.module else [alias.name for alias in node.names]
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("isic_utils"):
-            return [(node.module.split(".") + [a.name for a in node.names])[1]]
-        return []
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            base = list(folder[: len(folder) - (node.level - 1)]) + (node.module.split(".") if node.module else [])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("isic_utils"):
+            base = node.module.split(".")[1:]
+        else:
+            return []
+        return [resolved(base, alias.name) for alias in node.names]
 
     for node in tree.body:
         top.update(names(node))
@@ -74,16 +66,26 @@ def package_imports(path: Path) -> tuple[set[str], list[tuple[int, str]]]:
 
 
 def test_every_module_has_a_layer_and_a_docstring():
-    modules = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
-    assert sorted(LAYERS) == modules
-    for path in PACKAGE.glob("*.py"):
-        assert ast.get_docstring(ast.parse(path.read_text())), f"{path.name} has no docstring saying what it holds"
+    modules = sorted(str(p.relative_to(PACKAGE).with_suffix("")).replace("/", ".") for p in PACKAGE.rglob("*.py"))
+    assert sorted(ORDER + [f"{f}.__init__".lstrip(".") for f in LAYERS]) == modules
+    for path in PACKAGE.rglob("*.py"):
+        assert ast.get_docstring(ast.parse(path.read_text())), f"{path} has no docstring saying what it holds"
 
 
-@pytest.mark.parametrize("module", LAYERS)
+def test_the_folders_are_the_layers():
+    """Each folder is one layer: a module imports nothing from a folder above its own (no cycle, no import upwards)."""
+    folders = list(LAYERS)
+    for module in ORDER:
+        mine = folders.index(module.rpartition(".")[0])
+        for other in package_imports(path_of(module))[0]:
+            theirs = folders.index(other.rpartition(".")[0])
+            assert theirs <= mine, f"{module} imports {other}, from the {folders[theirs]!r} layer above its own"
+
+
+@pytest.mark.parametrize("module", ORDER)
 def test_imports_flow_one_way_without_function_level_dodges(module):
-    top, nested = package_imports(PACKAGE / f"{module}.py")
-    below = set(LAYERS[: LAYERS.index(module)])
+    top, nested = package_imports(path_of(module))
+    below = set(ORDER[: ORDER.index(module)])
     assert top <= below, f"{module} imports {sorted(top - below)}, which are not below it in {LAYERS}"
     if module != "__main__":  # the entry point loads only the command asked for; every other import is at the top
         assert not nested, f"{module} imports {nested} inside functions"
@@ -111,10 +113,10 @@ def test_applying_a_model_imports_no_plotting_module():
         module = todo.pop()
         if module not in reached:
             reached.add(module)
-            todo += package_imports(PACKAGE / f"{module}.py")[0]
-    assert not reached & {"plots", "report", "pipeline", "comparison"}, sorted(reached)
+            todo += package_imports(path_of(module))[0]
+    assert not {m for m in reached if m.startswith(("report.", "evaluation."))}, sorted(reached)
     for module in reached:
-        assert not third_party_imports(PACKAGE / f"{module}.py") & PLOTTING, module
+        assert not third_party_imports(path_of(module)) & PLOTTING, module
 
 
 @pytest.mark.slow
@@ -162,7 +164,7 @@ def test_each_notebook_parameters_cell_names_only_the_profile_and_run(name, chap
 
 
 def test_chapter_files_are_numbered_in_the_order_the_report_runs_them():
-    from isic_utils.pipeline import NOTEBOOKS, steps_for
+    from isic_utils.report.pipeline import NOTEBOOKS, steps_for
 
     steps = steps_for(P.read_yaml(ROOT / "params" / "profiles" / "isic2016.yaml"))
     numbers = [int(NOTEBOOKS[step.chapter][:2]) for step in steps]
@@ -175,7 +177,7 @@ def test_a_settings_default_is_one_in_the_schema_the_trainer_and_the_notebook():
     chapter's values by name; the notebook's cell holds no setting (only the profile and run, checked above)."""
     from dataclasses import fields
 
-    from isic_utils.experiments import train_config
+    from isic_utils.training.experiments import train_config
 
     schema = P.CHAPTER_KEYS["train"]
     shared = [f for f in fields(P.TrainConfig) if f.name not in P.TRAINER_ONLY]
@@ -208,8 +210,10 @@ def test_every_chapter_has_the_same_setup_cell():
 
 def test_the_layout_page_names_every_module():
     layout = (ROOT / "docs" / "layout.md").read_text()
-    for module in LAYERS:
-        assert f"`{module}`" in layout, module
+    for module in ORDER:
+        assert f"`{module.replace('.', '/')}.py`" in layout, module
+    for folder in LAYERS:
+        assert not folder or f"`{folder}/`" in layout, folder
 
 
 def test_every_notebook_is_valid_and_every_cell_has_its_id():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from isic_utils import metrics
+from isic_utils.scoring import metrics
 
 
 def masks(*rows):
@@ -62,7 +62,7 @@ def test_shape_mismatch_is_an_error():
 
 
 def test_a_difference_is_real_only_beyond_the_seed_spread():
-    from isic_utils.metrics import seed_spread
+    from isic_utils.scoring.metrics import seed_spread
 
     assert seed_spread([0.05, 0.06, 0.055])["verdict"] == "beyond the seed spread"
     wide = seed_spread([0.05, -0.02, 0.01])

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from isic_utils import model as M
-from isic_utils.params import TrainConfig
-from isic_utils.training import build_optimizer, loss_fn
+from isic_utils.config.params import TrainConfig
+from isic_utils.model import networks as M
+from isic_utils.training.loop import build_optimizer, loss_fn
 
 from .conftest import ROOT
 
@@ -148,10 +148,10 @@ def test_the_report_trains_with_fused_adamw(freeze):
 def test_a_decoder_registered_in_the_registry_alone_trains_saves_loads_and_predicts(tiny_data, tmp_path, monkeypatch):
     """A new decoder touches one place: registered here (in the test only), the parameters accept it, training
     saves it, `load_trained` rebuilds it from what the checkpoint says, and `predict` writes its masks."""
-    from isic_utils import params as P
-    from isic_utils.inference import load_trained
+    from isic_utils.config import params as P
+    from isic_utils.model.inference import load_trained
     from isic_utils.predict import predict_folder
-    from isic_utils.training import fit
+    from isic_utils.training.loop import fit
 
     class ToyDecoder(nn.Module):
         needs_skips = False

@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils import inference, sources
-from isic_utils import params as P
 from isic_utils.__main__ import main
-from isic_utils.sources import DataError, safe_extract
-from isic_utils.synthetic import MARKER, make_synthetic_isic
+from isic_utils.config import params as P
+from isic_utils.data import sources
+from isic_utils.data.sources import DataError, safe_extract
+from isic_utils.data.synthetic import MARKER, make_synthetic_isic
+from isic_utils.model import inference
 
 from .conftest import ROOT, unet_model
 from .test_download import NAMES, build_archives
@@ -43,7 +44,7 @@ def test_synthetic_generation_replaces_its_own_set_and_redoes_a_killed_one(tmp_p
     make_synthetic_isic(root, n_train=2, n_test=1)  # ours (marker): other settings replace it
     assert len(sources.find_pairs(root, "train")) == 2
     # killed half-way: files written, the marker still says incomplete; the next run redoes it instead of refusing
-    from isic_utils import synthetic
+    from isic_utils.data import synthetic
 
     real = synthetic.make_lesion_image
     calls = []
@@ -195,7 +196,8 @@ def test_an_archive_that_expands_without_end_is_refused(tmp_path):
 def test_a_kill_between_the_two_checkpoint_writes_is_mended_on_resume(tiny_data, tmp_path, monkeypatch):
     """Killed after last.pt and before best.pt of an improving epoch: the history names an epoch best.pt does not
     hold. The resume writes best.pt from last.pt's weights, so best.pt and the history agree again."""
-    from isic_utils import checkpoints, training
+    from isic_utils.training import checkpoints
+    from isic_utils.training import loop as training
 
     cfg = P.TrainConfig(
         freeze_encoder=False,
@@ -232,7 +234,7 @@ def test_a_kill_between_the_two_checkpoint_writes_is_mended_on_resume(tiny_data,
 
 
 def test_weights_broken_by_the_last_step_of_an_epoch_are_never_saved(tiny_data, tmp_path):
-    from isic_utils import training
+    from isic_utils.training import loop as training
 
     cfg = P.TrainConfig(
         freeze_encoder=False,
@@ -269,7 +271,7 @@ def test_weights_broken_by_the_last_step_of_an_epoch_are_never_saved(tiny_data, 
     ],
 )
 def test_values_that_poison_a_run_are_refused_at_validation(key, value):
-    from isic_utils import params as P
+    from isic_utils.config import params as P
 
     with pytest.raises(P.ParameterError, match=rf"{key} must be a finite number"):
         P.resolve("train", profile="tiny", overrides={key: value}, root=ROOT)
@@ -281,7 +283,7 @@ def test_values_that_poison_a_run_are_refused_at_validation(key, value):
 def test_a_run_refuses_to_resume_on_other_images_of_the_same_count(tiny_data, trained_run):
     from dataclasses import replace
 
-    from isic_utils import training
+    from isic_utils.training import loop as training
     from tests.conftest import TRAINED_CONFIG
 
     _, run_dir = trained_run
@@ -293,7 +295,7 @@ def test_a_run_refuses_to_resume_on_other_images_of_the_same_count(tiny_data, tr
 
 
 def test_a_checkpoint_from_before_the_ids_fingerprint_still_resumes(tiny_data, trained_run, tmp_path):
-    from isic_utils import training
+    from isic_utils.training import loop as training
     from tests.conftest import TRAINED_CONFIG
 
     result, run_dir = trained_run
@@ -313,7 +315,7 @@ def test_leftovers_of_dead_processes_are_removed_and_a_live_ones_kept(tmp_path):
     import subprocess
     import sys
 
-    from isic_utils.files import process_tag, remove_leftovers
+    from isic_utils.base.files import process_tag, remove_leftovers
 
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
@@ -345,8 +347,8 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_nothing_behind_after_the
     import subprocess
     import sys
 
-    from isic_utils import training
-    from isic_utils.files import process_tag
+    from isic_utils.base.files import process_tag
+    from isic_utils.training import loop as training
     from tests.conftest import TRAINED_CONFIG
 
     run_dir = tmp_path / "run"
@@ -365,7 +367,7 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_nothing_behind_after_the
 
 
 def test_an_interrupted_forced_chapter_runs_again_on_the_next_plain_report(monkeypatch, tmp_path):
-    from isic_utils import pipeline
+    from isic_utils.report import pipeline
 
     seen, fail = [], {"task2"}
 
@@ -395,7 +397,7 @@ def test_an_interrupted_forced_chapter_runs_again_on_the_next_plain_report(monke
 
 
 def test_a_retrained_seed_drops_its_old_results_before_training(tiny_data, synthetic_root, tmp_path, monkeypatch):
-    from isic_utils import experiments
+    from isic_utils.training import experiments
 
     from .conftest import tiny_params
 
@@ -407,7 +409,7 @@ def test_a_retrained_seed_drops_its_old_results_before_training(tiny_data, synth
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed in the retrain")
 
-    from isic_utils import training
+    from isic_utils.training import loop as training
 
     monkeypatch.setattr(training, "_fit", killed)  # the old results go under the seed's lock, before training
     with pytest.raises(KeyboardInterrupt):
@@ -421,8 +423,8 @@ def test_a_retrained_seed_drops_its_old_results_before_training(tiny_data, synth
 def test_a_run_folder_in_training_refuses_a_second_process(tiny_data, tmp_path):
     import fcntl
 
-    from isic_utils import training
-    from isic_utils.files import FolderBusy
+    from isic_utils.base.files import FolderBusy
+    from isic_utils.training import loop as training
     from tests.conftest import TRAINED_CONFIG
 
     run_dir = tmp_path / "run"
@@ -438,7 +440,7 @@ def test_a_run_folder_in_training_refuses_a_second_process(tiny_data, tmp_path):
 
 
 def test_a_seed_listed_twice_is_refused_at_validation():
-    from isic_utils import params as P
+    from isic_utils.config import params as P
 
     with pytest.raises(P.ParameterError, match=r"seeds must not repeat .* got \[0, 0\]"):
         P.resolve("train", profile="tiny", overrides={"seeds": [0, 0], "jobs": 2}, root=ROOT)
@@ -447,7 +449,7 @@ def test_a_seed_listed_twice_is_refused_at_validation():
 def test_a_chapter_that_runs_through_removes_the_partial_notebook_of_its_failed_attempt(tmp_path, monkeypatch):
     import papermill
 
-    from isic_utils import pipeline
+    from isic_utils.report import pipeline
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"

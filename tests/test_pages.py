@@ -17,8 +17,12 @@ import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
-from isic_utils import comparison, experiments, files, pipeline, plots, report, trust
-from isic_utils.params import chapter_values
+from isic_utils.base import files
+from isic_utils.config.params import chapter_values
+from isic_utils.evaluation import comparison, trust
+from isic_utils.report import pipeline, plots
+from isic_utils.report import tables as report
+from isic_utils.training import experiments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,7 +229,7 @@ def test_figures_are_written_and_shown_in_256_colours(tmp_path):
         cells=[
             nbformat.v4.new_code_cell(source)
             for source in (
-                "from isic_utils import plots\nimport matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([1, 3, 2])\nfig",
+                "from isic_utils.report import plots\nimport matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([1, 3, 2])\nfig",
                 "plt.subplots()[1].imshow([[0, 1], [2, 3]]);",
             )
         ]
@@ -244,7 +248,7 @@ def test_figures_are_written_and_shown_in_256_colours(tmp_path):
 
 def test_the_other_clinic_line_leaves_out_a_run_that_learned_nothing(offline_report):
     """The offline index read "task1 JA 0.000 on other-clinic vs 0.000 on the ISIC test set (+0.000)"."""
-    from isic_utils.external import ON_SET
+    from isic_utils.evaluation.external import ON_SET
 
     (offline_report / "external" / "tables").mkdir(parents=True)
     pd.DataFrame(

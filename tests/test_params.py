@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from isic_utils import notebook as N
-from isic_utils import params as P
+from isic_utils.config import notebook as N
+from isic_utils.config import params as P
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def test_every_run_file_and_profile_validates():
 def test_the_real_profiles_train_enough_seeds_to_judge_a_claim():
     """A real report's claims stand against the spread over training seeds (metrics.MIN_SEEDS); the offline
     profiles, which only show that the pipeline runs, train one."""
-    from isic_utils.metrics import MIN_SEEDS
+    from isic_utils.scoring.metrics import MIN_SEEDS
 
     for profile, seeds in (("isic2016", MIN_SEEDS), ("isic2016_holdout", MIN_SEEDS), ("synthetic", 1), ("tiny", 1)):
         values = P.resolve("train", ROOT / "params" / "task3.yaml", profile, root=ROOT)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from isic_utils.pipeline import run_report
+from isic_utils.report.pipeline import run_report
 
 from .conftest import ROOT, inside, report_copy
 
@@ -213,7 +213,7 @@ def test_task3_is_scored_with_its_options(tiny_report):
 
 
 def test_the_options_study_measures_each_option_and_the_comparison_shows_it(tiny_report):
-    from isic_utils.generalisation import TRAINING_OPTIONS, options_reading
+    from isic_utils.evaluation.generalisation import TRAINING_OPTIONS, options_reading
 
     out, *_ = tiny_report
     table = pd.read_csv(out / "options" / "tables" / "options.csv")

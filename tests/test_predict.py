@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from isic_utils.__main__ import main
-from isic_utils.decoding import read_mask
-from isic_utils.inference import CheckpointMismatch, predicted_probabilities
-from isic_utils.metrics import confusion_counts, original_size_counts, postprocess_mask
+from isic_utils.data.decoding import read_mask
+from isic_utils.data.sources import OVERLAY_COMMENT
+from isic_utils.data.transforms import normalize
+from isic_utils.model.inference import CheckpointMismatch, predicted_probabilities
 from isic_utils.predict import load_predictor, predict_folder
-from isic_utils.sources import OVERLAY_COMMENT
-from isic_utils.transforms import normalize
+from isic_utils.scoring.metrics import confusion_counts, original_size_counts, postprocess_mask
 
 from .conftest import assert_same_counts
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils.data import load_report_data
-from isic_utils.decoding import decode_pairs
-from isic_utils.metrics import scores
-from isic_utils.model import build_model
-from isic_utils.params import TrainConfig
+from isic_utils.config.params import TrainConfig
+from isic_utils.data.decoding import decode_pairs
+from isic_utils.data.sources import find_pairs
+from isic_utils.data.splits import load_report_data
+from isic_utils.model.networks import build_model
 from isic_utils.predict import round_trip
-from isic_utils.sources import find_pairs
-from isic_utils.training import fit
+from isic_utils.scoring.metrics import scores
+from isic_utils.training.loop import fit
 
 from .conftest import requires
 

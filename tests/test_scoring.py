@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils.decoding import DecodedSplit
-from isic_utils.metrics import original_size_counts, scores, summarize
-from isic_utils.sources import Pair
+from isic_utils.data.decoding import DecodedSplit
+from isic_utils.data.sources import Pair
+from isic_utils.scoring.metrics import original_size_counts, scores, summarize
 
 
 def split_with_masks(tmp_path, masks: list[np.ndarray]) -> DecodedSplit:

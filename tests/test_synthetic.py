@@ -1,8 +1,8 @@
 import hashlib
 
-from isic_utils.eda import original_sizes
-from isic_utils.sources import find_pairs
-from isic_utils.synthetic import make_synthetic_isic
+from isic_utils.data.eda import original_sizes
+from isic_utils.data.sources import find_pairs
+from isic_utils.data.synthetic import make_synthetic_isic
 
 
 def digest(root):

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from isic_utils.inference import load_checkpoint
-from isic_utils.model import build_model
-from isic_utils.params import TrainConfig
-from isic_utils.training import TIMING_COLUMNS, TrainingDiverged, fit, loss_fn
-from isic_utils.transforms import apply_augmentation, draw_augmentation
+from isic_utils.config.params import TrainConfig
+from isic_utils.data.transforms import apply_augmentation, draw_augmentation
+from isic_utils.model.inference import load_checkpoint
+from isic_utils.model.networks import build_model
+from isic_utils.training.loop import TIMING_COLUMNS, TrainingDiverged, fit, loss_fn
 
 VOLATILE = list(TIMING_COLUMNS)
 

@@ -21,16 +21,20 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils import data as D
-from isic_utils import decoding, experiments, files, pipeline, plots, report, sources, transforms
-from isic_utils import notebook as N
-from isic_utils import params as P
 from isic_utils.__main__ import main
-from isic_utils.inference import CheckpointMismatch, load_checkpoint, load_trained, predicted_probabilities
-from isic_utils.metrics import original_size_counts
-from isic_utils.model import build_model
-from isic_utils.params import TrainConfig
-from isic_utils.training import Evaluation, evaluate, fit
+from isic_utils.base import files
+from isic_utils.config import notebook as N
+from isic_utils.config import params as P
+from isic_utils.config.params import TrainConfig
+from isic_utils.data import decoding, sources, transforms
+from isic_utils.data import splits as D
+from isic_utils.model.inference import CheckpointMismatch, load_checkpoint, load_trained, predicted_probabilities
+from isic_utils.model.networks import build_model
+from isic_utils.report import pipeline, plots
+from isic_utils.report import tables as report
+from isic_utils.scoring.metrics import original_size_counts
+from isic_utils.training import experiments
+from isic_utils.training.loop import Evaluation, evaluate, fit
 
 from .conftest import TRAINED_CONFIG, tiny_params, unet_model
 
@@ -281,7 +285,7 @@ def test_the_random_fallback_is_named_in_run_json(tiny_data, tmp_path, monkeypat
         {"output_dir": str(tmp_path), "epochs": 1, "encoder_weights": "imagenet"},
         root=ROOT,
     )
-    from isic_utils import model as M
+    from isic_utils.model import networks as M
 
     def offline(*args, **kwargs):
         raise M.EncoderWeightsError("could not download the ImageNet weights (offline). Fix: ...")
@@ -481,9 +485,9 @@ PARALLEL_SEED = """
 import sys, torch
 torch.set_num_threads(1)
 from pathlib import Path
-from isic_utils import experiments
-from isic_utils.data import load_report_data
-from isic_utils.params import resolve
+from isic_utils.training import experiments
+from isic_utils.data.splits import load_report_data
+from isic_utils.config.params import resolve
 root, out, data_root, seed = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 params = resolve("train", root / "params" / "task2.yaml", "tiny",
                  {"output_dir": out, "seeds": [seed], "epochs": 1, "decoder": "unet"}, root=root)
@@ -537,7 +541,7 @@ def test_figure_3_shows_the_augmentation_training_applies(tiny_data, monkeypatch
 
 
 def test_the_dataset_class_augments_with_the_same_code(tiny_data):
-    from isic_utils.model import IMAGENET_MEAN, IMAGENET_STD
+    from isic_utils.model.networks import IMAGENET_MEAN, IMAGENET_STD
 
     dataset = transforms.SegmentationDataset(
         tiny_data.train, IMAGENET_MEAN, IMAGENET_STD, augment=["color_jitter"], seed=3
@@ -552,7 +556,7 @@ def test_the_dataset_class_augments_with_the_same_code(tiny_data):
 
 
 def test_selection_follows_validation_even_when_test_disagrees(tiny_data, tmp_path, monkeypatch):
-    from isic_utils import training
+    from isic_utils.training import loop as training
 
     val_scores, test_scores = iter([0.2, 0.8, 0.5, 0.8]), iter([0.9, 0.1, 0.95, 0.1])
 
@@ -593,7 +597,7 @@ def test_progress_reaches_the_terminal_and_the_notebook_keeps_one_line(tmp_path)
     for the minutes real data takes to decode)."""
     root = fake_project(
         tmp_path,
-        "import time\nfrom isic_utils.files import progress_bar\n"
+        "import time\nfrom isic_utils.base.files import progress_bar\n"
         "for _ in progress_bar(range(10), total=10, desc='decode', unit='images'):\n"
         "    time.sleep(0.4)",
     )

@@ -22,9 +22,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from isic_utils.metrics import scores  # noqa: E402
+from isic_utils.data.sources import find_pairs  # noqa: E402
 from isic_utils.predict import round_trip  # noqa: E402
-from isic_utils.sources import find_pairs  # noqa: E402
+from isic_utils.scoring.metrics import scores  # noqa: E402
 
 
 def main() -> None:

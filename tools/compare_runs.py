@@ -19,11 +19,11 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from isic_utils import metrics  # noqa: E402
-from isic_utils import params as P  # noqa: E402
-from isic_utils.experiments import load_run, prepare_data  # noqa: E402
-from isic_utils.external import TEST_NAME, external_sets, load_external, score_split  # noqa: E402
-from isic_utils.generalisation import study_splits  # noqa: E402
+from isic_utils.config import params as P  # noqa: E402
+from isic_utils.evaluation.external import TEST_NAME, external_sets, load_external, score_split  # noqa: E402
+from isic_utils.evaluation.generalisation import study_splits  # noqa: E402
+from isic_utils.scoring import metrics  # noqa: E402
+from isic_utils.training.experiments import load_run, prepare_data  # noqa: E402
 
 
 def per_seed_scores(output_dir: str, run_name: str, profile: dict) -> dict[str, dict[int, float]]:

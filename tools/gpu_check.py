@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["ISIC_ENCODER_WEIGHTS"] = str(Path(args.weights).resolve())
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any GPU work, for the determinism check
 
-    from isic_utils.devices import device_name, resolve_precision
+    from isic_utils.base.devices import device_name, resolve_precision
 
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu-check-"))
     device = args.device
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _params(task: str, profile: str, out: Path, device: str, **overrides):
-    from isic_utils import params as P
+    from isic_utils.config import params as P
 
     values = {"output_dir": str(out / profile), "device": device, "seeds": [0], **overrides}
     if profile == "tiny":
@@ -104,7 +104,7 @@ def _peak_gib(device: str) -> float | None:
 
 def _run_rows(label: str, params: dict, data, device: str) -> dict:
     """Train one run with the report's own ``train_run``; its row of the table."""
-    from isic_utils import experiments
+    from isic_utils.training import experiments
 
     _peak_reset(device)
     t0 = time.perf_counter()
@@ -131,7 +131,7 @@ def _run_rows(label: str, params: dict, data, device: str) -> dict:
 
 
 def tiny_tasks(args, out: Path, device: str) -> list[dict]:
-    from isic_utils import experiments
+    from isic_utils.training import experiments
 
     rows = []
     for task in ("task1", "task2", "task3"):
@@ -141,20 +141,20 @@ def tiny_tasks(args, out: Path, device: str) -> list[dict]:
 
 
 def _tiny_fit(out: Path, device: str, name: str, on_step=None, resume: bool = False, epochs: int = 3):
-    from isic_utils import experiments
+    from isic_utils.training import experiments
 
     params = _params("task2", "tiny", out, device, deterministic=True)
     data = experiments.prepare_data(params, progress=False)
     model, _ = experiments.make_model(params, seed=0)
     config = experiments.train_config(params, seed=0)
     config.epochs = epochs
-    from isic_utils.training import fit
+    from isic_utils.training.loop import fit
 
     return fit(model, data, config, out / "checks" / name, on_step=on_step, resume=resume, verbose=False)
 
 
 def _same(a, b) -> tuple[bool, float]:
-    from isic_utils.training import TIMING_COLUMNS
+    from isic_utils.training.loop import TIMING_COLUMNS
 
     left = a.history.drop(columns=list(TIMING_COLUMNS))
     right = b.history.drop(columns=list(TIMING_COLUMNS))
@@ -204,7 +204,7 @@ def kill_and_resume(args, out: Path, device: str) -> list[dict]:
 
 
 def real_tasks(args, out: Path, device: str) -> list[dict]:
-    from isic_utils import experiments
+    from isic_utils.training import experiments
 
     if not args.data:
         return [{"check": "real images", "result": "skipped (no --data)"}]
@@ -222,8 +222,8 @@ def real_tasks(args, out: Path, device: str) -> list[dict]:
 def benchmark(args, out: Path, device: str) -> list[dict]:
     import bench_training as B
 
-    from isic_utils.decoding import decode_pairs
-    from isic_utils.devices import resolve_precision
+    from isic_utils.base.devices import resolve_precision
+    from isic_utils.data.decoding import decode_pairs
 
     n_train, n_test = (16, 16) if args.quick else (256, 128)
     train_pairs, test_pairs, source = B.find_images(n_train, n_test, args.data or None)

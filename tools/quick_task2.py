@@ -17,13 +17,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from isic_utils.data import ReportData, split_ids  # noqa: E402
-from isic_utils.decoding import decode_pairs
-from isic_utils.devices import set_threads
-from isic_utils.model import build_model  # noqa: E402
-from isic_utils.params import TrainConfig  # noqa: E402
-from isic_utils.sources import find_pairs
-from isic_utils.training import fit
+from isic_utils.base.devices import set_threads
+from isic_utils.config.params import TrainConfig  # noqa: E402
+from isic_utils.data.decoding import decode_pairs
+from isic_utils.data.sources import find_pairs
+from isic_utils.data.splits import ReportData, split_ids  # noqa: E402
+from isic_utils.model.networks import build_model  # noqa: E402
+from isic_utils.training.loop import fit
 
 
 def main() -> None:

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import metrics
-from . import params as P
-from .experiments import prepare_data, train_run
+from ..base.files import save_table, signed
+from ..config import params as P
+from ..scoring import metrics
+from ..training.experiments import prepare_data, train_run
 from .external import CHOOSING, REPORTING, Scored, half_name, halves, validate_external
-from .files import save_table, signed
 
 BASE = {
     "color_constancy": "none",

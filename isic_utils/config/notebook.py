@@ -10,16 +10,7 @@ from typing import Any
 
 import yaml
 
-from .params import (
-    ALL_KEYS,
-    SELECTORS,
-    ParameterError,
-    chapter_values,
-    problems_message,
-    project_root,
-    schema,
-    suggest,
-)
+from .params import ALL_KEYS, SELECTORS, ParameterError, chapter_values, problems_message, project_root, schema, suggest
 
 PARAMETERS_HEADER = "# Parameters"  # the first line of the chapter's parameters cell and of papermill's injected one
 OWN_PARAMETERS_HEADER = "# Parameters (papermill injects"  # the first line of each chapter's own parameters cell

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .files import progress_bar, third_party_progress
+from ..base.files import progress_bar, third_party_progress
 
 SPLIT_FOLDERS = {
     "train": ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
@@ -80,7 +80,7 @@ def find_pairs(root: str | Path, split: str) -> list[Pair]:
             raise DataError(
                 f"folder {folder} not found. Expected the official ISIC 2016 Part 1 layout under {root} "
                 f"(folders {image_folder}/ and {mask_folder}/); found {present or 'nothing'}. "
-                "Unzip the archives there, or download them with isic_utils.sources.download_isic2016()."
+                "Unzip the archives there, or download them with isic_utils.data.sources.download_isic2016()."
             )
     images: dict[str, Path] = {}
     for path in sorted(image_dir.iterdir()):

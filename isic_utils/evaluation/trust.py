@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import confidence, gallery
-from .decoding import DecodedSplit
-from .experiments import SavedRun
+from ..base.files import read_table, signed
+from ..data.decoding import DecodedSplit
+from ..scoring import confidence
+from ..scoring.metrics import THRESHOLD_JACCARD
+from ..training.experiments import SavedRun
+from . import gallery
 from .failures import per_image_frame
-from .files import read_table, signed
-from .metrics import THRESHOLD_JACCARD
 
 SETS = {"val": "validation", "test": "ISIC test"}
 

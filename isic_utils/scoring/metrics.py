@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .decoding import read_mask
+from ..data.decoding import read_mask
 
 METRICS = ("iou", "threshold_iou", "dice", "accuracy", "sensitivity", "specificity")
 THRESHOLD_JACCARD = 0.65  # the ISIC 2018 ranking rule: an image scoring Jaccard below this counts 0

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .files import atomic_path, progress_bar
+from ..base.files import atomic_path, progress_bar
 from .sources import DataError, Pair
 
 CACHE_VERSION = 1

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pandas as pd
 from scipy.stats import spearmanr
 
-from .experiments import SavedRun
-from .files import signed
-from .metrics import THRESHOLD_JACCARD
+from ..base.files import signed
+from ..scoring.metrics import THRESHOLD_JACCARD
+from ..training.experiments import SavedRun
 
 FAIL_BELOW = THRESHOLD_JACCARD  # the ISIC 2018 rule: an image below this Jaccard counts as a failure
 

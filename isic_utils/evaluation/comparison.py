@@ -8,10 +8,10 @@ from collections.abc import Iterable
 
 import pandas as pd
 
+from ..base.files import signed
+from ..scoring.metrics import seed_spread
+from ..training.experiments import SavedRun, random_encoder
 from . import failures
-from .experiments import SavedRun, random_encoder
-from .files import signed
-from .metrics import seed_spread
 
 SPREAD_COLUMNS = {
     "test_iou_mean_orig": "JA / IoU (mean per image, original size)",

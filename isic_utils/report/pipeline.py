@@ -22,12 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import params as P
-from . import report
-from .devices import resolve_device
-from .experiments import data_root, describe_data
-from .external import external_sets
-from .files import (
+from ..base.devices import resolve_device
+from ..base.files import (
     PROGRESS_ENV,
     PROJECT_ENV,
     TEMPORARY_SUFFIX,
@@ -42,8 +38,12 @@ from .files import (
     write_json,
     write_text,
 )
-from .gallery import GALLERY
-from .model import resolve_weights
+from ..config import params as P
+from ..evaluation.external import external_sets
+from ..evaluation.gallery import GALLERY
+from ..model.networks import resolve_weights
+from ..training.experiments import data_root, describe_data
+from . import tables
 
 NOTEBOOKS = {
     "eda": "01_eda.ipynb",
@@ -486,7 +486,7 @@ def write_index(out_dir: Path, steps: list[Step], resolved: dict, state: dict) -
     links: each chapter in full and as a reader's copy (no code), its tables and figures."""
     first = resolved[steps[0].name]
     note = describe_data(first).replace("**", "").replace("`", "")
-    answer = report.answer_section(out_dir)
+    answer = tables.answer_section(out_dir)
     found, files_ = [], []
     for step in steps:
         seconds = state.get(step.name, {}).get("seconds")
@@ -499,7 +499,7 @@ def write_index(out_dir: Path, steps: list[Step], resolved: dict, state: dict) -
             which = page.stem.removeprefix(GALLERY.removesuffix(".html")).strip("_")
             label = f"every prediction ({which})" if which else "every prediction"
             links += f' · <a href="{step.name}/{page.name}">{html.escape(label)}</a>'
-        finding = report.chapter_finding(out_dir, step.name, step.chapter)
+        finding = tables.chapter_finding(out_dir, step.name, step.chapter)
         found.append(f"<li><b>{html.escape(step.name)}</b> — {html.escape(finding)} <small>({links})</small></li>")
         extras = []
         for kind in ("tables", "figures"):
@@ -523,7 +523,7 @@ figure{{margin:1em 0}} figure img{{max-width:100%;height:auto;border:1px solid #
 figcaption{{font-size:.9em;color:#555}} li{{margin:.35em 0}} small{{color:#555}}
 </style></head><body>
 <h1>Skin-lesion segmentation on ISIC 2016 with a MobileNetV2 encoder</h1>
-<p class="note">Profile <b>{html.escape(first['profile'])}</b>: {html.escape(note)} {html.escape(report.data_line(out_dir))}</p>
+<p class="note">Profile <b>{html.escape(first['profile'])}</b>: {html.escape(note)} {html.escape(tables.data_line(out_dir))}</p>
 {answer}
 <h2>What each chapter found</h2>
 <ul>{''.join(found)}</ul>

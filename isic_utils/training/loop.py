@@ -20,16 +20,17 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import checkpoints, metrics
-from .data import ReportData
-from .decoding import DecodedSplit
-from .devices import autocast, device_name, grad_scaler, resolve_precision, seed_everything, set_deterministic
+from ..base.devices import autocast, device_name, grad_scaler, resolve_precision, seed_everything, set_deterministic
+from ..base.files import epoch_line, locked, progress_bar, remove_leftovers
+from ..config.params import TrainConfig
+from ..data.decoding import DecodedSplit
+from ..data.splits import ReportData
+from ..data.transforms import apply_augmentation, apply_color_constancy, draw_augmentation
+from ..model.inference import flip_averaged, load_checkpoint, to_input
+from ..model.networks import SegmentationModel
+from ..scoring import metrics
+from . import checkpoints
 from .features import Features, FeatureStore, cached_batch, select_features, uses_feature_cache, variant_index
-from .files import epoch_line, locked, progress_bar, remove_leftovers
-from .inference import flip_averaged, load_checkpoint, to_input
-from .model import SegmentationModel
-from .params import TrainConfig
-from .transforms import apply_augmentation, apply_color_constancy, draw_augmentation
 
 
 class TrainingDiverged(RuntimeError):

@@ -19,17 +19,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import checkpoints, confidence, metrics
-from .data import ReportData, load_report_data
-from .devices import resolve_device, set_threads
+from ..base.devices import resolve_device, set_threads
+from ..base.files import LineWriter, atomic_path, locked, read_table, save_table, shown_path, write_json
+from ..config.params import TrainConfig, absolute, chapter_values, project_root
+from ..data.sources import OFFICIAL_COUNTS, DataError, download_isic2016, has_split
+from ..data.splits import ReportData, load_report_data
+from ..data.synthetic import make_synthetic_isic
+from ..model.inference import load_checkpoint
+from ..model.networks import WEIGHTS_ENV, EncoderWeightsError, build_model, weights_on_disk
+from ..scoring import confidence, metrics
+from . import checkpoints
 from .features import FeatureStore
-from .files import LineWriter, atomic_path, locked, read_table, save_table, shown_path, write_json
-from .inference import load_checkpoint
-from .model import WEIGHTS_ENV, EncoderWeightsError, build_model, weights_on_disk
-from .params import TrainConfig, absolute, chapter_values, project_root
-from .sources import OFFICIAL_COUNTS, DataError, download_isic2016, has_split
-from .synthetic import make_synthetic_isic
-from .training import FitResult, fit
+from .loop import FitResult, fit
 
 DATA_ENV = "ISIC_DATA_DIR"
 

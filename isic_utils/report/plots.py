@@ -17,10 +17,12 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from . import confidence, external, failures, metrics, transforms
-from .decoding import DecodedSplit
-from .experiments import RunResult, SavedRun, prepare_data
-from .files import atomic_path
+from ..base.files import atomic_path
+from ..data import transforms
+from ..data.decoding import DecodedSplit
+from ..evaluation import external, failures
+from ..scoring import confidence, metrics
+from ..training.experiments import RunResult, SavedRun, prepare_data
 
 sns.set_theme(style="whitegrid", context="notebook")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .files import atomic_path, write_json
+from ..base.files import atomic_path, write_json
 from .sources import SPLIT_FOLDERS, DataError, has_split
 
 MARKER = "synthetic.json"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .model import SegmentationModel, build_model
-from .transforms import apply_color_constancy, normalize
+from ..data.transforms import apply_color_constancy, normalize
+from .networks import SegmentationModel, build_model
 
 TTA = ("none", "flips")
 

@@ -11,7 +11,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from .files import FileProblem, ReportBusy, atomic_path, project_root, report_lock, writable_file
+from ..base.files import FileProblem, ReportBusy, atomic_path, project_root, report_lock, writable_file
 
 KEPT = (".html", ".ipynb", ".csv", ".md", ".png", ".json", ".txt")  # pages, notebooks, tables, figures, run records
 INTERNAL = ("pipeline.json",)  # the report's own bookkeeping: which chapters are up to date here

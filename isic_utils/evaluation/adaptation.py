@@ -16,14 +16,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import checkpoints, metrics
-from .decoding import DecodedSplit, decode_pairs, read_image
-from .experiments import SavedRun
+from ..base.files import shown_path, writable_file
+from ..data.decoding import DecodedSplit, decode_pairs, read_image
+from ..data.sources import DataError, Pair, folder_images
+from ..model.inference import load_checkpoint, load_trained, model_input, predicted_probabilities
+from ..scoring import metrics
+from ..training import checkpoints
+from ..training.experiments import SavedRun
+from ..training.loop import loss_fn
 from .external import halves
-from .files import shown_path, writable_file
-from .inference import load_checkpoint, load_trained, model_input, predicted_probabilities
-from .sources import DataError, Pair, folder_images
-from .training import loss_fn
 
 MASK_NAMES = ("{stem}_Segmentation.png", "{stem}_lesion.bmp", "{stem}_lesion.png", "{stem}.png")
 STEPS, BATCH, ENCODER_LR, DECODER_LR = 40, 8, 1e-4, 1e-3  # the few-shot fine-tune: short, gentle on the encoder

@@ -20,10 +20,10 @@ from typing import Any
 
 import yaml
 
-from .files import project_root
-from .model import DECODERS
-from .sources import EXTERNAL_LAYOUTS
-from .transforms import AUGMENTATIONS, COLOR_CONSTANCY
+from ..base.files import project_root
+from ..data.sources import EXTERNAL_LAYOUTS
+from ..data.transforms import AUGMENTATIONS, COLOR_CONSTANCY
+from ..model.networks import DECODERS
 
 # key: (allowed types, default). Data keys are shared by every chapter.
 DATA_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {

@@ -18,14 +18,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import confidence, metrics
-from .decoding import DecodedSplit, decode_pairs
-from .experiments import SavedRun, data_root, load_run, prepare_data
-from .files import save_table, shown_path, signed
-from .inference import load_trained, predicted_probabilities
-from .params import absolute
-from .sources import EXTERNAL_LAYOUTS, PH2_URL, DataError, find_external_pairs
-from .synthetic import make_synthetic_external
+from ..base.files import save_table, shown_path, signed
+from ..config.params import absolute
+from ..data.decoding import DecodedSplit, decode_pairs
+from ..data.sources import EXTERNAL_LAYOUTS, PH2_URL, DataError, find_external_pairs
+from ..data.synthetic import make_synthetic_external
+from ..model.inference import load_trained, predicted_probabilities
+from ..scoring import confidence, metrics
+from ..training.experiments import SavedRun, data_root, load_run, prepare_data
 
 # (tta, postprocess): every combination, scored for every run (the options study shows the single ones).
 INFERENCE_OPTIONS = (("none", "none"), ("flips", "none"), ("none", "largest_component"), ("flips", "largest_component"))

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .data import ReportData
-from .files import atomic_path
-from .inference import CheckpointMismatch, load_checkpoint, model_meta
-from .model import SegmentationModel, count_parameters
-from .params import TrainConfig
+from ..base.files import atomic_path
+from ..config.params import TrainConfig
+from ..data.splits import ReportData
+from ..model.inference import CheckpointMismatch, load_checkpoint, model_meta
+from ..model.networks import SegmentationModel, count_parameters
 
 
 def rng_state(generator: torch.Generator, device: str) -> dict:

@@ -316,7 +316,7 @@ def project_root(start: str | Path | None = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / "params" / "profiles").is_dir():
             return folder
-    checkout = Path(__file__).resolve().parents[1]  # the package's own checkout (an editable install, a chapter
+    checkout = Path(__file__).resolve().parents[2]  # the package's own checkout (an editable install, a chapter
     if start is None and (checkout / "params" / "profiles").is_dir():  # running in a report folder elsewhere)
         return checkout
     return here

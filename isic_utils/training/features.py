@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import ReportData
-from .devices import autocast
-from .inference import memory_formatted, to_input
-from .model import SegmentationModel
-from .params import TrainConfig
+from ..base.devices import autocast
+from ..config.params import TrainConfig
+from ..data.splits import ReportData
+from ..model.inference import memory_formatted, to_input
+from ..model.networks import SegmentationModel
 
 FLIPS = ("hflip", "vflip")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import shown_path, third_party_progress
+from ..base.files import shown_path, third_party_progress
 
 WEIGHTS_ENV = "ISIC_ENCODER_WEIGHTS"
 

@@ -12,14 +12,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import failures, gallery, plots, trust
-from .comparison import caveat
-from .eda import check_alignment
-from .experiments import RunResult, SavedRun, prepare_data
-from .external import ON_SET, gap_spread
-from .files import page_link, plain, save_table, signed, write_text
-from .gallery import GALLERY
-from .model import IMAGENET_MEAN, IMAGENET_STD, count_parameters
+from ..base.files import page_link, plain, save_table, signed, write_text
+from ..data.eda import check_alignment
+from ..evaluation import failures, gallery, trust
+from ..evaluation.comparison import caveat
+from ..evaluation.external import ON_SET, gap_spread
+from ..evaluation.gallery import GALLERY
+from ..model.networks import IMAGENET_MEAN, IMAGENET_STD, count_parameters
+from ..training.experiments import RunResult, SavedRun, prepare_data
+from . import plots
 
 # The student report's printed results (its Tables 2, 6 and 9), reproduced for comparison only.
 STUDENT_REPORT = {

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .files import write_text
-from .metrics import THRESHOLD_JACCARD
+from ..base.files import write_text
+from ..scoring.metrics import THRESHOLD_JACCARD
 
 GALLERY = "gallery.html"  # a chapter's gallery, in the chapter's folder
 THUMBNAIL = 96  # pixels a side

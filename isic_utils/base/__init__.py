@@ -1,0 +1,1 @@
+"""The bottom layer: files (atomic writes, locks, progress, the project's folders) and devices."""

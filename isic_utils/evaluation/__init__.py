@@ -1,0 +1,1 @@
+"""What the runs are worth: failures, galleries, trust, external sets, adaptation, the options study, the comparison."""

@@ -1,0 +1,1 @@
+"""The model: encoders and decoders (networks) and a trained checkpoint applied (inference)."""

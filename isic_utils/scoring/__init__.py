@@ -1,0 +1,1 @@
+"""Scores of masks: confusion counts and metrics at model and original size; confidence and calibration."""
