@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(argv: list[str] | None) -> int:
+    from .model.inference import TTA
+    from .scoring.metrics import POSTPROCESSING
+
     parser = argparse.ArgumentParser(prog="python -m isic_utils", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     rep = commands.add_parser("report", help="run every chapter with papermill and export HTML")
@@ -55,10 +58,10 @@ def _command(argv: list[str] | None) -> int:
         action="store_true",
         help="replace masks/overlays that exist already in --output (refused otherwise)",
     )
-    pred.add_argument("--tta", choices=["none", "flips"], help="test-time flips (default: as the run was scored)")
+    pred.add_argument("--tta", choices=TTA, help="test-time flips (default: as the run was scored)")
     pred.add_argument(
         "--postprocess",
-        choices=["none", "largest_component"],
+        choices=POSTPROCESSING,
         help="keep the largest lesion, holes filled (default: as the run was scored)",
     )
     opt = commands.add_parser(

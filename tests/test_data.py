@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils.data import decoding, eda, sources, transforms
+from isic_utils.data import decoding, eda, sources
 from isic_utils.data import splits as D
 
 TRAIN_IMAGES, TRAIN_MASKS = sources.SPLIT_FOLDERS["train"]
@@ -283,25 +283,6 @@ def test_load_report_data_holdout(synthetic_root, tmp_path):
     assert data.counts() == {"train": 12, "validation": 3, "test": 5}
     assert not set(data.test.ids) & set(data.train.ids + data.val.ids)
     assert "held-out" in data.test_source
-
-
-def test_dataset_normalises_and_augments_jointly(tiny_data):
-    from isic_utils.model.networks import IMAGENET_MEAN, IMAGENET_STD
-
-    plain = transforms.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD)
-    image, mask = plain[0]
-    assert image.dtype == torch.float32 and image.shape == (3, 64, 64)
-    expected = (tiny_data.train.images[0].float() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
-        IMAGENET_STD
-    ).view(3, 1, 1)
-    assert torch.allclose(image, expected, atol=1e-6)
-    # a seed whose first draw flips: the dataset must flip image and mask together
-    seed = next(
-        s for s in range(50) if transforms.draw_augmentation(1, ["hflip"], torch.Generator().manual_seed(s))["hflip"]
-    )
-    flipped = transforms.SegmentationDataset(tiny_data.train, IMAGENET_MEAN, IMAGENET_STD, augment=["hflip"], seed=seed)
-    image_f, mask_f = flipped[0]
-    assert torch.allclose(image_f, image.flip(-1)) and torch.equal(mask_f, mask.flip(-1))
 
 
 def test_pixel_stats_and_alignment(tiny_data):

@@ -295,14 +295,14 @@ def test_external_scores_equal_a_by_hand_scoring(tiny_task1):
     )
     table = pd.read_csv(base / "out" / "external" / "tables" / f"per_image_{other.name}_task1_seed0.csv")
     assert table[["tp", "fp", "fn", "tn"]].to_numpy().tolist() == by_hand.tolist()
-    gap = result["gap"].iloc[0]
+    gap = result.gap.iloc[0]
     assert gap["JA gap"] == pytest.approx(gap["JA on the set"] - gap["JA ISIC test"])
     # the reporting half: the same per-image rows, only the half no choice looks at
-    half = result["gap"].set_index("external set").loc[f"{other.name}, reporting half"]
+    half = result.gap.set_index("external set").loc[f"{other.name}, reporting half"]
     reporting = halves(list(table["id"]))[1]
     assert half["images"] == len(reporting) == len(table) // 2
     assert half["JA on the set"] == pytest.approx(table[table["id"].isin(reporting)]["iou"].mean())
-    options = result["options"]
+    options = result.options
     assert len(options) == 8 and set(options["data"]) == {"validation", other.name}
     assert options[options["the run's own scoring"]]["largest component"].all()
 
@@ -330,12 +330,12 @@ def test_two_runs_compared_seed_for_seed_on_every_split_and_half(tiny_task1):
     ]
     assert (table["B − A"] == 0).all() and (table["JA A"] == table["JA B"]).all()
     result = validate_external(chapter, ["task1"], base / "out" / "compare-check")
-    whole = result["table"].set_index("data").loc["other-clinic", "JA"]
+    whole = result.table.set_index("data").loc["other-clinic", "JA"]
     assert table.loc["other-clinic", "JA A"] == pytest.approx(whole)
 
 
 def test_a_missing_external_folder_is_skipped_with_where_to_get_it(tiny_task1, tmp_path, monkeypatch):
-    from isic_utils.evaluation.external import external_sets, reading, validate_external
+    from isic_utils.evaluation.external import external_reading, external_sets, validate_external
     from isic_utils.report import tables as report
 
     base, overrides, root = tiny_task1
@@ -351,8 +351,8 @@ def test_a_missing_external_folder_is_skipped_with_where_to_get_it(tiny_task1, t
     }
     out = base / "out" / "external-missing"
     result = validate_external(chapter, ["task1"], out)
-    assert result["gap"].empty and set(result["options"]["data"]) == {"validation"}
-    assert "no-ph2" in reading(result)
+    assert result.gap.empty and set(result.options["data"]) == {"validation"}
+    assert "no-ph2" in external_reading(result)
     (base / "out" / "external").rename(base / "out" / "external-kept")
     out.rename(base / "out" / "external")
     assert report.chapter_finding(base / "out", "external", "external").startswith("no external set was found")

@@ -56,7 +56,7 @@ def test_quartiles_of_lesion_size_hold_the_same_images_for_every_run():
     assert table["lesion area (% of image)"].iloc[0].startswith("1.0–")
     worst = failures.worst(small_fail, 2)
     assert worst["id"].tolist() == ["ISIC_0000000", "ISIC_0000001"]
-    reading = failures.reading({"a": small_fail})
+    reading = failures.failure_reading({"a": small_fail})
     assert "3 of 8 test images (38%) score JA below 0.65" in reading
     assert "0.200 on the smallest quarter of lesions vs 0.900 on the largest" in reading
     assert "rises with lesion area (Spearman ρ +" in reading and "Worst: ISIC_0000000 (JA 0.10" in reading

@@ -180,7 +180,13 @@ def test_a_settings_default_is_one_in_the_schema_the_trainer_and_the_notebook():
     from isic_utils.training.experiments import train_config
 
     schema = P.CHAPTER_KEYS["train"]
-    shared = [f for f in fields(P.TrainConfig) if f.name not in P.TRAINER_ONLY]
+    own = {
+        "seed",
+        "device",
+        "channels_last",
+        "eval_batch_size",
+    }  # the trainer's: one seed of seeds, the resolved device
+    shared = [f for f in fields(P.TrainConfig) if f.name not in own]
     assert shared and all(f.name in schema for f in shared), [f.name for f in shared if f.name not in schema]
     for field in shared:
         default = schema[field.name][1]
@@ -224,3 +230,21 @@ def test_every_notebook_is_valid_and_every_cell_has_its_id():
         raw = json.loads(path.read_text())
         assert all("id" in cell for cell in raw["cells"]), f"{path.name}: a cell without an id (write it with nbformat)"
         nbformat.validate(nbformat.reads(path.read_text(), as_version=4))
+
+
+def test_a_settings_role_is_tagged_once_and_every_identity_reads_it():
+    """Which settings do not define a run is said once (``params.ROLES``): the checkpoint's fingerprint leaves out
+    exactly the settings of how it runs, how long and how it is scored, and no module lists them again."""
+    config = P.TrainConfig(color_constancy="shades_of_grey")  # "none" is left out: older checkpoints resume as they are
+    assert set(config.fingerprint()) == set(vars(config)) - P.with_role("execution", "length", "scoring")
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert '("resume", "jobs")' not in text and '"seeds", "resume", "output_dir"' not in text, path
+
+
+def test_every_file_of_the_package_is_tracked_not_ignored():
+    """A clean checkout (CI's, a user's clone) has every module and every folder's __init__.py: none is ignored (an
+    unanchored ``data/`` in .gitignore once hid isic_utils/data/__init__.py)."""
+    files = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")]
+    ignored = subprocess.run(["git", "check-ignore", *files], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert not ignored, ignored

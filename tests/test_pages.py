@@ -174,7 +174,7 @@ def test_a_set_where_every_image_failed_reads_without_nan():
     calibration = pd.DataFrame(
         [{"run": r, "kept T": 1.0, "ECE test": 0.1, "ECE test, calibrated": 0.1} for r in ("task1", "task2")]
     )
-    text = trust.reading(rows, calibration)
+    text = trust.trust_reading(rows, calibration)
     assert "nan" not in text and "-0.00" not in text
     assert "every image failed (JA < 0.65)" in text and "0 of 60 flagged" in text
     assert "ρ +0.00, AUROC — (no failure), 0 of 0 failures flagged with 1 false alarms" in text
@@ -269,3 +269,50 @@ def test_the_other_clinic_line_leaves_out_a_run_that_learned_nothing(offline_rep
         "task1 is left out: it learned nothing: its masks miss the lesion (JA < 0.05) on 60 of 60 "
         "test predictions (its encoder is random: no ImageNet weights)."
     )
+
+
+def test_the_index_answers_the_other_clinic_question_with_a_table_and_one_sentence(tmp_path):
+    """The front page's other-clinic answer: one sentence naming the range of gaps, and a table (run, set, images,
+    JA on each, gap ± spread, verdict), not one long sentence per run; a run that learned nothing is named apart."""
+    out = tmp_path / "report"
+    ja = {"task1": 0.0, "task2": 0.78, "task3": 0.86}
+    for run, value in ja.items():
+        folder = out / run / "tables"
+        folder.mkdir(parents=True)
+        pd.DataFrame({"seed": [0, 1, 2], "test_iou_mean_orig": [value] * 3}).to_csv(folder / "seeds.csv", index=False)
+        for seed in range(3):
+            pd.DataFrame({"id": ["a", "b"], "iou": [value, value]}).to_csv(
+                folder / f"per_image_test_seed{seed}.csv", index=False
+            )
+    rows = []
+    for run, value in ja.items():
+        for name, drop in (("PH2", 0.10), ("PH2, reporting half", 0.12)):
+            rows.append(
+                {
+                    "run": run,
+                    "external set": name,
+                    "images": 50,
+                    "JA ISIC test": value,
+                    "JA on the set": value - drop,
+                    "JA gap": -drop,
+                    "seeds": 3,
+                    "JA gap std over seeds": 0.02,
+                    "JA gap against the seed spread": "beyond the seed spread",
+                }
+            )
+    (out / "external" / "tables").mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(out / "external" / "tables" / "gap.csv", index=False)
+    (out / "compare" / "tables").mkdir(parents=True)
+    pd.DataFrame({"run": list(ja)}).to_csv(out / "compare" / "tables" / "comparison.csv", index=False)
+
+    finding = report._external_finding(out)
+    assert finding.startswith("every run scores lower on another clinic's images than on the ISIC test set: JA gap")
+    assert "task1 is left out: it learned nothing" in finding and finding.count("ISIC test") == 1
+    table, left_out = report._external_rows(out)
+    columns = ["run", "external set", "images", "JA ISIC test", "JA on the set", "gap", "against the seed spread"]
+    assert list(table.columns) == columns
+    assert set(table["run"]) == {"task2", "task3"} and len(table) == 4 and set(left_out) == {"task1"}
+    assert table.loc[0, "gap"] == "-0.100 ± 0.020"
+    page = report.answer_section(out).split("On another clinic")[1].split("Table 9")[0]
+    assert "Every run scores lower on another clinic&#x27;s images than on the ISIC test set" in page
+    assert page.count("<tr>") == 4 and "<th>against the seed spread</th>" in page and "-0.120 ± 0.020" in page

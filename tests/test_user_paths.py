@@ -540,18 +540,6 @@ def test_figure_3_shows_the_augmentation_training_applies(tiny_data, monkeypatch
     assert not hasattr(transforms, "joint_transform")  # no second implementation left
 
 
-def test_the_dataset_class_augments_with_the_same_code(tiny_data):
-    from isic_utils.model.networks import IMAGENET_MEAN, IMAGENET_STD
-
-    dataset = transforms.SegmentationDataset(
-        tiny_data.train, IMAGENET_MEAN, IMAGENET_STD, augment=["color_jitter"], seed=3
-    )
-    image, _ = dataset[0]
-    draws = transforms.draw_augmentation(1, ["color_jitter"], torch.Generator().manual_seed(3))
-    expected, _ = transforms.apply_augmentation(tiny_data.train.images[:1], tiny_data.train.masks[:1], draws)
-    assert torch.allclose(image, transforms.normalize(expected, IMAGENET_MEAN, IMAGENET_STD)[0], atol=1e-6)
-
-
 # ----------------------------------------------------------------------------- 11. tests that can fail
 
 

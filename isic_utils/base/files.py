@@ -448,16 +448,3 @@ class LineWriter:
 
     def flush(self) -> None:
         pass
-
-
-def epoch_line(label: str, row: dict, epochs: int, eta_seconds: float) -> str:
-    """One terminal / notebook line for a finished epoch: who, which epoch, losses, val IoU, time, ETA."""
-    eta = f"{eta_seconds:.0f} s" if eta_seconds < 90 else f"{eta_seconds / 60:.1f} min"
-    line = (
-        f"{label + ' ' if label else ''}epoch {row['epoch']:>2}/{epochs}  train loss {row['train_loss']:.4f}  "
-        f"val loss {row['val_loss']:.4f}  val IoU {row['val_iou_mean']:.4f}  {row['epoch_seconds']:.1f} s  "
-        f"ETA {eta}"
-    )
-    if "test_iou_mean" in row:
-        line += f"  [test IoU {row['test_iou_mean']:.4f}, monitoring only]"
-    return line

@@ -23,7 +23,9 @@ import yaml
 from ..base.files import project_root
 from ..data.sources import EXTERNAL_LAYOUTS
 from ..data.transforms import AUGMENTATIONS, COLOR_CONSTANCY
+from ..model.inference import TTA
 from ..model.networks import DECODERS
+from ..scoring.metrics import LOSSES, POSTPROCESSING
 
 # key: (allowed types, default). Data keys are shared by every chapter.
 DATA_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
@@ -99,12 +101,12 @@ CHOICES = {
     "data_source": ("synthetic", "isic2016"),
     "test_split": ("official", "holdout"),
     "decoder": DECODERS,  # the registry itself: a decoder registered there is a valid choice
-    "loss": ("bce", "bce+dice"),
+    "loss": LOSSES,
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
     "color_constancy": COLOR_CONSTANCY,
-    "tta": ("none", "flips"),
-    "postprocess": ("none", "largest_component"),
+    "tta": TTA,
+    "postprocess": POSTPROCESSING,
 }
 FRACTIONS = ("holdout_fraction", "val_fraction")
 RATES = ("encoder_lr", "decoder_lr")
@@ -116,7 +118,29 @@ def _default(key: str):
     return tuple(value) if isinstance(value, list) else value
 
 
-TRAINER_ONLY = ("seed", "channels_last", "eval_batch_size", "device")  # the trainer's own fields (not parameters)
+# What a setting is to a run, tagged once; a key not tagged here defines what a run learns. Every identity reads this:
+# the chapter's fingerprint (pipeline), a run's key shared by its seeds (experiments) and a checkpoint's fingerprint.
+ROLES = {
+    "resume": "route",  # how a result is reached, never what it is
+    "jobs": "route",
+    "output_dir": "place",  # where it is written
+    "seeds": "seeds",  # which seeds of one configuration are trained
+    "epochs": "length",  # a finished run may be continued to more epochs
+    "precision": "execution",  # how the computation runs, on which device, what it monitors
+    "device": "execution",
+    "deterministic": "execution",
+    "feature_cache": "execution",
+    "monitor_test": "execution",
+    "channels_last": "execution",  # the trainer's own (not parameters)
+    "eval_batch_size": "execution",
+    "tta": "scoring",  # how the selected weights are scored and applied, not how they are trained
+    "postprocess": "scoring",
+}
+
+
+def with_role(*roles: str) -> set[str]:
+    """The settings tagged with any of ``roles`` in ``ROLES``."""
+    return {key for key, role in ROLES.items() if role in roles}
 
 
 @dataclass
@@ -149,25 +173,15 @@ class TrainConfig:
     @classmethod
     def from_params(cls, values: dict[str, Any], seed: int, device: str) -> TrainConfig:
         """The config of one seed of a resolved training chapter, on a resolved ``device``."""
-        given = {f.name: values[f.name] for f in fields(cls) if f.name in values and f.name not in TRAINER_ONLY}
+        given = {f.name: values[f.name] for f in fields(cls) if f.name in values and f.name not in ("seed", "device")}
         return cls(**{**given, "augment": tuple(values["augment"])}, seed=seed, device=device)
 
     def fingerprint(self) -> dict:
+        """What decides the weights one seed learns: every field but how it runs, how long and how it is scored."""
         keep = asdict(self)
         keep["augment"] = list(self.augment)
-        for volatile in (
-            "precision",
-            "channels_last",
-            "feature_cache",
-            "eval_batch_size",
-            "device",
-            "epochs",
-            "monitor_test",
-            "deterministic",
-            "tta",
-            "postprocess",
-        ):  # not how the weights are trained
-            keep.pop(volatile)
+        for key in with_role("execution", "length", "scoring"):
+            keep.pop(key, None)
         if keep["color_constancy"] == "none":  # checkpoints from before the option resume as they are
             keep.pop("color_constancy")
         return keep

@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,23 +102,25 @@ def find_pairs(root: str | Path, split: str) -> list[Pair]:
             masks[match.group(1)] = path
     if not images:
         raise DataError(f"no ISIC_<id>.jpg images in {image_dir}/. Check the folder or re-extract the archive.")
-    missing_masks = sorted(set(images) - set(masks))
-    if missing_masks:
-        first = missing_masks[0]
-        raise DataError(
-            f"mask missing for {first} in {mask_dir}/ (expected {first}{MASK_SUFFIX})"
-            + (f" and {len(missing_masks) - 1} more" if len(missing_masks) > 1 else "")
-            + ". Restore the mask or remove the image."
-        )
-    missing_images = sorted(set(masks) - set(images))
-    if missing_images:
-        first = missing_images[0]
-        raise DataError(
-            f"image missing for mask {masks[first].name} in {image_dir}/ (expected {first}.jpg)"
-            + (f" and {len(missing_images) - 1} more" if len(missing_images) > 1 else "")
-            + ". Restore the image or remove the mask."
-        )
+    _unpaired(
+        sorted(set(images) - set(masks)),
+        lambda i: f"mask missing for {i} in {mask_dir}/ (expected {i}{MASK_SUFFIX})",
+        "Restore the mask or remove the image.",
+    )
+    _unpaired(
+        sorted(set(masks) - set(images)),
+        lambda i: f"image missing for mask {masks[i].name} in {image_dir}/ (expected {i}.jpg)",
+        "Restore the image or remove the mask.",
+    )
     return [Pair(i, images[i], masks[i]) for i in sorted(images)]
+
+
+def _unpaired(ids: list[str], first: Callable[[str], str], fix: str) -> None:
+    """A ``DataError`` naming the first of ``ids`` (an image without its mask, or the reverse), how many more, and
+    ``fix``; nothing when ``ids`` is empty."""
+    if ids:
+        more = f" and {len(ids) - 1} more" if len(ids) > 1 else ""
+        raise DataError(f"{first(ids[0])}{more}. {fix}")
 
 
 def has_split(root: str | Path, split: str) -> bool:

@@ -9,8 +9,6 @@ from collections.abc import Sequence
 
 import torch
 
-from .decoding import DecodedSplit
-
 # ----------------------------------------------------------------------------- tensors for the model
 
 
@@ -115,7 +113,7 @@ def apply_augmentation(
     rotation) jointly to uint8 images and masks; ``color_jitter`` and ``color_strong`` (brightness, contrast,
     saturation, hue and gamma) to images only.
 
-    The one augmentation of the project: training, Figure 3 and ``SegmentationDataset`` all call it. Flips and
+    The one augmentation of the project: training and Figure 3 both call it. Flips and
     rotations are done for the whole batch at once; colour changes use ``torchvision.transforms.v2.functional``
     per image. Images and masks may live on a GPU: the
     draws are CPU tensors (from the CPU generator) and nothing is read back from the device.
@@ -171,25 +169,3 @@ def each_augmentation(images: torch.Tensor, masks: torch.Tensor, seed: int = 0) 
         "crop and rotation": apply_augmentation(images, masks, draw_augmentation(count, ["scale_rotate"], generator)),
         "strong colour": apply_augmentation(images, masks, draw_augmentation(count, ["color_strong"], generator)),
     }
-
-
-class SegmentationDataset(torch.utils.data.Dataset):
-    """Normalised images and float masks from a ``DecodedSplit``, with the training augmentation (seeded).
-
-    Yields ``(image float32 3×S×S normalised with mean/std, mask float32 1×S×S of {0, 1})``.
-    The training loop itself slices whole batches from memory; this class is for inspection, figures and users
-    who want a standard DataLoader. Augmentation draws come from one generator seeded with ``seed``.
-    """
-
-    def __init__(self, split: DecodedSplit, mean, std, augment: Sequence[str] = (), seed: int = 0):
-        self.split, self.mean, self.std, self.augment = split, mean, std, tuple(augment)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int):
-        image, mask = self.split.images[index : index + 1], self.split.masks[index : index + 1]
-        if self.augment:
-            image, mask = apply_augmentation(image, mask, draw_augmentation(1, self.augment, self.generator))
-        return normalize(image, self.mean, self.std)[0], mask[0].float()

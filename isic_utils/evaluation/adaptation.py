@@ -24,7 +24,7 @@ from ..scoring import metrics
 from ..training import checkpoints
 from ..training.experiments import SavedRun
 from ..training.loop import loss_fn
-from .external import halves
+from .external import ExternalResult, halves
 
 MASK_NAMES = ("{stem}_Segmentation.png", "{stem}_lesion.bmp", "{stem}_lesion.png", "{stem}.png")
 STEPS, BATCH, ENCODER_LR, DECODER_LR = 40, 8, 1e-4, 1e-3  # the few-shot fine-tune: short, gentle on the encoder
@@ -305,17 +305,17 @@ def curve_summary(curve: pd.DataFrame) -> pd.DataFrame:
     return summary.reset_index()
 
 
-def chapter_curves(result: dict, params: dict) -> pd.DataFrame:
+def chapter_curves(result: ExternalResult, params: dict) -> pd.DataFrame:
     """Chapter 3's learning curves: every run of ``params['adapt_runs']`` that was scored, on every external set."""
     frames = []
-    for name in (r for r in params["adapt_runs"] if r in result["runs"]):
-        run = result["runs"][name]
+    for name in (r for r in params["adapt_runs"] if r in result.runs):
+        run = result.runs[name]
         size = int(run.info["params"]["image_size"])
-        for external in (s for s in result["sets"] if s.found):
+        for external in (s for s in result.sets if s.found):
             frames.append(
                 learning_curve(
                     run,
-                    result["splits"][(external.name, size)],
+                    result.splits[(external.name, size)],
                     external.name,
                     params["adapt_k"],
                     params["adapt_seeds"],

@@ -133,6 +133,13 @@ def wilcoxon_table(runs: dict[str, SavedRun], metric: str = "iou") -> pd.DataFra
     return pd.DataFrame(rows)
 
 
+def best_run(means: dict[str, float], learned_nothing_: set[str] | frozenset = frozenset()) -> str | None:
+    """The run with the highest mean per-image JA on the test set (``means``) among those that learned to segment
+    (not in ``learned_nothing_``); None when none did. The comparison chapter and the index both name it so."""
+    segmenting = [name for name in means if name not in learned_nothing_]
+    return max(segmenting, key=means.get) if segmenting else None
+
+
 def written_reading(runs: dict[str, SavedRun], tests: pd.DataFrame) -> str:
     """A short reading of the comparison, generated from the numbers."""
     means = {name: run.seeds["test_iou_mean_orig"].mean() for name, run in runs.items()}
@@ -141,8 +148,8 @@ def written_reading(runs: dict[str, SavedRun], tests: pd.DataFrame) -> str:
         for name, text in caveats(runs).items()
         if text.startswith("learned nothing")
     ]
-    segmenting = [name for name in means if not learned_nothing(runs[name].per_image.values())] or list(means)
-    best = max(segmenting, key=means.get)
+    nothing = {name for name, run in runs.items() if learned_nothing(run.per_image.values())}
+    best = best_run(means, nothing) or best_run(means)
     lines.append(f"- Best mean per-image Jaccard on the test set: **{best}** ({means[best]:.3f}).")
     for _, row in tests.iterrows():
         verdict = "a significant" if row["p-value"] < 0.05 else "no significant"
@@ -167,7 +174,7 @@ def written_reading(runs: dict[str, SavedRun], tests: pd.DataFrame) -> str:
         )
     if all({"tp", "fp", "fn", "tn"} <= set(table) for run in runs.values() for table in run.per_image.values()):
         lines.append("\nWhere each run fails (per-image JA averaged over seeds; lesion area from the ground truth):\n")
-        lines.append(failures.reading({name: failures.seed_mean_frame(run) for name, run in runs.items()}))
+        lines.append(failures.failure_reading({name: failures.seed_mean_frame(run) for name, run in runs.items()}))
     return "\n".join(lines)
 
 

@@ -172,11 +172,28 @@ def _mean(tables: dict[int, pd.DataFrame], metric: str) -> float:
 SUMMARY_METRICS = {"iou": "JA", "dice": "Dice", "accuracy": "accuracy", "threshold_iou": "threshold JA"}
 
 
-def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bool = False) -> dict:
+@dataclass
+class ExternalResult:
+    """What chapter 3 measured: the sets (found or not) and the notes on those skipped, every run's scores per split
+    (``scored[(run, split)]``), the decoded splits (``splits[(split, image size)]``), the runs read, and the tables
+    written: per run and set (``table``), the gap to the ISIC test set (``gap``), the inference options (``options``)
+    and the confidence's flags (``confidence``)."""
+
+    sets: list[ExternalSet]
+    skipped: list[str]
+    scored: dict[tuple[str, str], Scored]
+    splits: dict[tuple[str, int], DecodedSplit]
+    table: pd.DataFrame
+    gap: pd.DataFrame
+    options: pd.DataFrame
+    runs: dict[str, SavedRun]
+    confidence: pd.DataFrame
+
+
+def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bool = False) -> ExternalResult:
     """Score every run on validation and on each external set that is there; write the chapter's tables.
 
-    Returns ``{"sets": [ExternalSet...], "skipped": [notes], "scored": {(run, split): Scored},
-    "splits": {(split, size): DecodedSplit}, "table": ..., "gap": ..., "options": ...}``. Tables (under ``out_dir``):
+    Returns an ``ExternalResult``. Tables (under ``out_dir``):
     ``per_image_<set>_<run>_seed<k>`` (the run's own options, with each image's confidence), ``external`` (each
     run's scores on the ISIC test set, each set and each set's reporting half: ``halves``), ``gap`` (each of those
     minus the ISIC test set), ``inference_options``
@@ -273,17 +290,7 @@ def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bo
     gap = save_table(gap_table(table, pd.DataFrame(gaps)), out_dir, "gap")
     options = save_table(pd.DataFrame(option_rows), out_dir, "inference_options")
     trust = save_table(pd.DataFrame(trust_rows), out_dir, "confidence")
-    return {
-        "sets": sets,
-        "skipped": skipped,
-        "scored": scored,
-        "splits": splits,
-        "table": table,
-        "gap": gap,
-        "options": options,
-        "runs": saved,
-        "confidence": trust,
-    }
+    return ExternalResult(sets, skipped, scored, splits, table, gap, options, saved, trust)
 
 
 def gap_table(table: pd.DataFrame, seed_gaps: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -327,11 +334,11 @@ def gap_spread(row) -> str:
 GAP_COLUMNS = ["run", "external set", "images"]  # the header of a gap table with no external set scored
 
 
-def reading(result: dict) -> str:
+def external_reading(result: ExternalResult) -> str:
     """Sentences on what the external chapter found, from its tables."""
-    gap, options = result["gap"], result["options"]
+    gap, options = result.gap, result.options
     lines = []
-    for note in result["skipped"]:
+    for note in result.skipped:
         lines.append(note)
     if gap.empty:
         return " ".join(lines) or "No external set was scored."
@@ -359,26 +366,26 @@ def reading(result: dict) -> str:
 
 
 def worst_external(
-    result: dict, run: str, split_name: str, k: int = 6
+    result: ExternalResult, run: str, split_name: str, k: int = 6
 ) -> tuple[DecodedSplit, torch.Tensor, pd.DataFrame]:
     """(the set at the run's size, the lowest seed's probabilities with the run's own options, its per-image
     table) for figures of the run on an external set."""
-    saved = result["runs"][run]
+    saved = result.runs[run]
     size = int(saved.info["params"]["image_size"])
-    split = result["splits"][(split_name, size)]
-    scored = result["scored"][(run, split_name)]
+    split = result.splits[(split_name, size)]
+    scored = result.scored[(run, split_name)]
     seed = min(scored.own_tables())
     return split, scored.probabilities[seed], scored.own_tables()[seed]
 
 
-def area_frames(result: dict) -> dict[tuple[str, str], pd.DataFrame]:
+def area_frames(result: ExternalResult) -> dict[tuple[str, str], pd.DataFrame]:
     """Each run's per-image tables (lowest seed, its own options) on the ISIC test set and on each external set
     scored, keyed by (run, set): what the area-ratio table and figure read."""
     frames = {}
-    for name, run in result["runs"].items():
+    for name, run in result.runs.items():
         seed = int(run.seeds["seed"].min())
         frames[(name, TEST_NAME)] = run.per_image[seed]
-        for (scored_run, split), scored in result["scored"].items():
+        for (scored_run, split), scored in result.scored.items():
             if scored_run == name and split != "validation":
                 frames[(name, split)] = scored.own_tables()[seed]
     return frames

@@ -67,7 +67,7 @@ def worst(frame: pd.DataFrame, k: int = 6) -> pd.DataFrame:
     return frame.nsmallest(k, "iou")[["id", "iou", "lesion_area", "megapixels"]].reset_index(drop=True)
 
 
-def reading(frames: dict[str, pd.DataFrame]) -> str:
+def failure_reading(frames: dict[str, pd.DataFrame]) -> str:
     """What the failure analysis shows, one bullet per run, from the numbers."""
     lines = []
     quartiles = size_quartiles(frames)

@@ -102,7 +102,7 @@ def options_study(
         train_run(values, prepare_data(values), verbose=True)
     out = P.absolute(scoring["output_dir"])
     result = validate_external(scoring, scoring["runs"], out)
-    table = options_table(result["scored"], {run_name(o): o for o in runs}, runs["base"]["epochs"])
+    table = options_table(result.scored, {run_name(o): o for o in runs}, runs["base"]["epochs"])
     save_table(table, out, "options")
     echo(f"options: wrote {out / 'tables' / 'options.csv'}")
     return table

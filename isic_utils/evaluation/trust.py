@@ -84,7 +84,7 @@ def calibration_table(run_dir: Path, name: str) -> pd.DataFrame:
     )
 
 
-def reading(trust: pd.DataFrame, calibration: pd.DataFrame) -> str:
+def trust_reading(trust: pd.DataFrame, calibration: pd.DataFrame) -> str:
     """What the confidence and calibration tables show, one bullet per run."""
     if trust.empty:
         return "No confidence recorded: these runs were trained before it. Rerun the training chapters."

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,14 +35,31 @@ class EncoderWeightsError(RuntimeError):
 
 @dataclass(frozen=True)
 class EncoderSpec:
+    """An encoder the registry builds: torchvision's network ``torchvision_name`` (its ``features``), its ImageNet
+    weights (the ``weights`` enum member), the input statistics they were trained with and where the skips are."""
+
     name: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     out_channels: int
     skip_indices: tuple[int, ...]  # feature blocks whose outputs feed the U-Net skips (strides 2, 4, 8, 16)
     skip_channels: tuple[int, ...]
-    weights_doc: str = ""
-    extra: dict = field(default_factory=dict)
+    torchvision_name: str
+    weights: str  # "<WeightsEnum>.<member>" in torchvision.models
+
+    def network(self, imagenet: bool):
+        """torchvision's whole network, with its ImageNet weights or none (``features`` is the encoder)."""
+        import torchvision
+
+        enum, member = self.weights.split(".")
+        weights = getattr(getattr(torchvision.models, enum), member) if imagenet else None
+        return getattr(torchvision.models, self.torchvision_name)(weights=weights)
+
+    def weights_url(self) -> str:
+        import torchvision
+
+        enum, member = self.weights.split(".")
+        return getattr(getattr(torchvision.models, enum), member).url
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,7 +73,8 @@ ENCODERS: dict[str, EncoderSpec] = {
         out_channels=1280,
         skip_indices=(1, 3, 6, 13),
         skip_channels=(16, 24, 32, 96),
-        weights_doc="torchvision MobileNet_V2_Weights.IMAGENET1K_V1 (top-1 71.88%)",
+        torchvision_name="mobilenet_v2",
+        weights="MobileNet_V2_Weights.IMAGENET1K_V1",  # top-1 71.88%
     ),
 }
 
@@ -72,30 +90,28 @@ def weights_on_disk(weights: str | None) -> bool:
     """Whether the encoder weights ``weights`` name are on this machine without a download: a state_dict file, or
     torchvision's ImageNet file in torch's cache (``None``: a random encoder, nothing to find)."""
     import torch
-    import torchvision
 
     weights = resolve_weights(weights)
     if weights is None or weights == "none":
         return False
     if weights == "imagenet":
-        url = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.url
+        url = ENCODERS["mobilenet_v2"].weights_url()
         return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).is_file()
     return Path(weights).expanduser().is_file()
 
 
 def build_encoder(name: str = "mobilenet_v2", weights: str | None = "imagenet") -> nn.Sequential:
     """The encoder ``name`` with ``weights`` ("imagenet", a state_dict path, or None); see the module docstring."""
-    import torchvision
-
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
+    spec = ENCODERS[name]
     weights = resolve_weights(weights)
     if weights is None or weights == "none":
-        return torchvision.models.mobilenet_v2(weights=None).features
+        return spec.network(imagenet=False).features
     if weights == "imagenet":
         try:
             with third_party_progress():  # torch.hub's "Downloading: …" line and bar: the terminal, not the notebook
-                net = torchvision.models.mobilenet_v2(weights=torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1)
+                net = spec.network(imagenet=True)
         except Exception as exc:  # URLError, socket errors, a corrupt cached file
             raise EncoderWeightsError(
                 f"could not download the ImageNet weights for {name} ({type(exc).__name__}: {exc}). "
@@ -106,10 +122,10 @@ def build_encoder(name: str = "mobilenet_v2", weights: str | None = "imagenet") 
     path = Path(weights).expanduser()
     if not path.is_file():
         raise EncoderWeightsError(
-            f"encoder weights file {path} not found. Fix: pass the path of a torchvision mobilenet_v2 state_dict, "
+            f"encoder weights file {path} not found. Fix: pass the path of a torchvision {name} state_dict, "
             f"'imagenet' to download the official weights, or null for random initialisation."
         )
-    net = torchvision.models.mobilenet_v2(weights=None)
+    net = spec.network(imagenet=False)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -117,8 +133,8 @@ def build_encoder(name: str = "mobilenet_v2", weights: str | None = "imagenet") 
         net.load_state_dict(state, strict=True)
     except Exception as exc:
         raise EncoderWeightsError(
-            f"{path} is not a state_dict of torchvision's mobilenet_v2 ({exc}). Fix: pass a file saved with "
-            "torch.save(torchvision.models.mobilenet_v2(...).state_dict(), path)."
+            f"{path} is not a state_dict of torchvision's {name} ({exc}). Fix: pass a file saved with "
+            f"torch.save(torchvision.models.{spec.torchvision_name}(...).state_dict(), path)."
         ) from exc
     return net.features
 

@@ -116,7 +116,7 @@ def _fingerprint(values: dict, source: Path, root: Path) -> str:
     ``jobs``, which are how to get there), the folder its data resolves to, and where ``encoder_weights: imagenet``
     resolves to (``$ISIC_DATA_DIR`` and ``$ISIC_ENCODER_WEIGHTS`` may point elsewhere since the last run). A folder
     inside the project counts by its place in the project: a checkout moved or copied whole is still up to date."""
-    kept = {k: v for k, v in values.items() if k not in ("resume", "jobs")}
+    kept = {k: v for k, v in values.items() if k not in P.with_role("route")}
     kept["chapter_source"] = chapter_source(source)
     if "encoder_weights" in kept:
         kept["resolved_encoder_weights"] = resolve_weights(kept["encoder_weights"])

@@ -400,13 +400,13 @@ def compare_failures_figure(params: dict, runs: dict[str, SavedRun], k: int = 6)
     return fig
 
 
-def external_distribution(result: dict):
+def external_distribution(result: external.ExternalResult):
     """Per-image JA of each run on the ISIC test set and on each external set (box + strip, seeds averaged)."""
     frames = []
-    for name, run in result["runs"].items():
+    for name, run in result.runs.items():
         test = pd.concat([t.set_index("id")["iou"] for t in run.per_image.values()], axis=1).mean(axis=1)
         frames.append(pd.DataFrame({"run": name, "data": external.TEST_NAME, "iou": test.to_numpy()}))
-        for (run_name, split), scored in result["scored"].items():
+        for (run_name, split), scored in result.scored.items():
             if run_name != name or split == "validation":
                 continue
             ja = scored.per_image_iou(*(option != "none" for option in scored.own))
@@ -434,15 +434,15 @@ def external_distribution(result: dict):
     return fig
 
 
-def external_worst_figure(result: dict, split_name: str, k: int = 6):
+def external_worst_figure(result: external.ExternalResult, split_name: str, k: int = 6):
     """For each run (one row), its ``k`` worst images of the external set ``split_name``, both outlines drawn."""
-    runs = list(result["runs"])
+    runs = list(result.runs)
     fig, axes = plt.subplots(len(runs), k, figsize=(2.4 * k, 2.8 * len(runs)), squeeze=False)
     for row, name in zip(axes, runs):
         split, probabilities, table = external.worst_external(result, name, split_name, k)
         _worst_of(
             split,
-            as_scored(probabilities, result["runs"][name].info["params"]),
+            as_scored(probabilities, result.runs[name].info["params"]),
             failures.per_image_frame(table),
             k,
             name,
@@ -453,13 +453,13 @@ def external_worst_figure(result: dict, split_name: str, k: int = 6):
     return fig
 
 
-def external_figures(result: dict, out_dir: str | Path) -> dict[str, object]:
+def external_figures(result: external.ExternalResult, out_dir: str | Path) -> dict[str, object]:
     """The external chapter's figures, saved under ``out_dir/figures``."""
     figures = {}
-    if result["gap"].empty:
+    if result.gap.empty:
         return figures
     figures["ja_distribution"] = external_distribution(result)
-    for split in {s for (_, s) in result["scored"] if s != "validation"}:
+    for split in {s for (_, s) in result.scored if s != "validation"}:
         figures[f"worst_{split}"] = external_worst_figure(result, split)
     for key, fig in figures.items():
         save_figure(fig, out_dir, key)

@@ -15,8 +15,8 @@ import pandas as pd
 from ..base.files import page_link, plain, save_table, signed, write_text
 from ..data.eda import check_alignment
 from ..evaluation import failures, gallery, trust
-from ..evaluation.comparison import caveat
-from ..evaluation.external import ON_SET, gap_spread
+from ..evaluation.comparison import best_run, caveat
+from ..evaluation.external import ON_SET, ExternalResult
 from ..evaluation.gallery import GALLERY
 from ..model.networks import IMAGENET_MEAN, IMAGENET_STD, count_parameters
 from ..training.experiments import RunResult, SavedRun, prepare_data
@@ -323,7 +323,7 @@ def trust_tables(run: RunResult) -> dict:
         run.per_image[seed],
         flag,
     )
-    tables["reading"] = trust.reading(tables["confidence"], tables["calibration"])
+    tables["reading"] = trust.trust_reading(tables["confidence"], tables["calibration"])
     tables["link"] = (
         f"**[Every test prediction of {run.name}]({page_link(run.run_dir / GALLERY)})** — a page of thumbnails "
         "sortable by JA, confidence and lesion size."
@@ -343,21 +343,21 @@ def compare_trust(params: dict, runs: dict[str, SavedRun], out_dir: Path) -> dic
     return {
         "confidence": save_table(confidence, out_dir, "confidence"),
         "calibration": save_table(calibration, out_dir, "calibration"),
-        "reading": trust.reading(confidence, calibration),
+        "reading": trust.trust_reading(confidence, calibration),
         "link": f"**[Every test prediction, run by run]({page_link(out_dir / GALLERY)})**",
     }
 
 
-def external_galleries(result: dict, out_dir: Path) -> str:
+def external_galleries(result: ExternalResult, out_dir: Path) -> str:
     """Chapter 3's galleries: for each external set scored, every image with each run's prediction (lowest seed,
     its own options) as ``gallery_<set>.html`` in ``out_dir``; returns the Markdown links."""
     links = []
-    for external in (s for s in result["sets"] if s.found):
+    for external in (s for s in result.sets if s.found):
         entries, split = {}, None
-        for name, run in result["runs"].items():
-            scored = result["scored"][(name, external.name)]
+        for name, run in result.runs.items():
+            scored = result.scored[(name, external.name)]
             seed = min(scored.probabilities)
-            split = result["splits"][(external.name, int(run.info["params"]["image_size"]))]
+            split = result.splits[(external.name, int(run.info["params"]["image_size"]))]
             entries[name] = {
                 "masks": plots.as_scored(scored.probabilities[seed], run.info["params"]),
                 "table": failures.per_image_frame(scored.own_tables()[seed]),
@@ -447,10 +447,9 @@ def _compare_finding(out_dir: Path) -> str:
             text = _run_caveat(out_dir / name, seeds)
             if text.startswith("learned nothing"):
                 nothing[name] = text
-    segmenting = [name for name in means if name not in nothing]
-    if not segmenting:
+    best = best_run(means, set(nothing))
+    if best is None:
         return "no run learned to segment: " + "; ".join(f"{name} {text}" for name, text in nothing.items()) + "."
-    best = max(segmenting, key=means.get)
     line = f"{best} segments the test set best: mean per-image JA {means[best]:.3f}"
     others = []
     for _, row in (tests if tests is not None else pd.DataFrame()).iterrows():
@@ -490,28 +489,72 @@ def _eda_finding(out_dir: Path) -> str:
     )
 
 
-def _external_finding(out_dir: Path) -> str:
+def _external_rows(out_dir: Path) -> tuple[pd.DataFrame | None, dict[str, str]]:
+    """Chapter 3's gaps as the index shows them, one row per run that learned to segment and external set (its
+    reporting half included): the ISIC test JA, the set's, the gap ± its std over seeds and whether it stands out of
+    that spread; and the runs left out, with why. (None, {}) before the chapter ran."""
     gap = _table(out_dir / "external", "gap")
     if gap is None:
-        return "not run yet."
-    if gap.empty:
-        return "no external set was found (see the chapter for where to get PH2)."
-    parts, nothing = [], {}
+        return None, {}
+    nothing = {}
     for run in gap["run"].unique():
         seeds = _table(out_dir / run, "seeds")
         text = _run_caveat(out_dir / run, seeds) if seeds is not None else ""
         if text.startswith("learned nothing"):
             nothing[run] = text
+    rows = []
     for _, row in gap[~gap["run"].isin(list(nothing))].iterrows():
         name = row["external set"]
-        spread = gap_spread(row) if row.get("seeds", 0) > 1 else ""
         on_set = row.get(f"JA {ON_SET}", row.get(f"JA {name}"))  # or a table of an earlier version, per-set columns
-        parts.append(
-            f"{row['run']} JA {on_set:.3f} on {name} vs {row['JA ISIC test']:.3f} on the ISIC "
-            f"test set ({signed(row['JA gap'])}{spread})"
+        spread = row.get("JA gap std over seeds")
+        rows.append(
+            {
+                "run": row["run"],
+                "external set": name,
+                "images": int(row["images"]) if pd.notna(row.get("images")) else "",
+                "JA ISIC test": plain(row["JA ISIC test"]),
+                "JA on the set": plain(on_set),
+                "gap": signed(row["JA gap"]) + (f" ± {plain(spread)}" if pd.notna(spread) else ""),
+                "against the seed spread": row.get("JA gap against the seed spread", ""),
+            }
         )
+    return pd.DataFrame(rows), nothing
+
+
+def _sentence(text: str) -> str:
+    """``text`` with its first letter capitalised and the rest as written (``str.capitalize`` lowers "ISIC")."""
+    return text[:1].upper() + text[1:]
+
+
+def _external_finding(out_dir: Path) -> str:
+    """One sentence: how far every run that learned to segment falls (or rises) on each external set as a whole."""
+    rows, nothing = _external_rows(out_dir)
+    if rows is None:
+        return "not run yet."
     left_out = "".join(f" {name} is left out: it {text}." for name, text in nothing.items())
-    return ("; ".join(parts) + "." if parts else "") + left_out
+    whole = rows[~rows["external set"].str.contains(",")] if len(rows) else rows
+    if _table(out_dir / "external", "gap").empty:
+        return "no external set was found (see the chapter for where to get PH2)."
+    if whole.empty:
+        return left_out.strip()
+    if len(whole) == 1:  # one run on one set: its numbers, in one line
+        r = whole.iloc[0]
+        return (
+            f"{r['run']} JA {r['JA on the set']} on {r['external set']} vs {r['JA ISIC test']} on the ISIC test "
+            f"set ({r['gap']}).{left_out}"
+        )
+    gaps = {f"{r['run']} on {r['external set']}": float(r["gap"].split(" ")[0]) for _, r in whole.iterrows()}
+    low, high = min(gaps, key=gaps.get), max(gaps, key=gaps.get)
+    if gaps[high] < 0:
+        sentence = (
+            f"every run scores lower on another clinic's images than on the ISIC test set: JA gap from "
+            f"{signed(gaps[high])} ({high}) to {signed(gaps[low])} ({low})."
+        )
+    else:
+        sentence = (
+            f"the JA gap to the ISIC test set runs from {signed(gaps[low])} ({low}) to {signed(gaps[high])} ({high})."
+        )
+    return sentence + left_out
 
 
 def chapter_finding(out_dir: Path, name: str, chapter: str) -> str:
@@ -548,11 +591,13 @@ def answer_section(out_dir: Path) -> str:
         if figure.exists()
         else ""
     )
-    elsewhere = _external_finding(out_dir)
+    rows, _ = _external_rows(out_dir)
     elsewhere = (
         ""
-        if elsewhere == "not run yet."
-        else f'<p class="answer">On another clinic\'s images: {html.escape(elsewhere)}</p>'
+        if rows is None
+        else "<h3>On another clinic's images (chapter 3)</h3>"
+        f'<p class="answer">{html.escape(_sentence(_external_finding(out_dir)))}</p>'
+        + (rows.to_html(index=False, border=0, na_rep="", classes="external") if len(rows) else "")
     )
     return (
         f'<h2>The answer</h2><p class="answer">{html.escape(_compare_finding(out_dir))}</p>{elsewhere}'

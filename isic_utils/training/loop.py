@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..base.devices import autocast, device_name, grad_scaler, resolve_precision, seed_everything, set_deterministic
-from ..base.files import epoch_line, locked, progress_bar, remove_leftovers
+from ..base.files import locked, progress_bar, remove_leftovers
 from ..config.params import TrainConfig
 from ..data.decoding import DecodedSplit
 from ..data.splits import ReportData
@@ -60,6 +60,19 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0
     return (1 - (2 * intersection + eps) / (probabilities.sum(1) + targets.sum(1) + eps)).mean()
 
 
+def epoch_line(label: str, row: dict, epochs: int, eta_seconds: float) -> str:
+    """One terminal / notebook line for a finished epoch: who, which epoch, losses, val IoU, time, ETA."""
+    eta = f"{eta_seconds:.0f} s" if eta_seconds < 90 else f"{eta_seconds / 60:.1f} min"
+    line = (
+        f"{label + ' ' if label else ''}epoch {row['epoch']:>2}/{epochs}  train loss {row['train_loss']:.4f}  "
+        f"val loss {row['val_loss']:.4f}  val IoU {row['val_iou_mean']:.4f}  {row['epoch_seconds']:.1f} s  "
+        f"ETA {eta}"
+    )
+    if "test_iou_mean" in row:
+        line += f"  [test IoU {row['test_iou_mean']:.4f}, monitoring only]"
+    return line
+
+
 def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``bce`` (BCE with logits, the report's loss) or ``bce+dice``; always computed in fp32."""
     if kind == "bce":
@@ -69,7 +82,7 @@ def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
             nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
             + soft_dice_loss(logits.float(), targets)
         )
-    raise ValueError(f"loss must be 'bce' or 'bce+dice', got {kind!r}")
+    raise ValueError(f"loss must be one of {list(metrics.LOSSES)}, got {kind!r}")
 
 
 @dataclass
