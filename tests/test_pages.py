@@ -306,7 +306,7 @@ def test_the_index_answers_the_other_clinic_question_with_a_table_and_one_senten
     pd.DataFrame({"run": list(ja)}).to_csv(out / "compare" / "tables" / "comparison.csv", index=False)
 
     finding = report._external_finding(out)
-    assert finding.startswith("every run scores lower on another clinic's images than on the ISIC test set: JA gap")
+    assert finding.startswith("Every run scores lower on another clinic's images than on the ISIC test set: JA gap")
     assert "task1 is left out: it learned nothing" in finding and finding.count("ISIC test") == 1
     table, left_out = report._external_rows(out)
     columns = ["run", "external set", "images", "JA ISIC test", "JA on the set", "gap", "against the seed spread"]

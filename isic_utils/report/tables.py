@@ -521,11 +521,6 @@ def _external_rows(out_dir: Path) -> tuple[pd.DataFrame | None, dict[str, str]]:
     return pd.DataFrame(rows), nothing
 
 
-def _sentence(text: str) -> str:
-    """``text`` with its first letter capitalised and the rest as written (``str.capitalize`` lowers "ISIC")."""
-    return text[:1].upper() + text[1:]
-
-
 def _external_finding(out_dir: Path) -> str:
     """One sentence: how far every run that learned to segment falls (or rises) on each external set as a whole."""
     rows, nothing = _external_rows(out_dir)
@@ -547,12 +542,12 @@ def _external_finding(out_dir: Path) -> str:
     low, high = min(gaps, key=gaps.get), max(gaps, key=gaps.get)
     if gaps[high] < 0:
         sentence = (
-            f"every run scores lower on another clinic's images than on the ISIC test set: JA gap from "
+            f"Every run scores lower on another clinic's images than on the ISIC test set: JA gap from "
             f"{signed(gaps[high])} ({high}) to {signed(gaps[low])} ({low})."
         )
     else:
         sentence = (
-            f"the JA gap to the ISIC test set runs from {signed(gaps[low])} ({low}) to {signed(gaps[high])} ({high})."
+            f"The JA gap to the ISIC test set runs from {signed(gaps[low])} ({low}) to {signed(gaps[high])} ({high})."
         )
     return sentence + left_out
 
@@ -596,7 +591,7 @@ def answer_section(out_dir: Path) -> str:
         ""
         if rows is None
         else "<h3>On another clinic's images (chapter 3)</h3>"
-        f'<p class="answer">{html.escape(_sentence(_external_finding(out_dir)))}</p>'
+        f'<p class="answer">{html.escape(_external_finding(out_dir))}</p>'
         + (rows.to_html(index=False, border=0, na_rep="", classes="external") if len(rows) else "")
     )
     return (
