@@ -141,7 +141,7 @@ sys.exit(main(["report", "--data", "tiny", "--set", f"output_dir={out}"] + sys.a
 """
 
 
-@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("force", [False, pytest.param(True, marks=pytest.mark.slow)])  # --force: the slow tier
 def test_a_second_report_on_a_folder_in_use_stops_at_once_and_changes_nothing(tmp_path, monkeypatch, capsys, force):
     """Two `report` processes on one folder, the second with or without --force: the second stops at once, naming
     the first, and changes nothing; the first finishes its report whole."""
