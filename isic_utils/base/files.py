@@ -129,20 +129,21 @@ class FolderBusy(RuntimeError):
 
 
 @contextlib.contextmanager
-def locked(folder: str | Path, busy: str | None = None) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder/.lock`` for as long as the block runs. Processes writing one run's shared
-    tables take turns (wait for it); with ``busy`` (what the holder is doing, e.g. "training this run") a lock held
-    by another process raises ``FolderBusy`` at once instead: two processes must never train one run folder."""
+def locked(folder: str | Path, busy: str | None = None, shared: bool = False, name: str = ".lock") -> Iterator[None]:
+    """Hold a lock on ``folder/<name>`` for as long as the block runs, exclusive unless ``shared``. Processes writing
+    one run's shared tables take turns (wait for it); with ``busy`` (what the holder is doing, e.g. "training this
+    run") a lock held by another process raises ``FolderBusy`` at once instead: two processes must never train one
+    run folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as handle:
+    with open(folder / name, "a") as handle:
         try:
             import fcntl
         except ImportError:  # Windows: no advisory locks; parallel seeds there are not supported
             yield
             return
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (fcntl.LOCK_NB if busy else 0))
         except BlockingIOError:
             raise FolderBusy(
                 f"{folder} is in use: another process is {busy} there right now. Wait for it to "
@@ -235,18 +236,11 @@ def report_lock(folder: str | Path, shared: bool = False) -> Iterator[None]:
     processes may run side by side). One that cannot have it stops at once with ``ReportBusy`` naming the holders
     (host and PID), before it touches anything."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     holder = folder / f".report-holder.{process_tag()}"
-    handle = open(folder / ".report.lock", "a")
-    try:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks
-            yield
-            return
-        try:
-            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with contextlib.ExitStack() as held:
+        try:  # only taking the lock is refused here: a FolderBusy from the report's own work passes through
+            held.enter_context(locked(folder, busy="writing a report", shared=shared, name=".report.lock"))
+        except FolderBusy:
             holders = [
                 tag
                 for tag in (p.name.split(".report-holder.", 1)[1] for p in folder.glob(".report-holder.*"))
@@ -262,9 +256,6 @@ def report_lock(folder: str | Path, shared: bool = False) -> Iterator[None]:
             yield
         finally:
             holder.unlink(missing_ok=True)
-            fcntl.flock(handle, fcntl.LOCK_UN)
-    finally:
-        handle.close()
 
 
 def write_text(target: str | Path, text: str) -> Path:

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,18 +165,15 @@ class _ProgressRelay:
 
     def __enter__(self):
         self.path.touch()
-        self.previous = os.environ.get(PROGRESS_ENV)
-        os.environ[PROGRESS_ENV] = str(self.path)  # the chapter's kernel (and its workers) inherit it
+        self.environment = _environment(PROGRESS_ENV, self.path)  # the chapter's kernel (and its workers) inherit it
+        self.environment.__enter__()
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stopped.set()
         self.thread.join()
-        if self.previous is None:
-            os.environ.pop(PROGRESS_ENV, None)
-        else:
-            os.environ[PROGRESS_ENV] = self.previous
+        self.environment.__exit__(*exc)
         self.path.unlink(missing_ok=True)
 
     def _follow(self) -> None:
@@ -251,7 +249,8 @@ def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str
     relay = out_dir / f".{step.name}-progress.{process_tag()}.relay{TEMPORARY_SUFFIX}"
     start = time.perf_counter()
     try:
-        with _ProgressRelay(relay, _line_echo(echo, step.name)), _project_for_kernels(root):
+        # $ISIC_PROJECT_ROOT: the kernel runs in the report's folder, which may lie outside the project it belongs to
+        with _ProgressRelay(relay, _line_echo(echo, step.name)), _environment(PROJECT_ENV, root):
             # in the report's folder, as a notebook runs in its own: the links it prints open from its page
             pm.execute_notebook(
                 str(source),
@@ -275,18 +274,17 @@ def run_chapter(step: Step, values: dict, out_dir: Path, root: Path, kernel: str
 
 
 @contextlib.contextmanager
-def _project_for_kernels(root: Path):
-    """``$ISIC_PROJECT_ROOT`` names ``root`` while a chapter runs: its kernel runs in the report's folder (so the links
-    it prints open from its page), which may lie outside the project whose params and data the report uses."""
-    previous = os.environ.get(PROJECT_ENV)
-    os.environ[PROJECT_ENV] = str(root)
+def _environment(name: str, value) -> Iterator[None]:
+    """``$name`` set to ``value`` while the block runs (the chapter's kernel inherits it), then as it was."""
+    previous = os.environ.get(name)
+    os.environ[name] = str(value)
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop(PROJECT_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[PROJECT_ENV] = previous
+            os.environ[name] = previous
 
 
 def _relative_paths(notebook: Path, source: Path, root: Path) -> None:

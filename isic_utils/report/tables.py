@@ -489,10 +489,9 @@ def _eda_finding(out_dir: Path) -> str:
     )
 
 
-def _external_rows(out_dir: Path) -> tuple[pd.DataFrame | None, dict[str, str]]:
-    """Chapter 3's gaps as the index shows them, one row per run that learned to segment and external set (its
-    reporting half included): the ISIC test JA, the set's, the gap ± its std over seeds and whether it stands out of
-    that spread; and the runs left out, with why. (None, {}) before the chapter ran."""
+def _external_gaps(out_dir: Path) -> tuple[pd.DataFrame | None, dict[str, str]]:
+    """Chapter 3's gap table, read once, without the runs that learned nothing, and those runs with why; (None, {})
+    before the chapter ran."""
     gap = _table(out_dir / "external", "gap")
     if gap is None:
         return None, {}
@@ -502,10 +501,20 @@ def _external_rows(out_dir: Path) -> tuple[pd.DataFrame | None, dict[str, str]]:
         text = _run_caveat(out_dir / run, seeds) if seeds is not None else ""
         if text.startswith("learned nothing"):
             nothing[run] = text
+    return gap[~gap["run"].isin(list(nothing))], nothing
+
+
+def _external_rows(out_dir: Path, gaps=None) -> tuple[pd.DataFrame | None, dict[str, str]]:
+    """Chapter 3's gaps as the index shows them, one row per run that learned to segment and external set (its
+    reporting half included): the ISIC test JA, the set's, the gap ± its std over seeds and whether it stands out of
+    that spread; and the runs left out, with why. (None, {}) before the chapter ran. ``gaps``: ``_external_gaps``'
+    answer, when the caller has it."""
+    gap, nothing = gaps or _external_gaps(out_dir)
+    if gap is None:
+        return None, {}
     rows = []
-    for _, row in gap[~gap["run"].isin(list(nothing))].iterrows():
+    for _, row in gap.iterrows():
         name = row["external set"]
-        on_set = row.get(f"JA {ON_SET}", row.get(f"JA {name}"))  # or a table of an earlier version, per-set columns
         spread = row.get("JA gap std over seeds")
         rows.append(
             {
@@ -513,7 +522,7 @@ def _external_rows(out_dir: Path) -> tuple[pd.DataFrame | None, dict[str, str]]:
                 "external set": name,
                 "images": int(row["images"]) if pd.notna(row.get("images")) else "",
                 "JA ISIC test": plain(row["JA ISIC test"]),
-                "JA on the set": plain(on_set),
+                "JA on the set": plain(_ja_on_set(row)),
                 "gap": signed(row["JA gap"]) + (f" ± {plain(spread)}" if pd.notna(spread) else ""),
                 "against the seed spread": row.get("JA gap against the seed spread", ""),
             }
@@ -521,33 +530,38 @@ def _external_rows(out_dir: Path) -> tuple[pd.DataFrame | None, dict[str, str]]:
     return pd.DataFrame(rows), nothing
 
 
-def _external_finding(out_dir: Path) -> str:
+def _ja_on_set(row) -> float:
+    """A gap row's JA on its set (or, in a table of an earlier version, its per-set column)."""
+    return row.get(f"JA {ON_SET}", row.get(f"JA {row['external set']}"))
+
+
+def _external_finding(out_dir: Path, gaps=None) -> str:
     """One sentence: how far every run that learned to segment falls (or rises) on each external set as a whole."""
-    rows, nothing = _external_rows(out_dir)
-    if rows is None:
+    gap, nothing = gaps or _external_gaps(out_dir)
+    if gap is None:
         return "not run yet."
     left_out = "".join(f" {name} is left out: it {text}." for name, text in nothing.items())
-    whole = rows[~rows["external set"].str.contains(",")] if len(rows) else rows
-    if _table(out_dir / "external", "gap").empty:
+    if gap.empty and not nothing:
         return "no external set was found (see the chapter for where to get PH2)."
+    whole = gap[~gap["external set"].str.contains(",")]  # not a set's choosing or reporting half
     if whole.empty:
         return left_out.strip()
     if len(whole) == 1:  # one run on one set: its numbers, in one line
-        r = whole.iloc[0]
+        r = _external_rows(out_dir, (whole, nothing))[0].iloc[0]
         return (
             f"{r['run']} JA {r['JA on the set']} on {r['external set']} vs {r['JA ISIC test']} on the ISIC test "
             f"set ({r['gap']}).{left_out}"
         )
-    gaps = {f"{r['run']} on {r['external set']}": float(r["gap"].split(" ")[0]) for _, r in whole.iterrows()}
-    low, high = min(gaps, key=gaps.get), max(gaps, key=gaps.get)
-    if gaps[high] < 0:
+    gaps_ = {f"{r['run']} on {r['external set']}": float(r["JA gap"]) for _, r in whole.iterrows()}
+    low, high = min(gaps_, key=gaps_.get), max(gaps_, key=gaps_.get)
+    if gaps_[high] < 0:
         sentence = (
             f"Every run scores lower on another clinic's images than on the ISIC test set: JA gap from "
-            f"{signed(gaps[high])} ({high}) to {signed(gaps[low])} ({low})."
+            f"{signed(gaps_[high])} ({high}) to {signed(gaps_[low])} ({low})."
         )
     else:
         sentence = (
-            f"The JA gap to the ISIC test set runs from {signed(gaps[low])} ({low}) to {signed(gaps[high])} ({high})."
+            f"The JA gap to the ISIC test set runs from {signed(gaps_[low])} ({low}) to {signed(gaps_[high])} ({high})."
         )
     return sentence + left_out
 
@@ -586,12 +600,13 @@ def answer_section(out_dir: Path) -> str:
         if figure.exists()
         else ""
     )
-    rows, _ = _external_rows(out_dir)
+    gaps = _external_gaps(out_dir)  # read once for the sentence and the table
+    rows, _ = _external_rows(out_dir, gaps)
     elsewhere = (
         ""
         if rows is None
         else "<h3>On another clinic's images (chapter 3)</h3>"
-        f'<p class="answer">{html.escape(_external_finding(out_dir))}</p>'
+        f'<p class="answer">{html.escape(_external_finding(out_dir, gaps))}</p>'
         + (rows.to_html(index=False, border=0, na_rep="", classes="external") if len(rows) else "")
     )
     return (
