@@ -74,7 +74,7 @@ def test_fine_tuning_on_a_few_cases_fits_them(trained_run, tiny_data):
 
     # Adam's first steps may go up as well as down (1.20 → 1.29 → 1.20 after 10 and 30 steps on an AVX2 EPYC at one
     # thread; 1.24 → 1.05 after 30 elsewhere), and how far 100 steps get depends on the threads that trained the
-    # starting checkpoint: 1.28 → 0.10 at one thread, 1.28 → 0.79 at two on that EPYC. A fine-tune that fits its cases
+    # starting checkpoint: 1.20 → 0.10 at one thread, 1.28 → 0.79 at two on that EPYC. A fine-tune that fits its cases
     # takes a quarter off the loss either way; one that does nothing leaves it where it was.
     before, after = loss(0), loss(100)
     assert after < 0.75 * before, (before, after)
