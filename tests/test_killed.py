@@ -106,12 +106,12 @@ def extract(self, member, path=None, pwd=None):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, member, path, pwd)
 zipfile.ZipFile.extract = extract
-sources.download_isic2016(sys.argv[1], ["train"], base_url="http://127.0.0.1:9/unused", expected_counts={"train": 3})
+sources.download_release(sys.argv[1], splits=["train"], base_url="http://127.0.0.1:9/unused", expected_counts={"train": 3})
 """
 
 
 def test_an_extraction_killed_then_asked_again_gives_the_whole_split(tmp_path):
-    from isic_utils.data.sources import download_isic2016, find_pairs
+    from isic_utils.data.sources import download_release, find_pairs
 
     from .test_download import build_archives
 
@@ -124,7 +124,7 @@ def test_an_extraction_killed_then_asked_again_gives_the_whole_split(tmp_path):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert list(root.glob(".extracting-*"))  # what the kill left: a staging folder, no split folder
     assert not (root / "ISBI2016_ISIC_Part1_Training_Data").exists()
-    download_isic2016(root, ["train"], base_url="http://127.0.0.1:9/unused", expected_counts={"train": 3})
+    download_release(root, splits=["train"], base_url="http://127.0.0.1:9/unused", expected_counts={"train": 3})
     assert len(find_pairs(root, "train")) == 3 and not list(root.glob(".extracting-*"))
 
 

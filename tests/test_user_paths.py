@@ -368,7 +368,7 @@ def test_user_supplied_data_with_other_counts_is_named(tmp_path):
         for suffix, folder in ((".jpg", test_images), ("_Segmentation.png", test_masks)):
             source = root / sources.SPLIT_FOLDERS["train"][0 if suffix == ".jpg" else 1] / f"ISIC_{k + 900:07d}{suffix}"
             source.rename(root / folder / source.name)
-    with pytest.warns(UserWarning, match=r"5 training .* 900\) and 2 test .* 379"):
+    with pytest.warns(UserWarning, match=r"5 training pairs \(ISIC 2016 has 900\), 2 test pairs \(ISIC 2016 has 379\)"):
         D.load_report_data(root, 32, expected_counts=sources.OFFICIAL_COUNTS, progress=False)
 
 

@@ -31,10 +31,14 @@ def per_seed_scores(output_dir: str, run_name: str, profile: dict) -> dict[str, 
     validation and each external set whole and in the halves the options study reads (``study_splits``)."""
     run = load_run(output_dir, run_name)
     params = run.info["params"]
-    splits = {"validation": prepare_data({**params, "output_dir": output_dir}, progress=False).val}
+    data = prepare_data({**params, "output_dir": output_dir}, progress=False)
+    splits = {"validation": data.val}
     cache = P.absolute(profile["output_dir"]).parent / "cache"
+    known = {*data.train.ids, *data.val.ids, *data.test.ids}  # as chapter 3: a set's images the run saw are left out
     for external in (s for s in external_sets(profile) if s.found):
-        splits[external.name] = load_external(external, int(params["image_size"]), cache)
+        split, _ = load_external(external, int(params["image_size"]), cache, known=known)
+        if split is not None:
+            splits[external.name] = split
     scored = {(run_name, name): score_split(run, split, name) for name, split in splits.items()}
     scores = {TEST_NAME: {int(s): float(t["iou"].mean()) for s, t in run.per_image.items()}}
     scores.update({name: result.per_seed_ja(*result.own) for (_, name), result in scored.items()})

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from ..base.files import project_root
-from ..data.sources import EXTERNAL_LAYOUTS
+from ..data.sources import EXTERNAL_LAYOUTS, RELEASES
 from ..data.transforms import AUGMENTATIONS, COLOR_CONSTANCY
 from ..model.inference import TTA
 from ..model.networks import DECODERS
@@ -98,7 +98,7 @@ EXTERNAL_KEYS = {
 }
 
 CHOICES = {
-    "data_source": ("synthetic", "isic2016"),
+    "data_source": ("synthetic", *RELEASES),
     "test_split": ("official", "holdout"),
     "decoder": DECODERS,  # the registry itself: a decoder registered there is a valid choice
     "loss": LOSSES,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .decoding import DecodedSplit, displayed_size
-from .sources import MASK_SUFFIX, DataError, Pair
+from .sources import DataError, Pair
 
 # ----------------------------------------------------------------------------- EDA helpers
 
@@ -56,7 +56,7 @@ def check_alignment(split: DecodedSplit) -> pd.DataFrame:  # noqa: F821
     outside = (images * ~masks).sum(dim=(1, 2)) / (~masks).sum(dim=(1, 2)).clamp(min=1)
     rows = []
     for k, image_id in enumerate(split.ids):
-        paired = not split.sources or split.sources[k].mask.name == f"{image_id}{MASK_SUFFIX}"
+        paired = not split.sources or split.sources[k].mask.name.lower() == f"{image_id}_segmentation.png".lower()
         rows.append(
             {
                 "id": image_id,

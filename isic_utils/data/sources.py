@@ -1,10 +1,11 @@
-"""Where the data is: the official ISIC 2016 Part 1 archives downloaded, verified and extracted, and the image/mask
-pairs found in them and in external sets (another clinic's images in their own layout, e.g. PH2).
+"""Where the data is: the official ISIC lesion-segmentation archives (ISIC 2016 Part 1, ISIC 2017 Part 1, ISIC 2018
+Task 1: ``RELEASES``) downloaded, verified and extracted, and the image/mask pairs found in them and in external sets
+(another clinic's images in their own layout, e.g. PH2).
 
-Layout (the official archives, unzipped under one root)::
+Layout (a release's official archives, unzipped under one root; ISIC 2016 shown, the others in ``RELEASES``)::
 
     ROOT/ISBI2016_ISIC_Part1_Training_Data/ISIC_0000000.jpg
-    ROOT/ISBI2016_ISIC_Part1_Training_GroundTruth/ISIC_0000000_Segmentation.png
+    ROOT/ISBI2016_ISIC_Part1_Training_GroundTruth/ISIC_0000000_Segmentation.png   (2017, 2018: _segmentation.png)
     ROOT/ISBI2016_ISIC_Part1_Test_Data/...        ROOT/ISBI2016_ISIC_Part1_Test_GroundTruth/...
 
 Errors (``DataError``, nothing is silently dropped): a missing split folder or one with no images; an image without
@@ -30,23 +31,76 @@ from PIL import Image
 
 from ..base.files import progress_bar, third_party_progress
 
-SPLIT_FOLDERS = {
-    "train": ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
-    "test": ("ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth"),
+@dataclass(frozen=True)
+class Release:
+    """One official ISIC lesion-segmentation release as its archives unzip: per split the image folder and the mask
+    folder (each archive's name is its folder's), how many pairs each split holds, where the archives are."""
+
+    key: str  # the profile's data_source
+    name: str  # how pages say it
+    folders: dict[str, tuple[str, str]]  # split ("train", "validation", "test") -> (images, masks)
+    counts: dict[str, int]
+    url: str
+    mask_suffix: str
+
+    def layout(self, split: str) -> dict[str, str]:
+        """The split as an external set's layout: the images glob and the mask rule (``EXTERNAL_LAYOUTS``)."""
+        images, masks = self.folders[split]
+        return {"images": f"{images}/*", "masks": f"../{masks}/{{stem}}{self.mask_suffix}"}
+
+
+CHALLENGE_URL = "https://isic-challenge-data.s3.amazonaws.com"
+RELEASES = {
+    "isic2016": Release(
+        "isic2016",
+        "ISIC 2016",
+        {
+            "train": ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
+            "test": ("ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth"),
+        },
+        {"train": 900, "test": 379},
+        f"{CHALLENGE_URL}/2016",
+        "_Segmentation.png",
+    ),
+    "isic2017": Release(
+        "isic2017",
+        "ISIC 2017",
+        {
+            "train": ("ISIC-2017_Training_Data", "ISIC-2017_Training_Part1_GroundTruth"),
+            "validation": ("ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part1_GroundTruth"),
+            "test": ("ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth"),
+        },
+        {"train": 2000, "validation": 150, "test": 600},
+        f"{CHALLENGE_URL}/2017",
+        "_segmentation.png",
+    ),
+    "isic2018": Release(
+        "isic2018",
+        "ISIC 2018",
+        {
+            "train": ("ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth"),
+            "validation": ("ISIC2018_Task1-2_Validation_Input", "ISIC2018_Task1_Validation_GroundTruth"),
+            "test": ("ISIC2018_Task1-2_Test_Input", "ISIC2018_Task1_Test_GroundTruth"),
+        },
+        {"train": 2594, "validation": 100, "test": 1000},
+        f"{CHALLENGE_URL}/2018",
+        "_segmentation.png",
+    ),
 }
-OFFICIAL_COUNTS = {"train": 900, "test": 379}
-ISIC2016_URL = "https://isic-challenge-data.s3.amazonaws.com/2016"
+SPLIT_FOLDERS = RELEASES["isic2016"].folders  # the 2016 layout, which the synthetic data copies
+OFFICIAL_COUNTS = RELEASES["isic2016"].counts
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 EXTERNAL_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 # Named layouts of external sets: a glob for the images under the set's folder, and the mask's path relative to
-# each image's folder ({stem}: the image's name without its suffix).
+# each image's folder ({stem}: the image's name without its suffix). Every split of every release is one too
+# (``isic2018_train``: the ISIC 2018 training archives, as the later releases' shared sample is laid out).
 EXTERNAL_LAYOUTS = {
     "ph2": {"images": "**/*_Dermoscopic_Image/*.bmp", "masks": "../{stem}_lesion/{stem}_lesion.bmp"},
     "isic": {"images": "*", "masks": "{stem}_Segmentation.png"},
     "masks_folder": {"images": "images/*", "masks": "../masks/{stem}.png"},
+    **{f"{key}_{split}": release.layout(split) for key, release in RELEASES.items() for split in release.folders},
 }
 PH2_URL = "https://www.fc.up.pt/addi/ph2%20database.html"
-MASK_SUFFIX = "_Segmentation.png"
 _ID = re.compile(r"^(ISIC_\d+)$")
 _MASK = re.compile(r"^(ISIC_\d+)_Segmentation\.png$", re.IGNORECASE)
 
@@ -65,22 +119,23 @@ class Pair:
 # ----------------------------------------------------------------------------- finding files
 
 
-def find_pairs(root: str | Path, split: str) -> list[Pair]:
-    """Pair images with masks by id in ``root``'s official folders for ``split`` ("train" or "test").
+def find_pairs(root: str | Path, split: str, release: str = "isic2016") -> list[Pair]:
+    """Pair images with masks by id in ``root``'s official folders of ``release`` (``RELEASES``) for ``split``
+    ("train", "test", or "validation" where the release has one).
 
     Returns pairs sorted by id. Raises ``DataError`` for a missing folder, an empty folder, an unpaired
     image or mask, or two images with one id.
     """
-    root = Path(root)
-    image_folder, mask_folder = SPLIT_FOLDERS[split]
+    root, official = Path(root), RELEASES[release]
+    image_folder, mask_folder = official.folders[split]
     image_dir, mask_dir = root / image_folder, root / mask_folder
     for folder in (image_dir, mask_dir):
         if not folder.is_dir():
             present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
             raise DataError(
-                f"folder {folder} not found. Expected the official ISIC 2016 Part 1 layout under {root} "
+                f"folder {folder} not found. Expected the official {official.name} layout under {root} "
                 f"(folders {image_folder}/ and {mask_folder}/); found {present or 'nothing'}. "
-                "Unzip the archives there, or download them with isic_utils.data.sources.download_isic2016()."
+                f"Unzip the archives there, or let the report download them (download: true)."
             )
     images: dict[str, Path] = {}
     for path in sorted(image_dir.iterdir()):
@@ -104,7 +159,7 @@ def find_pairs(root: str | Path, split: str) -> list[Pair]:
         raise DataError(f"no ISIC_<id>.jpg images in {image_dir}/. Check the folder or re-extract the archive.")
     _unpaired(
         sorted(set(images) - set(masks)),
-        lambda i: f"mask missing for {i} in {mask_dir}/ (expected {i}{MASK_SUFFIX})",
+        lambda i: f"mask missing for {i} in {mask_dir}/ (expected {i}{official.mask_suffix})",
         "Restore the mask or remove the image.",
     )
     _unpaired(
@@ -123,9 +178,9 @@ def _unpaired(ids: list[str], first: Callable[[str], str], fix: str) -> None:
         raise DataError(f"{first(ids[0])}{more}. {fix}")
 
 
-def has_split(root: str | Path, split: str) -> bool:
-    """True when both official folders of ``split`` exist under ``root``."""
-    return all((Path(root) / name).is_dir() for name in SPLIT_FOLDERS[split])
+def has_split(root: str | Path, split: str, release: str = "isic2016") -> bool:
+    """True when both official folders of ``release``'s ``split`` exist under ``root``."""
+    return all((Path(root) / name).is_dir() for name in RELEASES[release].folders[split])
 
 
 NOT_IMAGES = ("_Segmentation", "_superpixels", "_lesion", "_overlay")  # masks, and the overlays predict writes
@@ -225,9 +280,9 @@ def find_external_pairs(root: str | Path, images: str = "*", masks: str = "{stem
 # ----------------------------------------------------------------------------- download
 
 
-def archive_names(split: str) -> tuple[str, str]:
-    """The two official archive base names (data, ground truth) for ``split``."""
-    return SPLIT_FOLDERS[split]
+def archive_names(split: str, release: str = "isic2016") -> tuple[str, str]:
+    """The two official archive base names (data, ground truth) of ``release``'s ``split``."""
+    return RELEASES[release].folders[split]
 
 
 def verify_zip(path: Path) -> None:
@@ -241,7 +296,7 @@ def verify_zip(path: Path) -> None:
         raise DataError(f"{path} is corrupt (member {bad} fails its CRC check). Delete it and download again.")
 
 
-MAX_EXTRACTED_BYTES = 16 * 2**30  # the four official archives hold about 1.5 GB; a zip that claims more is refused
+MAX_EXTRACTED_BYTES = 16 * 2**30  # the largest official archive (ISIC 2018 training images) holds about 10 GB; more is refused
 
 
 def safe_extract(archive_path: Path, target: Path, max_bytes: int = MAX_EXTRACTED_BYTES) -> list[Path]:
@@ -295,29 +350,31 @@ def _move_in(source: Path, final: Path) -> None:
             _move_in(entry, final / entry.name)
 
 
-def download_isic2016(
+def download_release(
     root: str | Path,
+    release: str = "isic2016",
     splits: Sequence[str] = ("train", "test"),
-    base_url: str = ISIC2016_URL,
+    base_url: str | None = None,
     expected_counts: dict[str, int] | None = None,
 ) -> Path:
-    """Download and extract the official ISIC 2016 Part 1 archives for ``splits`` into ``root``.
+    """Download and extract the official archives of ``release`` (``RELEASES``) for ``splits`` into ``root``.
 
     Uses torchvision's download helper (progress bar); an archive is downloaded to ``NAME.zip.part`` and
     renamed only once complete and valid, so an interrupted download is redone, never trusted. Splits whose
     folders already exist are skipped; into a split's folder that exists alone, the archive's files are added and
     the files already there are kept (``safe_extract``). After extraction the image/mask counts are verified against
-    ``expected_counts`` (default: the official 900 / 379). Returns ``root``.
+    ``expected_counts`` (default: the release's official counts, e.g. 900 / 379 for ISIC 2016). Returns ``root``.
     """
     from torchvision.datasets.utils import download_url
 
-    root = Path(root)
+    root, official = Path(root), RELEASES[release]
+    base_url = base_url or official.url
     root.mkdir(parents=True, exist_ok=True)
-    expected_counts = OFFICIAL_COUNTS if expected_counts is None else expected_counts
+    expected_counts = official.counts if expected_counts is None else expected_counts
     for split in splits:
-        if has_split(root, split):
+        if has_split(root, split, release):
             continue
-        for name in archive_names(split):
+        for name in archive_names(split, release):
             archive = root / f"{name}.zip"
             if archive.exists():
                 try:
@@ -340,10 +397,11 @@ def download_isic2016(
                 os.replace(partial, archive)
                 print(f"download: {archive.name} ({archive.stat().st_size / 2**20:.0f} MB)", flush=True)
             safe_extract(archive, root)
-        pairs = find_pairs(root, split)
+        pairs = find_pairs(root, split, release)
         if expected_counts.get(split) is not None and len(pairs) != expected_counts[split]:
             raise DataError(
                 f"{root}: {len(pairs)} {split} image/mask pairs after extraction, expected {expected_counts[split]}. "
-                f"Delete {', '.join(archive_names(split))} (folders and .zip) under {root} and download again."
+                f"Delete {', '.join(archive_names(split, release))} (folders and .zip) under {root} and download "
+                "again."
             )
     return root

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .decoding import DecodedSplit, decode_pairs
-from .sources import DataError, find_pairs
+from .sources import RELEASES, DataError, find_pairs
 
 # ----------------------------------------------------------------------------- splits
 
@@ -61,6 +61,7 @@ def load_report_data(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     expected_counts: dict[str, int] | None = None,
+    release: str = "isic2016",
 ) -> ReportData:
     """Find, decode (once, cached) and split the data under ``root``.
 
@@ -70,19 +71,28 @@ def load_report_data(
     from the remaining training ids with ``seed``; the holdout test split uses a fixed seed (1000) so that every
     seed of a study is scored on the same test images. With ``expected_counts`` (the official 900 / 379) and the
     official test split, other counts give a warning naming the folder: an incomplete copy or extraction.
+    ``release`` (``sources.RELEASES``) names the archives' layout; one with an official validation split (ISIC 2017,
+    2018) validates on it when the test set is official, as the challenge did, instead of splitting the training ids.
     """
-    root = Path(root)
-    train_pairs = find_pairs(root, "train")
+    root, official = Path(root), RELEASES[release]
+    train_pairs = find_pairs(root, "train", release)
+    val_pairs = None
     if test_split == "official":
-        test_pairs = find_pairs(root, "test")
-        source = "official ISIC 2016 test set"
+        test_pairs = find_pairs(root, "test", release)
+        source = f"official {official.name} test set"
         found = {"train": len(train_pairs), "test": len(test_pairs)}
+        if "validation" in official.folders:
+            val_pairs = find_pairs(root, "validation", release)
+            found["validation"] = len(val_pairs)
         if expected_counts and limit is None and found != {k: expected_counts[k] for k in found}:
+            said = ", ".join(
+                f"{found[k]} {'training' if k == 'train' else k} pairs ({official.name} has {expected_counts[k]})"
+                for k in found
+            )
             warnings.warn(
-                f"{root} holds {found['train']} training image/mask pairs (ISIC 2016 has {expected_counts['train']}) "
-                f"and {found['test']} test pairs (ISIC 2016 has {expected_counts['test']}). If this is not a subset "
-                "on purpose, a copy or an extraction was incomplete: delete the ISBI2016_* folders there and unzip "
-                "the archives again (or set download: true).",
+                f"{root} holds {said}. If this is not a subset on purpose, a copy or an extraction was incomplete: "
+                f"delete the {', '.join(official.folders['train'])} … folders there and unzip the archives again "
+                "(or set download: true).",
                 stacklevel=2,
             )
     elif test_split == "holdout":
@@ -94,7 +104,10 @@ def load_report_data(
         raise ValueError(f"test_split must be 'official' or 'holdout', got {test_split!r}")
     if limit is not None:
         train_pairs, test_pairs = train_pairs[:limit], test_pairs[: max(2, limit // 2)]
+        val_pairs = val_pairs[: max(2, limit // 2)] if val_pairs else val_pairs
     train_all = decode_pairs(train_pairs, image_size, cache_dir, progress)
     test = decode_pairs(test_pairs, image_size, cache_dir, progress)
+    if val_pairs:
+        return ReportData(train_all, decode_pairs(val_pairs, image_size, cache_dir, progress), test, source, root)
     train_ids, val_ids = split_ids(train_all.ids, val_fraction, seed)
     return ReportData(train_all.subset(train_ids), train_all.subset(val_ids), test, source, root)

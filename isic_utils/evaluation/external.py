@@ -21,7 +21,7 @@ import torch
 from ..base.files import save_table, shown_path, signed
 from ..config.params import absolute
 from ..data.decoding import DecodedSplit, decode_pairs
-from ..data.sources import EXTERNAL_LAYOUTS, PH2_URL, DataError, find_external_pairs
+from ..data.sources import EXTERNAL_LAYOUTS, PH2_URL, RELEASES, DataError, find_external_pairs
 from ..data.synthetic import make_synthetic_external
 from ..model.inference import load_trained, predicted_probabilities
 from ..scoring import confidence, metrics
@@ -96,15 +96,43 @@ def external_sets(params: dict) -> list[ExternalSet]:
 
 
 def load_external(
-    external: ExternalSet, image_size: int, cache_dir: str | Path | None = None, progress: bool = False
-) -> DecodedSplit:
-    """Find and decode (once, cached) an external set at ``image_size``; ``DataError`` names what is wrong."""
+    external: ExternalSet,
+    image_size: int,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    known: set[str] | frozenset = frozenset(),
+) -> tuple[DecodedSplit | None, int]:
+    """Find and decode (once, cached) an external set at ``image_size``, without the images whose ids are in
+    ``known`` (the run's own data: an ISIC id of a later release may be an image the run trained or was tested on);
+    returns (the set, or None when nothing is left; how many images were left out). ``DataError`` names what is
+    wrong."""
     if external.synthetic is not None:
         make_synthetic_external(external.root, external.synthetic)
     if not external.root.is_dir():
         raise DataError(external.missing_note())
-    pairs = find_external_pairs(external.root, external.images, external.masks)
-    return decode_pairs(pairs, image_size, cache_dir, progress)
+    found = find_external_pairs(external.root, external.images, external.masks)
+    pairs = [p for p in found if p.id not in known]
+    if not pairs:
+        return None, len(found)
+    return decode_pairs(pairs, image_size, cache_dir, progress), len(found) - len(pairs)
+
+
+def _data_name(params: dict) -> str:
+    source = params["data_source"]
+    return f"the {RELEASES[source].name} data" if source in RELEASES else "the runs' own data"
+
+
+def overlap_note(external: ExternalSet, left_out: int, left: int, data: str) -> str:
+    """What chapter 3 says of a set that holds images of the runs' own data (``load_external``)."""
+    if not left:
+        return (
+            f"{external.name}: all its {left_out} images are in {data} (trained, validated or tested on): "
+            "the set is skipped."
+        )
+    return (
+        f"{external.name}: {left_out} of its {left_out + left} images are in {data} (trained, validated or tested "
+        f"on) and are left out; the set is scored on the other {left}."
+    )
 
 
 @dataclass
@@ -188,6 +216,7 @@ class ExternalResult:
     options: pd.DataFrame
     runs: dict[str, SavedRun]
     confidence: pd.DataFrame
+    overlaps: list[str] = field(default_factory=list)  # the sets that held images of the runs' own data, in words
 
 
 def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bool = False) -> ExternalResult:
@@ -203,6 +232,7 @@ def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bo
     sets = external_sets(params)
     present = [s for s in sets if s.found]
     skipped = [s.missing_note() for s in sets if not s.found]
+    overlaps: dict[str, str] = {}
     cache = absolute(params["output_dir"]).parent / "cache"
     saved = {name: load_run(params["output_dir"], name) for name in runs}
     splits: dict[tuple[str, int], DecodedSplit] = {}
@@ -212,12 +242,18 @@ def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bo
         run_params = run.info["params"]
         size = int(run_params["image_size"])
         if ("validation", size) not in splits:
-            splits[("validation", size)] = prepare_data(
-                {**run_params, "output_dir": params["output_dir"]}, progress
-            ).val
-        for external in present:
+            data = prepare_data({**run_params, "output_dir": params["output_dir"]}, progress)
+            splits[("validation", size)] = data.val
+            known = {*data.train.ids, *data.val.ids, *data.test.ids}
+        for external in list(present):
             if (external.name, size) not in splits:
-                splits[(external.name, size)] = load_external(external, size, cache, progress)
+                split, left_out = load_external(external, size, cache, progress, known)
+                if left_out:
+                    overlaps[external.name] = overlap_note(external, left_out, len(split or ()), _data_name(run_params))
+                if split is None:
+                    present.remove(external)
+                    continue
+                splits[(external.name, size)] = split
         test = {int(s): t for s, t in run.per_image.items()}
         rows.append(
             {
@@ -290,7 +326,7 @@ def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bo
     gap = save_table(gap_table(table, pd.DataFrame(gaps)), out_dir, "gap")
     options = save_table(pd.DataFrame(option_rows), out_dir, "inference_options")
     trust = save_table(pd.DataFrame(trust_rows), out_dir, "confidence")
-    return ExternalResult(sets, skipped, scored, splits, table, gap, options, saved, trust)
+    return ExternalResult(sets, skipped, scored, splits, table, gap, options, saved, trust, list(overlaps.values()))
 
 
 def gap_table(table: pd.DataFrame, seed_gaps: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -337,9 +373,7 @@ GAP_COLUMNS = ["run", "external set", "images"]  # the header of a gap table wit
 def external_reading(result: ExternalResult) -> str:
     """Sentences on what the external chapter found, from its tables."""
     gap, options = result.gap, result.options
-    lines = []
-    for note in result.skipped:
-        lines.append(note)
+    lines = [*result.skipped, *result.overlaps]
     if gap.empty:
         return " ".join(lines) or "No external set was scored."
     for _, row in gap.iterrows():

@@ -22,7 +22,7 @@ import torch
 from ..base.devices import resolve_device, set_threads
 from ..base.files import LineWriter, atomic_path, locked, read_table, save_table, shown_path, write_json
 from ..config.params import TrainConfig, absolute, chapter_values, project_root, with_role
-from ..data.sources import OFFICIAL_COUNTS, DataError, download_isic2016, has_split
+from ..data.sources import RELEASES, DataError, download_release, has_split
 from ..data.splits import ReportData, load_report_data
 from ..data.synthetic import make_synthetic_isic
 from ..model.inference import load_checkpoint
@@ -36,15 +36,15 @@ DATA_ENV = "ISIC_DATA_DIR"
 
 
 def data_root(params: dict) -> Path:
-    """Where the profile's data lives: ``data_dir``, else ``$ISIC_DATA_DIR`` (real data), else ``data/<source>``."""
+    """Where the profile's data lives: ``data_dir``, else ``$ISIC_DATA_DIR`` (a real release), else ``data/<source>``."""
     if params["data_dir"]:
         return absolute(params["data_dir"])
-    if params["data_source"] == "isic2016" and os.environ.get(DATA_ENV):
+    if params["data_source"] in RELEASES and os.environ.get(DATA_ENV):
         return absolute(os.environ[DATA_ENV])
     base = project_root()  # in Colab the project's folder on Drive (the notebooks' setup cell), so data outlives it
     if params["data_source"] == "synthetic":  # one folder per size, so profiles never overwrite each other
         return base / "data" / f"synthetic-{params['synthetic_train']}-{params['synthetic_test']}"
-    return base / "data" / "isic2016"
+    return base / "data" / params["data_source"]
 
 
 def describe_data(params: dict) -> str:
@@ -59,12 +59,12 @@ def _data_line(params: dict) -> str:
             "**Synthetic data** (the embedded offline default): generated lesions, not dermoscopy. These numbers "
             "show the pipeline works; they say nothing about real lesion segmentation."
         )
-    test = (
-        "the official test set"
-        if params["test_split"] == "official"
-        else f"a held-out {params['holdout_fraction']:.0%} of the training ids as test set (not the official test set)"
-    )
-    return f"**ISIC 2016 Part 1** images from `{shown_path(data_root(params), DATA_ENV)}`, with {test}."
+    release = RELEASES[params["data_source"]]
+    if params["test_split"] == "official":
+        test = "the official test set" + (" and validation set" if "validation" in release.folders else "")
+    else:
+        test = f"a held-out {params['holdout_fraction']:.0%} of the training ids as test set (not the official test set)"
+    return f"**{release.name}** images from `{shown_path(data_root(params), DATA_ENV)}`, with {test}."
 
 
 def random_encoder(info: dict) -> bool:
@@ -115,16 +115,20 @@ def prepare_data(params: dict, progress: bool = True) -> ReportData:
     root = data_root(params)
     if params["data_source"] == "synthetic":
         make_synthetic_isic(root, params["synthetic_train"], params["synthetic_test"])
-    elif not has_split(root, "train") or (params["test_split"] == "official" and not has_split(root, "test")):
-        if not params["download"]:
-            raise DataError(
-                f"no ISIC 2016 data under {root}. Fix: set data_dir (or {DATA_ENV}) to the folder holding the unzipped "
-                "archives, or set download: true to fetch them (about 1 GB)."
-            )
-        splits = ["train"] + (["test"] if params["test_split"] == "official" else [])
-        download_isic2016(root, splits)
+    else:
+        source = params["data_source"]
+        release = RELEASES[source]
+        splits = ["train"] + ([s for s in release.folders if s != "train"] if params["test_split"] == "official" else [])
+        if not all(has_split(root, split, source) for split in splits):
+            if not params["download"]:
+                raise DataError(
+                    f"no {release.name} data under {root}. Fix: set data_dir (or {DATA_ENV}) to the folder holding "
+                    f"the unzipped archives ({', '.join(f for s in splits for f in release.folders[s][:1])}, …), or "
+                    "set download: true to fetch them."
+                )
+            download_release(root, source, splits)
     cache = absolute(params["output_dir"]).parent / "cache"
-    expected = OFFICIAL_COUNTS if params["data_source"] == "isic2016" else None  # say so when a copy is partial
+    expected = RELEASES[params["data_source"]].counts if params["data_source"] in RELEASES else None
     return load_report_data(
         root,
         params["image_size"],
@@ -136,6 +140,7 @@ def prepare_data(params: dict, progress: bool = True) -> ReportData:
         cache_dir=cache,
         progress=progress,
         expected_counts=expected,
+        release=params["data_source"] if params["data_source"] in RELEASES else "isic2016",
     )
 
 
