@@ -238,7 +238,9 @@ def test_the_real_profile_downloads_into_isic_data_dir_once(download_from, tmp_p
     monkeypatch.setenv("ISIC_DATA_DIR", str(tmp_path / "isic"))
     params = isic_params(tmp_path)
     assert params["download"] is True and not params["data_dir"]
-    with pytest.warns(UserWarning, match=r"3 training pairs \(ISIC 2016 has 900\), 2 test pairs \(ISIC 2016 has 379\)"):  # a partial copy is named
+    with pytest.warns(
+        UserWarning, match=r"3 training pairs \(ISIC 2016 has 900\), 2 test pairs \(ISIC 2016 has 379\)"
+    ):  # a partial copy is named
         data = prepare_data(params, progress=False)
     assert len(find_pairs(tmp_path / "isic", "train")) == 3 and data.counts()["test"] == 2
     assert data.root == tmp_path / "isic"

@@ -308,6 +308,8 @@ def test_the_index_answers_the_other_clinic_question_with_a_table_and_one_senten
     finding = report._external_finding(out)
     assert finding.startswith("Every run scores lower on another clinic's images than on the ISIC test set: JA gap")
     assert "task1 is left out: it learned nothing" in finding and finding.count("ISIC test") == 1
+    best = max(ja, key=lambda run: ja[run] if run != "task1" else -1)
+    assert f"On PH2 (50 images) the best, {best}, scores JA {ja[best] - 0.10:.3f} (a gap of -0.100)." in finding
     table, left_out = report._external_rows(out)
     columns = ["run", "external set", "images", "JA ISIC test", "JA on the set", "gap", "against the seed spread"]
     assert list(table.columns) == columns

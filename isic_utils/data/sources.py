@@ -31,6 +31,7 @@ from PIL import Image
 
 from ..base.files import progress_bar, third_party_progress
 
+
 @dataclass(frozen=True)
 class Release:
     """One official ISIC lesion-segmentation release as its archives unzip: per split the image folder and the mask
@@ -296,7 +297,9 @@ def verify_zip(path: Path) -> None:
         raise DataError(f"{path} is corrupt (member {bad} fails its CRC check). Delete it and download again.")
 
 
-MAX_EXTRACTED_BYTES = 16 * 2**30  # the largest official archive (ISIC 2018 training images) holds about 10 GB; more is refused
+MAX_EXTRACTED_BYTES = (
+    16 * 2**30
+)  # the largest official archive (ISIC 2018 training images) holds about 10 GB; more is refused
 
 
 def safe_extract(archive_path: Path, target: Path, max_bytes: int = MAX_EXTRACTED_BYTES) -> list[Path]:

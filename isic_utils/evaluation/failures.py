@@ -133,3 +133,70 @@ def area_ratio_table(frames: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFram
             }
         )
     return pd.DataFrame(rows)
+
+
+# The lesion's area as a share of the image (``per_image_frame``'s lesion_area), in the bins chapter 3 reads JA by: the
+# later ISIC releases' lesions are smaller (median 12% of the image against 28% in ISIC 2016's training set).
+AREA_BINS = (0.0, 0.05, 0.15, 0.50, 1.0)
+AREA_LABELS = ("< 5%", "5–15%", "15–50%", "> 50%")
+
+
+def lesion_area_table(frames: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
+    """One row per (run, set, lesion-area bin): how many images, their mean per-image JA, and the bin's share of the
+    set; a row per (run, set) over all images ("all") with the set's median lesion area."""
+    rows = []
+    for (run, data), table in frames.items():
+        area = per_image_frame(table)["lesion_area"]
+        bins = pd.cut(area, AREA_BINS, labels=AREA_LABELS, include_lowest=True)
+        for label in AREA_LABELS:
+            chosen = table["iou"][bins == label]
+            rows.append(
+                {
+                    "run": run,
+                    "data": data,
+                    "lesion area": label,
+                    "images": int(len(chosen)),
+                    "of the set": len(chosen) / len(table) if len(table) else float("nan"),
+                    "JA": float(chosen.mean()) if len(chosen) else float("nan"),
+                }
+            )
+        rows.append(
+            {
+                "run": run,
+                "data": data,
+                "lesion area": f"all (median {area.median():.0%})",
+                "images": int(len(table)),
+                "of the set": 1.0,
+                "JA": float(table["iou"].mean()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def lesion_area_view(table: pd.DataFrame) -> pd.DataFrame:
+    """``lesion_area_table`` as a page shows it: one row per run and set, a column per lesion-area bin reading
+    "JA (images)"."""
+    shown = table.assign(
+        cell=["" if not n else f"{ja:.3f} ({n})" for ja, n in zip(table["JA"], table["images"])],
+        column=[label if label in AREA_LABELS else "all" for label in table["lesion area"]],
+    )
+    medians = table[~table["lesion area"].isin(AREA_LABELS)].set_index(["run", "data"])["lesion area"]
+    wide = shown.pivot_table(index=["run", "data"], columns="column", values="cell", aggfunc="first", sort=False)
+    wide = wide.reindex(columns=[*AREA_LABELS, "all"]).fillna("")
+    wide["median lesion area"] = [medians[key].removeprefix("all (median ").rstrip(")") for key in wide.index]
+    return wide.reset_index()
+
+
+def lesion_area_reading(table: pd.DataFrame) -> str:
+    """Sentences from ``lesion_area_table``: per run and set, JA on the smallest lesions against the largest."""
+    lines = []
+    binned = table[table["lesion area"].isin(AREA_LABELS) & (table["images"] > 0)]
+    for (run, data), rows in binned.groupby(["run", "data"], sort=False):
+        if len(rows) < 2:
+            continue
+        small, large = rows.iloc[0], rows.iloc[-1]
+        lines.append(
+            f"{run} on {data}: JA {small['JA']:.3f} on lesions of {small['lesion area']} of the image "
+            f"({small['images']} images) against {large['JA']:.3f} on {large['lesion area']} ({large['images']})."
+        )
+    return " ".join(lines)

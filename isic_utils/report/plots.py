@@ -525,6 +525,41 @@ def area_ratio_figure(frames: dict[tuple[str, str], pd.DataFrame]):
     return fig
 
 
+def lesion_area_figure(frames: dict[tuple[str, str], pd.DataFrame]):
+    """Per-image JA against the lesion's area as a share of the image (log scale), a panel per run, a colour per set;
+    the lines join each set's mean JA per lesion-area bin (``failures.AREA_BINS``), drawn at the bin's median area."""
+    rows = []
+    for (run, data), table in frames.items():
+        frame = failures.per_image_frame(table)
+        rows.append(pd.DataFrame({"run": run, "data": data, "lesion area": frame["lesion_area"], "JA": frame["iou"]}))
+    long = pd.concat(rows, ignore_index=True)
+    long = long[long["lesion area"] > 0]
+    long["bin"] = pd.cut(long["lesion area"], failures.AREA_BINS, labels=failures.AREA_LABELS, include_lowest=True)
+    runs = list(dict.fromkeys(long["run"]))
+    sets = list(dict.fromkeys(long["data"]))
+    colours = dict(zip(sets, sns.color_palette(n_colors=len(sets))))
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.6 * len(runs) + 1.6, 3.6), sharey=True, squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        for data in sets:
+            chosen = long[(long["run"] == run) & (long["data"] == data)]
+            if chosen.empty:
+                continue
+            ax.scatter(chosen["lesion area"], chosen["JA"], s=6, alpha=0.35, color=colours[data])
+            means = chosen.groupby("bin", observed=True).agg(area=("lesion area", "median"), JA=("JA", "mean"))
+            ax.plot(means["area"], means["JA"], marker="o", color=colours[data], label=data)
+        for edge in failures.AREA_BINS[1:-1]:
+            ax.axvline(edge, color="grey", lw=0.6, ls=":")
+        ax.set(xscale="log", xlabel="lesion area (share of the image)", title=run, ylim=(0, 1), xlim=(0.003, 1))
+        ticks = [0.01, *failures.AREA_BINS[1:]]
+        ax.set_xticks(ticks, [f"{t:.0%}" for t in ticks])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+    axes[0][0].set_ylabel("JA per image")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def learning_curve_figure(summary: pd.DataFrame):
     """JA on the clinic's reporting half against k labelled cases fine-tuned on (mean ± std over draws), one line per
     run and set; k = 0 is the run as trained (dot) and with batch-norm statistics adapted, no labels (cross). The

@@ -554,15 +554,26 @@ def _external_finding(out_dir: Path, gaps=None) -> str:
         )
     gaps_ = {f"{r['run']} on {r['external set']}": float(r["JA gap"]) for _, r in whole.iterrows()}
     low, high = min(gaps_, key=gaps_.get), max(gaps_, key=gaps_.get)
+    elsewhere = "another clinic's images" if whole["external set"].nunique() == 1 else "every external set"
     if gaps_[high] < 0:
         sentence = (
-            f"Every run scores lower on another clinic's images than on the ISIC test set: JA gap from "
+            f"Every run scores lower on {elsewhere} than on the ISIC test set: JA gap from "
             f"{signed(gaps_[high])} ({high}) to {signed(gaps_[low])} ({low})."
         )
     else:
         sentence = (
             f"The JA gap to the ISIC test set runs from {signed(gaps_[low])} ({low}) to {signed(gaps_[high])} ({high})."
         )
+    worth = []  # what the best model is worth on each set
+    for name, rows in whole.groupby("external set", sort=False):
+        best = rows.loc[rows[f"JA {ON_SET}"].astype(float).idxmax()] if f"JA {ON_SET}" in rows else None
+        if best is not None and len(rows) > 1:
+            worth.append(
+                f"on {name} ({int(best['images'])} images) the best, {best['run']}, scores JA "
+                f"{plain(best[f'JA {ON_SET}'])} (a gap of {signed(best['JA gap'])})"
+            )
+    if worth:
+        sentence += " " + "; ".join(worth)[0].upper() + "; ".join(worth)[1:] + "."
     return sentence + left_out
 
 

@@ -63,7 +63,9 @@ def _data_line(params: dict) -> str:
     if params["test_split"] == "official":
         test = "the official test set" + (" and validation set" if "validation" in release.folders else "")
     else:
-        test = f"a held-out {params['holdout_fraction']:.0%} of the training ids as test set (not the official test set)"
+        test = (
+            f"a held-out {params['holdout_fraction']:.0%} of the training ids as test set (not the official test set)"
+        )
     return f"**{release.name}** images from `{shown_path(data_root(params), DATA_ENV)}`, with {test}."
 
 
@@ -118,7 +120,9 @@ def prepare_data(params: dict, progress: bool = True) -> ReportData:
     else:
         source = params["data_source"]
         release = RELEASES[source]
-        splits = ["train"] + ([s for s in release.folders if s != "train"] if params["test_split"] == "official" else [])
+        splits = ["train"] + (
+            [s for s in release.folders if s != "train"] if params["test_split"] == "official" else []
+        )
         if not all(has_split(root, split, source) for split in splits):
             if not params["download"]:
                 raise DataError(
