@@ -73,6 +73,12 @@ def _command(argv: list[str] | None) -> int:
     opt.add_argument("--data", default="synthetic", help="data profile in params/profiles/ (default: synthetic)")
     opt.add_argument("--epochs", type=int, help="epochs per run (default: task 3's)")
     opt.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
+    opt.add_argument(
+        "--only",
+        nargs="+",
+        metavar="OPTION",
+        help="train the base and these training options alone (e.g. 256_px, or base for none), not every one",
+    )
     pack = commands.add_parser(
         "pack", help="zip a finished report's pages, tables and figures to hand over (no checkpoints, no caches)"
     )
@@ -117,7 +123,7 @@ def _command(argv: list[str] | None) -> int:
         elif args.command == "options":
             from .evaluation.generalisation import options_study
 
-            options_study(args.data, args.epochs, _parse_set(args.set))
+            options_study(args.data, args.epochs, _parse_set(args.set), only=args.only)
         elif args.command == "pack":
             from .config.params import absolute, chapter_values
             from .report.handover import pack_report

@@ -224,6 +224,65 @@ def test_flip_tta_equals_the_plain_prediction_for_a_flip_equivariant_model():
     assert torch.allclose(flip_averaged(lopsided, x.flip(-1), "flips"), symmetric.flip(-1), atol=1e-6)
 
 
+class _DarkIsLesion(torch.nn.Module):
+    """A model that calls dark pixels lesion: logits ±20 by the normalised input's mean over channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return 20 * torch.tanh(-4 * x.mean(dim=1, keepdim=True)) + self.bias
+
+
+def test_zoom_box_frames_a_small_lesion_with_context_and_leaves_large_ones():
+    from isic_utils.model.inference import ZOOM_CONTEXT, zoom_box
+
+    mask = torch.zeros(300, 400, dtype=torch.bool)
+    assert zoom_box(mask) is None  # nothing to zoom on
+    mask[140:160, 200:230] = True  # 20 × 30 px lesion
+    top, bottom, left, right = zoom_box(mask)
+    assert top <= 140 and bottom >= 160 and left <= 200 and right >= 230  # the lesion is inside
+    assert (bottom - top) / 300 == pytest.approx((right - left) / 400, abs=0.01)  # the image's aspect ratio
+    assert (bottom - top) >= ZOOM_CONTEXT * 20 and (bottom - top) < 300 * 0.8
+    edge = torch.zeros(300, 400, dtype=torch.bool)
+    edge[0:10, 390:400] = True  # at a corner: the crop stays inside the image
+    top, bottom, left, right = zoom_box(edge)
+    assert top == 0 and right == 400 and bottom <= 300 and left >= 0
+    large = torch.zeros(300, 400, dtype=torch.bool)
+    large[50:250, 60:340] = True
+    assert zoom_box(large) is None  # a large lesion: no zoom
+
+
+def test_zoom_recovers_a_small_lesion_the_whole_image_pass_blurs():
+    """Coarse-to-fine on a 1 %-of-the-image lesion at a tiny model size: the crop's pass outlines it better than the
+    whole image's pass upsampled, and outside the crop the two maps are the same."""
+    from isic_utils.model.inference import predicted_probabilities, zoom_box, zoomed_probabilities
+    from isic_utils.scoring.metrics import full_size_mask
+
+    model = _DarkIsLesion().eval()
+    meta = {"image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3, "threshold": 0.5}
+    yy, xx = torch.meshgrid(torch.arange(300), torch.arange(400), indexing="ij")
+    truth = ((yy - 150) ** 2 + (xx - 200) ** 2) < 19**2  # about 1 % of the image
+    image = torch.full((3, 300, 400), 220, dtype=torch.uint8)
+    image[:, truth] = 40
+    small = torch.nn.functional.interpolate(image[None].float(), size=(16, 16), mode="area").round().to(torch.uint8)
+    coarse = predicted_probabilities(model, meta, small, "none")
+    plain = full_size_mask(coarse, (400, 300))[0, 0]
+    zoomed = zoomed_probabilities(model, meta, image, coarse)
+    refined = zoomed[0, 0] > 0.5
+
+    def jaccard(mask):
+        return float((mask & truth).sum() / (mask | truth).sum())
+
+    assert jaccard(refined) > jaccard(plain) + 0.1
+    top, bottom, left, right = zoom_box(plain)
+    outside = torch.ones_like(truth)
+    outside[top:bottom, left:right] = False
+    upsampled = torch.nn.functional.interpolate(coarse, size=(300, 400), mode="bilinear", align_corners=False)
+    assert torch.equal(zoomed[0, 0][outside], upsampled[0, 0][outside])
+
+
 def test_largest_component_keeps_one_lesion_and_fills_its_holes():
     mask = torch.zeros(12, 12, dtype=torch.bool)
     mask[1:7, 1:7] = True  # the lesion, with a hole
@@ -304,7 +363,7 @@ def test_external_scores_equal_a_by_hand_scoring(tiny_task1):
     assert half["images"] == len(reporting) == len(table) // 2
     assert half["JA on the set"] == pytest.approx(table[table["id"].isin(reporting)]["iou"].mean())
     options = result.options
-    assert len(options) == 8 and set(options["data"]) == {"validation", other.name}
+    assert len(options) == 12 and set(options["data"]) == {"validation", other.name}  # 2 splits × 6 options
     assert options[options["the run's own scoring"]]["largest component"].all()
 
 

@@ -110,6 +110,13 @@ def read_image(path: str | Path, size: int | None = None) -> tuple[torch.Tensor,
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), full_size
 
 
+def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A uint8 ``3×H×W`` image resized to ``3×size×size`` the way ``read_image`` resizes (PIL, bilinear)."""
+    picture = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    array = np.asarray(picture.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
 def read_mask(path: str | Path, size: int | None = None, expected_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Decode a mask to a uint8 ``1×size×size`` tensor of {0, 1} (nearest-neighbour resize).
 

@@ -20,15 +20,18 @@ import torch
 
 from ..base.files import save_table, shown_path, signed
 from ..config.params import absolute
-from ..data.decoding import DecodedSplit, decode_pairs
+from ..data.decoding import DecodedSplit, decode_pairs, read_image
 from ..data.sources import EXTERNAL_LAYOUTS, PH2_URL, RELEASES, DataError, find_external_pairs
 from ..data.synthetic import make_synthetic_external
-from ..model.inference import load_trained, predicted_probabilities
+from ..model.inference import load_trained, predicted_probabilities, zoomed_probabilities
 from ..scoring import confidence, metrics
 from ..training.experiments import SavedRun, data_root, load_run, prepare_data
 
-# (tta, postprocess): every combination, scored for every run (the options study shows the single ones).
-INFERENCE_OPTIONS = (("none", "none"), ("flips", "none"), ("none", "largest_component"), ("flips", "largest_component"))
+# (test-time strategy, postprocess): every combination, scored for every run (the options study shows the single
+# ones). "zoom" is coarse-to-fine (``inference.zoomed_probabilities``): the lesion's crop segmented again at the model's
+# size, for the small lesions of the later releases; a measured option only, never a run's own.
+TEST_TIME = ("none", "flips", "zoom")
+INFERENCE_OPTIONS = tuple((tta, post) for post in ("none", "largest_component") for tta in TEST_TIME)
 TEST_NAME = "ISIC test"
 ON_SET = "on the set"  # the gap table's column for the external set's score (JA on the set, …)
 # Each external set is split once, the same way for every run and every study, into two halves: the cases any choice
@@ -162,13 +165,9 @@ class Scored:
     def own_tables(self) -> dict[int, pd.DataFrame]:
         return {seed: table for (seed, tta, post), table in self.tables.items() if (tta, post) == self.own}
 
-    def per_image_iou(self, flips: bool, post: bool) -> pd.Series:
-        """Per-image JA (mean over seeds, indexed by id), scored with or without flips / post-processing."""
-        chosen = [
-            t.set_index("id")["iou"]
-            for (seed, tta, method), t in self.tables.items()
-            if (tta != "none", method != "none") == (flips, post)
-        ]
+    def per_image_iou(self, tta: str, post: str) -> pd.Series:
+        """Per-image JA (mean over seeds, indexed by id), scored with test-time strategy ``tta`` and ``post``."""
+        chosen = [t.set_index("id")["iou"] for (seed, a, b), t in self.tables.items() if (a, b) == (tta, post)]
         return pd.concat(chosen, axis=1).mean(axis=1)
 
 
@@ -182,9 +181,19 @@ def score_split(run: SavedRun, split: DecodedSplit, name: str) -> Scored:
         model, meta = load_trained(run.run_dir / f"seed{seed}" / "best.pt")
         calibrations[int(seed)] = meta.get("calibration") or {}
         probabilities = {tta: predicted_probabilities(model, meta, split.images, tta) for tta in ("none", "flips")}
+        probabilities["zoom"] = probabilities["none"]  # its coarse pass; the crop's pass runs at the original size
         trust = {tta: confidence.scores(p, calibrations[int(seed)]) for tta, p in probabilities.items()}
         maps = [probabilities[tta] for tta, _ in INFERENCE_OPTIONS]
-        counts = metrics.original_size_counts(maps, split, postprocess=[post for _, post in INFERENCE_OPTIONS])
+
+        def zoom(k: int, coarse: torch.Tensor, model=model, meta=meta) -> torch.Tensor:
+            return zoomed_probabilities(model, meta, read_image(split.sources[k].image)[0], coarse)
+
+        counts = metrics.original_size_counts(
+            maps,
+            split,
+            postprocess=[post for _, post in INFERENCE_OPTIONS],
+            refine=[zoom if tta == "zoom" else None for tta, _ in INFERENCE_OPTIONS],
+        )
         for (tta, post), c in zip(INFERENCE_OPTIONS, counts):
             tables[(seed, tta, post)] = metrics.per_image_table(c, split.ids, split.sizes)
             tables[(seed, tta, post)]["confidence"] = trust[tta]
@@ -276,7 +285,8 @@ def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bo
                     {
                         "run": name,
                         "data": split_name,
-                        "test-time flips": tta != "none",
+                        "test-time flips": tta == "flips",
+                        "zoom": tta == "zoom",
                         "largest component": post != "none",
                         "JA": _mean(chosen, "iou"),
                         "Δ JA": _mean(chosen, "iou") - plain,
@@ -390,11 +400,14 @@ def external_reading(result: ExternalResult) -> str:
     best = gap.loc[gap["JA gap"].idxmax()]
     lines.append(f"Smallest gap: {best['run']} on {best['external set']} ({signed(best['JA gap'])}).")
     for (data_name,), group in options[options["data"] != "validation"].groupby(["data"], sort=False):
+        plain = ~group["test-time flips"] & ~group["zoom"]
         flips = group[group["test-time flips"] & ~group["largest component"]]["Δ JA"]
-        post = group[~group["test-time flips"] & group["largest component"]]["Δ JA"]
+        post = group[plain & group["largest component"]]["Δ JA"]
+        zoomed = group[group["zoom"] & ~group["largest component"]]["Δ JA"]
         lines.append(
             f"On {data_name}, test-time flips change JA by {signed(flips.min())} to {signed(flips.max())} across "
-            f"runs, the largest-component post-processing by {signed(post.min())} to {signed(post.max())}."
+            f"runs, the largest-component post-processing by {signed(post.min())} to {signed(post.max())}"
+            + f", coarse-to-fine zoom by {signed(zoomed.min())} to {signed(zoomed.max())}."
         )
     return " ".join(lines)
 

@@ -41,10 +41,18 @@ TRAINING_OPTIONS = {  # name → what it changes on top of BASE
     "strong colour": {"augment": BASE["augment"] + ["color_strong"]},
     "256 px": {"image_size": 256},
 }
-# Measured, never taken by default whatever the study says: the report's design is 128 × 128 images.
-OUTSIDE_DESIGN = {"256 px": "the report's images are 128 × 128 (and it takes four times the compute)"}
+# Measured, never taken by default whatever the study says: the report's design is 128 × 128 images, and a run scores
+# (and predict applies) whole images.
+OUTSIDE_DESIGN = {
+    "256 px": "the report's images are 128 × 128 (and it takes four times the compute)",
+    "zoom (coarse-to-fine)": "a run's own scoring and predict segment the whole image once",
+}
 # The inference options the study shows, each alone on the base run, in chapter 3's form: (tta, postprocess).
-INFERENCE_STUDIED = {"test-time flips": ("flips", "none"), "largest component": ("none", "largest_component")}
+INFERENCE_STUDIED = {
+    "test-time flips": ("flips", "none"),
+    "largest component": ("none", "largest_component"),
+    "zoom (coarse-to-fine)": ("zoom", "none"),
+}
 FOLDER = "options"
 
 
@@ -56,9 +64,14 @@ STUDY_SEEDS = (0, 1, 2)  # a choice is judged against the seed spread, which nee
 
 
 def study_params(
-    profile: str, epochs: int | None = None, overrides: dict | None = None, root: Path | None = None
+    profile: str,
+    epochs: int | None = None,
+    overrides: dict | None = None,
+    root: Path | None = None,
+    only: list[str] | None = None,
 ) -> tuple[dict, dict[str, dict]]:
-    """(the external chapter's parameters for the study's folder, {option: its run's training parameters})."""
+    """(the external chapter's parameters for the study's folder, {option: its run's training parameters}); with
+    ``only`` (option names or their run folders' names; "base" alone for none), the base and those options alone."""
     root = root or P.project_root()
     overrides = dict(overrides or {})
     P.check_overrides(overrides)
@@ -70,8 +83,17 @@ def study_params(
         root,
     )
     out = str(Path(train["output_dir"]) / FOLDER)
+    known = {"base", *TRAINING_OPTIONS, *map(run_name, TRAINING_OPTIONS)}
+    unknown = [o for o in only or [] if o not in known]
+    if unknown:
+        raise P.ParameterError(
+            f"unknown option {unknown[0]!r} for --only: the training options are "
+            + ", ".join(f"{run_name(o)} ({o})" for o in TRAINING_OPTIONS)
+            + " (the inference options are always scored)."
+        )
+    chosen = {o: c for o, c in TRAINING_OPTIONS.items() if only is None or o in only or run_name(o) in only}
     runs = {}
-    for option, change in {"base": {}, **TRAINING_OPTIONS}.items():
+    for option, change in {"base": {}, **chosen}.items():
         values = {**train, **BASE, **change, "run_name": run_name(option), "output_dir": out}
         if "seeds" not in overrides:
             values["seeds"] = list(STUDY_SEEDS)
@@ -93,10 +115,16 @@ def study_params(
 
 
 def options_study(
-    profile: str, epochs: int | None = None, overrides: dict | None = None, root: Path | None = None, echo=print
+    profile: str,
+    epochs: int | None = None,
+    overrides: dict | None = None,
+    root: Path | None = None,
+    echo=print,
+    only: list[str] | None = None,
 ) -> pd.DataFrame:
-    """Train (or resume) the base and each option's run, every seed, score them, write and return ``options.csv``."""
-    scoring, runs = study_params(profile, epochs, overrides, root)
+    """Train (or resume) the base and each option's run (``only``: those named), every seed, score them, write and
+    return ``options.csv``."""
+    scoring, runs = study_params(profile, epochs, overrides, root, only)
     for option, values in runs.items():
         echo(f"options: {option} ({values['run_name']}, {values['epochs']} epochs, seeds {values['seeds']})")
         train_run(values, prepare_data(values), verbose=True)

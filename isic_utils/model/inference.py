@@ -10,10 +10,15 @@ from pathlib import Path
 
 import torch
 
+from ..data.decoding import resize_image
 from ..data.transforms import apply_color_constancy, normalize
 from .networks import SegmentationModel, build_model
 
 TTA = ("none", "flips")
+# Coarse-to-fine ("zoom"): the crop spans this many times the predicted lesion's box (the image's aspect ratio kept, so
+# the crop is squeezed to the model's square input as whole images are); no zoom when the crop would cover at least
+# ZOOM_SKIP of the image's sides (the lesion is large already), and never more than 1 / ZOOM_FLOOR times.
+ZOOM_CONTEXT, ZOOM_SKIP, ZOOM_FLOOR = 2.0, 0.8, 0.25
 
 
 class CheckpointMismatch(RuntimeError):
@@ -125,3 +130,44 @@ def predicted_probabilities(
         x = model_input(meta, images_uint8[start : start + batch_size].to(device))
         out.append(flip_averaged(model, x, tta).cpu())
     return torch.cat(out)
+
+
+def zoom_box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of the crop coarse-to-fine segments again, around the lesion of ``mask`` (``H×W``
+    bool at the image's original size), or None when there is nothing to zoom on (no lesion, or a large one)."""
+    rows, columns = mask.any(1).nonzero(), mask.any(0).nonzero()
+    if not len(rows):
+        return None
+    height, width = mask.shape
+    top, bottom = int(rows.min()), int(rows.max()) + 1
+    left, right = int(columns.min()), int(columns.max()) + 1
+    scale = max(ZOOM_CONTEXT * (bottom - top) / height, ZOOM_CONTEXT * (right - left) / width, ZOOM_FLOOR)
+    if scale >= ZOOM_SKIP:
+        return None
+    crop_h, crop_w = max(1, round(scale * height)), max(1, round(scale * width))
+    y0 = min(max(0, (top + bottom - crop_h) // 2), height - crop_h)
+    x0 = min(max(0, (left + right - crop_w) // 2), width - crop_w)
+    return y0, y0 + crop_h, x0, x0 + crop_w
+
+
+@torch.inference_mode()
+def zoomed_probabilities(
+    model: SegmentationModel, meta: dict, image: torch.Tensor, coarse: torch.Tensor
+) -> torch.Tensor:
+    """Coarse-to-fine at the original size: ``coarse`` (``1×1×S×S``, the whole image at the model's size) upsampled to
+    ``image``'s (uint8 ``3×H×W``) size; then the crop around its lesion (``zoom_box``) resized to the model's size,
+    segmented again, and its probabilities pasted back. ``1×1×H×W``, fp32."""
+    height, width = image.shape[-2:]
+    full = torch.nn.functional.interpolate(
+        coarse.float().reshape(1, 1, *coarse.shape[-2:]), size=(height, width), mode="bilinear", align_corners=False
+    )
+    box = zoom_box(full[0, 0] > meta.get("threshold", 0.5))
+    if box is None:
+        return full
+    top, bottom, left, right = box
+    crop = resize_image(image[:, top:bottom, left:right], int(meta["image_size"]))
+    fine = predicted_probabilities(model, meta, crop.unsqueeze(0), "none")
+    full[..., top:bottom, left:right] = torch.nn.functional.interpolate(
+        fine, size=(bottom - top, right - left), mode="bilinear", align_corners=False
+    )
+    return full

@@ -409,7 +409,7 @@ def external_distribution(result: external.ExternalResult):
         for (run_name, split), scored in result.scored.items():
             if run_name != name or split == "validation":
                 continue
-            ja = scored.per_image_iou(*(option != "none" for option in scored.own))
+            ja = scored.per_image_iou(*scored.own)
             frames.append(pd.DataFrame({"run": name, "data": split, "iou": ja.to_numpy()}))
     long = pd.concat(frames, ignore_index=True)
     fig, ax = plt.subplots(figsize=(7.5, 4))

@@ -129,21 +129,25 @@ def full_size_mask(
     return postprocess_mask(upsampled > threshold, postprocess)
 
 
-def original_size_counts(probabilities, data_split, threshold: float = 0.5, postprocess: str = "none"):
+def original_size_counts(probabilities, data_split, threshold: float = 0.5, postprocess: str = "none", refine=None):
     """Challenge-style counts: each probability map upsampled (bilinear) to its image's original size,
     thresholded at ``threshold`` (then post-processed), and compared with the original full-size mask.
 
     ``probabilities``: one ``N×1×h×w`` tensor, or a list of them (a run's seeds), for which each full-size mask is
     read once and a list of counts is returned. ``postprocess``: one method for all, or a list (one per map).
+    ``refine``: None, or a list (one per map) of None or a function (image index, its ``1×1×h×w`` map) → its map at
+    the original size (coarse-to-fine: ``inference.zoomed_probabilities``), used instead of upsampling.
     """
     several = isinstance(probabilities, (list, tuple))
     maps = list(probabilities) if several else [probabilities]
     methods = list(postprocess) if isinstance(postprocess, (list, tuple)) else [postprocess] * len(maps)
+    refiners = list(refine) if refine is not None else [None] * len(maps)
     counts: list[list[torch.Tensor]] = [[] for _ in maps]
     for k, pair in enumerate(data_split.sources):
         mask = read_mask(pair.mask, None).float().unsqueeze(0)
-        for store, maps_k, method in zip(counts, maps, methods):
-            predicted = full_size_mask(maps_k[k : k + 1], data_split.sizes[k], threshold, method)
+        for store, maps_k, method, refined in zip(counts, maps, methods, refiners):
+            coarse = maps_k[k : k + 1] if refined is None else refined(k, maps_k[k : k + 1])
+            predicted = full_size_mask(coarse, data_split.sizes[k], threshold, method)
             store.append(confusion_counts(predicted.float(), mask, 0.5))
     joined = [torch.cat(store) for store in counts]
     return joined if several else joined[0]
