@@ -103,7 +103,14 @@ def _command(argv: list[str] | None) -> int:
         "--masks",
         help="folder of their masks (<id>_Segmentation.png, <id>_lesion.bmp, <id>.png): fine-tune on labelled cases",
     )
-    adapt.add_argument("--k", type=int, help="labelled cases to fine-tune on (default: all)")
+    adapt.add_argument(
+        "--method",
+        choices=("batchnorm", "threshold", "fine-tune"),
+        help="batchnorm: statistics from the images, no labels; threshold: only the threshold, chosen on k labelled "
+        "cases; fine-tune: the model fine-tuned on them (default: fine-tune with --masks, batchnorm without). "
+        "Which to start with: chapter 3's adaptation table",
+    )
+    adapt.add_argument("--k", type=int, help="labelled cases to choose on or fine-tune on (default: all)")
     adapt.add_argument("--seed", type=int, default=0, help="which k cases are drawn, and the fine-tune's seed")
     adapt.add_argument("--output", help="the adapted checkpoint (default: beside --checkpoint)")
     adapt.add_argument("--overwrite", action="store_true", help="replace --output if it exists (refused otherwise)")
@@ -150,9 +157,14 @@ def _command(argv: list[str] | None) -> int:
             from .evaluation.adaptation import adapt_checkpoint
 
             target, adapted = adapt_checkpoint(
-                args.checkpoint, args.images, args.masks, args.k, args.seed, args.output, args.overwrite
+                args.checkpoint, args.images, args.masks, args.k, args.seed, args.output, args.overwrite, args.method
             )
-            how = "batch-norm statistics from" if adapted["method"] == "batchnorm" else "fine-tuned on"
+            how = {
+                "batchnorm": "batch-norm statistics from",
+                "threshold": f"threshold {adapted.get('threshold', 0.5):.2f} (was "
+                f"{adapted.get('threshold before', 0.5):.2f}) chosen on",
+                "fine-tune": "fine-tuned on",
+            }[adapted["method"]]
             print(
                 f"wrote {target}: {how} {adapted['cases']} case(s) of {adapted['from']}; apply it with predict "
                 f"--checkpoint {target}"

@@ -104,6 +104,39 @@ def test_an_adapted_checkpoint_says_so_and_predict_applies_it(trained_run, clini
     assert target.stat().st_mtime_ns == stamp
 
 
+def test_a_threshold_chosen_on_k_cases_is_recorded_and_applied_by_predict(trained_run, clinic, tmp_path, capsys):
+    """adapt --method threshold: the weights stay as trained, the checkpoint's threshold is the one chosen on the k
+    cases (what best_threshold picks on them), and predict's masks are the probabilities above it."""
+    from isic_utils.data.decoding import decode_pairs, read_image
+    from isic_utils.model.inference import predicted_probabilities
+    from isic_utils.scoring.metrics import full_size_mask
+
+    _, run_dir = trained_run
+    images, masks = clinic
+    arguments = ["adapt", "--checkpoint", str(run_dir / "best.pt"), "--images", str(images), "--masks", str(masks)]
+    assert main([*arguments, "--method", "threshold", "--k", "3", "--output", str(tmp_path / "t.pt")]) == 0
+    said = capsys.readouterr().out
+    model, meta = load_trained(tmp_path / "t.pt")
+    base, base_meta = load_trained(run_dir / "best.pt")
+    adapted = meta["adapted"]
+    assert adapted["method"] == "threshold" and adapted["cases"] == 3 and meta["threshold"] == adapted["threshold"]
+    assert f"threshold {adapted['threshold']:.2f} (was {base_meta['threshold']:.2f}) chosen on 3 case(s)" in said
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
+    pairs = [p for p in A.clinic_pairs(images, masks)[1] if p.id in adapted["ids"]]
+    cases = decode_pairs(pairs, meta["image_size"], progress=False)
+    assert adapted["threshold"] == A.best_threshold(predicted_probabilities(base, base_meta, cases.images), cases.masks)
+    predict_folder(tmp_path / "t.pt", images, tmp_path / "masks-out", postprocess="none")
+    first = sorted(images.iterdir())[0]
+    image, size = read_image(first, meta["image_size"])
+    by_hand = full_size_mask(predicted_probabilities(base, base_meta, image[None]), size, adapted["threshold"])
+    written = np.asarray(Image.open(tmp_path / "masks-out" / f"{first.stem}_Segmentation.png")) > 0
+    assert (written == by_hand[0, 0].numpy()).all()
+    # a threshold needs labelled cases
+    assert main([*arguments[:5], "--method", "threshold", "--output", str(tmp_path / "u.pt")]) == 1
+    assert "--method threshold chooses on labelled cases: give --masks" in capsys.readouterr().err
+    assert not (tmp_path / "u.pt").exists()
+
+
 def test_the_adapt_commands_errors_name_the_problem_and_the_fix(trained_run, clinic, tmp_path, capsys):
     _, run_dir = trained_run
     images, masks = clinic

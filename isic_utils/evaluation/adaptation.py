@@ -26,7 +26,14 @@ from ..training.experiments import SavedRun
 from ..training.loop import loss_fn
 from .external import ExternalResult, halves
 
-MASK_NAMES = ("{stem}_Segmentation.png", "{stem}_lesion.bmp", "{stem}_lesion.png", "{stem}.png")
+MASK_NAMES = (
+    "{stem}_Segmentation.png",
+    "{stem}_segmentation.png",  # ISIC 2017 and 2018
+    "{stem}_lesion.bmp",
+    "{stem}_lesion.png",
+    "{stem}.png",
+)
+ADAPT_METHODS = ("batchnorm", "threshold", "fine-tune")  # what `adapt --method` offers (chapter 3 measures all three)
 STEPS, BATCH, ENCODER_LR, DECODER_LR = 40, 8, 1e-4, 1e-3  # the few-shot fine-tune: short, gentle on the encoder
 
 
@@ -139,15 +146,30 @@ def adapt_checkpoint(
     seed: int = 0,
     output: str | Path | None = None,
     overwrite: bool = False,
+    method: str | None = None,
 ) -> tuple[Path, dict]:
     """Adapt ``checkpoint`` to a clinic and write the adapted checkpoint (default: beside it,
-    ``adapted-batchnorm.pt`` or ``adapted-k<k>.pt``); returns (its path, what its meta records under ``adapted``).
+    ``adapted-batchnorm.pt``, ``adapted-threshold-k<k>.pt`` or ``adapted-k<k>.pt``); returns (its path, what its meta
+    records under ``adapted``).
 
-    Without ``masks``: batch-norm statistics from every image in ``images``. With ``masks``: fine-tuned on ``k``
-    labelled cases (all when ``k`` is None) drawn with ``seed``. Nothing is replaced unless ``overwrite``."""
+    ``method`` (``ADAPT_METHODS``; default: fine-tune with ``masks``, batch-norm statistics without):
+    ``batchnorm``, the batch-norm statistics from every image in ``images`` (no labels); ``threshold``, only the
+    probability threshold chosen on ``k`` labelled cases (all when ``k`` is None) drawn with ``seed``, the weights
+    unchanged (``predict`` applies the checkpoint's threshold); ``fine-tune``, the model fine-tuned on them. Nothing
+    is replaced unless ``overwrite``."""
     checkpoint = Path(checkpoint)
     if seed < 0:
         raise DataError(f"--seed {seed}: a seed is an integer >= 0 (it draws the k cases and seeds the fine-tune).")
+    method = method or ("fine-tune" if masks is not None else "batchnorm")
+    if method not in ADAPT_METHODS:
+        raise DataError(f"--method {method!r}: choose one of {', '.join(ADAPT_METHODS)}.")
+    if method != "batchnorm" and masks is None:
+        raise DataError(
+            f"--method {method} chooses on labelled cases: give --masks (the folder of their masks), or use "
+            "--method batchnorm, which needs no labels."
+        )
+    if method == "batchnorm":
+        masks = None  # the images alone
     files, pairs = clinic_pairs(images, masks)
     if pairs:
         k = len(pairs) if k is None else k
@@ -158,23 +180,26 @@ def adapt_checkpoint(
             )
     elif k is not None:
         raise DataError("--k needs labelled cases: give --masks (or leave --k out to adapt without labels).")
-    method = "fine-tune" if pairs else "batchnorm"
-    target = writable_file(
-        output or checkpoint.parent / (f"adapted-k{k}.pt" if pairs else "adapted-batchnorm.pt"), overwrite
-    )
+    default = {"batchnorm": "adapted-batchnorm.pt", "threshold": f"adapted-threshold-k{k}.pt"}
+    target = writable_file(output or checkpoint.parent / default.get(method, f"adapted-k{k}.pt"), overwrite)
     model, meta = load_trained(checkpoint)
     size = meta["image_size"]
+    threshold = None
     if pairs:
         chosen = sorted(np.random.default_rng(seed).choice(len(pairs), size=k, replace=False).tolist())
         used = [pairs[i] for i in chosen]
         decoded = decode_pairs(used, size, progress=False)
-        fine_tune(model, meta, decoded.images, decoded.masks, seed=seed)
+        if method == "threshold":
+            threshold = best_threshold(predicted_probabilities(model, meta, decoded.images), decoded.masks)
+        else:
+            fine_tune(model, meta, decoded.images, decoded.masks, seed=seed)
         ids = decoded.ids
     else:
         adapt_batchnorm(model, meta, torch.stack([read_image(p, size)[0] for p in files]))
         ids = [p.stem for p in files]
     adapted = {
         "method": method,
+        **({"threshold": threshold, "threshold before": meta["threshold"]} if threshold is not None else {}),
         "cases": len(ids),
         "ids": ids,
         "from": shown_path(images),
@@ -184,6 +209,8 @@ def adapt_checkpoint(
     state = load_checkpoint(checkpoint)
     state["model"] = model.state_dict()
     state["meta"] = {**state["meta"], "adapted": adapted}
+    if threshold is not None:
+        state["meta"]["threshold"] = threshold
     checkpoints.save(state, target)
     return target, adapted
 
