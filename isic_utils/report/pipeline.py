@@ -40,6 +40,7 @@ from ..base.files import (
     write_text,
 )
 from ..config import params as P
+from ..data.sources import RELEASES
 from ..evaluation.external import external_sets
 from ..evaluation.gallery import GALLERY
 from ..model.networks import resolve_weights
@@ -508,9 +509,10 @@ def write_index(out_dir: Path, steps: list[Step], resolved: dict, state: dict) -
             + (f"<br><small>{' · '.join(extras)}</small>" if extras else "")
             + "</li>"
         )
+    data = RELEASES.get(first.get("data_source"), RELEASES["isic2016"]).name  # synthetic: the 2016 report offline
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>ISIC 2016 segmentation report — {html.escape(first['profile'])}</title>
+<title>{data} segmentation report — {html.escape(first['profile'])}</title>
 <style>
 body{{font-family:system-ui,sans-serif;max-width:68em;margin:1.5em auto;padding:0 1em;line-height:1.45;color:#222}}
 h1{{font-size:1.6em;margin-bottom:.2em}} h2{{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}}
@@ -520,7 +522,7 @@ th,td{{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:to
 figure{{margin:1em 0}} figure img{{max-width:100%;height:auto;border:1px solid #eee}}
 figcaption{{font-size:.9em;color:#555}} li{{margin:.35em 0}} small{{color:#555}}
 </style></head><body>
-<h1>Skin-lesion segmentation on ISIC 2016 with a MobileNetV2 encoder</h1>
+<h1>Skin-lesion segmentation on {data} with a MobileNetV2 encoder</h1>
 <p class="note">Profile <b>{html.escape(first['profile'])}</b>: {html.escape(note)} {html.escape(tables.data_line(out_dir))}</p>
 {answer}
 <h2>What each chapter found</h2>
