@@ -60,9 +60,24 @@ def test_a_malformed_set_says_what_is_wrong(chapters_run, tmp_path, capsys, item
 
 def test_the_options_command_runs_the_study_it_names(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(generalisation, "options_study", lambda *args: calls.append(args))
+    monkeypatch.setattr(generalisation, "options_study", lambda *args, **named: calls.append((args, named)))
     assert main(["options", "--data", "tiny", "--epochs", "1", "--set", f"output_dir={tmp_path}", "seeds=[0, 1]"]) == 0
-    assert calls == [("tiny", 1, {"output_dir": str(tmp_path), "seeds": [0, 1]})]
+    assert calls == [(("tiny", 1, {"output_dir": str(tmp_path), "seeds": [0, 1]}), {"only": None})]
+    assert main(["options", "--data", "tiny", "--only", "256_px"]) == 0
+    assert calls[-1][1] == {"only": ["256_px"]}
+
+
+def test_the_options_study_trains_only_the_options_named(tmp_path):
+    """--only: the base and the named options (by name or folder), nothing else; an unknown one is named."""
+    from isic_utils.config.params import ParameterError
+
+    values = {"output_dir": str(tmp_path)}
+    _, runs = generalisation.study_params("tiny", 1, values, only=["256_px"])
+    assert list(runs) == ["base", "256 px"]
+    _, runs = generalisation.study_params("tiny", 1, values, only=["base"])
+    assert list(runs) == ["base"]
+    with pytest.raises(ParameterError, match=r"unknown option 'bigger' for --only: .*256_px \(256 px\)"):
+        generalisation.study_params("tiny", 1, values, only=["bigger"])
 
 
 def test_the_isic_report_console_script_is_installed():

@@ -67,8 +67,8 @@ def test_all_problems_reported_at_once_with_the_valid_keys(tmp_path):
 
 
 def test_unknown_profile_lists_the_known_ones():
-    with pytest.raises(P.ParameterError, match=r"unknown data profile 'isic2017'.*'synthetic'"):
-        P.resolve("eda", profile="isic2017", root=ROOT)
+    with pytest.raises(P.ParameterError, match=r"unknown data profile 'isic2019'.*'isic2018'.*'synthetic'"):
+        P.resolve("eda", profile="isic2019", root=ROOT)
 
 
 def test_yaml_that_is_not_a_mapping(tmp_path):
