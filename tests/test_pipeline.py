@@ -190,9 +190,15 @@ def test_tables_have_the_right_columns_and_rows(tiny_report):
     assert set(gap["images"]) == {6, 3}
     assert len(pd.read_csv(out / "external" / "tables" / "per_image_other-clinic_task2_seed0.csv")) == 6
     options = pd.read_csv(out / "external" / "tables" / "inference_options.csv")
-    assert len(options) == 3 * 2 * 4  # runs × (validation, other-clinic) × (flips, largest component) on/off
-    for figure in ("ja_distribution", "worst_other-clinic"):
+    assert len(options) == 3 * 2 * 6  # runs × (validation, other-clinic) × (none, flips, zoom) × largest component
+    for figure in ("ja_distribution", "worst_other-clinic", "lesion_area"):
         assert_figure(out / "external" / "figures" / f"{figure}.png")
+    # JA by lesion area: per run, the test set and the set, four bins and all; the bins add up to the set
+    by_area = pd.read_csv(out / "external" / "tables" / "lesion_area.csv")
+    assert len(by_area) == 3 * 2 * 5
+    for (_, data), rows in by_area.groupby(["run", "data"]):
+        whole = rows[rows["lesion area"].str.startswith("all")].iloc[0]
+        assert rows[~rows["lesion area"].str.startswith("all")]["images"].sum() == whole["images"]
     assert len(pd.read_csv(out / "task1" / "tables" / "per_image_val_seed0.csv")) == 4  # validation at full size too
 
 
@@ -213,11 +219,12 @@ def test_task3_is_scored_with_its_options(tiny_report):
 
 
 def test_the_options_study_measures_each_option_and_the_comparison_shows_it(tiny_report):
-    from isic_utils.evaluation.generalisation import TRAINING_OPTIONS, options_reading
+    from isic_utils.evaluation.generalisation import INFERENCE_STUDIED, TRAINING_OPTIONS, options_reading
 
     out, *_ = tiny_report
     table = pd.read_csv(out / "options" / "tables" / "options.csv")
-    assert list(table["option"]) == ["base", *TRAINING_OPTIONS, "test-time flips", "largest component"]
+    assert list(table["option"]) == ["base", *TRAINING_OPTIONS, *INFERENCE_STUDIED]
+    assert list(INFERENCE_STUDIED) == ["test-time flips", "largest component", "zoom (coarse-to-fine)"]
     splits = ["validation", "other-clinic, choosing half", "other-clinic, reporting half"]
     assert (table.iloc[0][[f"Δ {s}" for s in splits]] == 0).all()
     assert {f"{c} {s}" for c in ("JA", "JA std", "Δ", "Δ std") for s in splits} <= set(table.columns)
