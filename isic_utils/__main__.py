@@ -114,6 +114,18 @@ def _command(argv: list[str] | None) -> int:
     adapt.add_argument("--seed", type=int, default=0, help="which k cases are drawn, and the fine-tune's seed")
     adapt.add_argument("--output", help="the adapted checkpoint (default: beside --checkpoint)")
     adapt.add_argument("--overwrite", action="store_true", help="replace --output if it exists (refused otherwise)")
+    export = commands.add_parser(
+        "export",
+        help="a checkpoint as an ONNX file that says what it is (size, normalisation, threshold, confidence rule); "
+        "--int8 quantises it, measured on validation first",
+    )
+    export.add_argument("--checkpoint", required=True, help="a best.pt from a training run (adapted ones too)")
+    export.add_argument("--int8", action="store_true", help="int8 (QDQ, per-channel), calibrated on training images")
+    export.add_argument(
+        "--tolerance", type=float, default=0.005, help="validation JA int8 may cost before it is refused"
+    )
+    export.add_argument("--output", help="the .onnx file (default: beside --checkpoint, best.onnx or best-int8.onnx)")
+    export.add_argument("--overwrite", action="store_true", help="replace --output if it exists (refused otherwise)")
     args = parser.parse_args(argv)
 
     from .base.files import FileProblem, ReportBusy, os_error_sentence
@@ -153,6 +165,24 @@ def _command(argv: list[str] | None) -> int:
                     "absolute path?)",
                     file=sys.stderr,
                 )
+        elif args.command == "export":
+            from .deploy.export import Int8TooCostly, export_checkpoint
+
+            try:
+                target, described = export_checkpoint(
+                    args.checkpoint, args.output, args.int8, args.overwrite, args.tolerance
+                )
+            except Int8TooCostly as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            line = f"wrote {target} ({target.stat().st_size / 2**20:.1f} MB, {described['precision']})"
+            if "int8" in described:
+                measured = described["int8"]
+                line += (
+                    f": validation JA {measured['validation JA fp32']:.4f} in fp32, "
+                    f"{measured['validation JA int8']:.4f} in int8 ({measured['validation images']} images)"
+                )
+            print(line)
         elif args.command == "adapt":
             from .evaluation.adaptation import adapt_checkpoint
 

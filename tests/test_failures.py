@@ -168,3 +168,34 @@ def test_the_area_ratio_says_which_way_a_run_misses():
         warnings.simplefilter("error", RuntimeWarning)  # a warning would land in chapter 3's page
         figure = area_ratio_figure({("task3", "PH2"): over, ("task2", "PH2"): under, ("task1", "PH2"): empty})
     assert figure.axes[0].get_yscale() == "log"
+
+
+def test_ja_by_lesion_area_bins_every_image_once_and_reads_the_bins():
+    """Chapter 3's small-lesion table: each image in the bin of its true lesion area (share of the image, original
+    size), the bins' images adding up to the set, each bin's JA the mean of its images'; the page's view and the
+    reading say the same numbers."""
+    total = 10_000
+    true = np.array([100, 400, 900, 2_000, 4_000, 7_000])  # 1 %, 4 %, 9 %, 20 %, 40 %, 70 % of the image
+    iou = np.array([0.2, 0.4, 0.6, 0.7, 0.8, 0.9])
+    tp = (true * iou).astype(int)
+    table = pd.DataFrame({"id": list("abcdef"), "tp": tp, "fn": true - tp, "fp": 0, "tn": total - true, "iou": iou})
+    frames = {("task3", "ISIC test"): table, ("task3", "later"): table.iloc[:3]}
+    by_area = failures.lesion_area_table(frames)
+    rows = by_area[by_area["data"] == "ISIC test"].set_index("lesion area")
+    assert list(rows["images"]) == [2, 1, 2, 1, 6]
+    assert rows.loc["< 5%", "JA"] == pytest.approx(0.3) and rows.loc["15–50%", "JA"] == pytest.approx(0.75)
+    assert rows.index[-1] == "all (median 14%)" and rows.iloc[-1]["JA"] == pytest.approx(iou.mean())
+    later = by_area[by_area["data"] == "later"]
+    assert list(later["images"]) == [2, 1, 0, 0, 3] and later["JA"].isna().sum() == 2  # empty bins: no JA
+    view = failures.lesion_area_view(by_area)
+    assert list(view.columns) == ["run", "data", "< 5%", "5–15%", "15–50%", "> 50%", "all", "median lesion area"]
+    assert (
+        view.iloc[0]["< 5%"] == "0.300 (2)"
+        and view.iloc[1]["> 50%"] == ""
+        and view.iloc[1]["median lesion area"] == "4%"
+    )
+    reading = failures.lesion_area_reading(by_area)
+    assert (
+        "task3 on ISIC test: JA 0.300 on lesions of < 5% of the image (2 images) against 0.900 on > 50% (1)" in reading
+    )
+    assert "task3 on later: JA 0.300 on lesions of < 5% of the image (2 images) against 0.600 on 5–15% (1)" in reading
