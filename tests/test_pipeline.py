@@ -196,7 +196,7 @@ def test_tables_have_the_right_columns_and_rows(tiny_report):
     # JA by lesion area: per run, the test set and the set, four bins and all; the bins add up to the set
     by_area = pd.read_csv(out / "external" / "tables" / "lesion_area.csv")
     assert len(by_area) == 3 * 2 * 5
-    for (_, data), rows in by_area.groupby(["run", "data"]):
+    for _, rows in by_area.groupby(["run", "data"]):
         whole = rows[rows["lesion area"].str.startswith("all")].iloc[0]
         assert rows[~rows["lesion area"].str.startswith("all")]["images"].sum() == whole["images"]
     assert len(pd.read_csv(out / "task1" / "tables" / "per_image_val_seed0.csv")) == 4  # validation at full size too
