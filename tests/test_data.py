@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from isic_utils.data import decoding, eda, sources
+from isic_utils.data import decoding, eda, pictures, sources
 from isic_utils.data import splits as D
 
 TRAIN_IMAGES, TRAIN_MASKS = sources.SPLIT_FOLDERS["train"]
@@ -304,7 +304,7 @@ def test_wide_and_float_grey_values_are_scaled_not_wrapped(tmp_path):
         Image.fromarray(array).save(tmp_path / name)
         tensor, _ = decoding.read_image(tmp_path / name)
         assert tensor[0].flatten().tolist() == expected, name
-    assert decoding.to_8bit(np.array([-5, 300], np.int32)).tolist() == [0, 1]  # negatives to 0, never wrapped
+    assert pictures.to_8bit(np.array([-5, 300], np.int32)).tolist() == [0, 1]  # negatives to 0, never wrapped
 
 
 def test_a_cmyk_mask_is_refused_naming_it(tmp_path):

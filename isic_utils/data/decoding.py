@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from ..base.files import atomic_path, progress_bar
+from .pictures import MASK_MODES, WIDE_GREY_MODES, open_picture, rgb_array, to_8bit
 from .sources import DataError, Pair
 
 CACHE_VERSION = 1
@@ -34,80 +34,14 @@ CACHE_VERSION = 1
 # ----------------------------------------------------------------------------- decoding
 
 
-def _open(path: Path) -> Image.Image:
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            image.load()
-        if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
-            width, height = image.size  # above Pillow's warning size, below its limit: read, and said in one line
-            print(
-                f"note: {path} is {width * height / 1e6:.1f} megapixels ({width}×{height}); it is read whole, "
-                "which takes a while and memory",
-                file=sys.stderr,
-                flush=True,
-            )
-    except PermissionError as exc:
-        raise DataError(f"cannot read {path}: permission denied. Fix its permissions (chmod a+r).") from exc
-    except Image.DecompressionBombError as exc:
-        raise DataError(
-            f"{path} is larger than Pillow's safety limit of {Image.MAX_IMAGE_PIXELS:,} pixels ({exc}). "
-            "If it is a genuine image of yours, downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS before "
-            "running."
-        ) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        size = path.stat().st_size if path.exists() else 0
-        what = "is empty (0 bytes)" if size == 0 else f"cannot be decoded ({exc})"
-        raise DataError(f"{path} {what}. Replace it with the original file from the archive.") from exc
-    return image
-
-
-WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
-MASK_MODES = ("1", "L", "P", "LA", "RGB", "RGBA", *WIDE_GREY_MODES)
-
-
-def displayed_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) as the image is displayed: after its EXIF orientation (a quarter turn swaps them)."""
-    width, height = image.size
-    return (height, width) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
-
-
-def to_8bit(array: np.ndarray) -> np.ndarray:
-    """16-bit, 32-bit or floating-point grey values to uint8, scaled to the range they use, never wrapped: floats
-    in [0, 1] by 255; values up to 255 kept; up to 65535 (16-bit) by 255/65535; beyond that (32-bit) by
-    255/(2³²−1). Negative values become 0."""
-    wide = array.astype(np.float64)
-    top = wide.max(initial=0)
-    full = 1.0 if array.dtype.kind == "f" and top <= 1 else 255 if top <= 255 else 65535 if top <= 65535 else 2**32 - 1
-    return np.clip(wide * (255.0 / full), 0, 255).round().astype(np.uint8)
-
-
 def read_image(path: str | Path, size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Decode an image to a uint8 ``3×size×size`` tensor (or its own size when ``size`` is None).
+    """Decode an image to a uint8 ``3×size×size`` tensor (or its own size when ``size`` is None): ``rgb_array``.
 
     EXIF orientation is applied; any mode becomes RGB. Returns the tensor and the original
     (width, height) after orientation.
     """
-    path = Path(path)
-    try:
-        image = Image.open(path)
-        full_size = displayed_size(image)  # before draft(), which shrinks image.size
-        if size is not None and image.format == "JPEG":
-            image.draft("RGB", (2 * size, 2 * size))  # DCT-domain downscale: decodes several times faster
-        image.load()
-    except Exception:
-        image = _open(path)  # re-open to raise a precise DataError
-        full_size = displayed_size(image)
-    image = ImageOps.exif_transpose(image)
-    if image.mode in WIDE_GREY_MODES:
-        image = Image.fromarray(to_8bit(np.asarray(image)))
-    if image.mode != "RGB":
-        image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA") else image.convert("RGB")
-    if size is not None:
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), full_size
+    array, full_size = rgb_array(path, size)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), full_size
 
 
 def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -124,7 +58,7 @@ def read_mask(path: str | Path, size: int | None = None, expected_size: tuple[in
     ``expected_size`` (the image's (width, height)) is given and the mask's size differs.
     """
     path = Path(path)
-    image = _open(path)
+    image = open_picture(path)
     if expected_size is not None and tuple(image.size) != tuple(expected_size):
         raise DataError(
             f"mask {path} is {image.size[0]}×{image.size[1]} but its image is {expected_size[0]}×{expected_size[1]}. "

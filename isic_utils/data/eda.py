@@ -10,7 +10,8 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .decoding import DecodedSplit, displayed_size
+from .decoding import DecodedSplit
+from .pictures import displayed_size
 from .sources import DataError, Pair
 
 # ----------------------------------------------------------------------------- EDA helpers

@@ -24,9 +24,11 @@ import numpy as np
 import torch
 
 from ..base.files import atomic_path, shown_path, writable_file
+from ..data.sources import DataError
 from ..data.transforms import apply_color_constancy
 from ..model.inference import CheckpointMismatch, load_checkpoint, load_trained
 from ..scoring import metrics
+from ..training.experiments import prepare_data
 
 FORMAT = "isic_utils segmentation model, onnx 1"
 META_KEY = "isic_utils"
@@ -190,9 +192,6 @@ def _quantise(fp32: Path, target: Path, meta: dict, params: dict, tolerance: flo
     ``params``: the run's (its data)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from ..data.sources import DataError
-    from ..training.experiments import prepare_data
 
     if not params:
         raise CheckpointMismatch(
