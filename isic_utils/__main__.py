@@ -49,7 +49,11 @@ def _command(argv: list[str] | None) -> int:
     rep.add_argument("--only", nargs="*", help="run only these steps (eda task1 task2 task3 external compare)")
     rep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
     pred = commands.add_parser("predict", help="write masks at original size for a folder of images")
-    pred.add_argument("--checkpoint", required=True, help="a best.pt from a training run")
+    pred.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a best.pt from a training run, or a .onnx file export wrote (run by ONNX Runtime, flips as exported)",
+    )
     pred.add_argument("--input", required=True, help="folder of JPEG/PNG/BMP/TIFF images")
     pred.add_argument("--output", required=True, help="folder for <id>_Segmentation.png masks")
     pred.add_argument("--overlays", action="store_true", help="also write <id>_overlay.jpg")
@@ -131,6 +135,7 @@ def _command(argv: list[str] | None) -> int:
     from .base.files import FileProblem, ReportBusy, os_error_sentence
     from .config.params import ParameterError
     from .data.sources import DataError
+    from .deploy.predictor import ModelFileError
     from .model.inference import CheckpointMismatch
     from .report.pipeline import ChapterFailed
 
@@ -199,6 +204,14 @@ def _command(argv: list[str] | None) -> int:
                 f"wrote {target}: {how} {adapted['cases']} case(s) of {adapted['from']}; apply it with predict "
                 f"--checkpoint {target}"
             )
+        elif args.checkpoint.endswith(".onnx"):  # an exported model: the torch-free engine
+            from .deploy.predictor import CONFIDENCE_FILE, confidence_summary, predict_folder
+
+            if args.tta is not None:
+                raise ParameterError("--tta: an exported model's test-time flips are fixed at export; leave it out.")
+            written = predict_folder(
+                args.checkpoint, args.input, args.output, args.overlays, args.postprocess, args.overwrite
+            )
         else:
             from .predict import CONFIDENCE_FILE, confidence_summary, predict_folder
 
@@ -212,6 +225,7 @@ def _command(argv: list[str] | None) -> int:
         ChapterFailed,
         DataError,
         CheckpointMismatch,
+        ModelFileError,
         FileNotFoundError,
         FileProblem,
         ReportBusy,

@@ -12,7 +12,8 @@ import torch
 
 from isic_utils.__main__ import main
 from isic_utils.deploy import export as E
-from isic_utils.model.inference import CheckpointMismatch, load_trained, predicted_probabilities
+from isic_utils.deploy import predictor as R
+from isic_utils.model.inference import load_trained, predicted_probabilities
 from isic_utils.scoring.metrics import original_size_counts
 
 
@@ -60,7 +61,7 @@ def test_export_replaces_nothing_it_was_not_asked_to(exported, tmp_path, capsys)
 def test_files_that_are_not_ours_are_named_with_the_fix(tmp_path, capsys):
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(np.random.default_rng(0).bytes(2000))
-    with pytest.raises(CheckpointMismatch, match="cannot be read as an ONNX model"):
+    with pytest.raises(R.ModelFileError, match="cannot be read as an ONNX model"):
         E.read_metadata(corrupt)
     node = onnx.helper.make_node("Identity", ["x"], ["y"])
     value = onnx.helper.make_tensor_value_info
@@ -69,8 +70,10 @@ def test_files_that_are_not_ours_are_named_with_the_fix(tmp_path, capsys):
     )
     other = tmp_path / "other.onnx"
     onnx.save(onnx.helper.make_model(graph), str(other))
-    with pytest.raises(CheckpointMismatch, match="not one this project exported"):
+    with pytest.raises(R.ModelFileError, match="not one this project exported"):
         E.read_metadata(other)
+    assert main(["predict", "--checkpoint", str(other), "--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
+    assert "not one this project exported" in capsys.readouterr().err and not (tmp_path / "o").exists()
     notes = tmp_path / "notes.pt"
     notes.write_text("not a checkpoint")
     assert main(["export", "--checkpoint", str(notes), "--output", str(tmp_path / "x.onnx")]) == 1
@@ -109,3 +112,90 @@ def test_int8_is_measured_on_validation_before_it_is_written(tiny_task3, tmp_pat
     _, meta = load_trained(tiny_task3)
     images = torch.randint(0, 256, (2, 3, meta["image_size"], meta["image_size"]), dtype=torch.uint8)
     assert E.onnx_probabilities(target, read, images).shape == (2, 1, meta["image_size"], meta["image_size"])
+
+
+# ----------------------------------------------------------------------------- the predictor without torch
+
+
+def test_the_onnx_predictor_writes_what_predict_writes(exported, tiny_data, tmp_path):
+    """The same folder through predict (PyTorch, the checkpoint) and the ONNX engine (the export): the masks agree on
+    ≥ 99.9 % of the pixels at original size, the confidences to 1e-4, the flags and the files written alike."""
+    import pandas as pd
+    from PIL import Image
+
+    from isic_utils.predict import predict_folder
+
+    folder, target, _ = exported
+    images = tmp_path / "images"
+    images.mkdir()
+    for pair in tiny_data.test.sources:
+        shutil.copy(pair.image, images / pair.image.name)
+    torch_out, onnx_out = tmp_path / "torch", tmp_path / "onnx"
+    predict_folder(folder / "best.pt", images, torch_out, overlays=True)
+    assert (
+        main(["predict", "--checkpoint", str(target), "--input", str(images), "--output", str(onnx_out), "--overlays"])
+        == 0
+    )
+    assert sorted(p.name for p in torch_out.iterdir()) == sorted(p.name for p in onnx_out.iterdir())
+    differing = pixels = 0
+    for mask in torch_out.glob("*_Segmentation.png"):
+        a, b = np.asarray(Image.open(mask)), np.asarray(Image.open(onnx_out / mask.name))
+        assert a.shape == b.shape and set(np.unique(b)) <= {0, 255}
+        differing, pixels = differing + int((a != b).sum()), pixels + a.size
+    assert differing <= 1e-3 * pixels
+    ours, theirs = pd.read_csv(torch_out / "confidence.csv"), pd.read_csv(onnx_out / "confidence.csv")
+    assert list(ours["image"]) == list(theirs["image"]) and list(ours["mask"]) == list(theirs["mask"])
+    assert (ours["confidence"] - theirs["confidence"]).abs().max() < 1e-4
+
+
+def test_the_numpy_steps_equal_the_package_ones():
+    """Each numpy step of the ONNX engine against the package's torch step it stands in for."""
+    from isic_utils.data.transforms import apply_color_constancy
+    from isic_utils.scoring import confidence
+    from isic_utils.scoring.metrics import postprocess_mask
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 3, 20, 24), dtype=np.uint8)
+    images[1, 0] //= 3  # a colour cast
+    assert np.array_equal(
+        R.shades_of_grey(images), apply_color_constancy(torch.from_numpy(images), "shades_of_grey").numpy()
+    )
+    probability = torch.sigmoid(torch.from_numpy(rng.normal(0, 3, (16, 12)).astype(np.float32)))
+    for width, height in ((37, 53), (12, 16), (7, 5)):
+        expected = torch.nn.functional.interpolate(
+            probability[None, None], size=(height, width), mode="bilinear", align_corners=False
+        )[0, 0].numpy()
+        assert np.abs(R.upsampled(probability.numpy(), width, height) - expected).max() < 1e-6
+    mask = probability.numpy() > 0.5
+    assert np.array_equal(
+        R.largest_component(mask), postprocess_mask(torch.from_numpy(mask), "largest_component").numpy()
+    )
+    maps = torch.sigmoid(torch.from_numpy(rng.normal(0, 2, (3, 1, 32, 32)).astype(np.float32)))
+    maps[2] = 0.01  # an empty mask
+    for rule in confidence.CANDIDATES:
+        for temperature in (1.0, 1.7):
+            calibration = {"confidence": rule, "temperature": temperature}
+            expected = confidence.scores(maps, calibration)
+            got = [R.map_confidence(m[0].numpy(), calibration) for m in maps]
+            assert np.abs(np.array(got) - expected).max() < 1e-5, (rule, temperature)
+
+
+def test_the_onnx_predictor_runs_where_torch_cannot_be_imported(exported, tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    _, target, _ = exported
+    images = tmp_path / "images"
+    images.mkdir()
+    for pair in tiny_data.test.sources[:2]:
+        shutil.copy(pair.image, images / pair.image.name)
+    script = (
+        "import sys; sys.modules['torch'] = None  # import torch fails, as where it is not installed\n"
+        "from isic_utils.deploy.predictor import main\n"
+        f"code = main(['--model', {str(target)!r}, '--input', {str(images)!r}, '--output', {str(tmp_path / 'out')!r}])\n"
+        "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 2 masks" in done.stdout and len(list((tmp_path / "out").glob("*_Segmentation.png"))) == 2

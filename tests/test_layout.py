@@ -27,7 +27,7 @@ LAYERS = {
     "config": ["params", "notebook"],
     "training": ["features", "checkpoints", "loop", "experiments"],
     "evaluation": ["failures", "gallery", "trust", "external", "adaptation", "generalisation", "comparison"],
-    "deploy": ["export"],
+    "deploy": ["predictor", "export"],
     "report": ["plots", "tables", "pipeline", "handover"],
     "": ["predict", "__main__"],
 }

@@ -29,10 +29,8 @@ from ..data.transforms import apply_color_constancy
 from ..model.inference import CheckpointMismatch, load_checkpoint, load_trained
 from ..scoring import metrics
 from ..training.experiments import prepare_data
+from .predictor import FORMAT, INPUT, META_KEY, OUTPUT, read_metadata, session  # noqa: F401  (read_metadata: the API)
 
-FORMAT = "isic_utils segmentation model, onnx 1"
-META_KEY = "isic_utils"
-INPUT, OUTPUT = "image", "probability"
 INT8_TOLERANCE = 0.005  # the validation JA int8 may cost before it is refused
 CALIBRATION_IMAGES = 128  # training images that calibrate int8's activation ranges
 
@@ -104,30 +102,6 @@ def describe(checkpoint: Path, state: dict, meta: dict) -> dict:
     }
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The metadata an exported file carries; ``CheckpointMismatch`` for a file that is not ONNX or not ours."""
-    import onnx
-
-    path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise CheckpointMismatch(
-            f"{path} cannot be read as an ONNX model ({str(exc).strip() or type(exc).__name__}). Give a file that "
-            "`python -m isic_utils export` wrote."
-        ) from exc
-    props = {p.key: p.value for p in model.metadata_props}
-    if META_KEY not in props:
-        raise CheckpointMismatch(
-            f"{path} is an ONNX model, but not one this project exported (no '{META_KEY}' metadata: it does not say "
-            "its image size, normalisation or threshold). Export a checkpoint with `python -m isic_utils export`."
-        )
-    meta = json.loads(props[META_KEY])
-    if meta.get("format") != FORMAT:
-        raise CheckpointMismatch(f"{path} was exported as {meta.get('format')!r}; this version reads {FORMAT!r}.")
-    return meta
-
-
 def _with_metadata(path: Path, meta: dict) -> None:
     import onnx
 
@@ -153,17 +127,6 @@ def _export_fp32(model: torch.nn.Module, meta: dict, target: Path) -> None:
             opset_version=17,
             dynamo=False,
         )
-
-
-def session(path: str | Path, threads: int = 1):
-    """An ONNX Runtime CPU session on ``threads`` threads."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def model_input(meta: dict, images_uint8: torch.Tensor) -> np.ndarray:
