@@ -6,7 +6,7 @@ DATA ?= synthetic
 # torch/torchvision: any release in the pyproject ranges; this pin matches the wheels tested here.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup report options demo pack lint test test-all bench gpu-check clean
+.PHONY: setup report options demo pack lint test test-all bench bench-deploy gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ test-all: lint  ## everything, the slow end-to-end runs included (papermill chap
 
 bench: setup  ## speed benchmark: naive vs this project's pipeline, same data, one run
 	$(PY) benchmarks/bench_training.py
+
+bench-deploy: setup  ## what running a model costs: PyTorch eager vs ONNX Runtime fp32 and int8, one thread, one run (CHECKPOINTS= optional)
+	$(PY) benchmarks/bench_deploy.py $(CHECKPOINTS)
 
 gpu-check: setup  ## prove the CUDA path (tools/gpu_check.py); says so and exits 0 without a GPU. DATA_DIR=, WEIGHTS= optional
 	$(PY) tools/gpu_check.py $(if $(DATA_DIR),--data $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS))
