@@ -58,8 +58,7 @@ def random_checkpoint(folder: Path, decoder: str, size: int) -> Path:
 
 def quantised(fp32: Path, target: Path, size: int) -> None:
     """int8 on random images, for a model with no run to calibrate on."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import CalibrationDataReader
 
     rng = np.random.default_rng(0)
 
@@ -71,17 +70,7 @@ def quantised(fp32: Path, target: Path, size: int) -> None:
             self.left -= 1
             return {E.INPUT: rng.uniform(0, 255, (4, 3, size, size)).astype(np.float32)} if self.left >= 0 else None
 
-    prepared = target.with_suffix(".prep.onnx")
-    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    quantize_static(
-        str(prepared),
-        str(target),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
+    E.quantise(fp32, target, Reader())
 
 
 def mflops(model: torch.nn.Module, size: int) -> float:

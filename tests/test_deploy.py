@@ -167,9 +167,7 @@ def test_the_numpy_steps_equal_the_package_ones():
         )[0, 0].numpy()
         assert np.abs(R.upsampled(probability.numpy(), width, height) - expected).max() < 1e-6
     mask = probability.numpy() > 0.5
-    assert np.array_equal(
-        R.largest_component(mask), postprocess_mask(torch.from_numpy(mask), "largest_component").numpy()
-    )
+    assert np.array_equal(R.largest_lesion(mask), postprocess_mask(torch.from_numpy(mask), "largest_component").numpy())
     maps = torch.sigmoid(torch.from_numpy(rng.normal(0, 2, (3, 1, 32, 32)).astype(np.float32)))
     maps[2] = 0.01  # an empty mask
     for rule in confidence.CANDIDATES:

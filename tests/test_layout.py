@@ -23,7 +23,7 @@ LAYERS = {
     "base": ["files", "devices"],
     "data": ["sources", "pictures", "decoding", "transforms", "splits", "eda", "synthetic"],
     "model": ["networks", "inference"],
-    "scoring": ["metrics", "confidence"],
+    "scoring": ["shape", "metrics", "confidence"],
     "config": ["params", "notebook"],
     "training": ["features", "checkpoints", "loop", "experiments"],
     "evaluation": ["failures", "gallery", "trust", "external", "adaptation", "generalisation", "comparison"],

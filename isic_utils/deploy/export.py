@@ -153,8 +153,7 @@ def _validation_ja(path: Path, meta: dict, split) -> float:
 def _quantise(fp32: Path, target: Path, meta: dict, params: dict, tolerance: float) -> dict:
     """int8 from ``fp32`` into ``target`` when it costs at most ``tolerance`` validation JA; what it measured.
     ``params``: the run's (its data)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import CalibrationDataReader
 
     if not params:
         raise CheckpointMismatch(
@@ -182,18 +181,8 @@ def _quantise(fp32: Path, target: Path, meta: dict, params: dict, tolerance: flo
             return next(self.batches, None)
 
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         quantised = Path(scratch) / "int8.onnx"
-        quantize_static(
-            str(prepared),
-            str(quantised),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
+        quantise(fp32, quantised, Reader())
         before, after = _validation_ja(fp32, meta, data.val), _validation_ja(quantised, meta, data.val)
         measured = {
             "validation JA fp32": before,
@@ -212,6 +201,28 @@ def _quantise(fp32: Path, target: Path, meta: dict, params: dict, tolerance: flo
         with atomic_path(target) as tmp:
             os.replace(quantised, tmp)
     return measured
+
+
+def quantise(fp32: Path, target: Path, reader) -> None:
+    """ONNX Runtime's static int8 (QDQ, per-channel int8 weights, uint8 activations) of ``fp32`` into ``target``,
+    its activation ranges from ``reader`` (a ``CalibrationDataReader``)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = target.with_name(f"{target.stem}.prepared.onnx")
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    try:
+        quantize_static(
+            str(prepared),
+            str(target),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
 
 
 class Int8TooCostly(RuntimeError):

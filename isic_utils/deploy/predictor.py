@@ -27,14 +27,14 @@ from scipy import ndimage
 from ..base.files import FileProblem, atomic_path, writable_folder
 from ..data.pictures import rgb_array
 from ..data.sources import OVERLAY_COMMENT, DataError, folder_images
+from ..scoring.shape import BAND, UNCERTAIN, largest_lesion, one_lesion
 
 CONFIDENCE_FILE = "confidence.csv"
 CHECK = "check by hand"
 FORMAT = "isic_utils segmentation model, onnx 1"
 META_KEY = "isic_utils"
 INPUT, OUTPUT = "image", "probability"
-# The confidence rule's constants (scoring/confidence.py holds the same, for the torch path).
-UNCERTAIN, BAND, BORDER_FREE, EPS = 0.8, 2, 0.1, 1e-6
+EPS = 1e-6  # the temperature's clip, as scoring.confidence.calibrated
 
 
 class ModelFileError(ValueError):
@@ -232,16 +232,6 @@ def upsampled(probability: np.ndarray, width: int, height: int) -> np.ndarray:
     return rows[:, x0] * (1 - wx)[None, :] + rows[:, x1] * wx[None, :]
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """``scoring.metrics.postprocess_mask``'s largest 8-connected lesion, holes filled."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    if count > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        mask = labels == int(sizes.argmax())
-    return ndimage.binary_fill_holes(mask)
-
-
 def map_confidence(probability: np.ndarray, calibration: dict) -> float:
     """``scoring.confidence.scores`` for one ``S×S`` probability map, in numpy: after the calibration's temperature,
     the kept candidate (boundary sharpness or certain area, times the one-lesion check)."""
@@ -265,15 +255,7 @@ def map_confidence(probability: np.ndarray, calibration: dict) -> float:
         score = lesion / max(lesion + uncertain, 1) if lesion else 0.0
     else:  # "one lesion" alone
         score = 1.0
-    if not rule.endswith("one lesion"):
-        return score
-    total = int(mask.sum())
-    if total == 0:
-        return 0.0
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    largest = np.bincount(labels.ravel())[1:].max() if count else 0
-    border = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
-    return score * float(largest / total * min(1.0, (1 - border.mean()) / BORDER_FREE))
+    return score * one_lesion(mask) if rule.endswith("one lesion") else score
 
 
 class OnnxPredictor:
@@ -293,7 +275,7 @@ class OnnxPredictor:
         """The 0/1 mask at the original size: upsampled, thresholded, post-processed (default: as exported)."""
         mask = upsampled(probability, width, height) > self.meta["threshold"]
         method = self.meta["postprocess"] if postprocess is None else postprocess
-        return largest_component(mask) if method == "largest_component" else mask
+        return largest_lesion(mask) if method == "largest_component" else mask
 
     def predict_one(self, path: Path, postprocess: str | None = None) -> tuple[np.ndarray, float]:
         image, (width, height) = rgb_array(path, int(self.meta["image_size"]))

@@ -31,14 +31,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from scipy import ndimage, optimize
+from scipy import optimize
 from scipy.stats import mannwhitneyu, spearmanr
 
 from .metrics import THRESHOLD_JACCARD
+from .shape import BAND, UNCERTAIN, one_lesion
 
-UNCERTAIN = 0.8  # |2p − 1| below this (0.1 < p < 0.9) is an uncertain pixel
-BAND = 2  # pixels either side of the predicted boundary
-BORDER_FREE = 0.1  # the share of the image's border a plausible lesion leaves as background, at least
 KEPT = ("boundary sharpness × one lesion", "certain area × one lesion")  # what the confidence is chosen among
 CANDIDATES = ("boundary sharpness", "certain area", "one lesion", *KEPT)
 ECE_BINS = 15
@@ -66,7 +64,7 @@ def candidate_scores(probabilities: torch.Tensor) -> pd.DataFrame:
     lesion = mask.flatten(1).sum(1)
     uncertain = (sure < UNCERTAIN).flatten(1).sum(1).float()
     certain = torch.where(lesion > 0, lesion / (lesion + uncertain).clamp(min=1), torch.zeros_like(lesion))
-    shape = torch.tensor([_one_lesion(m[0].numpy().astype(bool)) for m in mask], dtype=torch.float64)
+    shape = torch.tensor([one_lesion(m[0].numpy().astype(bool)) for m in mask], dtype=torch.float64)
     sharpness, certain = sharpness.double(), certain.double()
     return pd.DataFrame(
         {
@@ -77,18 +75,6 @@ def candidate_scores(probabilities: torch.Tensor) -> pd.DataFrame:
             KEPT[1]: (certain * shape).numpy(),
         }
     )
-
-
-def _one_lesion(mask: np.ndarray) -> float:
-    """Share of the predicted lesion in its largest piece × the border check (1 while a tenth of the border is
-    background, 0 when none is); 0 for an empty mask."""
-    total = int(mask.sum())
-    if total == 0:
-        return 0.0
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    largest = np.bincount(labels.ravel())[1:].max() if count else 0
-    border = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
-    return float(largest / total * min(1.0, (1 - border.mean()) / BORDER_FREE))
 
 
 def scores(probabilities: torch.Tensor, calibration: dict | None = None) -> np.ndarray:

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from ..data.decoding import read_mask
+from .shape import largest_lesion
 
 METRICS = ("iou", "threshold_iou", "dice", "accuracy", "sensitivity", "specificity")
 THRESHOLD_JACCARD = 0.65  # the ISIC 2018 ranking rule: an image scoring Jaccard below this counts 0
@@ -103,16 +104,8 @@ def postprocess_mask(mask: torch.Tensor, method: str = "none") -> torch.Tensor:
         return mask
     if method != "largest_component":
         raise ValueError(f"postprocess must be one of {list(POSTPROCESSING)}, got {method!r}")
-    from scipy import ndimage
-
     array = mask.detach().cpu().numpy().astype(bool)
-    plane = array.reshape(array.shape[-2:])
-    labels, count = ndimage.label(plane, structure=np.ones((3, 3), dtype=bool))
-    if count > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        plane = labels == int(sizes.argmax())
-    plane = ndimage.binary_fill_holes(plane)
+    plane = largest_lesion(array.reshape(array.shape[-2:]))
     return torch.from_numpy(plane.reshape(array.shape)).to(mask.device, mask.dtype)
 
 
