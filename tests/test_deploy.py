@@ -95,6 +95,7 @@ def tiny_task3(tmp_path_factory, synthetic_root):
     return base / "out" / "task3" / "seed0" / "best.pt"
 
 
+@pytest.mark.slow  # trains a run and quantises it: the slow tier keeps make test under three minutes
 def test_int8_is_measured_on_validation_before_it_is_written(tiny_task3, tmp_path):
     costly = tmp_path / "refused.onnx"
     with pytest.raises(E.Int8TooCostly, match=r"int8 would cost .* validation JA .* not written"):
@@ -117,6 +118,7 @@ def test_int8_is_measured_on_validation_before_it_is_written(tiny_task3, tmp_pat
 # ----------------------------------------------------------------------------- the predictor without torch
 
 
+@pytest.mark.slow  # both engines over a folder; the numpy steps are pinned one by one in the fast tier
 def test_the_onnx_predictor_writes_what_predict_writes(exported, tiny_data, tmp_path):
     """The same folder through predict (PyTorch, the checkpoint) and the ONNX engine (the export): the masks agree on
     ≥ 99.9 % of the pixels at original size, the confidences to 1e-4, the flags and the files written alike."""
