@@ -25,11 +25,10 @@ import torch
 
 from ..base.files import atomic_path, shown_path, writable_file
 from ..data.sources import DataError
-from ..data.transforms import apply_color_constancy
-from ..model.inference import CheckpointMismatch, load_checkpoint, load_trained
+from ..model.inference import CheckpointMismatch, flip_averaged, load_checkpoint, load_trained
 from ..scoring import metrics
 from ..training.experiments import prepare_data
-from .predictor import FORMAT, INPUT, META_KEY, OUTPUT, read_metadata, session  # noqa: F401  (read_metadata: the API)
+from .predictor import FORMAT, INPUT, META_KEY, OUTPUT, graph_input, read_metadata, session  # noqa: F401  (read_metadata: the API)
 
 INT8_TOLERANCE = 0.005  # the validation JA int8 may cost before it is refused
 CALIBRATION_IMAGES = 128  # training images that calibrate int8's activation ranges
@@ -47,16 +46,7 @@ class _Deployed(torch.nn.Module):
         self.register_buffer("std", torch.tensor(meta["std"], dtype=torch.float32).view(1, 3, 1, 1) * 255)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = (image - self.mean) / self.std
-        p = torch.sigmoid(self.model(x))
-        if self.flips:
-            p = (
-                p
-                + torch.sigmoid(self.model(x.flip(-1))).flip(-1)
-                + torch.sigmoid(self.model(x.flip(-2))).flip(-2)
-                + torch.sigmoid(self.model(x.flip(-2, -1))).flip(-2, -1)
-            ) / 4
-        return p
+        return flip_averaged(self.model, (image - self.mean) / self.std, "flips" if self.flips else "none")
 
 
 def run_params(checkpoint: Path) -> dict:
@@ -129,16 +119,11 @@ def _export_fp32(model: torch.nn.Module, meta: dict, target: Path) -> None:
         )
 
 
-def model_input(meta: dict, images_uint8: torch.Tensor) -> np.ndarray:
-    """Decoded uint8 ``N×3×S×S`` images as the graph takes them: colour constancy, then float32 0–255."""
-    return apply_color_constancy(images_uint8, meta["color_constancy"]).float().numpy()
-
-
 def onnx_probabilities(path_or_session, meta: dict, images_uint8: torch.Tensor, batch: int = 16) -> torch.Tensor:
     """The exported model's probabilities for decoded uint8 images, as a tensor (for scoring beside PyTorch's)."""
     run = session(path_or_session) if isinstance(path_or_session, (str, Path)) else path_or_session
     out = [
-        run.run([OUTPUT], {INPUT: model_input(meta, images_uint8[k : k + batch])})[0]
+        run.run([OUTPUT], {INPUT: graph_input(meta, images_uint8[k : k + batch].numpy())})[0]
         for k in range(0, len(images_uint8), batch)
     ]
     return torch.from_numpy(np.concatenate(out))
@@ -174,7 +159,7 @@ def _quantise(fp32: Path, target: Path, meta: dict, params: dict, tolerance: flo
     class Reader(CalibrationDataReader):
         def __init__(self):
             self.batches = iter(
-                {INPUT: model_input(meta, calibration.images[k : k + 8])} for k in range(0, len(calibration), 8)
+                {INPUT: graph_input(meta, calibration.images[k : k + 8].numpy())} for k in range(0, len(calibration), 8)
             )
 
         def get_next(self):
