@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
 import torch
 
@@ -199,3 +200,60 @@ def test_the_onnx_predictor_runs_where_torch_cannot_be_imported(exported, tiny_d
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "wrote 2 masks" in done.stdout and len(list((tmp_path / "out").glob("*_Segmentation.png"))) == 2
+
+
+def test_the_deployment_reading_comes_from_the_numbers():
+    from isic_utils.deploy import costs
+
+    cost = pd.DataFrame(
+        [
+            {
+                "run": "task3",
+                "seed": 0,
+                "parameters": 6_000_000,
+                "MFLOPs / image": 812.0,
+                "image size": 128,
+                "MB fp32": 25.2,
+                "MB int8": 6.3,
+                "int8 validation JA cost": 0.012,
+                "int8 offered by export": False,
+                "PyTorch eager ms": 60.0,
+                "PyTorch eager IQR ms": 2.0,
+                "ONNX fp32 ms": 20.0,
+                "ONNX fp32 IQR ms": 1.0,
+                "ONNX int8 ms": 15.0,
+                "ONNX int8 IQR ms": 1.0,
+                **{f"{f} images/s at 16": 50.0 for f in costs.FORMATS},
+                "machine": "a CPU",
+            }
+        ]
+    )
+    ja = pd.DataFrame(
+        [
+            {"run": "task3", "data": d, "images": 10, "format": f, "JA": j, "pixels unlike PyTorch's": 0.0}
+            for d, js in (("ISIC test", (0.8, 0.8, 0.79)), ("PH2", (0.7, 0.7001, 0.72)))
+            for f, j in zip(costs.FORMATS, js)
+        ]
+    )
+    reading = costs.deploy_reading(cost, ja)
+    assert reading.startswith("Measured on a CPU, one thread, batch 1.")
+    assert "3.0× faster than PyTorch eager (20.0 vs 60.0 ms)" in reading and "at most 0.0001 on any set" in reading
+    assert "int8 is 4.0× smaller (6.3 MB) and takes 15.0 ms (4.0× faster than eager, 1.3× faster than fp32)" in reading
+    assert "by at most 0.0200 on any set and by -0.0120 on validation" in reading
+    assert costs.deploy_sentence(cost) == (
+        "Deployed, one image on one CPU thread (a CPU) takes: task3 15 ms as ONNX int8 (6.3 MB, 4.0× PyTorch eager)."
+    )
+    assert "export refuses it" in reading  # 0.012 lost on validation: over the tolerance
+    view = costs.ja_view(ja)
+    assert list(view["data"]) == ["ISIC test", "PH2"] and view["JA ONNX int8"].tolist() == [0.79, 0.72]
+    shown = costs.cost_view(cost)
+    assert shown["PyTorch eager: ms (batch 1)"].iloc[0] == "60.0 ± 2.0" and shown["ONNX fp32: × eager"].iloc[0] == 3.0
+
+
+def test_engines_are_timed_in_turn():
+    from isic_utils.deploy import costs
+
+    calls = []
+    timed = costs.timed_in_turn({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1)
+    assert calls == ["a", "b"] * 5 and set(timed) == {"a", "b"}
+    assert all(median >= 0 and spread >= 0 for median, spread in timed.values())

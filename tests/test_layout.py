@@ -27,7 +27,7 @@ LAYERS = {
     "config": ["params", "notebook"],
     "training": ["features", "checkpoints", "loop", "experiments"],
     "evaluation": ["failures", "gallery", "trust", "external", "adaptation", "generalisation", "comparison"],
-    "deploy": ["predictor", "export"],
+    "deploy": ["predictor", "export", "costs"],
     "report": ["plots", "tables", "pipeline", "handover"],
     "": ["predict", "__main__"],
 }

@@ -449,3 +449,27 @@ def test_a_report_written_outside_the_project_links_its_own_pages(tiny_report, t
     assert (elsewhere / "task1" / "gallery.html").is_file()
     for page in ("task1.html", "task1_reader.html"):
         assert 'href="task1/gallery.html"' in (elsewhere / page).read_text() and broken_links(elsewhere / page) == []
+
+
+def test_the_comparison_says_what_deploying_each_run_costs(tiny_report):
+    out, _, _, _ = tiny_report
+    tables = out / "compare" / "tables"
+    cost, ja = pd.read_csv(tables / "deploy_cost.csv"), pd.read_csv(tables / "deploy_ja.csv")
+    assert list(cost["run"]) == RUNS and (cost["seed"] == 0).all()
+    for column in ("PyTorch eager ms", "ONNX fp32 ms", "ONNX int8 ms", "MB fp32", "MB int8", "MFLOPs / image"):
+        assert (cost[column] > 0).all(), column
+    assert (cost["MB int8"] < cost["MB fp32"] / 2).all()  # int8 weights: a quarter of the bytes, plus the graph
+    assert cost["parameters"].iloc[0] == cost["parameters"].iloc[1]  # tasks 1 and 2: one architecture
+    for run in RUNS:  # every format on the test set and the external set
+        rows = ja[ja["run"] == run]
+        assert set(rows["data"]) == {"ISIC test", "other-clinic"} and len(rows) == 6, run
+        # PyTorch eager here is the run's own seed-0 test score, recomputed
+        saved = pd.read_csv(out / run / "tables" / "per_image_test_seed0.csv")["iou"].mean()
+        eager = rows[(rows["data"] == "ISIC test") & (rows["format"] == "PyTorch eager")]["JA"].iloc[0]
+        assert abs(eager - saved) < 1e-6, run
+        fp32 = rows[rows["format"] == "ONNX fp32"]
+        assert (fp32["pixels unlike PyTorch's"] <= 1e-3).all(), run  # the fp32 export's masks are PyTorch's
+    page = (out / "compare.html").read_text()
+    assert "What deploying each run costs" in page and "faster than PyTorch eager" in page
+    exported = sorted(p.relative_to(out).as_posix() for p in (out / "deploy").rglob("*.onnx"))
+    assert exported == [f"deploy/{run}/model{kind}.onnx" for run in RUNS for kind in ("", "-int8")]

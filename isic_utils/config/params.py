@@ -83,6 +83,8 @@ CHAPTER_KEYS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     },
     "compare": {
         "runs": ((list,), ["task1", "task2"]),
+        "external": ((list,), []),  # the external sets each run's exports are scored on (the profile's)
+        "deploy_repeats": ((int,), 30),  # timed rounds per engine for the deployment costs (batch 1)
     },
 }
 # What one external set in a profile's ``external`` list may say (name is required).
@@ -398,7 +400,16 @@ def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> lis
     decay = values.get("weight_decay")
     if isinstance(decay, float) and not 0 <= decay < math.inf:
         problems.append(f"weight_decay must be a finite number >= 0, got {decay}")
-    for key in ("epochs", "batch_size", "n_samples", "synthetic_train", "synthetic_test", "jobs", "adapt_steps"):
+    for key in (
+        "epochs",
+        "batch_size",
+        "n_samples",
+        "synthetic_train",
+        "synthetic_test",
+        "jobs",
+        "adapt_steps",
+        "deploy_repeats",
+    ):
         if isinstance(values.get(key), int) and not isinstance(values[key], bool) and values[key] < 1:
             problems.append(f"{key} must be >= 1, got {values[key]}")
     limit, val_fraction = values.get("limit"), values.get("val_fraction")
@@ -434,7 +445,7 @@ def check(chapter: str, values: dict[str, Any], root: Path | None = None) -> lis
                     f"encoder_weights file {weights} not found (looked at {path}); give an existing "
                     "state_dict path, 'imagenet', or null"
                 )
-    if chapter == "external":
+    if chapter in ("external", "compare"):
         problems += check_external(values.get("external"))
         problems += _integers(values, "adapt_k", 1, "labelled cases to fine-tune on (e.g. [5, 10, 25])")
         problems += _integers(values, "adapt_seeds", 0, "draws of the k cases (e.g. [0, 1, 2])")

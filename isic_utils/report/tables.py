@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..base.files import page_link, plain, save_table, signed, write_text
 from ..data.eda import check_alignment
+from ..deploy.costs import deploy_sentence
 from ..evaluation import failures, gallery, trust
 from ..evaluation.comparison import best_run, caveat
 from ..evaluation.external import ON_SET, ExternalResult
@@ -584,8 +585,16 @@ def chapter_finding(out_dir: Path, name: str, chapter: str) -> str:
     if chapter == "external":
         return _external_finding(out_dir)
     if chapter == "compare":
-        return _compare_finding(out_dir)
+        return _compare_finding(out_dir) + _deploy_finding(out_dir)
     return _run_finding(out_dir / name)
+
+
+def _deploy_finding(out_dir: Path) -> str:
+    """What deploying the best-scoring run costs, from the comparison's ``deploy_cost`` table ('' before it)."""
+    cost = _table(out_dir / "compare", "deploy_cost")
+    if cost is None or cost.empty:
+        return ""
+    return " " + deploy_sentence(cost)
 
 
 def embedded_png(path: Path) -> str:
