@@ -26,8 +26,12 @@ options: setup  ## what each generalisation option of task 3 buys, three seeds e
 demo: setup  ## the smallest end-to-end run (tiny profile: every chapter, tasks 1-3, about two minutes)
 	$(PY) -m isic_utils report --data tiny
 
-pack: setup  ## the finished report for DATA as one zip to hand over (pages, tables, figures; no checkpoints)
-	$(PY) -m isic_utils pack --data $(DATA)
+pack: setup $(if $(WITH_MODEL),web/node_modules/.package-lock.json)  ## the finished report for DATA as one zip to hand over (pages, tables, figures; no checkpoints); WITH_MODEL=1 adds the page that segments the reader's image
+	$(PY) -m isic_utils pack --data $(DATA) $(if $(WITH_MODEL),--with-model)
+
+# onnxruntime-web (from npm) for pack --with-model's page: the versions web/package-lock.json pins
+web/node_modules/.package-lock.json: web/package-lock.json
+	npm ci --prefix web --no-audit --no-fund
 
 # Two test processes of one compute thread each (tests/conftest.py), a file per process: a third faster on two cores.
 TEST_JOBS ?= 2

@@ -94,6 +94,14 @@ def _command(argv: list[str] | None) -> int:
         help="replace --output even when it is not a zip that pack wrote (refused otherwise)",
     )
     pack.add_argument(
+        "--with-model",
+        nargs="?",
+        const="task3",
+        metavar="RUN",
+        help="add segment.html: the run's exported model (default task3) segments the reader's own image in their "
+        "browser (needs onnxruntime-web: npm ci --prefix web)",
+    )
+    pack.add_argument(
         "--partial", action="store_true", help="pack a report that is unfinished or still running, saying what it lacks"
     )
     adapt = commands.add_parser(
@@ -153,10 +161,13 @@ def _command(argv: list[str] | None) -> int:
             from .report.handover import pack_report
 
             out_dir = absolute(chapter_values("eda", args.data)["output_dir"])
-            target, size, named, missing = pack_report(out_dir, args.output, args.overwrite, args.partial)
+            target, size, named, missing = pack_report(
+                out_dir, args.output, args.overwrite, args.partial, args.with_model
+            )
             print(
                 f"packed {out_dir.name}'s report into {target} ({size / 2**20:.1f} MB): open index.html in the "
                 "unpacked folder"
+                + (f" (segment.html: {args.with_model}'s model in the browser)" if args.with_model else "")
             )
             if missing:
                 print(

@@ -49,6 +49,7 @@ def checkout(tmp_path_factory, synthetic_root, built_report):
     (root / ".venv").symlink_to(Path(sys.prefix))
     shutil.copy(ROOT / "Makefile", root)
     shutil.copy(ROOT / "pyproject.toml", root)
+    shutil.copytree(ROOT / "web", root / "web", ignore=shutil.ignore_patterns("node_modules"))
     images = root / "DIR"
     images.mkdir()
     for path in sorted((synthetic_root / "ISBI2016_ISIC_Part1_Test_Data").glob("*.jpg")):
@@ -72,7 +73,7 @@ def as_run_here(command: str, checkout: Path) -> str:
         return re.sub(r"\bmake\b", "make -n", command, count=1)
     if command.startswith(".venv/bin/jupyter lab"):
         return command + " --help"
-    if " predict " in command:
+    if " predict " in command or ".deploy.predictor " in command:
         command = command.replace("--output DIR", "--output predicted")
     return command
 
