@@ -273,6 +273,9 @@ def test_gpu_check_rehearsed_on_the_cpu_passes_every_check(tmp_path):
         "identical histories",
         "identical to the uninterrupted run",
         "bench task2",
+        "deploy report (tasks 1-2)",
+        "deploy unet (task 3)",
+        "images/s at batch 16",
     ):
         assert check in table, table
     assert "FAILED" not in done.stdout

@@ -8,7 +8,10 @@ On a CUDA machine it runs, in order, and prints one table at the end:
    (the CUDA random stream travels in the checkpoint);
 4. with ``--data``: tasks 1–3 on real images (``isic2016_holdout`` profile: 20% of the ids held out as test),
    ``--epochs`` epochs each, images/s of training and evaluation, the 20-epoch time and the peak GPU memory;
-5. the benchmark: naive loop vs the project, same images, same run (``benchmarks/bench_training.py``).
+5. the benchmark: naive loop vs the project, same images, same run (``benchmarks/bench_training.py``);
+6. what running each architecture costs on the device (the comparison chapter's deployment table, for CUDA): PyTorch
+   eager batch-1 latency (median ± IQR over repeats, synchronised) and throughput at batch 16, in fp32 and in the
+   precision ``auto`` resolves to, at 128 px (ONNX Runtime's CUDA engine too, when onnxruntime-gpu is installed).
 
 With no CUDA device it says so and exits 0. ``--device cpu --quick`` rehearses every step on the CPU in a minute
 or two (the test suite does, so the script cannot rot while no GPU is at hand).
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[dict] = []
     start = time.perf_counter()
-    for step in (tiny_tasks, determinism, kill_and_resume, real_tasks, benchmark):
+    for step in (tiny_tasks, determinism, kill_and_resume, real_tasks, benchmark, deployment):
         t0 = time.perf_counter()
         try:
             rows += step(args, out, device)
@@ -249,6 +252,92 @@ def benchmark(args, out: Path, device: str) -> list[dict]:
     return rows
 
 
+def deployment(args, out: Path, device: str) -> list[dict]:
+    """Batch-1 latency and batch-16 throughput of each architecture on ``device`` (random weights: the cost of
+    running a model does not depend on them), timed as the comparison chapter times (``deploy.costs``)."""
+    import torch
+
+    from isic_utils.base.devices import autocast, resolve_precision
+    from isic_utils.deploy.costs import BATCH, timed_in_turn
+    from isic_utils.model.networks import build_model
+
+    size, repeats = (64, 5) if args.quick else (128, 50)
+    rows = []
+    for decoder, tasks in (("report", "tasks 1-2"), ("unet", "task 3")):
+        torch.manual_seed(0)
+        model = build_model(encoder_weights=None, decoder=decoder, dropout=0.1).to(device).eval()
+        for precision in dict.fromkeys(("fp32", resolve_precision("auto", device))):
+            inputs = {n: torch.rand(n, 3, size, size, device=device) for n in (1, BATCH)}
+
+            def run(n: int, precision=precision, model=model, inputs=inputs):
+                with torch.inference_mode(), autocast(precision, device):
+                    model(inputs[n])
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+
+            one = timed_in_turn({"one": lambda: run(1)}, repeats)["one"]
+            batch = timed_in_turn({"batch": lambda: run(BATCH)}, max(3, repeats // 5), warmup=1)["batch"]
+            rows.append(
+                {
+                    "check": f"deploy {decoder} ({tasks})",
+                    "device": device,
+                    "precision": precision,
+                    "batch-1 ms": one[0],
+                    f"img/s at {BATCH}": BATCH * 1000 / batch[0],
+                    "result": f"PyTorch eager, {size} px: {one[0]:.2f} ± {one[1]:.2f} ms at batch 1, "
+                    f"{BATCH * 1000 / batch[0]:.0f} images/s at batch {BATCH}",
+                }
+            )
+    try:
+        import onnxruntime
+    except ImportError:
+        onnxruntime = None
+    if (
+        device.startswith("cuda")
+        and onnxruntime is not None
+        and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    ):
+        rows += _onnx_cuda(out, size, repeats)
+    return rows
+
+
+def _onnx_cuda(out: Path, size: int, repeats: int) -> list[dict]:
+    """ONNX Runtime's CUDA engine on each architecture's fp32 export (onnxruntime-gpu installed)."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from isic_utils.deploy.costs import timed_in_turn
+    from isic_utils.model.networks import build_model
+
+    rows = []
+    for decoder in ("report", "unet"):
+        torch.manual_seed(0)
+        model = build_model(encoder_weights=None, decoder=decoder, dropout=0.1).eval()
+        path = out / f"deploy-{decoder}.onnx"
+        torch.onnx.export(
+            model,
+            (torch.rand(1, 3, size, size),),
+            str(path),
+            input_names=["image"],
+            dynamic_axes={"image": {0: "batch"}},
+            dynamo=False,
+        )
+        session = onnxruntime.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
+        x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+        median, spread = timed_in_turn({"one": lambda: session.run(None, {"image": x})}, repeats)["one"]
+        rows.append(
+            {
+                "check": f"deploy {decoder} (ONNX Runtime CUDA)",
+                "device": "cuda",
+                "precision": "fp32",
+                "batch-1 ms": median,
+                "result": f"ONNX Runtime CUDA, {size} px: {median:.2f} ± {spread:.2f} ms at batch 1",
+            }
+        )
+    return rows
+
+
 def print_table(rows: list[dict], device: str, seconds: float) -> None:
     import pandas as pd
 
@@ -262,6 +351,8 @@ def print_table(rows: list[dict], device: str, seconds: float) -> None:
         "epoch s",
         "20 epochs s",
         "peak GiB",
+        "batch-1 ms",
+        "img/s at 16",
         "result",
     ]
     table = table[[c for c in columns if c in table.columns]]
