@@ -206,4 +206,8 @@ def _pack(
         if page is not None:
             archive.writestr(f"{folder}/{PAGE}", page)
         archive.comment = MARK
-    return target, target.stat().st_size, machine_paths(files, [project_root(), Path.home()]), missing
+    folders = [project_root(), Path.home()]
+    named = machine_paths(files, folders)
+    if page is not None and any(str(folder) in page for folder in folders if len(str(folder)) > 1):
+        named.append(out_dir / PAGE)
+    return target, target.stat().st_size, named, missing
