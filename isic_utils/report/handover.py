@@ -102,10 +102,11 @@ def page_model(out_dir: Path, run: str) -> tuple[Path, str]:
     saved = load_run(output, run)  # FileNotFoundError names the run folder
     seed = int(saved.seeds["seed"].min())
     fp32, int8, measured = exported(saved.run_dir / f"seed{seed}" / "best.pt", output / "deploy" / run)
-    loss = measured["validation JA fp32"] - measured["validation JA int8"]
-    if loss <= INT8_TOLERANCE:
-        return int8, f"int8 (it loses {loss:+.4f} validation JA against fp32)"
-    return fp32, f"fp32 (int8 would lose {loss:.4f} validation JA, over the {INT8_TOLERANCE} tolerance)"
+    before, after = measured["validation JA fp32"], measured["validation JA int8"]
+    scores = f"validation JA {after:.3f} in int8, {before:.3f} in fp32"
+    if before - after <= INT8_TOLERANCE:
+        return int8, f"int8 ({scores})"
+    return fp32, f"fp32 (int8 would lose more than the {INT8_TOLERANCE} tolerance: {scores})"
 
 
 def segment_page(model: Path, why: str, title: str) -> str:
