@@ -27,7 +27,7 @@ from ..evaluation.external import external_sets, load_external
 from ..model.inference import load_trained, predicted_probabilities
 from ..scoring import metrics
 from ..training.experiments import load_run, prepare_data
-from .export import INT8_TOLERANCE, _Deployed, export_checkpoint, onnx_probabilities
+from .export import INT8_TOLERANCE, QUANTISATION, _Deployed, export_checkpoint, onnx_probabilities
 from .predictor import INPUT, OUTPUT, session
 
 FORMATS = ("PyTorch eager", "ONNX fp32", "ONNX int8")
@@ -73,6 +73,7 @@ def exported(checkpoint: Path, folder: Path) -> tuple[Path, Path, dict]:
         "checkpoint": checkpoint.name,
         "seed folder": checkpoint.parent.name,
         "mtime_ns": checkpoint.stat().st_mtime_ns,
+        "quantisation": QUANTISATION,
     }
     record = folder / EXPORTED
     try:
