@@ -73,8 +73,10 @@ def as_run_here(command: str, checkout: Path) -> str:
         return re.sub(r"\bmake\b", "make -n", command, count=1)
     if command.startswith(".venv/bin/jupyter lab"):
         return command + " --help"
-    if " predict " in command or ".deploy.predictor " in command:
+    if " predict " in command:
         command = command.replace("--output DIR", "--output predicted")
+    if ".deploy.predictor " in command:
+        command = command.replace("--output DIR", "--output predicted-onnx")
     return command
 
 
@@ -91,5 +93,6 @@ def test_every_readme_command_runs_as_written(checkout):
             assert (ROOT / "params" / "profiles" / f"{profile}.yaml").is_file(), profile
     assert (checkout / "task2.html").is_file() and (checkout / "outputs" / "tiny-report.zip").is_file()
     assert list((checkout / "predicted").glob("*_Segmentation.png"))
+    assert list((checkout / "predicted-onnx").glob("*_Segmentation.png"))  # the exported int8 model, without torch
     assert list((checkout / "outputs" / "tiny" / "task3" / "seed0").glob("*adapted*"))
     assert "--allow-root" in shell(".venv/bin/jupyter lab --help-all", checkout).stdout

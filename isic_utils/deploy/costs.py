@@ -163,51 +163,73 @@ class DeployResult:
     reading: str
 
 
-def deployment_costs(params: dict, runs: list[str], out_dir: Path, repeats: int = 30, progress: bool = False):
-    """Measure every run (its lowest seed's ``best.pt``) exported to ONNX fp32 and int8; save ``deploy_cost`` and
-    ``deploy_ja`` under ``out_dir``; return a ``DeployResult``."""
+MEASURED = "measured.json"  # a run's measurements, beside its exports: kept while what they measured is unchanged
+
+
+def measure_run(params: dict, name: str, repeats: int, progress: bool = False) -> tuple[dict, list[dict]]:
+    """One run's cost row and JA rows: measured again only when its exports, ``repeats`` or the external sets
+    changed (a chapter rerun, Run All in JupyterLab, rewrites nothing)."""
     output = absolute(params["output_dir"])
-    cache = output.parent / "cache"
-    machine = device_name("cpu")
+    run = load_run(params["output_dir"], name)
+    seed = int(run.seeds["seed"].min())
+    checkpoint = run.run_dir / f"seed{seed}" / "best.pt"
+    folder = output / "deploy" / name
+    fp32, int8, int8_measured = exported(checkpoint, folder)
+    sets = [external for external in external_sets(params) if external.found]
+    key = {
+        "exported": json.loads((folder / EXPORTED).read_text())["from"],
+        "repeats": repeats,
+        "sets": [s.name for s in sets],
+    }
+    record = folder / MEASURED
+    try:
+        saved = json.loads(record.read_text())
+        if saved.get("key") == key:
+            return saved["cost"], saved["ja"]
+    except (OSError, ValueError):
+        pass
+    model, meta = load_trained(checkpoint)
+    size = int(meta["image_size"])
+    files = {FORMATS[1]: fp32, FORMATS[2]: int8}
+    loss = int8_measured["validation JA fp32"] - int8_measured["validation JA int8"]
+    cost = {
+        "run": name,
+        "seed": seed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "MFLOPs / image": mflops(_Deployed(model, meta).eval(), size),
+        "image size": size,
+        "MB fp32": fp32.stat().st_size / 2**20,
+        "MB int8": int8.stat().st_size / 2**20,
+        "int8 validation JA cost": loss,
+        "int8 offered by export": bool(loss <= INT8_TOLERANCE),
+        **speed(model, meta, files, repeats),
+        "machine": device_name("cpu"),
+    }
+    data = prepare_data({**run.info["params"], "output_dir": params["output_dir"]}, progress)
+    ja = formats_ja(model, meta, files, data.test, "ISIC test", name)
+    known = {*data.train.ids, *data.val.ids, *data.test.ids}
+    for external in sets:
+        split, _ = load_external(external, size, output.parent / "cache", progress, known)
+        if split is not None:
+            ja += formats_ja(model, meta, files, split, external.name, name)
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps({"key": key, "cost": cost, "ja": ja}, indent=1))
+    return cost, ja
+
+
+def deployment_costs(params: dict, runs: list[str], out_dir: Path, repeats: int = 30, progress: bool = False):
+    """Every run (its lowest seed's ``best.pt``) exported to ONNX fp32 and int8 and measured (``measure_run``);
+    ``deploy_cost`` and ``deploy_ja`` saved under ``out_dir``; returns a ``DeployResult``."""
     cost_rows, ja_rows = [], []
     for name in runs:
-        run = load_run(params["output_dir"], name)
-        seed = int(run.seeds["seed"].min())
-        checkpoint = run.run_dir / f"seed{seed}" / "best.pt"
-        model, meta = load_trained(checkpoint)
-        size = int(meta["image_size"])
-        fp32, int8, int8_measured = exported(checkpoint, output / "deploy" / name)
-        files = {FORMATS[1]: fp32, FORMATS[2]: int8}
-        loss = int8_measured["validation JA fp32"] - int8_measured["validation JA int8"]
-        cost_rows.append(
-            {
-                "run": name,
-                "seed": seed,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "MFLOPs / image": mflops(_Deployed(model, meta).eval(), size),
-                "image size": size,
-                "MB fp32": fp32.stat().st_size / 2**20,
-                "MB int8": int8.stat().st_size / 2**20,
-                "int8 validation JA cost": loss,
-                "int8 offered by export": loss <= INT8_TOLERANCE,
-                **speed(model, meta, files, repeats),
-            }
-        )
-        data = prepare_data({**run.info["params"], "output_dir": params["output_dir"]}, progress)
-        ja_rows += formats_ja(model, meta, files, data.test, "ISIC test", name)
-        known = {*data.train.ids, *data.val.ids, *data.test.ids}
-        for external in external_sets(params):
-            if not external.found:
-                continue
-            split, _ = load_external(external, size, cache, progress, known)
-            if split is not None:
-                ja_rows += formats_ja(model, meta, files, split, external.name, name)
+        cost, ja = measure_run(params, name, repeats, progress)
+        cost_rows.append(cost)
+        ja_rows += ja
     cost = pd.DataFrame(cost_rows)
     ja = pd.DataFrame(ja_rows)[["run", "data", "images", "format", "JA", "pixels unlike PyTorch's"]]
-    cost["machine"] = machine
     save_table(cost, out_dir, "deploy_cost")
     save_table(ja, out_dir, "deploy_ja")
-    return DeployResult(cost, ja, machine, deploy_reading(cost, ja))
+    return DeployResult(cost, ja, ", ".join(dict.fromkeys(cost["machine"])), deploy_reading(cost, ja))
 
 
 def cost_view(cost: pd.DataFrame) -> pd.DataFrame:
@@ -273,7 +295,8 @@ def deploy_reading(cost: pd.DataFrame, ja: pd.DataFrame) -> str:
             f"int8 is {row['MB fp32'] / row['MB int8']:.1f}× smaller ({row['MB int8']:.1f} MB) and takes "
             f"{int8:.1f} ms ({eager / int8:.1f}× faster than eager, "
             + (f"{fp32 / int8:.1f}× faster than fp32" if int8 < fp32 else f"{int8 / fp32:.1f}× slower than fp32")
-            + f"); it changes JA by at most {worst[FORMATS[2]]:.4f} on any set and by {-loss:+.4f} on validation ("
+            + f"); it changes JA by at most {worst[FORMATS[2]]:.4f} on any set and by {round(-loss, 4) + 0.0:+.4f} on "
+            "validation ("
             + (
                 "export offers it)."
                 if row["int8 offered by export"]
