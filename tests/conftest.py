@@ -166,3 +166,28 @@ def report_copy(built: tuple[Path, dict, list[str]], base: Path) -> Path:
     root = base / "project"
     shutil.copytree(built[0], root, symlinks=True)
     return root
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def browser_or_skip(*also: tuple[str, bool, str]):
+    """Playwright's ``sync_playwright`` driving Debian's chromium, when both are installed (and each of ``also``:
+    (name, found, how to install it)); otherwise a skip, or in CI (``CI=true``, where .ci/run installs them) a
+    failure."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    needed = [
+        ("chromium", CHROMIUM, "apt-get install chromium"),
+        ("playwright", sync_playwright, "pip install playwright"),
+        *also,
+    ]
+    missing = [(name, hint) for name, found, hint in needed if not found]
+    if missing:
+        message = " and ".join(n for n, _ in missing) + " not installed (" + "; ".join(h for _, h in missing) + ")"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return sync_playwright

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,25 +21,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from .conftest import report_copy
+from .conftest import CHROMIUM, browser_or_skip, report_copy
 
 pytestmark = pytest.mark.slow
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TOKEN = "isic-test"
-
-
-def _browser_or_skip():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    missing = [name for name, found in (("chromium", CHROMIUM), ("playwright", sync_playwright)) if not found]
-    if missing:
-        message = f"{' and '.join(missing)} not installed (apt-get install chromium; pip install playwright)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return sync_playwright
 
 
 def _free_port() -> int:
@@ -59,7 +43,7 @@ def stamps(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, built_report):
     """(project, JupyterLab's URL): `make demo` in a user's checkout, then `jupyter lab` on it (127.0.0.1 only)."""
-    sync_playwright = _browser_or_skip()
+    sync_playwright = browser_or_skip()
     root = report_copy(built_report, tmp_path_factory.mktemp("lab"))
     for name in ("02_train.ipynb", "04_compare.ipynb"):  # the user sets the profile in the parameters cell
         path = root / "notebooks" / name

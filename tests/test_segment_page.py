@@ -7,40 +7,20 @@ three, so there a missing one fails instead of skipping."""
 from __future__ import annotations
 
 import os
-import shutil
 import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import ROOT, inside, report_copy
+from .conftest import CHROMIUM, ROOT, browser_or_skip, inside, report_copy
 
 pytestmark = pytest.mark.slow
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ORT_WEB = ROOT / "web" / "node_modules" / "onnxruntime-web" / "dist"
 
 
 def _tools_or_skip():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    missing = [
-        name
-        for name, found in (
-            ("chromium", CHROMIUM),
-            ("playwright", sync_playwright),
-            ("onnxruntime-web", ORT_WEB.is_dir()),
-        )
-        if not found
-    ]
-    if missing:
-        message = f"{' and '.join(missing)} not installed (apt-get install chromium; pip install playwright; npm ci --prefix web)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return sync_playwright
+    return browser_or_skip(("onnxruntime-web", ORT_WEB.is_dir(), "npm ci --prefix web"))
 
 
 @pytest.fixture(scope="module")
