@@ -67,7 +67,8 @@ def timed_in_turn(runs: dict, repeats: int, warmup: int = 3) -> dict[str, tuple[
 
 def exported(checkpoint: Path, folder: Path) -> tuple[Path, Path, dict]:
     """``checkpoint`` as ``folder/<name>.onnx`` and ``<name>-int8.onnx`` (exported again only when the checkpoint
-    changed since); returns the two files and what int8 measured on validation."""
+    changed since); returns the two files and their record: ``from`` (what they were exported from) and ``int8``
+    (what int8 measured on validation)."""
     fp32, int8 = folder / "model.onnx", folder / "model-int8.onnx"
     stamp = {
         "checkpoint": checkpoint.name,
@@ -87,7 +88,7 @@ def exported(checkpoint: Path, folder: Path) -> tuple[Path, Path, dict]:
         saved = {"from": stamp, "int8": meta["int8"]}
         with atomic_path(record) as tmp:
             tmp.write_text(json.dumps(saved, indent=1))
-    return fp32, int8, saved["int8"]
+    return fp32, int8, saved
 
 
 def speed(model: torch.nn.Module, meta: dict, files: dict[str, Path], repeats: int) -> dict:
@@ -132,16 +133,15 @@ def formats_ja(
     maps.update({name: onnx_probabilities(path, meta, split.images) for name, path in files.items()})
     threshold, post = meta["threshold"], meta["postprocess"]
     counts = metrics.original_size_counts(list(maps.values()), split, threshold, post)
-    reference = maps[FORMATS[0]]
+    differing = dict.fromkeys(FORMATS, 0)
+    total = 0
+    for k, size in enumerate(split.sizes):  # PyTorch's mask once per image, each export's against it
+        ours = metrics.full_size_mask(maps[FORMATS[0]][k : k + 1], size, threshold, post)
+        total += ours.numel()
+        for name in FORMATS[1:]:
+            differing[name] += int((metrics.full_size_mask(maps[name][k : k + 1], size, threshold, post) != ours).sum())
     rows = []
-    for (name, probability), count in zip(maps.items(), counts):
-        differing = total = 0
-        if name != FORMATS[0]:
-            for k, size in enumerate(split.sizes):
-                ours = metrics.full_size_mask(reference[k : k + 1], size, threshold, post)
-                theirs = metrics.full_size_mask(probability[k : k + 1], size, threshold, post)
-                differing += int((ours != theirs).sum())
-                total += ours.numel()
+    for name, count in zip(maps, counts):
         rows.append(
             {
                 "run": run,
@@ -149,7 +149,7 @@ def formats_ja(
                 "images": len(split),
                 "format": name,
                 "JA": float(metrics.scores(count)["iou"].mean()),
-                "pixels unlike PyTorch's": differing / total if total else 0.0,
+                "pixels unlike PyTorch's": differing[name] / total if total else 0.0,
             }
         )
     return rows
@@ -158,8 +158,7 @@ def formats_ja(
 @dataclass
 class DeployResult:
     cost: pd.DataFrame  # a row per run: parameters, MFLOPs, sizes, latency, throughput
-    ja: pd.DataFrame  # a row per run, set and format: JA, pixels unlike PyTorch's
-    machine: str
+    ja: pd.DataFrame  # a row per run, set and format: JA, pixels unlike PyTorch's (the machine: cost's column)
     reading: str
 
 
@@ -174,10 +173,11 @@ def measure_run(params: dict, name: str, repeats: int, progress: bool = False) -
     seed = int(run.seeds["seed"].min())
     checkpoint = run.run_dir / f"seed{seed}" / "best.pt"
     folder = output / "deploy" / name
-    fp32, int8, int8_measured = exported(checkpoint, folder)
+    fp32, int8, made = exported(checkpoint, folder)
+    int8_measured = made["int8"]
     sets = [external for external in external_sets(params) if external.found]
     key = {
-        "exported": json.loads((folder / EXPORTED).read_text())["from"],
+        "exported": made["from"],
         "repeats": repeats,
         "sets": [s.name for s in sets],
     }
@@ -229,7 +229,7 @@ def deployment_costs(params: dict, runs: list[str], out_dir: Path, repeats: int 
     ja = pd.DataFrame(ja_rows)[["run", "data", "images", "format", "JA", "pixels unlike PyTorch's"]]
     save_table(cost, out_dir, "deploy_cost")
     save_table(ja, out_dir, "deploy_ja")
-    return DeployResult(cost, ja, ", ".join(dict.fromkeys(cost["machine"])), deploy_reading(cost, ja))
+    return DeployResult(cost, ja, deploy_reading(cost, ja))
 
 
 def cost_view(cost: pd.DataFrame) -> pd.DataFrame:

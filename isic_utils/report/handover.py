@@ -98,10 +98,10 @@ def page_model(out_dir: Path, run: str) -> tuple[Path, str]:
     """The exported model the page runs, and why that one: ``run``'s int8 export (the comparison chapter's,
     ``deploy/<run>/``, exported now when the chapter has not), or its fp32 export when int8 loses more validation
     JA than ``export`` accepts."""
-    output = out_dir
-    saved = load_run(output, run)  # FileNotFoundError names the run folder
+    saved = load_run(out_dir, run)  # FileNotFoundError names the run folder
     seed = int(saved.seeds["seed"].min())
-    fp32, int8, measured = exported(saved.run_dir / f"seed{seed}" / "best.pt", output / "deploy" / run)
+    fp32, int8, made = exported(saved.run_dir / f"seed{seed}" / "best.pt", out_dir / "deploy" / run)
+    measured = made["int8"]
     before, after = measured["validation JA fp32"], measured["validation JA int8"]
     scores = f"validation JA {after:.3f} in int8, {before:.3f} in fp32"
     if before - after <= INT8_TOLERANCE:
