@@ -302,7 +302,7 @@ def test_largest_component_keeps_one_lesion_and_fills_its_holes():
 # ----------------------------------------------------------------------------- augmentations
 
 
-@pytest.mark.parametrize("name", ["scale_rotate", "color_strong"])
+@pytest.mark.parametrize("name", ["scale_rotate", "zoom_out", "color_strong"])
 def test_new_augmentations_move_image_and_mask_together(tiny_data, name):
     masks = tiny_data.train.masks[:6]
     images = (masks * 255).expand(-1, 3, -1, -1).contiguous()  # an image that is its own mask
@@ -310,11 +310,35 @@ def test_new_augmentations_move_image_and_mask_together(tiny_data, name):
     moved, moved_masks = apply_augmentation(images, masks, draws)
     assert moved.dtype == torch.uint8 and moved_masks.dtype == torch.uint8
     assert set(moved_masks.unique().tolist()) <= {0, 1}
-    if name == "scale_rotate":
+    if name in ("scale_rotate", "zoom_out"):
         agree = ((moved[:, :1] > 127) == moved_masks.bool()).float().mean()
         assert agree > 0.97 and not torch.equal(moved_masks, masks)
     else:
         assert torch.equal(moved_masks, masks) and not torch.equal(moved, images)
+
+
+def test_zoom_out_shrinks_the_lesion_into_a_black_frame():
+    """The zoom-out augmentation (small lesions): a chosen image is the whole image shrunk by its scale, its lesion's
+    area by the scale squared, the frame around it black and background; an image not chosen is left as it was."""
+    from isic_utils.data.transforms import ZOOM_OUT
+
+    size = 64
+    masks = torch.zeros(4, 1, size, size, dtype=torch.uint8)
+    masks[:, :, 16:48, 16:48] = 1  # a square lesion of a quarter of the frame
+    images = torch.full((4, 3, size, size), 200, dtype=torch.uint8)
+    images[masks.expand(-1, 3, -1, -1).bool()] = 60
+    scale = torch.tensor([0.5, 0.75, 1.0, 0.5])
+    low, high = ZOOM_OUT["scale"]
+    u = torch.stack(
+        [torch.tensor([0.0, 0.0, 0.0, 0.99]), (scale - low) / (high - low), torch.rand(4), torch.rand(4)], 1
+    )
+    moved, moved_masks = apply_augmentation(images, masks, {"zoom_out": u})
+    area = moved_masks.flatten(1).sum(1).float() / masks.flatten(1).sum(1)
+    assert torch.allclose(area[:3], scale[:3] ** 2, atol=0.05), area
+    assert torch.equal(moved[3], images[3]) and torch.equal(moved_masks[3], masks[3])  # not chosen
+    shrunk = moved[0, 0]
+    assert (shrunk == 0).float().mean() == pytest.approx(0.75, abs=0.05)  # a half-size image: 3/4 of it black
+    assert ((shrunk == 60) == moved_masks[0, 0].bool()).float().mean() > 0.99
 
 
 # ----------------------------------------------------------------------------- the chapter and the study

@@ -10,6 +10,7 @@ from isic_utils.evaluation.external import CHOOSING, INFERENCE_OPTIONS, REPORTIN
 
 IDS = [f"IMD{i:03d}" for i in range(20)]
 CHOOSE, REPORT = halves(IDS)
+SMALL = IDS[::2]  # lesions of 2% of the image; the others fill 60%
 
 
 def scored(run: str, split: str, seeds, shift) -> Scored:
@@ -21,7 +22,10 @@ def scored(run: str, split: str, seeds, shift) -> Scored:
         noise = np.random.default_rng(100 + seed).normal(0, 0.02, len(ids))  # the same draw for every run: paired
         for tta, post in INFERENCE_OPTIONS:
             iou = 0.7 + noise + np.array([shift(seed, i, split) for i in ids]) + (0.01 if tta == "flips" else 0)
-            tables[(seed, tta, post)] = pd.DataFrame({"id": ids, "iou": iou})
+            lesion = np.array([20 if i in SMALL else 600 for i in ids])  # pixels of 1,000: 2% or 60% of the image
+            tables[(seed, tta, post)] = pd.DataFrame(
+                {"id": ids, "iou": iou, "tp": lesion, "fn": 0, "fp": 0, "tn": 1000 - lesion}
+            )
     return Scored(run, split, ("none", "none"), tables, {})
 
 
@@ -73,6 +77,33 @@ def test_an_option_is_chosen_on_the_choosing_half_and_reported_on_the_other():
     assert f"helps on {report}: +0.050" in reading and "not the study's choice" in reading
     view = G.options_view(table.reset_index())
     assert view.loc[1, f"Δ {report}"].startswith("+0.050") and view.loc[1, f"Δ {report}"].endswith("(beyond)")
+
+
+def test_what_each_option_buys_is_read_by_lesion_area_on_the_reporting_halves():
+    """An option that helps small lesions only shows its gain in the < 5% bin, on the reporting half alone."""
+    helps_small = {"small lesions": lambda seed, i, split: 0.05 if i in SMALL else 0.0}
+    result = {
+        (run, split): scored(run, split, (0, 1, 2), shift)
+        for run, shift in {"base": lambda seed, i, split: 0.0, **helps_small}.items()
+        for split in ("validation", "PH2")
+    }
+    table = G.options_by_area(result, {"base": "base", "small lesions": "small lesions"})
+    report = half_name("PH2", REPORTING)
+    assert set(table["data"]) == {report} and set(table["option"]) == {"small lesions", *G.INFERENCE_STUDIED}
+    rows = table[table["option"] == "small lesions"].set_index("lesion area")
+    assert list(rows.index) == ["< 5%", "> 50%"]  # empty bins are left out
+    assert rows.loc["< 5%", "images"] == len(set(SMALL) & set(REPORT))
+    assert abs(rows.loc["< 5%", "Δ"] - 0.05) < 1e-9 and rows.loc["< 5%", "against the seed spread"].startswith("beyond")
+    assert abs(rows.loc["> 50%", "Δ"]) < 1e-9 and rows.loc["> 50%", "against the seed spread"].startswith("within")
+    flips = table[table["option"] == "test-time flips"]
+    assert np.allclose(flips["Δ"], 0.01)
+    view = G.options_by_area_view(table)
+    assert list(view.columns) == ["data", "option", "< 5%", "5–15%", "15–50%", "> 50%"]
+    assert view.loc[0, "option"] == "base: JA (images)" and view.loc[0, "5–15%"] == ""
+    assert view.loc[1, "< 5%"].startswith("+0.050") and view.loc[1, "< 5%"].endswith("(beyond)")
+    reading = G.options_by_area_reading(table)
+    assert f"On {report}, lesions of < 5% of the image" in reading and "most from small lesions, +0.050" in reading
+    assert "on > 50%" in reading and "it changes JA by +0.000" in reading
 
 
 def test_one_seed_chooses_nothing_and_says_why():

@@ -239,6 +239,10 @@ def test_the_options_study_measures_each_option_and_the_comparison_shows_it(tiny
     assert "Not measured for this profile yet" not in page
     for option in table["option"]:
         assert f">{option}<" in page, option
+    by_area = pd.read_csv(out / "options" / "tables" / "options_by_area.csv")
+    assert set(by_area["data"]) == {"other-clinic, reporting half"}
+    assert set(by_area["option"]) == set(table["option"][1:]) and by_area["images"].gt(0).all()
+    assert "By the lesion's share of the image" in page and "base: JA (images)" in page
 
 
 def test_rerun_skips_finished_chapters(tiny_report):

@@ -2,7 +2,7 @@
 
 The study trains task 3 without any option (the *base*: flips, 90° turns, colour jitter, 128 px, no colour
 constancy) and, beside it, the base plus each training option alone (colour constancy, crop and rotation
-augmentation, stronger colour augmentation, 256 px), each with the same seeds (three unless ``--set seeds=…``), into
+augmentation, stronger colour augmentation, zoom-out augmentation for small lesions, 256 px), each with the same seeds (three unless ``--set seeds=…``), into
 ``outputs/<profile>/options/``; then scores every seed, never retrained, on validation and on each external set at
 original size (``external.validate_external``), where the inference options (test-time flips, largest-component
 post-processing) are scored on the base run as well.
@@ -27,6 +27,7 @@ from ..config import params as P
 from ..scoring import metrics
 from ..training.experiments import prepare_data, train_run
 from .external import CHOOSING, REPORTING, Scored, half_name, halves, validate_external
+from .failures import AREA_BINS, AREA_LABELS, per_image_frame
 
 BASE = {
     "color_constancy": "none",
@@ -39,6 +40,7 @@ TRAINING_OPTIONS = {  # name → what it changes on top of BASE
     "colour constancy": {"color_constancy": "shades_of_grey"},
     "crop + rotation": {"augment": BASE["augment"] + ["scale_rotate"]},
     "strong colour": {"augment": BASE["augment"] + ["color_strong"]},
+    "zoom-out augmentation": {"augment": BASE["augment"] + ["zoom_out"]},
     "256 px": {"image_size": 256},
 }
 # Measured, never taken by default whatever the study says: the report's design is 128 × 128 images, and a run scores
@@ -130,8 +132,10 @@ def options_study(
         train_run(values, prepare_data(values), verbose=True)
     out = P.absolute(scoring["output_dir"])
     result = validate_external(scoring, scoring["runs"], out)
-    table = options_table(result.scored, {run_name(o): o for o in runs}, runs["base"]["epochs"])
+    names = {run_name(o): o for o in runs}
+    table = options_table(result.scored, names, runs["base"]["epochs"])
     save_table(table, out, "options")
+    save_table(options_by_area(result.scored, names), out, "options_by_area")
     echo(f"options: wrote {out / 'tables' / 'options.csv'}")
     return table
 
@@ -155,11 +159,8 @@ def options_table(scored: dict[tuple[str, str], Scored], names: dict[str, str], 
     stands out of that spread), and whether the choosing splits choose it (``chosen``). Training options are plain
     scoring (no flips, no post-processing); an inference option is the base run scored with it."""
     splits = study_splits(scored)
-    base_run = next(run for run, option in names.items() if option == "base")
-    entries = [
-        (option, "base" if option == "base" else "training", run, ("none", "none")) for run, option in names.items()
-    ]
-    entries += [(option, "inference", base_run, chosen) for option, chosen in INFERENCE_STUDIED.items()]
+    entries = _entries(names)
+    base_run = entries[0][2]
     bases = {
         label: scored[(base_run, split)].per_seed_ja("none", "none", ids) for label, (split, ids) in splits.items()
     }
@@ -181,6 +182,78 @@ def options_table(scored: dict[tuple[str, str], Scored], names: dict[str, str], 
     return pd.DataFrame(rows)
 
 
+def _entries(names: dict[str, str]) -> list[tuple[str, str, str, tuple[str, str]]]:
+    """(option, kind, the run it is scored on, (tta, postprocess)) for the base, each training option's run and each
+    inference option (on the base run); the base first."""
+    base_run = next(run for run, option in names.items() if option == "base")
+    entries = [(option, "training", run, ("none", "none")) for run, option in names.items() if run != base_run]
+    entries += [(option, "inference", base_run, chosen) for option, chosen in INFERENCE_STUDIED.items()]
+    return [("base", "base", base_run, ("none", "none")), *entries]
+
+
+def options_by_area(scored: dict[tuple[str, str], Scored], names: dict[str, str]) -> pd.DataFrame:
+    """What each option buys by the lesion's share of the image (``failures.AREA_BINS``), on each external set's
+    reporting half (never looked at by the choice): one row per (option, set, bin) with the images in the bin, the
+    base's mean JA there and the option's change against it, seed for seed (mean, std, against the seed spread)."""
+    entries = _entries(names)
+    base_run = entries[0][2]
+    rows = []
+    for label, (split, ids) in study_splits(scored).items():
+        if not label.endswith(REPORTING):
+            continue
+        first = next(iter(scored[(base_run, split)].tables.values()))
+        frame = per_image_frame(first[first["id"].isin(ids)])
+        bins = pd.cut(frame["lesion_area"], AREA_BINS, labels=AREA_LABELS, include_lowest=True)
+        for area in AREA_LABELS:
+            chosen = list(frame["id"][bins == area])
+            if not chosen:
+                continue
+            base = scored[(base_run, split)].per_seed_ja("none", "none", chosen)
+            for option, _, run, (tta, post) in entries[1:]:
+                mine = scored[(run, split)].per_seed_ja(tta, post, chosen)
+                spread = metrics.seed_spread([mine[s] - base[s] for s in sorted(mine) if s in base])
+                rows.append(
+                    {
+                        "option": option,
+                        "data": label,
+                        "lesion area": area,
+                        "images": len(chosen),
+                        "JA base": float(np.mean(list(base.values()))),
+                        "Δ": spread["mean"],
+                        "Δ std": spread["std"],
+                        "against the seed spread": spread["verdict"],
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def options_by_area_view(table: pd.DataFrame) -> pd.DataFrame:
+    """``options_by_area`` as a page shows it: a row per set and option (the base's JA first), a column per
+    lesion-area bin reading "Δ ± std (beyond / within)", the images per bin in the base's row."""
+    rows = []
+    for data, rows_of_set in table.groupby("data", sort=False):
+        first = rows_of_set.drop_duplicates("lesion area")
+        rows.append(
+            {
+                "data": data,
+                "option": "base: JA (images)",
+                **{r["lesion area"]: f"{r['JA base']:.3f} ({r['images']})" for _, r in first.iterrows()},
+            }
+        )
+        for option, of_option in rows_of_set.groupby("option", sort=False):
+            rows.append(
+                {
+                    "data": data,
+                    "option": option,
+                    **{
+                        r["lesion area"]: _delta_text(r["Δ"], r["Δ std"], r["against the seed spread"])
+                        for _, r in of_option.iterrows()
+                    },
+                }
+            )
+    return pd.DataFrame(rows).reindex(columns=["data", "option", *AREA_LABELS]).astype(object).fillna("")
+
+
 def _choice(row: dict, choosing: list[str]) -> str:
     """The study's rule on the choosing splits: "yes" when the option's change is beyond the seed spread upwards on
     at least one and downwards on none, "no" otherwise, or what the seeds are missing for a verdict."""
@@ -198,6 +271,34 @@ def saved_options(output_dir: str | Path) -> pd.DataFrame | None:
         return None
     table = pd.read_csv(path)
     return table if "chosen" in table else None  # a one-seed table of an earlier version: the study must rerun
+
+
+def saved_options_by_area(output_dir: str | Path) -> pd.DataFrame | None:
+    """The study's by-lesion-area table (``options_by_area``) for the profile, or None when it has not been written."""
+    path = P.absolute(output_dir) / FOLDER / "tables" / "options_by_area.csv"
+    return pd.read_csv(path) if path.exists() else None
+
+
+def options_by_area_reading(table: pd.DataFrame) -> str:
+    """Per set, which option changed the smallest lesions' JA most and what it did to the largest."""
+    lines = []
+    for data, of_set in table.groupby("data", sort=False):
+        bins = [b for b in AREA_LABELS if b in set(of_set["lesion area"])]
+        smallest, largest = of_set[of_set["lesion area"] == bins[0]], of_set[of_set["lesion area"] == bins[-1]]
+        best = smallest.loc[smallest["Δ"].idxmax()]
+        line = (
+            f"On {data}, lesions of {bins[0]} of the image ({best['images']} images, base JA "
+            f"{best['JA base']:.3f}): most from {best['option']}, "
+            f"{_delta_text(best['Δ'], best['Δ std'], best['against the seed spread'])}"
+        )
+        if len(bins) > 1:
+            other = largest[largest["option"] == best["option"]].iloc[0]
+            line += (
+                f"; on {bins[-1]} ({other['images']} images) it changes JA by "
+                f"{_delta_text(other['Δ'], other['Δ std'], other['against the seed spread'])}"
+            )
+        lines.append(line + ".")
+    return " ".join(lines)
 
 
 def options_view(table: pd.DataFrame) -> pd.DataFrame:
@@ -219,10 +320,14 @@ def options_view(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _change(row, split: str) -> str:
-    verdict = row[f"Δ {split} against the seed spread"]
+    return _delta_text(row[f"Δ {split}"], row[f"Δ std {split}"], row[f"Δ {split} against the seed spread"])
+
+
+def _delta_text(mean: float, std: float, verdict: str) -> str:
+    """ "+0.012 ± 0.004 (beyond)": a change, its std over seeds, and its verdict against that spread."""
     word = verdict.split()[0] if verdict.endswith("seed spread") else "?"
-    spread = f" ± {row[f'Δ std {split}']:.3f}" if row[f"Δ std {split}"] == row[f"Δ std {split}"] else ""
-    return f"{signed(row[f'Δ {split}'])}{spread} ({word})"
+    spread = f" ± {std:.3f}" if std == std else ""
+    return f"{signed(mean)}{spread} ({word})"
 
 
 def options_reading(table: pd.DataFrame, uses: list[str] | None = None) -> str:
