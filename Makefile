@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-report: setup  ## the whole report for DATA (synthetic | isic2016 | isic2016_holdout | tiny); SET='seeds=[0,1,2]' overrides
+report: setup  ## the whole report for DATA (synthetic | tiny | isic2016 | isic2017 | isic2018, each real one with a _holdout form); SET='seeds=[0,1,2]' overrides
 	$(PY) -m isic_utils report --data $(DATA) $(if $(SET),--set $(SET))
 
 options: setup  ## what each generalisation option of task 3 buys, three seeds each (DATA=, EPOCHS= optional); the comparison shows it
