@@ -127,10 +127,13 @@ def test_task_uses_reads_the_options_from_a_runs_parameters():
 
 
 def test_an_option_outside_the_reports_design_is_measured_never_taken():
-    table = study({"256 px": lambda seed, i, split: 0.05})
-    assert table.loc[1, "chosen"] == "yes"
-    reading = G.options_reading(table, ["test-time flips"])
+    """256 px, zoom and test-time flips are measured and may be chosen, never a default, each with its reason."""
+    table = study({"256 px": lambda seed, i, split: 0.05, "colour constancy": lambda seed, i, split: 0.05})
+    assert table.set_index("option").loc[["256 px", "test-time flips"], "chosen"].eq("yes").all()
+    reading = G.options_reading(table, ["colour constancy", "test-time flips"])
     assert "256 px stays a measured option, never a default: the report's images are 128 × 128" in reading
-    assert "Task 3's parameters take test-time flips: not the study's choice (test-time flips)" not in reading
-    assert "Task 3's parameters take exactly the chosen options (test-time flips)." in reading
-    assert G.options_view(table).loc[1, "chosen"] == "yes, never a default (outside the report's design)"
+    assert "test-time flips stays a measured option, never a default: it runs the model four times" in reading
+    assert "Task 3's parameters take exactly the chosen options (colour constancy)." in reading
+    view = G.options_view(table).set_index("option")
+    assert view.loc["256 px", "chosen"] == "yes, never a default (the reading says why)"
+    assert view.loc["colour constancy", "chosen"] == "yes"
