@@ -429,6 +429,12 @@ def test_a_missing_external_folder_is_skipped_with_where_to_get_it(tiny_task1, t
     ph2, later = external_sets(values)
     assert ph2.root == tmp_path / "no-ph2" and not ph2.found and not later.found
     assert "fc.up.pt" in ph2.missing_note() and "skipped" in ph2.missing_note()
+    assert str(tmp_path) not in ph2.missing_note() and "$PH2_DIR names no folder (…/no-ph2)" in ph2.missing_note()  # no machine path
+    assert "point $PH2_DIR at it" in ph2.missing_note()
+    monkeypatch.delenv("PH2_DIR")
+    default = external_sets(values)[0]
+    assert "no folder data/PH2;" in default.missing_note() and str(root) not in default.missing_note()
+    monkeypatch.setenv("PH2_DIR", str(tmp_path / "no-ph2"))
     # the chapter still runs: validation scored, the set named as skipped, an empty gap table the index can read
     chapter = {
         **P.resolve("external", None, "tiny", {**overrides, "runs": ["task1"]}, root),

@@ -73,11 +73,14 @@ class ExternalSet:
         return shown_path(self.root, self.env)
 
     def missing_note(self) -> str:
-        where = f" Get it from {self.source}" if self.source else ""
-        return (
-            f"{self.name}: no folder {self.root}; the set is skipped.{where} and unpack it there, or point the "
-            "set's environment variable at it."
+        where = f" Get it from {self.source} and unpack it there, or" if self.source else " Unpack it there, or"
+        variable = f"${self.env}" if self.env else "the set's `dir` in the profile"
+        missing = (
+            f"{variable} names no folder ({shown_path(self.root)})"
+            if self.env and os.environ.get(self.env)
+            else f"no folder {shown_path(self.root)}"
         )
+        return f"{self.name}: {missing}; the set is skipped.{where} point {variable} at it."
 
 
 def external_sets(params: dict) -> list[ExternalSet]:
