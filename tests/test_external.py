@@ -429,7 +429,9 @@ def test_a_missing_external_folder_is_skipped_with_where_to_get_it(tiny_task1, t
     ph2, later = external_sets(values)
     assert ph2.root == tmp_path / "no-ph2" and not ph2.found and not later.found
     assert "fc.up.pt" in ph2.missing_note() and "skipped" in ph2.missing_note()
-    assert str(tmp_path) not in ph2.missing_note() and "$PH2_DIR names no folder (…/no-ph2)" in ph2.missing_note()  # no machine path
+    assert (
+        str(tmp_path) not in ph2.missing_note() and "$PH2_DIR names no folder (…/no-ph2)" in ph2.missing_note()
+    )  # no machine path
     assert "point $PH2_DIR at it" in ph2.missing_note()
     monkeypatch.delenv("PH2_DIR")
     default = external_sets(values)[0]
