@@ -104,6 +104,11 @@ def test_what_each_option_buys_is_read_by_lesion_area_on_the_reporting_halves():
     reading = G.options_by_area_reading(table)
     assert f"On {report}, lesions of < 5% of the image" in reading and "most from small lesions, +0.050" in reading
     assert "on > 50%" in reading and "it changes JA by +0.000" in reading
+    # a change within the seed spread, or none, is not read as a gain (seen: "most from largest component, +0.000")
+    unsettled = table.assign(**{"against the seed spread": "within the seed spread"})
+    reading = G.options_by_area_reading(unsettled)
+    assert "most from" not in reading
+    assert "no option raises JA beyond the seed spread (the largest change: small lesions, +0.050" in reading
 
 
 def test_one_seed_chooses_nothing_and_says_why():

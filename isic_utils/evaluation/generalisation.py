@@ -283,16 +283,22 @@ def saved_options_by_area(output_dir: str | Path) -> pd.DataFrame | None:
 
 
 def options_by_area_reading(table: pd.DataFrame) -> str:
-    """Per set, which option changed the smallest lesions' JA most and what it did to the largest."""
+    """Per set, which option changed the smallest lesions' JA most and what it did to the largest; "most from" only
+    when that change stands out of the seed spread upwards, else that no option did (and the largest change)."""
     lines = []
     for data, of_set in table.groupby("data", sort=False):
         bins = [b for b in AREA_LABELS if b in set(of_set["lesion area"])]
         smallest, largest = of_set[of_set["lesion area"] == bins[0]], of_set[of_set["lesion area"] == bins[-1]]
         best = smallest.loc[smallest["Δ"].idxmax()]
+        change = _delta_text(best["Δ"], best["Δ std"], best["against the seed spread"])
+        raised = best["Δ"] > 0 and str(best["against the seed spread"]).startswith("beyond")
         line = (
-            f"On {data}, lesions of {bins[0]} of the image ({best['images']} images, base JA "
-            f"{best['JA base']:.3f}): most from {best['option']}, "
-            f"{_delta_text(best['Δ'], best['Δ std'], best['against the seed spread'])}"
+            f"On {data}, lesions of {bins[0]} of the image ({best['images']} images, base JA {best['JA base']:.3f}): "
+            + (
+                f"most from {best['option']}, {change}"
+                if raised
+                else f"no option raises JA beyond the seed spread (the largest change: {best['option']}, {change})"
+            )
         )
         if len(bins) > 1:
             other = largest[largest["option"] == best["option"]].iloc[0]
