@@ -231,8 +231,11 @@ class ExternalResult:
     overlaps: list[str] = field(default_factory=list)  # the sets that held images of the runs' own data, in words
 
 
-def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bool = False) -> ExternalResult:
-    """Score every run on validation and on each external set that is there; write the chapter's tables.
+def validate_external(
+    params: dict, runs: list[str], out_dir: Path, progress: bool = False, echo=None
+) -> ExternalResult:
+    """Score every run on validation and on each external set that is there; write the chapter's tables. ``echo``,
+    when given, takes a line as each run starts on each split (a long study says where it is).
 
     Returns an ``ExternalResult``. Tables (under ``out_dir``):
     ``per_image_<set>_<run>_seed<k>`` (the run's own options, with each image's confidence), ``external`` (each
@@ -277,6 +280,11 @@ def validate_external(params: dict, runs: list[str], out_dir: Path, progress: bo
             }
         )
         for split_name in ["validation"] + [s.name for s in present]:
+            if echo is not None:
+                echo(
+                    f"scoring {name} on {split_name}: {len(splits[(split_name, size)])} images × {len(run.seeds)} "
+                    "seeds at original size, every inference option"
+                )
             result = score_split(run, splits[(split_name, size)], split_name)
             scored[(name, split_name)] = result
             plain = _mean(

@@ -134,7 +134,7 @@ def options_study(
         echo(f"options: {option} ({values['run_name']}, {values['epochs']} epochs, seeds {values['seeds']})")
         train_run(values, prepare_data(values), verbose=True)
     out = P.absolute(scoring["output_dir"])
-    result = validate_external(scoring, scoring["runs"], out)
+    result = validate_external(scoring, scoring["runs"], out, echo=lambda line: echo(f"options: {line}"))
     names = {run_name(o): o for o in runs}
     table = options_table(result.scored, names, runs["base"]["epochs"])
     save_table(table, out, "options")
