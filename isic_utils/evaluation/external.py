@@ -280,12 +280,13 @@ def validate_external(
             }
         )
         for split_name in ["validation"] + [s.name for s in present]:
+            split = splits[(split_name, size)]
             if echo is not None:
                 echo(
-                    f"scoring {name} on {split_name}: {len(splits[(split_name, size)])} images × {len(run.seeds)} "
-                    "seeds at original size, every inference option"
+                    f"scoring {name} on {split_name}: {len(split)} images × {len(run.seeds)} seeds at original size, "
+                    "every inference option"
                 )
-            result = score_split(run, splits[(split_name, size)], split_name)
+            result = score_split(run, split, split_name)
             scored[(name, split_name)] = result
             plain = _mean(
                 {s: t for (s, tta, post), t in result.tables.items() if (tta, post) == ("none", "none")}, "iou"

@@ -263,8 +263,14 @@ def _choice(row: dict, choosing: list[str]) -> str:
     verdicts = [row[f"Δ {label} against the seed spread"] for label in choosing]
     if any(not v.endswith("seed spread") for v in verdicts):
         return next(v for v in verdicts if not v.endswith("seed spread"))
-    beyond = [row[f"Δ {label}"] for label, v in zip(choosing, verdicts) if v.startswith("beyond")]
-    return "yes" if any(d > 0 for d in beyond) and not any(d < 0 for d in beyond) else "no"
+    changes = [(row[f"Δ {label}"], v) for label, v in zip(choosing, verdicts)]
+    up = any(_beyond(d, v, 1) for d, v in changes)
+    return "yes" if up and not any(_beyond(d, v, -1) for d, v in changes) else "no"
+
+
+def _beyond(change: float, verdict: str, sign: int) -> bool:
+    """Whether a change stands out of the seed spread (``metrics.seed_spread``'s verdict) in the direction ``sign``."""
+    return str(verdict).startswith("beyond") and change * sign > 0
 
 
 def saved_options(output_dir: str | Path) -> pd.DataFrame | None:
@@ -291,7 +297,7 @@ def options_by_area_reading(table: pd.DataFrame) -> str:
         smallest, largest = of_set[of_set["lesion area"] == bins[0]], of_set[of_set["lesion area"] == bins[-1]]
         best = smallest.loc[smallest["Δ"].idxmax()]
         change = _delta_text(best["Δ"], best["Δ std"], best["against the seed spread"])
-        raised = best["Δ"] > 0 and str(best["against the seed spread"]).startswith("beyond")
+        raised = _beyond(best["Δ"], best["against the seed spread"], 1)
         line = (
             f"On {data}, lesions of {bins[0]} of the image ({best['images']} images, base JA {best['JA base']:.3f}): "
             + (
