@@ -391,6 +391,51 @@ def test_external_scores_equal_a_by_hand_scoring(tiny_task1):
     assert options[options["the run's own scoring"]]["largest component"].all()
 
 
+def test_every_inference_option_scores_as_by_hand_at_four_passes_and_one_zoom_per_image(tiny_task1, monkeypatch):
+    """Scoring a run on a split with every inference option gives what each option gives by hand, and runs the
+    model four times per image (the flips; no-flips is their identity pass) and zooms each image once for both
+    post-processings: scoring was 20 minutes of the options study on the later releases."""
+    from isic_utils.data.decoding import read_image
+    from isic_utils.evaluation import external as E
+    from isic_utils.model.inference import zoomed_probabilities
+    from isic_utils.training.experiments import load_run
+
+    base, overrides, root = tiny_task1
+    chapter = P.resolve("external", None, "tiny", {**overrides, "runs": ["task1"]}, root)
+    (other,) = E.external_sets(chapter)
+    split, _ = E.load_external(other, 64)
+    passes, zooms = [], []
+
+    def counted_model(path):
+        model, meta = load_trained(path)
+        model.register_forward_hook(lambda module, inputs, output: passes.append(len(inputs[0])))
+        return model, meta
+
+    def counted_zoom(model, meta, image, coarse):
+        before = sum(passes)
+        zoomed = zoomed_probabilities(model, meta, image, coarse)
+        zooms.append(sum(passes) - before)  # the crop's pass, if the lesion was small enough to zoom on
+        return zoomed
+
+    monkeypatch.setattr(E, "load_trained", counted_model)
+    monkeypatch.setattr(E, "zoomed_probabilities", counted_zoom)
+    run = load_run(base / "out", "task1")
+    scored = E.score_split(run, split, other.name)
+    seeds = len(run.seeds)
+    assert len(zooms) == seeds * len(split) and set(zooms) <= {0, 1}
+    assert sum(passes) - sum(zooms) == seeds * 4 * len(split)
+    model, meta = load_trained(base / "out" / "task1" / "seed0" / "best.pt")
+    for tta, post in E.INFERENCE_OPTIONS:
+        maps = predicted_probabilities(model, meta, split.images, "flips" if tta == "flips" else "none")
+
+        def zoom(k, coarse):
+            return zoomed_probabilities(model, meta, read_image(split.sources[k].image)[0], coarse)
+
+        by_hand = original_size_counts([maps], split, postprocess=[post], refine=[zoom if tta == "zoom" else None])[0]
+        table = scored.tables[(0, tta, post)]
+        assert table[["tp", "fp", "fn", "tn"]].to_numpy().tolist() == by_hand.tolist(), (tta, post)
+
+
 def test_two_runs_compared_seed_for_seed_on_every_split_and_half(tiny_task1):
     """tools/compare_runs.py: a run against itself differs by exactly 0 everywhere, and its whole-set JA is the
     one chapter 3 reports for it."""

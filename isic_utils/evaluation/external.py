@@ -3,7 +3,7 @@ another clinic's camera), at each image's original size, challenge-style, beside
 
 A profile lists its external sets (``external:``; see ``params.EXTERNAL_KEYS``). Each set is read by
 ``sources.find_external_pairs`` with a named layout (PH2's as distributed) or a glob and a mask rule, decoded at each
-run's own image size (cached) and passed through the run's own colour constancy (``training.predicted_probabilities``).
+run's own image size (cached) and passed through the run's own colour constancy (``inference.predicted_probabilities``).
 Test-time flips and post-processing are scored both ways for every run, on validation and on each set, so the
 chapter shows what they buy whatever the run chose.
 """
@@ -23,7 +23,7 @@ from ..config.params import absolute
 from ..data.decoding import DecodedSplit, decode_pairs, read_image
 from ..data.sources import EXTERNAL_LAYOUTS, PH2_URL, RELEASES, DataError, find_external_pairs
 from ..data.synthetic import make_synthetic_external
-from ..model.inference import load_trained, predicted_probabilities, zoomed_probabilities
+from ..model.inference import load_trained, probabilities_without_and_with_flips, zoomed_probabilities
 from ..scoring import confidence, metrics
 from ..training.experiments import SavedRun, data_root, load_run, prepare_data
 
@@ -183,13 +183,17 @@ def score_split(run: SavedRun, split: DecodedSplit, name: str) -> Scored:
     for seed in run.seeds["seed"].astype(int):
         model, meta = load_trained(run.run_dir / f"seed{seed}" / "best.pt")
         calibrations[int(seed)] = meta.get("calibration") or {}
-        probabilities = {tta: predicted_probabilities(model, meta, split.images, tta) for tta in ("none", "flips")}
+        probabilities = probabilities_without_and_with_flips(model, meta, split.images)
         probabilities["zoom"] = probabilities["none"]  # its coarse pass; the crop's pass runs at the original size
         trust = {tta: confidence.scores(p, calibrations[int(seed)]) for tta, p in probabilities.items()}
         maps = [probabilities[tta] for tta, _ in INFERENCE_OPTIONS]
+        zoomed: dict[int, torch.Tensor] = {}  # image k's zoom for both post-processings: read and run once
 
-        def zoom(k: int, coarse: torch.Tensor, model=model, meta=meta) -> torch.Tensor:
-            return zoomed_probabilities(model, meta, read_image(split.sources[k].image)[0], coarse)
+        def zoom(k: int, coarse: torch.Tensor, model=model, meta=meta, zoomed=zoomed) -> torch.Tensor:
+            if k not in zoomed:
+                zoomed.clear()
+                zoomed[k] = zoomed_probabilities(model, meta, read_image(split.sources[k].image)[0], coarse)
+            return zoomed[k]
 
         counts = metrics.original_size_counts(
             maps,

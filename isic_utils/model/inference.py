@@ -34,6 +34,9 @@ def to_input(images_uint8: torch.Tensor, spec, device: str, channels_last: bool)
     return memory_formatted(normalize(images_uint8.to(device, non_blocking=True), spec.mean, spec.std), channels_last)
 
 
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # test-time flips: the identity, horizontal, vertical and both
+
+
 def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: str = "none") -> torch.Tensor:
     """Probabilities of ``forward`` (a model: input → logits) on ``x``; with ``tta="flips"`` the mean of the
     probabilities of the identity and the horizontally, vertically and doubly flipped inputs, each flipped back."""
@@ -41,13 +44,21 @@ def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
         return torch.sigmoid(forward(x).float())
     if tta != "flips":
         raise ValueError(f"tta must be one of {list(TTA)}, got {tta!r}")
-    total = None
-    for dims in ((), (-1,), (-2,), (-2, -1)):
+    return without_and_with_flips(forward, x)[1]
+
+
+def without_and_with_flips(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``flip_averaged``'s "none", its "flips") from the four passes "flips" runs: its identity pass is "none"."""
+    total = plain = None
+    for dims in FLIPS:
         flipped = x.flip(dims) if dims else x
         p = torch.sigmoid(forward(flipped).float())
         p = p.flip(dims) if dims else p
+        plain = p if plain is None else plain
         total = p if total is None else total + p
-    return total / 4
+    return plain, total / 4
 
 
 def model_meta(model: SegmentationModel, image_size: int) -> dict:
@@ -124,12 +135,26 @@ def predicted_probabilities(
     the checkpoint's colour constancy, normalisation, then the model (flip-averaged with ``tta``, default the
     checkpoint's). The path ``predict`` and the external chapter share with training's evaluation."""
     tta = meta.get("tta", "none") if tta is None else tta
+    return _batched(lambda x: flip_averaged(model, x, tta), model, meta, images_uint8, batch_size)
+
+
+@torch.inference_mode()
+def probabilities_without_and_with_flips(
+    model: SegmentationModel, meta: dict, images_uint8: torch.Tensor, batch_size: int = 32
+) -> dict[str, torch.Tensor]:
+    """``predicted_probabilities`` with ``tta`` "none" and "flips", equal to each, at the cost of "flips" alone
+    (four passes, not five): {"none": …, "flips": …}."""
+    both = _batched(lambda x: torch.stack(without_and_with_flips(model, x)), model, meta, images_uint8, batch_size, 1)
+    return {"none": both[0], "flips": both[1]}
+
+
+def _batched(apply, model, meta: dict, images_uint8: torch.Tensor, batch_size: int, dim: int = 0) -> torch.Tensor:
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images_uint8), batch_size):  # colour constancy is per image: batching changes nothing
         x = model_input(meta, images_uint8[start : start + batch_size].to(device))
-        out.append(flip_averaged(model, x, tta).cpu())
-    return torch.cat(out)
+        out.append(apply(x).cpu())
+    return torch.cat(out, dim)
 
 
 def zoom_box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
