@@ -33,9 +33,10 @@ pack: setup $(if $(WITH_MODEL),web/node_modules/.package-lock.json)  ## the fini
 web/node_modules/.package-lock.json: web/package-lock.json
 	npm ci --prefix web --no-audit --no-fund
 
-# Two test processes of one compute thread each (tests/conftest.py), a file per process: a third faster on two cores.
+# Two test processes of one compute thread each (tests/conftest.py), a file per process, in the order
+# tests/conftest.py gives them (the slow tier's report is built first): a third faster on two cores.
 TEST_JOBS ?= 2
-PYTEST := $(PY) -m pytest -q --durations=15 $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
+PYTEST := $(PY) -m pytest -q --durations=15 $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder)
 
 lint: setup  ## ruff: the lint rules and the formatting, over the package, tests, tools and notebooks
 	$(VENV)/bin/ruff check .

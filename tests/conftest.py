@@ -29,6 +29,30 @@ SAMPLE_DIR = os.environ.get("ISIC_SAMPLE_DIR")
 WEIGHTS = os.environ.get("ISIC_ENCODER_WEIGHTS")
 
 
+BUILDS_THE_REPORT = "test_pipeline.py"  # the slow tier's longest file: its first test builds ``built_report``
+
+
+def pytest_collection_modifyitems(config, items):
+    """The order the two test processes take the files in (``--dist loadfile --no-loadscope-reorder``, the
+    Makefile): the file that builds the slow tier's report first, the other files that need that report last (a
+    process that reaches one of them while the report is being built waits for it), every other file between, the
+    slow ones before the fast. Within a file, the order is the file's own."""
+
+    files: dict = {}
+    for item in items:
+        files.setdefault(item.path, []).append(item)
+
+    def rank(file: list) -> int:
+        if file[0].path.name == BUILDS_THE_REPORT:
+            return 0
+        if any("built_report" in item.fixturenames for item in file):
+            return 3
+        return 1 if any(item.get_closest_marker("slow") for item in file) else 2
+
+    ranked = sorted(files.values(), key=rank)
+    items[:] = [item for file in ranked for item in file]
+
+
 @pytest.fixture(autouse=True)
 def _no_weights_env(monkeypatch, request):
     """Unit tests never depend on $ISIC_ENCODER_WEIGHTS unless they ask for it (real_data marker)."""
