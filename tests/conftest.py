@@ -36,8 +36,7 @@ def pytest_collection_modifyitems(config, items):
     """The order the two test processes take the files in (``--dist loadfile --no-loadscope-reorder``, the
     Makefile): the file that builds the slow tier's report first, the other files that need that report last (a
     process that reaches one of them while the report is being built waits for it), every other file between, the
-    slow ones before the fast, and within each of those the files with most tests first (xdist's own order).
-    Within a file, the order is the file's own."""
+    slow ones before the fast. Within a file, the order is the file's own."""
 
     files: dict = {}
     for item in items:
@@ -50,7 +49,7 @@ def pytest_collection_modifyitems(config, items):
             return 3
         return 1 if any(item.get_closest_marker("slow") for item in file) else 2
 
-    ranked = sorted(files.values(), key=lambda file: (rank(file), -len(file)))  # then as xdist would: most tests first
+    ranked = sorted(files.values(), key=rank)
     items[:] = [item for file in ranked for item in file]
 
 
