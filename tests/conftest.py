@@ -32,7 +32,7 @@ WEIGHTS = os.environ.get("ISIC_ENCODER_WEIGHTS")
 BUILDS_THE_REPORT = "test_pipeline.py"  # the slow tier's longest file: its first test builds ``built_report``
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     """The order the two test processes take the files in (``--dist loadfile --no-loadscope-reorder``, the
     Makefile): the file that builds the slow tier's report first, the other files that need that report last (a
     process that reaches one of them while the report is being built waits for it), every other file between, the

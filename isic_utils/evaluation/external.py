@@ -187,13 +187,9 @@ def score_split(run: SavedRun, split: DecodedSplit, name: str) -> Scored:
         probabilities["zoom"] = probabilities["none"]  # its coarse pass; the crop's pass runs at the original size
         trust = {tta: confidence.scores(p, calibrations[int(seed)]) for tta, p in probabilities.items()}
         maps = [probabilities[tta] for tta, _ in INFERENCE_OPTIONS]
-        zoomed: dict[int, torch.Tensor] = {}  # image k's zoom for both post-processings: read and run once
 
-        def zoom(k: int, coarse: torch.Tensor, model=model, meta=meta, zoomed=zoomed) -> torch.Tensor:
-            if k not in zoomed:
-                zoomed.clear()
-                zoomed[k] = zoomed_probabilities(model, meta, read_image(split.sources[k].image)[0], coarse)
-            return zoomed[k]
+        def zoom(k: int, coarse: torch.Tensor, model=model, meta=meta) -> torch.Tensor:
+            return zoomed_probabilities(model, meta, read_image(split.sources[k].image)[0], coarse)
 
         counts = metrics.original_size_counts(
             maps,

@@ -51,14 +51,11 @@ def without_and_with_flips(
     forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(``flip_averaged``'s "none", its "flips") from the four passes "flips" runs: its identity pass is "none"."""
-    total = plain = None
+    passes = []
     for dims in FLIPS:
-        flipped = x.flip(dims) if dims else x
-        p = torch.sigmoid(forward(flipped).float())
-        p = p.flip(dims) if dims else p
-        plain = p if plain is None else plain
-        total = p if total is None else total + p
-    return plain, total / 4
+        p = torch.sigmoid(forward(x.flip(dims) if dims else x).float())
+        passes.append(p.flip(dims) if dims else p)
+    return passes[0], sum(passes[1:], passes[0]) / 4
 
 
 def model_meta(model: SegmentationModel, image_size: int) -> dict:

@@ -129,7 +129,8 @@ def original_size_counts(probabilities, data_split, threshold: float = 0.5, post
     ``probabilities``: one ``N×1×h×w`` tensor, or a list of them (a run's seeds), for which each full-size mask is
     read once and a list of counts is returned. ``postprocess``: one method for all, or a list (one per map).
     ``refine``: None, or a list (one per map) of None or a function (image index, its ``1×1×h×w`` map) → its map at
-    the original size (coarse-to-fine: ``inference.zoomed_probabilities``), used instead of upsampling.
+    the original size (coarse-to-fine: ``inference.zoomed_probabilities``), used instead of upsampling. Entries that
+    share a map and a refinement (the same objects) and differ only in post-processing upsample or refine it once.
     """
     several = isinstance(probabilities, (list, tuple))
     maps = list(probabilities) if several else [probabilities]
@@ -138,10 +139,13 @@ def original_size_counts(probabilities, data_split, threshold: float = 0.5, post
     counts: list[list[torch.Tensor]] = [[] for _ in maps]
     for k, pair in enumerate(data_split.sources):
         mask = read_mask(pair.mask, None).float().unsqueeze(0)
+        made: dict[tuple[int, int], torch.Tensor] = {}  # one full-size mask per distinct (map, refinement)
         for store, maps_k, method, refined in zip(counts, maps, methods, refiners):
-            coarse = maps_k[k : k + 1] if refined is None else refined(k, maps_k[k : k + 1])
-            predicted = full_size_mask(coarse, data_split.sizes[k], threshold, method)
-            store.append(confusion_counts(predicted.float(), mask, 0.5))
+            key = (id(maps_k), id(refined))
+            if key not in made:
+                coarse = maps_k[k : k + 1] if refined is None else refined(k, maps_k[k : k + 1])
+                made[key] = full_size_mask(coarse, data_split.sizes[k], threshold)
+            store.append(confusion_counts(postprocess_mask(made[key], method).float(), mask, 0.5))
     joined = [torch.cat(store) for store in counts]
     return joined if several else joined[0]
 
