@@ -68,6 +68,23 @@ def test_parameters_survive_a_second_run_all_in_one_kernel():
     assert second == first and second["epochs"] == 3 and second["run_name"] == "task2"
 
 
+def test_a_parameters_cell_cut_to_one_line_survives_a_second_run_all():
+    """A user cut the parameters cell down to `profile = 'synthetic'`, its header gone: the first Run All worked, and
+    the second failed with "unknown parameter 'curve'", since every plain variable of the kernel counted."""
+    setup = "# Setup: makes isic_utils importable\nimport sys\n\nREPOSITORY = ''\n"
+    chapter = "from isic_utils.config.notebook import from_notebook\n\nparams = from_notebook('train', globals())\n"
+    cell = "profile = 'synthetic'\n"
+    namespace = {"In": ["", cell, setup, chapter], "profile": "synthetic", "REPOSITORY": ""}
+    first = N.from_notebook("train", namespace)
+    namespace.update(params=first, curve=pd.DataFrame(), out=Path("."), n=6)  # what the chapter's cells define
+    namespace["In"] += ["curve = plots.curve(run)\nn = 6\n", cell, setup, chapter]
+    assert N.from_notebook("train", namespace) == first
+    namespace["In"] += ["curve = plots.curve(run)\nn = 6\n", "profile = 'tiny'\nepoch = 1\n", setup, chapter]
+    namespace.update(profile="tiny", epoch=1)
+    with pytest.raises(P.ParameterError, match=r"unknown parameter 'epoch' \(did you mean 'epochs'\?\)"):
+        N.from_notebook("train", namespace)  # a typo in that cell is still named
+
+
 def test_a_typo_in_the_parameters_cell_is_still_reported():
     cell = "# Parameters (papermill injects a cell after this one). Plain literals only.\nepochs = 2\n"
     injected = "# Parameters\nseed = [0, 1]\n"

@@ -46,13 +46,52 @@ def parameter_cell_names(history: list[str]) -> set[str] | None:
     return names
 
 
+def _literal_assignments(source: str) -> set[str] | None:
+    """The names a cell assigns when it holds nothing but assignments of literal values to names (a parameters
+    cell's form, papermill's "plain literals only"), else None."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            targets = [node.target]
+        else:
+            return None
+        try:
+            ast.literal_eval(node.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return None
+        names.update(t.id for t in targets)
+    return names or None
+
+
+def headerless_parameter_names(history: list[str]) -> set[str]:
+    """In a kernel whose parameters cell lost its header (the user cut it down to ``profile = 'tiny'``): the names
+    assigned by the nearest cell run before the current one (``history[-1]``) that holds only literal assignments,
+    looking no further back than the current cell's previous run (an earlier Run All's cells are not this one's);
+    none when there is no such cell."""
+    current = history[-1] if history else None
+    for source in reversed(history[:-1]):
+        if source == current:
+            break
+        names = _literal_assignments(source) if isinstance(source, str) else None
+        if names:
+            return names
+    return set()
+
+
 def from_notebook(chapter: str, namespace: dict[str, Any]) -> dict[str, Any]:
     """The chapter's parameters in a notebook: ``chapter_values`` for the ``profile`` and ``run`` its parameters cells
     name, with every other name those cells assign (a line added by hand, papermill's ``-p``/``-f``) as an override.
 
-    In a kernel, the parameters are the names the parameters cells assign (see ``parameter_cell_names``): a
-    mistyped one is reported with the close match, and a second Run All, Restart & Run All or one cell run again
-    all give the same result. Outside a kernel (a plain dict) every plain variable counts. Values as papermill's
+    In a kernel, the parameters are the names the parameters cells assign (see ``parameter_cell_names``; a cell
+    without its header: ``headerless_parameter_names``): a mistyped one is reported with the close match, and a
+    second Run All, Restart & Run All or one cell run again all give the same result. Outside a kernel (a plain
+    dict) every plain variable counts. Values as papermill's
     ``-p`` passes them (YAML text such as ``'[0, 1]'``, ``true``) are read as YAML where the key takes no string,
     and keys that only other chapters take are left to them. Every value a parameters cell assigns is used as it
     reads, so what the notebook shows is what runs: ``papermill -f a.yaml -f b.yaml`` merges the files (b over a)
@@ -60,6 +99,8 @@ def from_notebook(chapter: str, namespace: dict[str, Any]) -> dict[str, Any]:
     """
     history = namespace.get("In")
     given = parameter_cell_names(history) if isinstance(history, list) else None
+    if given is None and isinstance(history, list):
+        given = {name for name in headerless_parameter_names(history) if name in namespace}
     if given is None:
         given = {
             name
