@@ -54,8 +54,9 @@ bench: setup  ## speed benchmark: naive vs this project's pipeline, same data, o
 bench-deploy: setup  ## what running a model costs: PyTorch eager vs ONNX Runtime fp32 and int8, one thread, one run (CHECKPOINTS= optional)
 	$(PY) benchmarks/bench_deploy.py $(CHECKPOINTS)
 
-gpu-check: setup  ## prove the CUDA path (tools/gpu_check.py); says so and exits 0 without a GPU. DATA_DIR=, WEIGHTS= optional
-	$(PY) tools/gpu_check.py $(if $(DATA_DIR),--data $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS))
+# Where python3 already has torch and nothing can be installed (a GPU server, Colab): make -o setup gpu-check PY=python3
+gpu-check: setup  ## prove the CUDA path (tools/gpu_check.py); says so and exits 0 without a GPU. DATA_DIR=, WEIGHTS=, EPOCHS= optional
+	$(PY) tools/gpu_check.py $(if $(DATA_DIR),--data $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(EPOCHS),--epochs $(EPOCHS))
 
 clean:
 	rm -rf outputs

@@ -71,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     for step in (tiny_tasks, determinism, kill_and_resume, real_tasks, benchmark, deployment):
         t0 = time.perf_counter()
         try:
-            rows += step(args, out, device)
+            new = step(args, out, device)
         except Exception as exc:  # one failed check must not hide the others
-            rows.append({"check": step.__name__, "result": f"FAILED: {type(exc).__name__}: {exc}"})
+            new = [{"check": step.__name__, "result": f"FAILED: {type(exc).__name__}: {exc}"}]
+        rows += new
+        for row in new:  # as each step ends: a check stopped at a time limit still says what it measured
+            shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+            print(f"gpu_check: {shown}", flush=True)
         print(f"gpu_check: {step.__name__} done in {time.perf_counter() - t0:.0f} s", flush=True)
     print_table(rows, device, time.perf_counter() - start)
     return 1 if any(str(r.get("result", "")).startswith("FAILED") for r in rows) else 0
