@@ -76,6 +76,11 @@ def test_the_options_study_trains_only_the_options_named(tmp_path):
     assert list(runs) == ["base", "256 px"]
     _, runs = generalisation.study_params("tiny", 1, values, only=["base"])
     assert list(runs) == ["base"]
+    # 384 px (nine times the compute) is trained only when named
+    _, runs = generalisation.study_params("tiny", 1, values)
+    assert "256 px" in runs and "384 px" not in runs
+    _, runs = generalisation.study_params("tiny", 1, values, only=["384_px"])
+    assert list(runs) == ["base", "384 px"] and runs["384 px"]["image_size"] == 384
     with pytest.raises(ParameterError, match=r"unknown option 'bigger' for --only: .*256_px \(256 px\)"):
         generalisation.study_params("tiny", 1, values, only=["bigger"])
 

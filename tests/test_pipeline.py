@@ -219,14 +219,14 @@ def test_task3_is_scored_with_its_options(tiny_report):
 
 
 def test_the_options_study_measures_each_option_and_the_comparison_shows_it(tiny_report):
-    from isic_utils.evaluation.generalisation import INFERENCE_STUDIED, TRAINING_OPTIONS, options_reading
+    from isic_utils.evaluation.generalisation import BY_DEFAULT, INFERENCE_STUDIED, options_reading
 
     out, _, lines, _ = tiny_report
     table = pd.read_csv(out / "options" / "tables" / "options.csv")
     # the scoring after the training says where it is (on real data it ran silent for 20 minutes)
     assert any(line.startswith("options: scoring base on validation: ") for line in lines)
     assert any(line.startswith("options: scoring 256_px on other-clinic: ") for line in lines)
-    assert list(table["option"]) == ["base", *TRAINING_OPTIONS, *INFERENCE_STUDIED]
+    assert list(table["option"]) == ["base", *BY_DEFAULT, *INFERENCE_STUDIED]
     assert list(INFERENCE_STUDIED) == ["test-time flips", "largest component", "zoom (coarse-to-fine)"]
     splits = ["validation", "other-clinic, choosing half", "other-clinic, reporting half"]
     assert (table.iloc[0][[f"Δ {s}" for s in splits]] == 0).all()
