@@ -69,12 +69,14 @@ def _literal_assignments(source: str) -> set[str] | None:
     return names or None
 
 
-def headerless_parameter_names(history: list[str]) -> set[str]:
+def headerless_parameter_names(history: list[str]) -> set[str] | None:
     """In a kernel whose parameters cell lost its header (the user cut it down to ``profile = 'tiny'``): the names
     assigned by the nearest cell run before the current one (``history[-1]``) that holds only literal assignments,
     looking no further back than the current cell's previous run (an earlier Run All's cells are not this one's);
-    none when there is no such cell."""
-    current = history[-1] if history else None
+    none when there is no such cell, and None for an empty history (nothing known of the cells)."""
+    if not history:
+        return None
+    current = history[-1]
     for source in reversed(history[:-1]):
         if source == current:
             break
@@ -100,7 +102,8 @@ def from_notebook(chapter: str, namespace: dict[str, Any]) -> dict[str, Any]:
     history = namespace.get("In")
     given = parameter_cell_names(history) if isinstance(history, list) else None
     if given is None and isinstance(history, list):
-        given = {name for name in headerless_parameter_names(history) if name in namespace}
+        headerless = headerless_parameter_names(history)
+        given = None if headerless is None else {name for name in headerless if name in namespace}
     if given is None:
         given = {
             name
