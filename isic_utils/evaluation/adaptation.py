@@ -23,7 +23,7 @@ from ..model.inference import load_checkpoint, load_trained, model_input, predic
 from ..scoring import metrics
 from ..training import checkpoints
 from ..training.experiments import SavedRun
-from ..training.loop import loss_fn
+from ..training.loop import adamw, loss_fn
 from .external import ExternalResult, halves
 
 MASK_NAMES = (
@@ -35,6 +35,7 @@ MASK_NAMES = (
 )
 ADAPT_METHODS = ("batchnorm", "threshold", "fine-tune")  # what `adapt --method` offers (chapter 3 measures all three)
 STEPS, BATCH, ENCODER_LR, DECODER_LR = 40, 8, 1e-4, 1e-3  # the few-shot fine-tune: short, gentle on the encoder
+WEIGHT_DECAY = 0.01  # AdamW's default, which the fine-tune has always used
 
 
 def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -73,14 +74,14 @@ def fine_tune(
     cases cannot estimate them; ``adapt_batchnorm`` does that from unlabelled images). Returns the model in eval."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": model.encoder.parameters(), "lr": ENCODER_LR},
-            {"params": model.decoder.parameters(), "lr": DECODER_LR},
-        ]
-    )
     for p in model.parameters():
         p.requires_grad_(True)
+    device = next(model.parameters()).device.type
+    groups = [
+        {"params": list(model.encoder.parameters()), "lr": ENCODER_LR},
+        {"params": list(model.decoder.parameters()), "lr": DECODER_LR},
+    ]
+    optimizer = adamw(groups, WEIGHT_DECAY, device)
     criterion = loss_fn(loss)
     model.train()
     for norm in _batch_norms(model):

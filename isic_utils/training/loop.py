@@ -154,11 +154,17 @@ def build_optimizer(model: SegmentationModel, config: TrainConfig) -> torch.opti
                 "name": "encoder",
             }
         )
-    fused = config.device.startswith("cuda") or hasattr(torch, "_fused_adamw_")  # the CPU kernel's op (torch >= 2.4)
+    return adamw(groups, config.weight_decay, config.device)
+
+
+def adamw(groups: list[dict], weight_decay: float, device: str) -> torch.optim.AdamW:
+    """AdamW over ``groups``, fused where the kernel exists (a GPU, or a CPU with torch >= 2.4): one kernel for all the
+    parameters instead of a loop of small ops over each (on a CPU the loop took a quarter of a fine-tune step)."""
+    fused = device.startswith("cuda") or hasattr(torch, "_fused_adamw_")  # the CPU kernel's op (torch >= 2.4)
     try:
-        return torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused)
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=fused)
     except (RuntimeError, TypeError):  # fused not available on this build/device
-        return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
 
 def train_epoch(
