@@ -33,10 +33,12 @@ pack: setup $(if $(WITH_MODEL),web/node_modules/.package-lock.json)  ## the fini
 web/node_modules/.package-lock.json: web/package-lock.json
 	npm ci --prefix web --no-audit --no-fund
 
-# Two test processes of one compute thread each (tests/conftest.py), a file per process, in the order
-# tests/conftest.py gives them (the slow tier's report is built first): a third faster on two cores.
+# Two test processes of one compute thread each (tests/conftest.py), a file per process: a third faster on two cores.
+# The fast tier takes the files as xdist orders them (most tests first); the whole suite in the order
+# tests/conftest.py gives them (the slow tier's report is built first, the files that wait for it last).
 TEST_JOBS ?= 2
-PYTEST := $(PY) -m pytest -q --durations=15 $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder)
+PYTEST := $(PY) -m pytest -q --durations=15 $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
+IN_ORDER := $(if $(filter-out 1,$(TEST_JOBS)),--no-loadscope-reorder)
 
 lint: setup  ## ruff: the lint rules and the formatting, over the package, tests, tools and notebooks
 	$(VENV)/bin/ruff check .
@@ -46,7 +48,7 @@ test: lint  ## every behaviour, fast (the inner loop): lint, then all tests but 
 	$(PYTEST) -m "not slow"
 
 test-all: lint  ## everything, the slow end-to-end runs included (papermill chapters, the GPU-check rehearsal): what CI runs
-	$(PYTEST)
+	$(PYTEST) $(IN_ORDER)
 
 bench: setup  ## speed benchmark: naive vs this project's pipeline, same data, one run
 	$(PY) benchmarks/bench_training.py

@@ -33,8 +33,9 @@ BUILDS_THE_REPORT = "test_pipeline.py"  # the slow tier's longest file: its firs
 
 
 def pytest_collection_modifyitems(items):
-    """The order the two test processes take the files in (``--dist loadfile --no-loadscope-reorder``, the
-    Makefile): the file that builds the slow tier's report first, the other files that need that report last (a
+    """The order the two test processes take the whole suite's files in (``make test-all``: ``--dist loadfile
+    --no-loadscope-reorder``; ``make test``'s fast tier keeps xdist's own order, most tests first, which measured
+    faster there): the file that builds the slow tier's report first, the other files that need that report last (a
     process that reaches one of them while the report is being built waits for it), every other file between, the
     slow ones before the fast. Within a file, the order is the file's own."""
 
@@ -108,13 +109,36 @@ def unet_model(seed: int = 0):
     return build_model(encoder_weights=None, freeze_encoder=False, decoder="unet")
 
 
+def shared_folder(tmp_path_factory, name: str) -> Path:
+    """A folder all the session's worker processes see (the parent of their own temporary folders under xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    shared.mkdir(exist_ok=True)
+    return shared
+
+
+@contextlib.contextmanager
+def locked(folder: Path):
+    """Hold ``folder``'s lock: the first worker process to ask builds what the folder holds, the others wait."""
+    import fcntl
+
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def trained_run(tiny_data, tmp_path_factory):
     """(FitResult, run folder) of a U-Net fine-tuned three epochs on the tiny data: unlike a frozen random encoder
     (whose masks are empty after a few epochs), its masks hold lesion and background in every test image, so what
-    predict writes and what the scorers compute are real predictions. Read it, never write into it."""
-    run_dir = tmp_path_factory.mktemp("trained")
-    return fit(unet_model(), tiny_data, TRAINED_CONFIG, run_dir, verbose=False), run_dir
+    predict writes and what the scorers compute are real predictions. Trained once for the whole session (the first
+    worker process to ask trains it, the other reads it). Read it, never write into it."""
+    shared = shared_folder(tmp_path_factory, "trained-unet")
+    saved = shared / "fit.pt"
+    with locked(shared):
+        if not saved.exists():
+            torch.save(fit(unet_model(), tiny_data, TRAINED_CONFIG, shared / "run", verbose=False), saved)
+    return torch.load(saved, weights_only=False), shared / "run"
 
 
 def assert_same_counts(written: torch.Tensor, expected: torch.Tensor) -> None:
@@ -160,17 +184,12 @@ def built_report(tmp_path_factory, synthetic_root) -> tuple[Path, dict, list[str
     after the task 3 options study (which the comparison shows). Built once for the whole session: the first worker
     process to ask builds it under a lock in the folder the workers share, the others wait for it and read it. Tests
     work on their own copy (``report_copy``), never on this one."""
-    import fcntl
-
     from isic_utils.evaluation.generalisation import options_study
     from isic_utils.report.pipeline import run_report
 
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built-tiny-report"
-    shared.mkdir(exist_ok=True)
+    shared = shared_folder(tmp_path_factory, "built-tiny-report")
     record = shared / "built.json"
-    with open(shared / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(shared):
         if not record.exists():
             root, lines = project_copy(shared, synthetic_root), []
             old = os.umask(0o022)  # what most users have: their report must be readable by others
