@@ -135,12 +135,13 @@ def test_checkpoints_carry_the_cuda_random_stream(monkeypatch):
 
 @pytest.fixture
 def run_params(synthetic_root):
-    """``run_params(tmp_path, **overrides)``: task 1 on the tiny profile, one epoch, reading the shared data set, with
-    the U-Net decoder (where the run's files go and how seeds share work does not depend on the decoder; its
-    checkpoints are a third of the report decoder's)."""
+    """``run_params(tmp_path, **overrides)``: task 1 on the tiny profile, one epoch, the first 8 images of each split,
+    reading the shared data set, with the U-Net decoder (where the run's files go and how seeds share work depends
+    neither on the decoder nor on how many images there are; its checkpoints are a third of the report decoder's)."""
 
     def make(tmp_path: Path, **overrides) -> dict:
-        return tiny_params(tmp_path, synthetic_root, "task1", **{"epochs": 1, "decoder": "unet", **overrides})
+        values = {"epochs": 1, "decoder": "unet", "limit": 8, **overrides}
+        return tiny_params(tmp_path, synthetic_root, "task1", **values)
 
     return make
 
