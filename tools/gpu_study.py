@@ -63,6 +63,8 @@ TRAIN_KILL = float(os.environ.get("TRAIN_KILL", "410"))  # training jobs still r
 SCORE_KILL = float(os.environ.get("SCORE_KILL", "535"))  # and scoring jobs here (none starts in its last 45 s)
 QUICK_SET = {"epochs": 1, "limit": 16, "output_dir": "outputs/quick_holdout"} if QUICK else {}
 SEEDS = (0, 1, 2)
+OPTION_RUNS = ("256_px", "384_px", "base", "zoom-out_augmentation")  # the options study's runs this call trains
+PROFILE_RUNS = (("union_holdout", "256"), ("union_holdout", "128"), ("isic2018_holdout", "256"))  # (label, size)
 
 
 def use_data() -> dict[str, Path]:
@@ -101,6 +103,11 @@ def option_values(option: str, seed: str) -> dict:
     return runs[[o for o in runs if o != "base"][0]] if option != "base" else runs["base"]
 
 
+def profile_out(label: str) -> Path:
+    """Where a task 3 run on ``label``'s data writes (its own output folder, beside the profiles')."""
+    return ROOT / "outputs" / f"{'quick_' if QUICK else ''}{label}"
+
+
 def profile_values(label: str, data_dir: Path, size: int, seed: str) -> dict:
     from isic_utils.config import params as P
 
@@ -110,7 +117,7 @@ def profile_values(label: str, data_dir: Path, size: int, seed: str) -> dict:
         "data_dir": str(data_dir),
         "run_name": f"task3_{size}px",
         **QUICK_SET,
-        "output_dir": f"outputs/{'quick_' if QUICK else ''}{label}",
+        "output_dir": str(profile_out(label)),
     }
     return P.resolve("train", ROOT / "params" / "task3.yaml", "isic2018_holdout", overrides, ROOT)
 
@@ -266,7 +273,7 @@ def assemble(runs: list[str]) -> None:
 
     from isic_utils.base.files import read_table, save_table
     from isic_utils.evaluation.external import Scored
-    from isic_utils.evaluation.generalisation import options_by_area, options_table
+    from isic_utils.evaluation.generalisation import TRAINING_OPTIONS, options_by_area, options_table, run_name
 
     pieces: dict[tuple[str, str], list[dict]] = {}
     for path in sorted(SCORES.glob("*.pkl")):
@@ -284,8 +291,6 @@ def assemble(runs: list[str]) -> None:
         if run in complete:
             tables = {k: v for part in parts for k, v in part["tables"].items()}
             scored[(run, split)] = Scored(run, split, parts[0]["own"], tables, {})
-    from isic_utils.evaluation.generalisation import TRAINING_OPTIONS, run_name
-
     names = {"base": "base", **{run_name(o): o for o in TRAINING_OPTIONS if run_name(o) in complete}}
     table = options_table(scored, names, 1 if QUICK else 20)
     out = OPTIONS_OUT / "gpu"
@@ -371,57 +376,40 @@ def session() -> None:
     log(f"results: {(OUT / 'results.tgz').stat().st_size / 2**20:.1f} MiB in {OUT / 'results.tgz'}")
 
 
+def every_seed(run_dir: Path, name: str) -> bool:
+    return all((run_dir / f"seed{s}" / name).exists() for s in SEEDS)
+
+
 def study() -> None:
     make_union()
     t = time.time()
-    prepared = run_pool([["prepare", s] for s in ("128", "256", "384")], 3, 1e9, 1e9, "prepare")
-    log(f"prepared in {time.time() - t:.0f} s {prepared}")
-    options = ["256_px", "384_px", "base"]
-    jobs = [["train", "option", o, str(s)] for o in options for s in SEEDS]
-    jobs += [["train", "union_holdout", "256", str(s)] for s in SEEDS]
-    jobs += [["train", "option", "zoom-out_augmentation", str(s)] for s in SEEDS]
-    jobs += [["train", "union_holdout", "128", str(s)] for s in SEEDS]
-    jobs += [["train", "isic2018_holdout", "256", str(s)] for s in SEEDS]
+    run_pool([["prepare", s] for s in ("128", "256", "384")], 3, 1e9, 1e9, "prepare")
+    log(f"prepared in {time.time() - t:.0f} s")
+    options = [["option", o] for o in OPTION_RUNS]
+    by_priority = [*options[:3], list(PROFILE_RUNS[0]), options[3], *map(list, PROFILE_RUNS[1:])]
+    jobs = [["train", *run, str(s)] for run in by_priority for s in SEEDS]
     if QUICK:  # every kind of job once, in a few minutes on a CPU
         jobs = [j for j in jobs if j[2] in ("256_px", "base") or j[1:3] == ["union_holdout", "128"]]
     trained = run_pool(jobs, PARALLEL, TRAIN_UNTIL, TRAIN_KILL, "train")
     (OUT / "trained.jsonl").write_text("\n".join(trained) + "\n")
-    finals = []
-    for option in ["base", "256_px", "384_px", "zoom-out_augmentation"]:
-        if all((OPTIONS_OUT / option / f"seed{s}" / "result.json").exists() for s in SEEDS):
-            finals.append(["train", "option", option, "all"])
-    for label, size in (("union_holdout", "256"), ("union_holdout", "128"), ("isic2018_holdout", "256")):
-        if all(
-            (
-                ROOT
-                / "outputs"
-                / f"{'quick_' if QUICK else ''}{label}"
-                / f"task3_{size}px"
-                / f"seed{s}"
-                / "result.json"
-            ).exists()
-            for s in SEEDS
-        ):
-            finals.append(["train", label, size, "all"])
+    finals = [["train", "option", o, "all"] for o in OPTION_RUNS if every_seed(OPTIONS_OUT / o, "result.json")]
+    finals += [
+        ["train", label, size, "all"]
+        for label, size in PROFILE_RUNS
+        if every_seed(profile_out(label) / f"task3_{size}px", "result.json")
+    ]
     finalised = run_pool(finals, PARALLEL, 1e9, TRAIN_KILL + 40, "finalise")
     (OUT / "finalised.jsonl").write_text("\n".join(finalised) + "\n")
     done = [
-        o
-        for o in ["base", "256_px", "384_px", "zoom-out_augmentation"]
-        if all(
-            (OPTIONS_OUT / o / f"seed{s}" / "best.pt").exists() and (OPTIONS_OUT / o / "run.json").exists()
-            for s in SEEDS
-        )
+        o for o in OPTION_RUNS if every_seed(OPTIONS_OUT / o, "best.pt") and (OPTIONS_OUT / o / "run.json").exists()
     ]
     log(f"options runs with every seed: {done}")
-    splits = ["validation", "later ISIC releases", "PH2"]
     score_jobs = [
         ["score", r, sp, str(s)] for sp in ("later ISIC releases", "validation", "PH2") for r in done for s in SEEDS
     ]
     scored = run_pool(score_jobs, 14, SCORE_KILL - 45, SCORE_KILL, "score")
     (OUT / "scored.jsonl").write_text("\n".join(scored) + "\n")
     assemble(done)
-    del splits
 
 
 DATA: dict[str, Path] = {}

@@ -2,11 +2,11 @@
 
 The study trains task 3 without any option (the *base*: flips, 90° turns, colour jitter, 128 px, no colour
 constancy) and, beside it, the base plus each training option alone (colour constancy, crop and rotation
-augmentation, stronger colour augmentation, zoom-out augmentation for small lesions, 256 px; 384 px only when asked:
-``ON_REQUEST``), each with the same seeds (three unless ``--set seeds=…``), into ``outputs/<profile>/options/``; then scores every seed, never
-retrained, on validation and on each external set at original size (``external.validate_external``), where the
-inference options (test-time flips, largest-component post-processing, coarse-to-fine zoom) are scored on the base
-run as well.
+augmentation, stronger colour augmentation, zoom-out augmentation for small lesions, 256 px; 384 px only when
+asked: ``ON_REQUEST``), each with the same seeds (three unless ``--set seeds=…``), into
+``outputs/<profile>/options/``; then scores every seed, never retrained, on validation and on each external set at
+original size (``external.validate_external``), where the inference options (test-time flips, largest-component
+post-processing, coarse-to-fine zoom) are scored on the base run as well.
 
 Each external set is read in its two fixed halves (``external.halves``). An option is **chosen** on validation and
 the sets' *choosing* halves only: its change against the base, seed for seed, stands out of the seed spread
