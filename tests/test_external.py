@@ -434,6 +434,14 @@ def test_every_inference_option_scores_as_by_hand_at_four_passes_and_one_zoom_pe
         by_hand = original_size_counts([maps], split, postprocess=[post], refine=[zoom if tta == "zoom" else None])[0]
         table = scored.tables[(0, tta, post)]
         assert table[["tp", "fp", "fn", "tn"]].to_numpy().tolist() == by_hand.tolist(), (tta, post)
+    # asked for plain scoring alone (a training option's run in the options study): one pass per image, no zoom,
+    # and the same plain tables
+    passes.clear(), zooms.clear()
+    plain = E.score_split(run, split, other.name, E.PLAIN)
+    assert plain.options == [o for o in E.INFERENCE_OPTIONS if o in (("none", "none"), plain.own)]  # and its own
+    assert sum(passes) == seeds * len(split) and zooms == []
+    for key, table in plain.tables.items():
+        pd.testing.assert_frame_equal(table, scored.tables[key])
 
 
 def test_two_runs_compared_seed_for_seed_on_every_split_and_half(tiny_task1):

@@ -155,10 +155,11 @@ def train(kind: str, *args: str) -> None:
 
 
 def score(run_name: str, split_name: str, seed: str) -> None:
-    """One seed of one options run on one split, with every inference option; its per-image tables pickled."""
+    """One seed of one options run on one split (the base with every inference option, the others plainly, as the
+    study compares them); its per-image tables pickled."""
     import torch
 
-    from isic_utils.evaluation.external import external_sets, load_external, score_split
+    from isic_utils.evaluation.external import INFERENCE_OPTIONS, PLAIN, external_sets, load_external, score_split
     from isic_utils.evaluation.generalisation import study_params
     from isic_utils.training.experiments import load_run, prepare_data
 
@@ -175,7 +176,7 @@ def score(run_name: str, split_name: str, seed: str) -> None:
         external = next(s for s in external_sets(scoring) if s.name == split_name)
         split, _ = load_external(external, int(values["image_size"]), ROOT / "outputs" / "cache", False, known)
     t0 = time.perf_counter()
-    result = score_split(run, split, split_name)
+    result = score_split(run, split, split_name, INFERENCE_OPTIONS if run_name == "base" else PLAIN)
     SCORES.mkdir(parents=True, exist_ok=True)
     target = SCORES / f"{run_name}__{split_name.replace(' ', '_')}__{seed}.pkl"
     with open(target, "wb") as f:

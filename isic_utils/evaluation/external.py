@@ -23,7 +23,12 @@ from ..config.params import absolute
 from ..data.decoding import DecodedSplit, decode_pairs, read_image
 from ..data.sources import EXTERNAL_LAYOUTS, PH2_URL, RELEASES, DataError, find_external_pairs
 from ..data.synthetic import make_synthetic_external
-from ..model.inference import load_trained, probabilities_without_and_with_flips, zoomed_probabilities
+from ..model.inference import (
+    load_trained,
+    predicted_probabilities,
+    probabilities_without_and_with_flips,
+    zoomed_probabilities,
+)
 from ..scoring import confidence, metrics
 from ..training.experiments import SavedRun, data_root, load_run, prepare_data
 
@@ -32,6 +37,7 @@ from ..training.experiments import SavedRun, data_root, load_run, prepare_data
 # size, for the small lesions of the later releases; a measured option only, never a run's own.
 TEST_TIME = ("none", "flips", "zoom")
 INFERENCE_OPTIONS = tuple((tta, post) for post in ("none", "largest_component") for tta in TEST_TIME)
+PLAIN = (("none", "none"),)  # no flips, no zoom, no post-processing: how a training option is compared
 TEST_NAME = "ISIC test"
 ON_SET = "on the set"  # the gap table's column for the external set's score (JA on the set, …)
 # Each external set is split once, the same way for every run and every study, into two halves: the cases any choice
@@ -153,6 +159,11 @@ class Scored:
     calibrations: dict[int, dict] = field(default_factory=dict)  # per seed, what its best.pt says (confidence)
 
     @property
+    def options(self) -> list[tuple[str, str]]:
+        """The (tta, postprocess) combinations it was scored with, in ``INFERENCE_OPTIONS``' order."""
+        return list(dict.fromkeys((tta, post) for _, tta, post in self.tables))
+
+    @property
     def ids(self) -> list[str]:
         """The split's image ids, in its per-image tables' order."""
         return list(next(iter(self.tables.values()))["id"])
@@ -174,19 +185,27 @@ class Scored:
         return pd.concat(chosen, axis=1).mean(axis=1)
 
 
-def score_split(run: SavedRun, split: DecodedSplit, name: str) -> Scored:
-    """Every seed's selected checkpoint (``best.pt``) on ``split`` at original size, with and without test-time
-    flips and post-processing (the run's own colour constancy always: its model was trained on such images)."""
+def score_split(
+    run: SavedRun, split: DecodedSplit, name: str, options: tuple[tuple[str, str], ...] = INFERENCE_OPTIONS
+) -> Scored:
+    """Every seed's selected checkpoint (``best.pt``) on ``split`` at original size, with each of ``options``
+    ((test-time strategy, post-processing); default every combination) and the run's own (the run's own colour
+    constancy always: its model was trained on such images). Only what the options ask for runs: the flips' three
+    extra passes, the zoom's crops and the post-processing cost nothing when ``PLAIN`` is asked for."""
     params = run.info["params"]
     tables, kept, calibrations = {}, {}, {}
     own = (params.get("tta", "none"), params.get("postprocess", "none"))
+    wanted = [o for o in INFERENCE_OPTIONS if o in options or o == own]
     for seed in run.seeds["seed"].astype(int):
         model, meta = load_trained(run.run_dir / f"seed{seed}" / "best.pt")
         calibrations[int(seed)] = meta.get("calibration") or {}
-        probabilities = probabilities_without_and_with_flips(model, meta, split.images)
+        if any(tta == "flips" for tta, _ in wanted):
+            probabilities = probabilities_without_and_with_flips(model, meta, split.images)
+        else:
+            probabilities = {"none": predicted_probabilities(model, meta, split.images, tta="none")}
         probabilities["zoom"] = probabilities["none"]  # its coarse pass; the crop's pass runs at the original size
-        trust = {tta: confidence.scores(p, calibrations[int(seed)]) for tta, p in probabilities.items()}
-        maps = [probabilities[tta] for tta, _ in INFERENCE_OPTIONS]
+        trust = {tta: confidence.scores(probabilities[tta], calibrations[int(seed)]) for tta, _ in wanted}
+        maps = [probabilities[tta] for tta, _ in wanted]
 
         def zoom(k: int, coarse: torch.Tensor, model=model, meta=meta) -> torch.Tensor:
             return zoomed_probabilities(model, meta, read_image(split.sources[k].image)[0], coarse)
@@ -194,10 +213,10 @@ def score_split(run: SavedRun, split: DecodedSplit, name: str) -> Scored:
         counts = metrics.original_size_counts(
             maps,
             split,
-            postprocess=[post for _, post in INFERENCE_OPTIONS],
-            refine=[zoom if tta == "zoom" else None for tta, _ in INFERENCE_OPTIONS],
+            postprocess=[post for _, post in wanted],
+            refine=[zoom if tta == "zoom" else None for tta, _ in wanted],
         )
-        for (tta, post), c in zip(INFERENCE_OPTIONS, counts):
+        for (tta, post), c in zip(wanted, counts):
             tables[(seed, tta, post)] = metrics.per_image_table(c, split.ids, split.sizes)
             tables[(seed, tta, post)]["confidence"] = trust[tta]
         kept[int(seed)] = probabilities[own[0]]
@@ -232,10 +251,17 @@ class ExternalResult:
 
 
 def validate_external(
-    params: dict, runs: list[str], out_dir: Path, progress: bool = False, echo=None
+    params: dict,
+    runs: list[str],
+    out_dir: Path,
+    progress: bool = False,
+    echo=None,
+    every_option: list[str] | None = None,
 ) -> ExternalResult:
     """Score every run on validation and on each external set that is there; write the chapter's tables. ``echo``,
-    when given, takes a line as each run starts on each split (a long study says where it is).
+    when given, takes a line as each run starts on each split (a long study says where it is). ``every_option``:
+    the runs scored with every inference option (default: all of them); the others are scored plainly and with their
+    own options (``score_split``: what the options study compares a training option with).
 
     Returns an ``ExternalResult``. Tables (under ``out_dir``):
     ``per_image_<set>_<run>_seed<k>`` (the run's own options, with each image's confidence), ``external`` (each
@@ -281,17 +307,18 @@ def validate_external(
         )
         for split_name in ["validation"] + [s.name for s in present]:
             split = splits[(split_name, size)]
+            every = every_option is None or name in every_option
             if echo is not None:
                 echo(
                     f"scoring {name} on {split_name}: {len(split)} images × {len(run.seeds)} seeds at original size, "
-                    "every inference option"
+                    + ("every inference option" if every else "plain")
                 )
-            result = score_split(run, split, split_name)
+            result = score_split(run, split, split_name, INFERENCE_OPTIONS if every else PLAIN)
             scored[(name, split_name)] = result
             plain = _mean(
                 {s: t for (s, tta, post), t in result.tables.items() if (tta, post) == ("none", "none")}, "iou"
             )
-            for tta, post in INFERENCE_OPTIONS:
+            for tta, post in result.options:
                 chosen = {s: t for (s, a, b), t in result.tables.items() if (a, b) == (tta, post)}
                 option_rows.append(
                     {

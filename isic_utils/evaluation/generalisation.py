@@ -5,8 +5,8 @@ constancy) and, beside it, the base plus each training option alone (colour cons
 augmentation, stronger colour augmentation, zoom-out augmentation for small lesions, 256 px; 384 px only when
 asked: ``ON_REQUEST``), each with the same seeds (three unless ``--set seeds=…``), into
 ``outputs/<profile>/options/``; then scores every seed, never retrained, on validation and on each external set at
-original size (``external.validate_external``), where the inference options (test-time flips, largest-component
-post-processing, coarse-to-fine zoom) are scored on the base run as well.
+original size (``external.validate_external``): the base run with every inference option (test-time flips,
+largest-component post-processing, coarse-to-fine zoom), each training option's run plainly, as it is compared.
 
 Each external set is read in its two fixed halves (``external.halves``). An option is **chosen** on validation and
 the sets' *choosing* halves only: its change against the base, seed for seed, stands out of the seed spread
@@ -140,7 +140,10 @@ def options_study(
         echo(f"options: {option} ({values['run_name']}, {values['epochs']} epochs, seeds {values['seeds']})")
         train_run(values, prepare_data(values), verbose=True)
     out = P.absolute(scoring["output_dir"])
-    result = validate_external(scoring, scoring["runs"], out, echo=lambda line: echo(f"options: {line}"))
+    # the inference options are read on the base run alone; a training option's run is compared plainly
+    result = validate_external(
+        scoring, scoring["runs"], out, echo=lambda line: echo(f"options: {line}"), every_option=[run_name("base")]
+    )
     names = {run_name(o): o for o in runs}
     table = options_table(result.scored, names, runs["base"]["epochs"])
     save_table(table, out, "options")
