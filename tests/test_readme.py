@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import report_copy
+from .test_pipeline import _trained_files, broken_links
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -84,10 +85,17 @@ def test_every_readme_command_runs_as_written(checkout):
     commands = readme_commands((ROOT / "README.md").read_text())
     assert any(c.startswith(".venv/bin/papermill") for c in commands)
     ran = []
+    trained = _trained_files(checkout / "outputs" / "tiny", "task2")
     for command in commands:
         done = shell(as_run_here(command, checkout), checkout)
         assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-3000:])
         ran.append(command)
+        if " -p run task2" in command:  # the report's task 2 chapter: it continues the run, nothing retrained
+            assert "resuming after epoch 2 of 2" in (checkout / "task2.ipynb").read_text()
+            assert _trained_files(checkout / "outputs" / "tiny", "task2") == trained
+        if "nbconvert --to html task2.ipynb" in command:  # the page beside the notebook: its gallery link opens
+            page = checkout / "task2.html"  # ('task2/gallery.html' was relative to the report's folder)
+            assert "gallery.html" in page.read_text() and broken_links(page) == []
         if command.startswith("make report DATA="):  # a real profile: the target and the profile both exist
             profile = re.search(r"DATA=(\S+)", command).group(1)
             assert (ROOT / "params" / "profiles" / f"{profile}.yaml").is_file(), profile
