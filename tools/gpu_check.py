@@ -186,7 +186,8 @@ def determinism(args, out: Path, device: str) -> list[dict]:
 
 def kill_and_resume(args, out: Path, device: str) -> list[dict]:
     epochs = 2 if args.quick else 3  # killed in epoch 2 either way
-    straight = _tiny_fit(out, device, "straight", epochs=epochs)
+    # the uninterrupted run: determinism's first run, resumed when it is there (nothing trained twice), else trained
+    straight = _tiny_fit(out, device, "same-seed-a", resume=True, epochs=epochs)
 
     def kill(epoch, step):
         if epoch == 2 and step == 1:
@@ -232,7 +233,7 @@ def benchmark(args, out: Path, device: str) -> list[dict]:
     from isic_utils.base.devices import resolve_precision
     from isic_utils.data.decoding import decode_pairs
 
-    n_train, n_test = (16, 16) if args.quick else (256, 128)
+    n_train, n_test = (8, 8) if args.quick else (256, 128)
     train_pairs, test_pairs, source = B.find_images(n_train, n_test, args.data or None)
     precision = resolve_precision("auto", device)
     naive = B.naive_rates(train_pairs, test_pairs, 128, device)
