@@ -219,7 +219,9 @@ def test_task3_is_scored_with_its_options(tiny_report):
 
 
 def test_the_options_study_measures_each_option_and_the_comparison_shows_it(tiny_report):
-    from isic_utils.evaluation.generalisation import BY_DEFAULT, INFERENCE_STUDIED, options_reading
+    from isic_utils.evaluation.generalisation import INFERENCE_STUDIED, options_reading
+
+    from .conftest import STUDIED
 
     out, _, lines, _ = tiny_report
     table = pd.read_csv(out / "options" / "tables" / "options.csv")
@@ -229,7 +231,7 @@ def test_the_options_study_measures_each_option_and_the_comparison_shows_it(tiny
     # the inference options are read on the base alone: a training option's run is scored plainly, as compared
     scored = pd.read_csv(out / "options" / "tables" / "inference_options.csv").groupby("run").size()
     assert scored["base"] == 2 * 6 and (scored.drop("base") == 2).all(), scored  # (validation, other clinic) × options
-    assert list(table["option"]) == ["base", *BY_DEFAULT, *INFERENCE_STUDIED]
+    assert list(table["option"]) == ["base", *STUDIED, *INFERENCE_STUDIED]
     assert list(INFERENCE_STUDIED) == ["test-time flips", "largest component", "zoom (coarse-to-fine)"]
     splits = ["validation", "other-clinic, choosing half", "other-clinic, reporting half"]
     assert (table.iloc[0][[f"Δ {s}" for s in splits]] == 0).all()

@@ -210,14 +210,16 @@ def test_a_finished_run_asked_again_trains_nothing_and_scores_the_same(tiny_data
 # ----------------------------------------------------------------------------- 4. every model and augmentation trains
 
 ENCODER, DECODER = "encoder.", "decoder."
-# A covering set: every pair of (frozen?, decoder), (frozen?, augmentation) and (decoder, augmentation) is trained once.
+# A covering set: every pair of (frozen?, decoder), (frozen?, augmentation) and (decoder, augmentation) is trained once;
+# the last two rows add the options study's augmentations (crop + rotation, strong colour, zoom-out).
+STUDY_AUGMENT = ("scale_rotate", "color_strong", "zoom_out")
 COVERING = [
     (True, "report", ()),
     (False, "unet", ()),
     (True, "unet", ("hflip", "vflip")),
     (False, "report", ("hflip", "vflip")),
-    (True, "unet", ("hflip", "vflip", "rot90", "color_jitter")),
-    (False, "report", ("hflip", "vflip", "rot90", "color_jitter")),
+    (True, "unet", ("hflip", "vflip", "rot90", "color_jitter", *STUDY_AUGMENT)),
+    (False, "report", ("hflip", "vflip", "rot90", "color_jitter", *STUDY_AUGMENT)),
 ]
 
 
