@@ -1,12 +1,12 @@
 """The options study on a lent GPU, in one call (issue 32's remaining levers): ``make gpu-check`` first, then task 3's
-training options that a CPU cannot afford (256 px, 384 px, zoom-out augmentation, beside the base) with three seeds
-each, trained side by side on the one GPU (a process per seed: small batches leave it idle between launches),
-scored with the project's own scoring (``external.score_split``, a process per run, split and seed) and read with the
-study's own tables (``generalisation.options_table``, ``options_by_area``); then task 3 trained on the union of the
-releases (ISIC 2016 training ids + the later additions, linked in the ISIC 2018 Task 1 layout, the
+training options that a CPU without native bf16 cannot afford (256 px, 384 px, zoom-out augmentation, beside the base)
+with three seeds each, trained side by side on the one GPU (a process per seed: small batches leave it idle between
+launches), scored with the project's own scoring (``external.score_split``, a process per run, split and seed) and read
+with the study's own tables (``generalisation.options_table``, ``options_by_area``); then task 3 trained on the union of
+the releases (ISIC 2016 training ids + the later additions, linked in the ISIC 2018 Task 1 layout, the
 ``isic2018_holdout`` profile: the shared-folder form of the ``isic2018`` release, which holds the 2016 images) and on
-the additions alone. No phase starts a job after its deadline (seconds from the call's start), so one call ends
-inside the device's ten-minute limit with what it finished.
+the additions alone. No phase starts a job after its deadline (seconds from the call's start), so one call ends inside
+the device's ten-minute limit with what it finished.
 
 Here, before the call (the data never enters git: ``.gpu/`` is ignored)::
 

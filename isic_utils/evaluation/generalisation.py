@@ -45,7 +45,8 @@ TRAINING_OPTIONS = {  # name → what it changes on top of BASE
     "256 px": {"image_size": 256},
     "384 px": {"image_size": 384},
 }
-# Trained only when asked by name (``--only 384_px``): nine times the base's compute, hours a seed on a CPU; for a GPU.
+# Trained only when asked by name (``--only 384_px``): nine times the base's compute, hours a seed on a CPU without
+# native bf16; for a GPU.
 ON_REQUEST = {"384 px"}
 BY_DEFAULT = [o for o in TRAINING_OPTIONS if o not in ON_REQUEST]  # what the study trains when no option is named
 # Measured, never taken by default whatever the study says, and why: the report's design is 128 × 128 images, a run
