@@ -280,3 +280,21 @@ def test_gpu_check_rehearsed_on_the_cpu_passes_every_check(tmp_path):
     ):
         assert check in table, table
     assert "FAILED" not in done.stdout
+
+
+def test_the_gpu_study_trains_every_run_once_the_union_before_what_a_cpu_measured(monkeypatch):
+    """tools/gpu_study.py's one GPU call starts its training jobs in ``TRAIN_ORDER``: every options run and profile run
+    it finalises and scores is there once, and the union of the releases comes before 256 px and zoom-out, which a CPU
+    with native bf16 measured (a deadline that stops starting jobs then loses what is known, not what is not)."""
+    import importlib.util
+
+    monkeypatch.chdir(ROOT)  # the module works from the project's root
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = importlib.util.spec_from_file_location("gpu_study", ROOT / "tools" / "gpu_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    order = list(study.TRAIN_ORDER)
+    assert sorted(order) == sorted([("option", o) for o in study.OPTION_RUNS] + list(study.PROFILE_RUNS))
+    assert order[0] == ("option", "base")  # every option is compared against it
+    for measured in ("256_px", "zoom-out_augmentation"):
+        assert order.index(("union_holdout", "128")) < order.index(("option", measured))
