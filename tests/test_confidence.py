@@ -72,7 +72,9 @@ def test_an_inverted_prediction_of_a_trained_model_gets_a_low_confidence(trained
     for name in C.KEPT:
         own = C.scores(p, {"confidence": name})
         inverted = C.scores(1 - p, {"confidence": name})
-        assert (inverted < own).all() and inverted.max() < 0.25, (name, own, inverted)
+        # the bar sits between the inverted masks (up to 0.2500 at two threads, 0.25003 at one on an AMX Xeon) and the
+        # model's own (0.43 and up), not on the inverted masks' edge, where one CPU's rounding decides the verdict
+        assert (inverted < own).all() and inverted.max() < 0.3, (name, own, inverted)
 
 
 def test_auroc_counts_pairs_and_the_threshold_separates_failures():
