@@ -236,8 +236,11 @@ def test_every_notebook_is_valid_and_every_cell_has_its_id():
 def test_a_settings_role_is_tagged_once_and_every_identity_reads_it():
     """Which settings do not define a run is said once (``params.ROLES``): the checkpoint's fingerprint leaves out
     exactly the settings of how it runs, how long and how it is scored, and no module lists them again."""
-    config = P.TrainConfig(color_constancy="shades_of_grey")  # "none" is left out: older checkpoints resume as they are
-    assert set(config.fingerprint()) == set(vars(config)) - P.with_role("execution", "length", "scoring")
+    # "none" and "constant" are left out (older checkpoints resume as they are); a schedule's length is in
+    config = P.TrainConfig(color_constancy="shades_of_grey", lr_schedule="cosine")
+    fingerprint = config.fingerprint()
+    assert fingerprint.pop("schedule_epochs") == config.epochs
+    assert set(fingerprint) == set(vars(config)) - P.with_role("execution", "length", "scoring")
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         assert '("resume", "jobs")' not in text and '"seeds", "resume", "output_dir"' not in text, path

@@ -11,9 +11,9 @@ import torch
 
 from isic_utils.config.params import TrainConfig
 from isic_utils.data.transforms import apply_augmentation, draw_augmentation
-from isic_utils.model.inference import load_checkpoint
+from isic_utils.model.inference import CheckpointMismatch, load_checkpoint
 from isic_utils.model.networks import build_model
-from isic_utils.training.loop import TIMING_COLUMNS, TrainingDiverged, fit, loss_fn
+from isic_utils.training.loop import TIMING_COLUMNS, TrainingDiverged, fit, learning_rate_factor, loss_fn
 
 VOLATILE = list(TIMING_COLUMNS)
 
@@ -135,3 +135,39 @@ def test_the_bce_dice_loss_is_bce_plus_one_minus_soft_dice_per_image():
     assert loss_fn("bce+dice")(perfect, targets).item() == pytest.approx(0, abs=1e-6)
     with pytest.raises(ValueError, match="loss must be"):
         loss_fn("dice")
+
+
+def test_a_cosine_schedule_sets_each_epochs_rates_resumes_in_step_and_is_never_stretched(tiny_data, tmp_path):
+    """``lr_schedule: cosine`` (an options-study option of task 3): epoch 1 trains at the set rates, so it is the
+    constant run's epoch 1, and the last epoch at a fraction of them; a killed run resumes where its schedule stood;
+    asking a finished cosine run for more epochs would stretch the schedule it was trained on, so it is refused."""
+    cfg = config(lr_schedule="cosine")
+    straight = fit(model_for(cfg), tiny_data, cfg, tmp_path / "straight", verbose=False)
+    rates = [group["lr"] for group in load_checkpoint(tmp_path / "straight" / "last.pt")["optimizer"]["param_groups"]]
+    assert rates == pytest.approx([0.5 * cfg.decoder_lr, 0.5 * cfg.encoder_lr])  # epoch 2 of 2: half a cosine
+    constant = fit(model_for(cfg), tiny_data, config(), tmp_path / "constant", verbose=False)
+    pd.testing.assert_frame_equal(history(constant).iloc[:1], history(straight).iloc[:1], check_exact=True)
+    assert not history(constant).iloc[1:].equals(history(straight).iloc[1:])
+
+    def kill(epoch, step):
+        if epoch == 2 and step == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    run_dir = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        fit(model_for(cfg), tiny_data, cfg, run_dir, on_step=kill, verbose=False)
+    resumed = fit(model_for(cfg), tiny_data, cfg, run_dir, verbose=False)
+    pd.testing.assert_frame_equal(history(resumed), history(straight), check_exact=True)
+
+    with pytest.raises(CheckpointMismatch, match="schedule_epochs: 2 → 3"):
+        fit(model_for(cfg), tiny_data, config(lr_schedule="cosine", epochs=3), run_dir, verbose=False)
+    assert len(load_checkpoint(run_dir / "last.pt")["history"]) == 2  # nothing was changed
+
+
+def test_the_cosine_factor_runs_from_one_to_near_zero_and_constant_is_one():
+    factors = [learning_rate_factor("cosine", epoch, 20) for epoch in range(1, 21)]
+    assert factors[0] == 1.0 and factors[10] == pytest.approx(0.5) and 0 < factors[-1] < 0.01
+    assert all(a > b for a, b in zip(factors, factors[1:]))
+    assert learning_rate_factor("constant", 7, 20) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        learning_rate_factor("step", 1, 20)

@@ -52,6 +52,7 @@ CHAPTER_KEYS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "encoder_lr": ((float,), 1e-4),
         "decoder_lr": ((float,), 1e-3),
         "weight_decay": ((float,), 0.01),
+        "lr_schedule": ((str,), "constant"),  # cosine: each epoch's rates fall from the set ones to near 0 at the last
         "epochs": ((int,), 20),
         "batch_size": ((int,), 32),
         "dropout": ((float,), 0.2),
@@ -99,11 +100,13 @@ EXTERNAL_KEYS = {
     "synthetic": "generate a synthetic other-clinic set of this many cases in PH2's layout (offline profiles)",
 }
 
+LR_SCHEDULES = ("constant", "cosine")  # the trainer's ``learning_rate_factor`` reads each
 CHOICES = {
     "data_source": ("synthetic", *RELEASES),
     "test_split": ("official", "holdout"),
     "decoder": DECODERS,  # the registry itself: a decoder registered there is a valid choice
     "loss": LOSSES,
+    "lr_schedule": LR_SCHEDULES,
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
     "color_constancy": COLOR_CONSTANCY,
@@ -156,6 +159,7 @@ class TrainConfig:
     encoder_lr: float = _default("encoder_lr")
     decoder_lr: float = _default("decoder_lr")
     weight_decay: float = _default("weight_decay")
+    lr_schedule: str = _default("lr_schedule")
     epochs: int = _default("epochs")
     batch_size: int = _default("batch_size")
     seed: int = 0
@@ -186,6 +190,10 @@ class TrainConfig:
             keep.pop(key, None)
         if keep["color_constancy"] == "none":  # checkpoints from before the option resume as they are
             keep.pop("color_constancy")
+        if keep["lr_schedule"] == "constant":  # likewise
+            keep.pop("lr_schedule")
+        else:  # a schedule's length decides what each epoch learns: such a run is never continued to more epochs
+            keep["schedule_epochs"] = self.epochs
         return keep
 
 

@@ -35,6 +35,7 @@ BASE = {
     "tta": "none",
     "postprocess": "none",
     "image_size": 128,
+    "lr_schedule": "constant",
     "augment": ["hflip", "vflip", "rot90", "color_jitter"],
 }
 TRAINING_OPTIONS = {  # name → what it changes on top of BASE
@@ -42,6 +43,7 @@ TRAINING_OPTIONS = {  # name → what it changes on top of BASE
     "crop + rotation": {"augment": BASE["augment"] + ["scale_rotate"]},
     "strong colour": {"augment": BASE["augment"] + ["color_strong"]},
     "zoom-out augmentation": {"augment": BASE["augment"] + ["zoom_out"]},
+    "cosine learning rate": {"lr_schedule": "cosine"},
     "256 px": {"image_size": 256},
     "384 px": {"image_size": 384},
 }

@@ -224,6 +224,8 @@ def run_key(params: dict, encoder_weights: dict) -> str:
     """The identity of a run's configuration, shared by all its seeds: the parameters (but seeds, resume, where the
     outputs go) and the encoder's starting weights (their hash; "random" for a random encoder, seeded per seed)."""
     kept = {k: v for k, v in params.items() if k not in with_role("route", "place", "seeds")}
+    if kept.get("lr_schedule") == "constant":  # runs from before the schedule keep their key
+        kept.pop("lr_schedule")
     weights = "random" if encoder_weights.get("source") == "random initialisation" else encoder_weights.get("sha256")
     return hashlib.sha1(json.dumps([kept, weights], sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..base.devices import autocast, device_name, grad_scaler, resolve_precision, seed_everything, set_deterministic
 from ..base.files import locked, progress_bar, remove_leftovers
-from ..config.params import TrainConfig
+from ..config.params import LR_SCHEDULES, TrainConfig
 from ..data.decoding import DecodedSplit
 from ..data.splits import ReportData
 from ..data.transforms import apply_augmentation, apply_color_constancy, draw_augmentation
@@ -155,6 +155,24 @@ def build_optimizer(model: SegmentationModel, config: TrainConfig) -> torch.opti
             }
         )
     return adamw(groups, config.weight_decay, config.device)
+
+
+def learning_rate_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """What epoch ``epoch`` (1 to ``epochs``) multiplies the set learning rates by: 1 for ``constant``; for ``cosine``
+    half a cosine from 1 at the first epoch to (1 + cos(π (epochs − 1) / epochs)) / 2 at the last (0.006 of 20)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+    raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -> None:
+    """Each parameter group's rate for ``epoch``: its set rate (``decoder_lr``, ``encoder_lr``) times the schedule's
+    factor. A function of the epoch alone, so a resumed run continues the schedule where it stopped."""
+    factor = learning_rate_factor(config.lr_schedule, epoch, config.epochs)
+    for group in optimizer.param_groups:
+        group["lr"] = factor * (config.decoder_lr if group["name"] == "decoder" else config.encoder_lr)
 
 
 def adamw(groups: list[dict], weight_decay: float, device: str) -> torch.optim.AdamW:
@@ -342,6 +360,7 @@ def _fit(
     epoch_times: list[float] = []
     meta = checkpoints.best_meta(model, fingerprint, config, trained_on)
     for epoch in range(len(progress.rows) + 1, config.epochs + 1):
+        set_learning_rates(optimizer, config, epoch)
         row = _one_epoch(model, data, optimizer, config, precision, generator, cached, epoch, on_step, scaler)
         _check_epoch(model, row)  # nothing non-finite is ever saved
         t0 = time.perf_counter()
