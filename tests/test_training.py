@@ -13,7 +13,15 @@ from isic_utils.config.params import TrainConfig
 from isic_utils.data.transforms import apply_augmentation, draw_augmentation
 from isic_utils.model.inference import CheckpointMismatch, load_checkpoint
 from isic_utils.model.networks import build_model
-from isic_utils.training.loop import TIMING_COLUMNS, TrainingDiverged, fit, learning_rate_factor, loss_fn
+from isic_utils.training import checkpoints
+from isic_utils.training.loop import (
+    TIMING_COLUMNS,
+    TrainingDiverged,
+    ema_update,
+    fit,
+    learning_rate_factor,
+    loss_fn,
+)
 
 VOLATILE = list(TIMING_COLUMNS)
 
@@ -171,3 +179,51 @@ def test_the_cosine_factor_runs_from_one_to_near_zero_and_constant_is_one():
     assert learning_rate_factor("constant", 7, 20) == 1.0
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         learning_rate_factor("step", 1, 20)
+
+
+def test_a_weight_average_is_what_validation_judges_best_pt_keeps_and_a_resume_continues(tiny_data, tmp_path):
+    """``weight_average: ema``: a running average of the weights (and batch-norm statistics) follows training; each
+    epoch's validation scores it, ``best.pt`` holds it, and a run killed mid-epoch resumes to the uninterrupted one,
+    the average included. A best.pt one write behind (a kill between the two writes) is mended from the average."""
+    cfg = config(weight_average="ema")
+    straight = fit(model_for(cfg), tiny_data, cfg, tmp_path / "straight", verbose=False)
+    last = load_checkpoint(tmp_path / "straight" / "last.pt")
+    best = load_checkpoint(tmp_path / "straight" / "best.pt")
+    averaged = checkpoints.judged_weights(last)
+    raw = fit(model_for(cfg), tiny_data, config(), tmp_path / "raw", verbose=False)
+    assert not history(raw).equals(history(straight))  # the average, not the trained weights, was judged
+    if straight.best_epoch == 2:
+        assert all(torch.equal(best["model"][k], averaged[k]) for k in best["model"])
+    assert any(not torch.equal(last["model"][k], averaged[k]) for k in averaged if averaged[k].is_floating_point())
+
+    def kill(epoch, step):
+        if epoch == 2 and step == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    run_dir = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        fit(model_for(cfg), tiny_data, cfg, run_dir, on_step=kill, verbose=False)
+    resumed = fit(model_for(cfg), tiny_data, cfg, run_dir, verbose=False)
+    pd.testing.assert_frame_equal(history(resumed), history(straight), check_exact=True)
+    assert torch.equal(resumed.test.counts, straight.test.counts)
+
+    state = load_checkpoint(run_dir / "last.pt")  # killed before best.pt was written for the last epoch's best
+    state["best_epoch"] = len(state["history"])
+    (run_dir / "best.pt").unlink()
+    checkpoints.mend_best(state, model_for(cfg), state["fingerprint"], cfg, run_dir / "best.pt")
+    mended = load_checkpoint(run_dir / "best.pt")["model"]
+    assert all(torch.equal(mended[k], averaged[k]) for k in mended)
+
+
+def test_the_weight_average_warms_up_so_a_short_run_is_not_held_back_by_its_first_steps():
+    """d = min(0.99, (1 + n) / (10 + n)) after n updates: the first steps move the average most of the way, a long
+    run's average moves 1 % a step; batch-norm's integer counters take the trained ones."""
+    averaged, current = [torch.zeros(3)], [torch.ones(3)]
+    ema_update(averaged, current, torch.tensor(1))
+    assert averaged[0] == pytest.approx(torch.full((3,), 9 / 11))
+    late = [torch.zeros(3)]
+    ema_update(late, current, torch.tensor(10_000))
+    assert late[0] == pytest.approx(torch.full((3,), 0.01))
+    counters = [torch.tensor(4)]
+    ema_update(counters, [torch.tensor(7)], torch.tensor(3))
+    assert counters[0].item() == 7

@@ -53,6 +53,10 @@ CHAPTER_KEYS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "decoder_lr": ((float,), 1e-3),
         "weight_decay": ((float,), 0.01),
         "lr_schedule": ((str,), "constant"),  # cosine: each epoch's rates fall from the set ones to near 0 at the last
+        "weight_average": (
+            (str,),
+            "none",
+        ),  # ema: validation, selection and best.pt use a running average of the weights
         "epochs": ((int,), 20),
         "batch_size": ((int,), 32),
         "dropout": ((float,), 0.2),
@@ -101,12 +105,14 @@ EXTERNAL_KEYS = {
 }
 
 LR_SCHEDULES = ("constant", "cosine")  # the trainer's ``learning_rate_factor`` reads each
+WEIGHT_AVERAGES = ("none", "ema")  # the trainer's ``weight_average`` makes each
 CHOICES = {
     "data_source": ("synthetic", *RELEASES),
     "test_split": ("official", "holdout"),
     "decoder": DECODERS,  # the registry itself: a decoder registered there is a valid choice
     "loss": LOSSES,
     "lr_schedule": LR_SCHEDULES,
+    "weight_average": WEIGHT_AVERAGES,
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
     "color_constancy": COLOR_CONSTANCY,
@@ -143,6 +149,11 @@ ROLES = {
 }
 
 
+# Settings added after runs were trained without them, each with the value those runs had: left out of a run's
+# identity (its checkpoint's fingerprint, its key) when they have it, so that earlier runs resume and merge as they are.
+ADDED_SETTINGS = {"lr_schedule": "constant", "weight_average": "none"}
+
+
 def with_role(*roles: str) -> set[str]:
     """The settings tagged with any of ``roles`` in ``ROLES``."""
     return {key for key, role in ROLES.items() if role in roles}
@@ -160,6 +171,7 @@ class TrainConfig:
     decoder_lr: float = _default("decoder_lr")
     weight_decay: float = _default("weight_decay")
     lr_schedule: str = _default("lr_schedule")
+    weight_average: str = _default("weight_average")
     epochs: int = _default("epochs")
     batch_size: int = _default("batch_size")
     seed: int = 0
@@ -190,9 +202,10 @@ class TrainConfig:
             keep.pop(key, None)
         if keep["color_constancy"] == "none":  # checkpoints from before the option resume as they are
             keep.pop("color_constancy")
-        if keep["lr_schedule"] == "constant":  # likewise
-            keep.pop("lr_schedule")
-        else:  # a schedule's length decides what each epoch learns: such a run is never continued to more epochs
+        for key, plain in ADDED_SETTINGS.items():
+            if keep[key] == plain:
+                keep.pop(key)
+        if "lr_schedule" in keep:  # a schedule's length decides what each epoch learns: never continued to more epochs
             keep["schedule_epochs"] = self.epochs
         return keep
 

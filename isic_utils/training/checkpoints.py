@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from ..base.files import atomic_path
 from ..config.params import TrainConfig
@@ -80,8 +81,10 @@ def resume_or_start(
     run_dir: Path,
     resume: bool,
     announce: str | None,
+    average: AveragedModel | None = None,
 ) -> Progress:
-    """Continue from ``last.pt`` when asked and it matches (else ``CheckpointMismatch``); or start afresh."""
+    """Continue from ``last.pt`` when asked and it matches (else ``CheckpointMismatch``); or start afresh. The run's
+    weight ``average``, when it keeps one, continues from there too."""
     last_path = run_dir / "last.pt"
     if not resume:
         for stale in (last_path, run_dir / "best.pt"):
@@ -92,6 +95,8 @@ def resume_or_start(
     check_resumable(state, fingerprint, weights, config.epochs, last_path)
     mend_best(state, model, fingerprint, config, run_dir / "best.pt")
     model.load_state_dict(state["model"])
+    if average is not None:
+        average.load_state_dict(state["average"])
     optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
@@ -137,7 +142,14 @@ def mend_best(state: dict, model: SegmentationModel, fingerprint: dict, config: 
     saved = load_checkpoint(best_path).get("epoch") if best_path.exists() else None
     if best_epoch and saved != best_epoch and best_epoch == trained:
         meta = best_meta(model, fingerprint, config, state["trained_on"])
-        save(best_state(state["model"], meta, best_epoch, state["best_iou"], fingerprint), best_path)
+        save(best_state(judged_weights(state), meta, best_epoch, state["best_iou"], fingerprint), best_path)
+
+
+def judged_weights(state: dict) -> dict:
+    """The weights a ``last.pt`` was validated with: its weight average's when the run keeps one, else the model's."""
+    if "average" not in state:
+        return state["model"]
+    return {key.removeprefix("module."): value for key, value in state["average"].items() if key != "n_averaged"}
 
 
 ADDED_TO_FINGERPRINT = ("data_ids_sha256",)  # compared only where a checkpoint has them: older runs still resume

@@ -21,7 +21,7 @@ import torch
 
 from ..base.devices import resolve_device, set_threads
 from ..base.files import LineWriter, atomic_path, locked, read_table, save_table, shown_path, write_json
-from ..config.params import TrainConfig, absolute, chapter_values, project_root, with_role
+from ..config.params import ADDED_SETTINGS, TrainConfig, absolute, chapter_values, project_root, with_role
 from ..data.sources import RELEASES, DataError, download_release, has_split
 from ..data.splits import ReportData, load_report_data
 from ..data.synthetic import make_synthetic_isic
@@ -224,8 +224,9 @@ def run_key(params: dict, encoder_weights: dict) -> str:
     """The identity of a run's configuration, shared by all its seeds: the parameters (but seeds, resume, where the
     outputs go) and the encoder's starting weights (their hash; "random" for a random encoder, seeded per seed)."""
     kept = {k: v for k, v in params.items() if k not in with_role("route", "place", "seeds")}
-    if kept.get("lr_schedule") == "constant":  # runs from before the schedule keep their key
-        kept.pop("lr_schedule")
+    for key, plain in ADDED_SETTINGS.items():  # runs from before the setting keep their key
+        if kept.get(key) == plain:
+            kept.pop(key)
     weights = "random" if encoder_weights.get("source") == "random initialisation" else encoder_weights.get("sha256")
     return hashlib.sha1(json.dumps([kept, weights], sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from ..base.devices import autocast, device_name, grad_scaler, resolve_precision, seed_everything, set_deterministic
 from ..base.files import locked, progress_bar, remove_leftovers
-from ..config.params import LR_SCHEDULES, TrainConfig
+from ..config.params import LR_SCHEDULES, WEIGHT_AVERAGES, TrainConfig
 from ..data.decoding import DecodedSplit
 from ..data.splits import ReportData
 from ..data.transforms import apply_augmentation, apply_color_constancy, draw_augmentation
@@ -175,6 +176,36 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, config: TrainConfig, ep
         group["lr"] = factor * (config.decoder_lr if group["name"] == "decoder" else config.encoder_lr)
 
 
+EMA_DECAY = (
+    0.99  # per optimiser step at most: the average's horizon is then about 100 steps (three epochs of 516 images)
+)
+
+
+def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+    """One step of the weight average (``AveragedModel``'s ``multi_avg_fn``): averaged ← d · averaged + (1 − d) ·
+    current, with d = min(``EMA_DECAY``, (1 + n) / (10 + n)) after n updates, so that a short run's average is not
+    held back by its first steps' weights (the warm-up TensorFlow's moving average uses). Computed where the weights
+    are: nothing waits for a GPU. Integer buffers (batch-norm's counters) take the trained ones."""
+    if not torch.is_floating_point(averaged[0]):
+        torch._foreach_copy_(averaged, current)
+        return
+    n = updates.to(averaged[0].dtype)
+    decay = torch.clamp((1 + n) / (10 + n), max=EMA_DECAY)
+    step = torch._foreach_mul(current, 1 - decay)
+    torch._foreach_mul_(averaged, decay)
+    torch._foreach_add_(averaged, step)
+
+
+def weight_average(model: SegmentationModel, config: TrainConfig) -> AveragedModel | None:
+    """``ema``: a copy of ``model`` whose weights and batch-norm statistics follow the trained ones as an exponential
+    moving average (``ema_update``), the weights validation judges and ``best.pt`` keeps; None for ``none``."""
+    if config.weight_average == "none":
+        return None
+    if config.weight_average == "ema":
+        return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+    raise ValueError(f"weight_average must be one of {list(WEIGHT_AVERAGES)}, got {config.weight_average!r}")
+
+
 def adamw(groups: list[dict], weight_decay: float, device: str) -> torch.optim.AdamW:
     """AdamW over ``groups``, fused where the kernel exists (a GPU, or a CPU with torch >= 2.4): one kernel for all the
     parameters instead of a loop of small ops over each (on a CPU the loop took a quarter of a fine-tune step)."""
@@ -196,8 +227,10 @@ def train_epoch(
     on_step: Callable[[int], None] | None = None,
     desc: str = "train",
     scaler: torch.amp.GradScaler | None = None,
+    average: AveragedModel | None = None,
 ) -> float:
-    """One pass over ``split`` in seeded random order; returns the mean training loss.
+    """One pass over ``split`` in seeded random order; returns the mean training loss. ``average`` (the run's
+    ``weight_average``) is updated after every step.
 
     Raises ``TrainingDiverged`` on a NaN or infinite loss: on the CPU before the optimiser steps on it; on a GPU,
     where checking each step would make the host wait for the device, at the end of the epoch (whose checkpoint
@@ -234,6 +267,8 @@ def train_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if average is not None:
+            average.update_parameters(model)
         losses.append(loss.detach().double() * len(rows))
         seen += len(rows)
         if on_step is not None:
@@ -328,6 +363,8 @@ def _fit(
     set_deterministic(config.deterministic, config.device)
     generator = seed_everything(config.seed)
     optimizer = _place(model, config)
+    average = weight_average(model, config)
+    judged = average.module if average is not None else model  # the weights validation judges and best.pt keeps
     scaler = grad_scaler(precision, config.device)
     trained_on = {
         "device": config.device,
@@ -348,6 +385,7 @@ def _fit(
         run_dir,
         resume,
         (label or str(run_dir)) if verbose else None,
+        average,
     )
     data = on_device(data, config.device)
     timings = {"feature_cache_s": 0.0, "checkpoint_s": 0.0}
@@ -361,7 +399,7 @@ def _fit(
     meta = checkpoints.best_meta(model, fingerprint, config, trained_on)
     for epoch in range(len(progress.rows) + 1, config.epochs + 1):
         set_learning_rates(optimizer, config, epoch)
-        row = _one_epoch(model, data, optimizer, config, precision, generator, cached, epoch, on_step, scaler)
+        row = _one_epoch(model, data, optimizer, config, precision, generator, cached, epoch, on_step, scaler, average)
         _check_epoch(model, row)  # nothing non-finite is ever saved
         t0 = time.perf_counter()
         progress.rows.append(row)
@@ -372,6 +410,7 @@ def _fit(
         checkpoints.save(
             {
                 "model": model.state_dict(),
+                **({"average": average.state_dict()} if average is not None else {}),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "rng": checkpoints.rng_state(generator, config.device),
@@ -385,7 +424,7 @@ def _fit(
             run_dir / "last.pt",
         )
         if improved:
-            best = checkpoints.best_state(model.state_dict(), meta, epoch, progress.best_iou, fingerprint)
+            best = checkpoints.best_state(judged.state_dict(), meta, epoch, progress.best_iou, fingerprint)
             checkpoints.save(best, run_dir / "best.pt")
         timings["checkpoint_s"] += time.perf_counter() - t0
         epoch_times.append(row["epoch_seconds"] + time.perf_counter() - t0)
@@ -455,8 +494,10 @@ def _one_epoch(
     epoch: int,
     on_step,
     scaler,
+    average: AveragedModel | None = None,
 ) -> dict:
-    """Train one epoch, evaluate validation (and monitor test); the epoch's row of the history."""
+    """Train one epoch, evaluate validation (and monitor test) with the trained weights, or their ``average`` when
+    the run keeps one; the epoch's row of the history."""
     t0 = time.perf_counter()
     train_loss = train_epoch(
         model,
@@ -469,15 +510,17 @@ def _one_epoch(
         on_step=(lambda step: on_step(epoch, step)) if on_step else None,
         desc=f"epoch {epoch}/{config.epochs}",
         scaler=scaler,
+        average=average,
     )
     t1 = time.perf_counter()
+    judged = average.module if average is not None else model
     row = {
         "epoch": epoch,
         "train_loss": train_loss,
-        **_prefixed("val", evaluate(model, data.val, config, precision, features.val).summary()),
+        **_prefixed("val", evaluate(judged, data.val, config, precision, features.val).summary()),
     }
     if config.monitor_test:
-        row.update(_prefixed("test", evaluate(model, data.test, config, precision, features.test).summary()))
+        row.update(_prefixed("test", evaluate(judged, data.test, config, precision, features.test).summary()))
     t2 = time.perf_counter()
     return {**row, "train_seconds": t1 - t0, "eval_seconds": t2 - t1, "epoch_seconds": t2 - t0}
 
