@@ -48,6 +48,18 @@ def history(result):
     return result.history.drop(columns=VOLATILE)
 
 
+def kill_in_epoch_2(epoch, step):
+    if epoch == 2 and step == 1:
+        raise KeyboardInterrupt("simulated kill")
+
+
+def killed_then_resumed(cfg, data, run_dir):
+    """``cfg``'s run killed in its second epoch, then run again in the same folder (a fresh model, as a new process)."""
+    with pytest.raises(KeyboardInterrupt):
+        fit(model_for(cfg), data, cfg, run_dir, on_step=kill_in_epoch_2, verbose=False)
+    return fit(model_for(cfg), data, cfg, run_dir, verbose=False)
+
+
 def test_same_seed_same_history(tiny_data, tmp_path):
     """Dropout, batch order and augmentation draws all follow the seed."""
     cfg = config()
@@ -62,13 +74,9 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_data, tmp_path):
     cfg = config()
     straight = fit(model_for(cfg), tiny_data, cfg, tmp_path / "straight", verbose=False)
 
-    def kill(epoch, step):
-        if epoch == 2 and step == 1:
-            raise KeyboardInterrupt("simulated kill")
-
     run_dir = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        fit(model_for(cfg), tiny_data, cfg, run_dir, on_step=kill, verbose=False)
+        fit(model_for(cfg), tiny_data, cfg, run_dir, on_step=kill_in_epoch_2, verbose=False)
     assert len(load_checkpoint(run_dir / "last.pt")["history"]) == 1  # epoch 1 complete, epoch 2 lost
     fresh = model_for(cfg)  # a fresh process: same starting encoder (the seed decides it), other decoder weights
     with torch.no_grad():
@@ -157,14 +165,8 @@ def test_a_cosine_schedule_sets_each_epochs_rates_resumes_in_step_and_is_never_s
     pd.testing.assert_frame_equal(history(constant).iloc[:1], history(straight).iloc[:1], check_exact=True)
     assert not history(constant).iloc[1:].equals(history(straight).iloc[1:])
 
-    def kill(epoch, step):
-        if epoch == 2 and step == 1:
-            raise KeyboardInterrupt("simulated kill")
-
     run_dir = tmp_path / "killed"
-    with pytest.raises(KeyboardInterrupt):
-        fit(model_for(cfg), tiny_data, cfg, run_dir, on_step=kill, verbose=False)
-    resumed = fit(model_for(cfg), tiny_data, cfg, run_dir, verbose=False)
+    resumed = killed_then_resumed(cfg, tiny_data, run_dir)
     pd.testing.assert_frame_equal(history(resumed), history(straight), check_exact=True)
 
     with pytest.raises(CheckpointMismatch, match="schedule_epochs: 2 → 3"):
@@ -196,14 +198,8 @@ def test_a_weight_average_is_what_validation_judges_best_pt_keeps_and_a_resume_c
         assert all(torch.equal(best["model"][k], averaged[k]) for k in best["model"])
     assert any(not torch.equal(last["model"][k], averaged[k]) for k in averaged if averaged[k].is_floating_point())
 
-    def kill(epoch, step):
-        if epoch == 2 and step == 1:
-            raise KeyboardInterrupt("simulated kill")
-
     run_dir = tmp_path / "killed"
-    with pytest.raises(KeyboardInterrupt):
-        fit(model_for(cfg), tiny_data, cfg, run_dir, on_step=kill, verbose=False)
-    resumed = fit(model_for(cfg), tiny_data, cfg, run_dir, verbose=False)
+    resumed = killed_then_resumed(cfg, tiny_data, run_dir)
     pd.testing.assert_frame_equal(history(resumed), history(straight), check_exact=True)
     assert torch.equal(resumed.test.counts, straight.test.counts)
 
