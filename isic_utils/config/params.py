@@ -53,10 +53,7 @@ CHAPTER_KEYS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "decoder_lr": ((float,), 1e-3),
         "weight_decay": ((float,), 0.01),
         "lr_schedule": ((str,), "constant"),  # cosine: each epoch's rates fall from the set ones to near 0 at the last
-        "weight_average": (
-            (str,),
-            "none",
-        ),  # ema: validation, selection and best.pt use a running average of the weights
+        "weight_average": ((str,), "none"),  # ema: validation and best.pt use a running average of the weights
         "epochs": ((int,), 20),
         "batch_size": ((int,), 32),
         "dropout": ((float,), 0.2),

@@ -176,9 +176,7 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, config: TrainConfig, ep
         group["lr"] = factor * (config.decoder_lr if group["name"] == "decoder" else config.encoder_lr)
 
 
-EMA_DECAY = (
-    0.99  # per optimiser step at most: the average's horizon is then about 100 steps (three epochs of 516 images)
-)
+EMA_DECAY = 0.99  # per step at most: the average's horizon is then ~100 steps (three epochs of 516 images)
 
 
 def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
