@@ -444,6 +444,79 @@ def test_every_inference_option_scores_as_by_hand_at_four_passes_and_one_zoom_pe
         pd.testing.assert_frame_equal(table, scored.tables[key])
 
 
+def test_a_checkpoint_scored_once_is_read_back_while_it_and_the_images_are_the_same(tiny_task1, tmp_path, monkeypatch):
+    """The score store (the options study's): a second scoring of the same checkpoints on the same images loads no
+    model and gives the same tables, to the dtype; another split or a changed checkpoint is scored again."""
+    from isic_utils.evaluation import external as E
+    from isic_utils.training.experiments import load_run
+
+    base, overrides, root = tiny_task1
+    chapter = P.resolve("external", None, "tiny", {**overrides, "runs": ["task1"]}, root)
+    (other,) = E.external_sets(chapter)
+    split, _ = E.load_external(other, 64)
+    run = load_run(base / "out", "task1")
+    run.run_dir = shutil.copytree(run.run_dir, tmp_path / "task1")  # a copy whose checkpoint this test may change
+    loads = []
+
+    def counted(path):
+        loads.append(path)
+        return load_trained(path)
+
+    monkeypatch.setattr(E, "load_trained", counted)
+    store = tmp_path / "scores"
+    first = E.score_split(run, split, other.name, store=store)
+    assert len(loads) == len(run.seeds) and first.read_back == []
+    again = E.score_split(run, split, other.name, store=store)
+    assert len(loads) == len(run.seeds) and again.read_back == list(run.seeds["seed"])  # no model loaded
+    assert again.calibrations == first.calibrations and again.options == first.options
+    for key, table in first.tables.items():
+        pd.testing.assert_frame_equal(again.tables[key], table)
+    # other images: scored again
+    fewer = split.subset(split.ids[:-1])
+    assert E.score_split(run, fewer, other.name, store=store).read_back == [] and len(loads) == 2 * len(run.seeds)
+    # a checkpoint retrained (here: one weight moved): scored again, and its new scores are what is stored
+    best = run.run_dir / "seed0" / "best.pt"
+    state = torch.load(best, weights_only=True)
+    name = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][name] += 0.5
+    torch.save(state, best)
+    moved = E.score_split(run, split, other.name, store=store)
+    assert moved.read_back == [] and len(loads) == 3 * len(run.seeds)
+    assert E.score_split(run, split, other.name, store=store).read_back == [0]
+
+
+def test_the_options_study_keeps_every_option_measured_over_calls(tmp_path):
+    """`options --only A`, then `--only B` (one option at a time, as on a CPU): the table holds the base, A and B,
+    A's row and the base's as the first call measured them (their scores read back, not recomputed); a run in the
+    folder trained with other parameters (here: another number of epochs) is left out, and the line says how to
+    train it as the study does."""
+    from isic_utils.evaluation.generalisation import options_study
+
+    values = {"output_dir": str(tmp_path), "seeds": [0]}
+    first = options_study("tiny", 1, values, echo=[].append, only=["256 px"])
+    lines = []
+    second = options_study("tiny", 1, values, echo=lines.append, only=["weight average"])
+    assert list(second["option"])[:3] == ["base", "weight average", "256 px"]
+    kept = ["base", "256 px", "test-time flips", "largest component", "zoom (coarse-to-fine)"]
+    pd.testing.assert_frame_equal(
+        second.set_index("option").loc[kept].drop(columns="chosen"),
+        first.set_index("option").loc[kept].drop(columns="chosen"),
+    )
+    read_back = [line for line in lines if "read back" in line]
+    assert {line.split()[1] for line in read_back} == {"base", "256_px"} and len(read_back) == 4  # validation, set
+    lines.clear()
+    third = options_study("tiny", 2, values, echo=lines.append, only=["base"])
+    assert list(third["option"])[:2] == ["base", "test-time flips"]
+    for run in ("weight_average", "256_px"):
+        assert any(
+            f"({run}) is in the study's folder but left out of the table: it was trained with other parameters than "
+            "the study's now (epochs 1, the study's 2)"
+            in line
+            and f"--only {run} trains it as the study does" in line
+            for line in lines
+        ), lines
+
+
 def test_two_runs_compared_seed_for_seed_on_every_split_and_half(tiny_task1):
     """tools/compare_runs.py: a run against itself differs by exactly 0 everywhere, and its whole-set JA is the
     one chapter 3 reports for it."""

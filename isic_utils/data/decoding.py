@@ -129,7 +129,9 @@ def _decode_pair(pair: Pair, size: int) -> tuple[torch.Tensor, torch.Tensor, tup
     return image, read_mask(pair.mask, size, expected_size=full_size), full_size
 
 
-def _cache_key(pairs: Sequence[Pair], size: int) -> str:
+def sources_key(pairs: Sequence[Pair], size: int) -> str:
+    """What a split decoded from ``pairs`` at ``size`` depends on: each file's path, size and modification time (a
+    hash; it names the decode cache, and the options study's stored scores are keyed by it)."""
     digest = hashlib.sha1(f"v{CACHE_VERSION}:{size}".encode())
     for pair in pairs:
         for path in (pair.image, pair.mask):
@@ -151,7 +153,7 @@ def decode_pairs(
     """
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"decoded_{image_size}px_{_cache_key(pairs, image_size)}.pt"
+        cache_file = Path(cache_dir) / f"decoded_{image_size}px_{sources_key(pairs, image_size)}.pt"
         if cache_file.exists():
             try:
                 stored = torch.load(cache_file, weights_only=True)

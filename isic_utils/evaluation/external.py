@@ -10,6 +10,8 @@ chapter shows what they buy whatever the run chose.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..base.files import save_table, shown_path, signed
+from ..base.files import save_table, shown_path, signed, write_text
 from ..config.params import absolute
-from ..data.decoding import DecodedSplit, decode_pairs, read_image
+from ..data.decoding import DecodedSplit, decode_pairs, read_image, sources_key
 from ..data.sources import EXTERNAL_LAYOUTS, PH2_URL, RELEASES, DataError, find_external_pairs
 from ..data.synthetic import make_synthetic_external
 from ..model.inference import (
@@ -155,8 +157,11 @@ class Scored:
     split: str
     own: tuple[str, str]  # the options the run itself uses
     tables: dict[tuple[int, str, str], pd.DataFrame]
-    probabilities: dict[int, torch.Tensor]  # per seed, with the run's own test-time flips (for figures)
+    # per seed scored by this call, with the run's own test-time flips (for figures); a seed read back from a score
+    # store (``score_split``'s ``store``) has none
+    probabilities: dict[int, torch.Tensor]
     calibrations: dict[int, dict] = field(default_factory=dict)  # per seed, what its best.pt says (confidence)
+    read_back: list[int] = field(default_factory=list)  # the seeds whose tables came from the score store
 
     @property
     def options(self) -> list[tuple[str, str]]:
@@ -185,19 +190,78 @@ class Scored:
         return pd.concat(chosen, axis=1).mean(axis=1)
 
 
+# What a stored score holds and how it is computed; raise it when scoring changes, so that no store is read back.
+SCORES_VERSION = 1
+
+
+def scores_key(checkpoint: Path, split: DecodedSplit, options: list[tuple[str, str]]) -> str:
+    """What a checkpoint's scores on a split depend on: the checkpoint's bytes, the split's images (their files'
+    paths, sizes and times, or the decoded tensors of a split made in memory), its ids and the options scored."""
+    digest = hashlib.sha256(json.dumps([SCORES_VERSION, options, split.ids, split.sizes]).encode())
+    with open(checkpoint, "rb") as f:
+        digest.update(hashlib.file_digest(f, "sha256").digest())
+    if split.sources:
+        digest.update(sources_key(split.sources, int(split.images.shape[-1])).encode())
+    else:
+        digest.update(split.images.numpy().tobytes())
+        digest.update(split.masks.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _stored_scores(path: Path, key: str) -> tuple[dict, dict[tuple[str, str], pd.DataFrame]] | None:
+    """(calibration, {(tta, postprocess): per-image table}) stored at ``path`` under ``key``, or None (none there, or
+    another checkpoint's, split's or version's: scoring again is always safe)."""
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("key") != key:
+            return None
+        tables = {
+            tuple(option.split("|")): pd.DataFrame(**table).astype(stored["dtypes"])
+            for option, table in stored["tables"].items()
+        }
+        return stored["calibration"], tables
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store_scores(path: Path, key: str, calibration: dict, tables: dict[tuple[str, str], pd.DataFrame]) -> None:
+    tables_json = {"|".join(option): table.to_dict(orient="split", index=False) for option, table in tables.items()}
+    dtypes = {column: str(dtype) for column, dtype in next(iter(tables.values())).dtypes.items()}
+    stored = {"key": key, "calibration": calibration, "dtypes": dtypes, "tables": tables_json}
+    write_text(path, json.dumps(stored, default=float))  # one line: a base run's store is ~3 MB on 1,149 images
+
+
 def score_split(
-    run: SavedRun, split: DecodedSplit, name: str, options: tuple[tuple[str, str], ...] = INFERENCE_OPTIONS
+    run: SavedRun,
+    split: DecodedSplit,
+    name: str,
+    options: tuple[tuple[str, str], ...] = INFERENCE_OPTIONS,
+    store: Path | None = None,
 ) -> Scored:
     """Every seed's selected checkpoint (``best.pt``) on ``split`` at original size, with each of ``options``
     ((test-time strategy, post-processing); default every combination) and the run's own (the run's own colour
     constancy always: its model was trained on such images). Only what the options ask for runs: the flips' three
-    extra passes, the zoom's crops and the post-processing cost nothing when ``PLAIN`` is asked for."""
+    extra passes, the zoom's crops and the post-processing cost nothing when ``PLAIN`` is asked for.
+
+    With ``store`` (a folder), each seed's tables are kept there, one file per run, seed and split, keyed by
+    ``scores_key``; a seed whose checkpoint, split and options are those of its stored tables is read back, not
+    scored again (the options study, which compares runs trained over several calls)."""
     params = run.info["params"]
-    tables, kept, calibrations = {}, {}, {}
+    tables, kept, calibrations, read_back = {}, {}, {}, []
     own = (params.get("tta", "none"), params.get("postprocess", "none"))
     wanted = [o for o in INFERENCE_OPTIONS if o in options or o == own]
     for seed in run.seeds["seed"].astype(int):
-        model, meta = load_trained(run.run_dir / f"seed{seed}" / "best.pt")
+        checkpoint = run.run_dir / f"seed{seed}" / "best.pt"
+        if store is not None:
+            path = Path(store) / f"{run.name}_seed{seed}_{name}.json"
+            key = scores_key(checkpoint, split, wanted)
+            stored = _stored_scores(path, key)
+            if stored is not None:
+                calibrations[int(seed)] = stored[0]
+                tables.update({(int(seed), *option): table for option, table in stored[1].items()})
+                read_back.append(int(seed))
+                continue
+        model, meta = load_trained(checkpoint)
         calibrations[int(seed)] = meta.get("calibration") or {}
         if any(tta == "flips" for tta, _ in wanted):
             probabilities = probabilities_without_and_with_flips(model, meta, split.images)
@@ -220,7 +284,9 @@ def score_split(
             tables[(seed, tta, post)] = metrics.per_image_table(c, split.ids, split.sizes)
             tables[(seed, tta, post)]["confidence"] = trust[tta]
         kept[int(seed)] = probabilities[own[0]]
-    return Scored(run.name, name, own, tables, kept, calibrations)
+        if store is not None:
+            _store_scores(path, key, calibrations[int(seed)], {o: tables[(seed, *o)] for o in wanted})
+    return Scored(run.name, name, own, tables, kept, calibrations, read_back)
 
 
 def _mean(tables: dict[int, pd.DataFrame], metric: str) -> float:
@@ -257,11 +323,13 @@ def validate_external(
     progress: bool = False,
     echo=None,
     every_option: list[str] | None = None,
+    store: Path | None = None,
 ) -> ExternalResult:
     """Score every run on validation and on each external set that is there; write the chapter's tables. ``echo``,
     when given, takes a line as each run starts on each split (a long study says where it is). ``every_option``:
     the runs scored with every inference option (default: all of them); the others are scored plainly and with their
-    own options (``score_split``: what the options study compares a training option with).
+    own options (``score_split``: what the options study compares a training option with). ``store``: a folder where
+    each seed's scores are kept and read back while its checkpoint and the images are the same (``score_split``).
 
     Returns an ``ExternalResult``. Tables (under ``out_dir``):
     ``per_image_<set>_<run>_seed<k>`` (the run's own options, with each image's confidence), ``external`` (each
@@ -313,8 +381,13 @@ def validate_external(
                     f"scoring {name} on {split_name}: {len(split)} images × {len(run.seeds)} seeds at original size, "
                     + ("every inference option" if every else "plain")
                 )
-            result = score_split(run, split, split_name, INFERENCE_OPTIONS if every else PLAIN)
+            result = score_split(run, split, split_name, INFERENCE_OPTIONS if every else PLAIN, store)
             scored[(name, split_name)] = result
+            if echo is not None and result.read_back:
+                echo(
+                    f"{name} on {split_name}: seeds {result.read_back} read back from {shown_path(store)} (their "
+                    "checkpoints and these images were scored before)"
+                )
             plain = _mean(
                 {s: t for (s, tta, post), t in result.tables.items() if (tta, post) == ("none", "none")}, "iou"
             )

@@ -12,12 +12,15 @@ Each external set is read in its two fixed halves (``external.halves``). An opti
 the sets' *choosing* halves only: its change against the base, seed for seed, stands out of the seed spread
 (``metrics.seed_spread``) upwards on at least one of them and downwards on none. The *reporting* halves are never
 looked at by the choice: the table shows there whether a chosen option still helps. ``options.csv`` has one row per
-option; the comparison chapter shows it; ``python -m isic_utils options --data PROFILE`` runs it. A seed finished
-earlier is resumed, not retrained.
+option measured in the study's folder with the study's parameters, whichever call trained it (``measured_before``);
+the comparison chapter shows it; ``python -m isic_utils options --data PROFILE`` runs it. A seed finished earlier is
+resumed, not retrained, and a checkpoint scored earlier on the same images is read back from ``options/scores/``
+(``external.score_split``'s store), not scored again.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,7 @@ import pandas as pd
 from ..base.files import save_table, signed
 from ..config import params as P
 from ..scoring import metrics
-from ..training.experiments import prepare_data, train_run
+from ..training.experiments import prepare_data, run_key, train_run
 from .external import CHOOSING, REPORTING, Scored, half_name, halves, validate_external
 from .failures import AREA_BINS, AREA_LABELS, per_image_frame
 
@@ -70,6 +73,7 @@ INFERENCE_STUDIED = {
     "zoom (coarse-to-fine)": ("zoom", "none"),
 }
 FOLDER = "options"
+SCORES = "scores"  # under FOLDER: each seed's scores, read back while its checkpoint and the images are the same
 
 
 def run_name(option: str) -> str:
@@ -146,9 +150,16 @@ def options_study(
         echo(f"options: {option} ({values['run_name']}, {values['epochs']} epochs, seeds {values['seeds']})")
         train_run(values, prepare_data(values), verbose=True)
     out = P.absolute(scoring["output_dir"])
+    runs = {**runs, **measured_before(profile, epochs, overrides, root, runs, echo)}
+    runs = {option: runs[option] for option in ["base", *TRAINING_OPTIONS] if option in runs}
     # the inference options are read on the base run alone; a training option's run is compared plainly
     result = validate_external(
-        scoring, scoring["runs"], out, echo=lambda line: echo(f"options: {line}"), every_option=[run_name("base")]
+        scoring,
+        [values["run_name"] for values in runs.values()],
+        out,
+        echo=lambda line: echo(f"options: {line}"),
+        every_option=[run_name("base")],
+        store=out / SCORES,
     )
     names = {run_name(o): o for o in runs}
     table = options_table(result.scored, names, runs["base"]["epochs"])
@@ -156,6 +167,63 @@ def options_study(
     save_table(options_by_area(result.scored, names), out, "options_by_area")
     echo(f"options: wrote {out / 'tables' / 'options.csv'}")
     return table
+
+
+def measured_before(
+    profile: str,
+    epochs: int | None,
+    overrides: dict | None,
+    root: Path | None,
+    trained: dict[str, dict],
+    echo=print,
+) -> dict[str, dict]:
+    """{option: its run's parameters} for each option not trained by this call whose run in the study's folder is
+    finished, every seed, with the parameters the study gives it now and the base's encoder weights: the table holds
+    every option measured on the same footing, over however many calls (``--only`` one option at a time on a CPU).
+    A run in the folder that is unfinished or was trained otherwise is left out, and the line says how to finish it."""
+    _, every = study_params(profile, epochs, overrides, root, list(TRAINING_OPTIONS))
+    base = _saved_record(every["base"])
+    found = {}
+    for option, values in every.items():
+        if option in trained:
+            continue
+        record = _saved_record(values)
+        if record is None:
+            continue
+        missing = [s for s in values["seeds"] if s not in record["seeds"]]
+        weights = {w.get("sha256") for w in record["encoder_weights"].values()}
+        if missing:
+            why = f"seeds {missing} of {values['seeds']} are not finished"
+        elif run_key(record["params"], {}) != run_key(values, {}):
+            why = "it was trained with other parameters than the study's now (" + _differences(record["params"], values)
+            why += ")"
+        elif base is None or weights != {w.get("sha256") for w in base["encoder_weights"].values()}:
+            why = "its encoder started from other weights than the base's"
+        else:
+            found[option] = values
+            continue
+        echo(
+            f"options: {option} ({values['run_name']}) is in the study's folder but left out of the table: {why}; "
+            f"--only {values['run_name']} trains it as the study does"
+        )
+    return found
+
+
+def _differences(saved: dict, values: dict) -> str:
+    """ "epochs 1, the study's 2; …": the settings in which a saved run's parameters differ from ``values``."""
+    saved = {**P.ADDED_SETTINGS, **saved}  # a run from before a setting has its plain value
+    skipped = P.with_role("route", "place", "seeds")
+    keys = [k for k in dict.fromkeys([*values, *saved]) if k not in skipped and saved.get(k) != values.get(k)]
+    return "; ".join(f"{k} {saved.get(k)}, the study's {values.get(k)}" for k in keys)
+
+
+def _saved_record(values: dict) -> dict | None:
+    """A study run's ``run.json`` (None when it has none or it is unreadable)."""
+    path = P.absolute(values["output_dir"]) / values["run_name"] / "run.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def study_splits(scored: dict[tuple[str, str], Scored]) -> dict[str, tuple[str, list[str] | None]]:
