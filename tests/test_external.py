@@ -483,6 +483,9 @@ def test_a_checkpoint_scored_once_is_read_back_while_it_and_the_images_are_the_s
     moved = E.score_split(run, split, other.name, store=store)
     assert moved.read_back == [] and len(loads) == 3 * len(run.seeds)
     assert E.score_split(run, split, other.name, store=store).read_back == [0]
+    # another version of the scoring code: scored again
+    monkeypatch.setattr(E, "scoring_code", lambda: b"other code")
+    assert E.score_split(run, split, other.name, store=store).read_back == []
 
 
 def test_the_options_study_keeps_every_option_measured_over_calls(tmp_path):

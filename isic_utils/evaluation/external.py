@@ -10,9 +10,11 @@ chapter shows what they buy whatever the run chose.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,16 +24,18 @@ import torch
 
 from ..base.files import save_table, shown_path, signed, write_text
 from ..config.params import absolute
+from ..data import decoding, transforms
 from ..data.decoding import DecodedSplit, decode_pairs, read_image, sources_key
 from ..data.sources import EXTERNAL_LAYOUTS, PH2_URL, RELEASES, DataError, find_external_pairs
 from ..data.synthetic import make_synthetic_external
+from ..model import inference, networks
 from ..model.inference import (
     load_trained,
     predicted_probabilities,
     probabilities_without_and_with_flips,
     zoomed_probabilities,
 )
-from ..scoring import confidence, metrics
+from ..scoring import confidence, metrics, shape
 from ..training.experiments import SavedRun, data_root, load_run, prepare_data
 
 # (test-time strategy, postprocess): every combination, scored for every run (the options study shows the single
@@ -190,14 +194,26 @@ class Scored:
         return pd.concat(chosen, axis=1).mean(axis=1)
 
 
-# What a stored score holds and how it is computed; raise it when scoring changes, so that no store is read back.
+# What a stored score file holds; raise it when its format changes.
 SCORES_VERSION = 1
+
+
+@functools.cache
+def scoring_code() -> bytes:
+    """The digest of the code a score comes from (decoding, colour constancy, the model, inference, the metrics, the
+    confidence, this module): a stored score computed by other code is never read back."""
+    digest = hashlib.sha256()
+    for module in (decoding, transforms, networks, inference, metrics, shape, confidence, sys.modules[__name__]):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.digest()
 
 
 def scores_key(checkpoint: Path, split: DecodedSplit, options: list[tuple[str, str]]) -> str:
     """What a checkpoint's scores on a split depend on: the checkpoint's bytes, the split's images (their files'
-    paths, sizes and times, or the decoded tensors of a split made in memory), its ids and the options scored."""
+    paths, sizes and times, or the decoded tensors of a split made in memory), its ids, the options scored and the
+    code that scores (``scoring_code``)."""
     digest = hashlib.sha256(json.dumps([SCORES_VERSION, options, split.ids, split.sizes]).encode())
+    digest.update(scoring_code())
     with open(checkpoint, "rb") as f:
         digest.update(hashlib.file_digest(f, "sha256").digest())
     if split.sources:
