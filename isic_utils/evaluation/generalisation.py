@@ -29,7 +29,7 @@ import pandas as pd
 from ..base.files import save_table, signed
 from ..config import params as P
 from ..scoring import metrics
-from ..training.experiments import prepare_data, run_key, train_run
+from ..training.experiments import prepare_data, run_settings, train_run
 from .external import CHOOSING, REPORTING, Scored, half_name, halves, validate_external
 from .failures import AREA_BINS, AREA_LABELS, per_image_frame
 
@@ -194,9 +194,8 @@ def measured_before(
         weights = {w.get("sha256") for w in record["encoder_weights"].values()}
         if missing:
             why = f"seeds {missing} of {values['seeds']} are not finished"
-        elif run_key(record["params"], {}) != run_key(values, {}):
-            why = "it was trained with other parameters than the study's now (" + _differences(record["params"], values)
-            why += ")"
+        elif differences := _differences(record["params"], values):
+            why = f"it was trained with other parameters than the study's now ({differences})"
         elif base is None or weights != {w.get("sha256") for w in base["encoder_weights"].values()}:
             why = "its encoder started from other weights than the base's"
         else:
@@ -210,11 +209,14 @@ def measured_before(
 
 
 def _differences(saved: dict, values: dict) -> str:
-    """ "epochs 1, the study's 2; …": the settings in which a saved run's parameters differ from ``values``."""
-    saved = {**P.ADDED_SETTINGS, **saved}  # a run from before a setting has its plain value
-    skipped = P.with_role("route", "place", "seeds")
-    keys = [k for k in dict.fromkeys([*values, *saved]) if k not in skipped and saved.get(k) != values.get(k)]
-    return "; ".join(f"{k} {saved.get(k)}, the study's {values.get(k)}" for k in keys)
+    """ "epochs 1, the study's 2; …": where a saved run's ``run_settings`` differ from those of ``values`` ("" when
+    the run is the one the study would train)."""
+    saved, values = run_settings(saved), run_settings(values)
+    keys = [k for k in dict.fromkeys([*values, *saved]) if saved.get(k) != values.get(k)]
+    return "; ".join(
+        f"{k} {saved.get(k, P.ADDED_SETTINGS.get(k))}, the study's {values.get(k, P.ADDED_SETTINGS.get(k))}"
+        for k in keys
+    )
 
 
 def _saved_record(values: dict) -> dict | None:

@@ -220,13 +220,20 @@ class RunResult:
         )
 
 
-def run_key(params: dict, encoder_weights: dict) -> str:
-    """The identity of a run's configuration, shared by all its seeds: the parameters (but seeds, resume, where the
-    outputs go) and the encoder's starting weights (their hash; "random" for a random encoder, seeded per seed)."""
+def run_settings(params: dict) -> dict:
+    """The parameters that decide a run's result: all but seeds, resume and where the outputs go, and a setting
+    added later (``ADDED_SETTINGS``) left out at its plain value, so that runs from before it keep their key."""
     kept = {k: v for k, v in params.items() if k not in with_role("route", "place", "seeds")}
-    for key, plain in ADDED_SETTINGS.items():  # runs from before the setting keep their key
+    for key, plain in ADDED_SETTINGS.items():
         if kept.get(key) == plain:
             kept.pop(key)
+    return kept
+
+
+def run_key(params: dict, encoder_weights: dict) -> str:
+    """The identity of a run's configuration, shared by all its seeds: its ``run_settings`` and the encoder's starting
+    weights (their hash; "random" for a random encoder, seeded per seed)."""
+    kept = run_settings(params)
     weights = "random" if encoder_weights.get("source") == "random initialisation" else encoder_weights.get("sha256")
     return hashlib.sha1(json.dumps([kept, weights], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
