@@ -302,7 +302,7 @@ def test_largest_component_keeps_one_lesion_and_fills_its_holes():
 # ----------------------------------------------------------------------------- augmentations
 
 
-@pytest.mark.parametrize("name", ["scale_rotate", "zoom_out", "color_strong"])
+@pytest.mark.parametrize("name", ["scale_rotate", "zoom_out", "shrink_on_skin", "color_strong"])
 def test_new_augmentations_move_image_and_mask_together(tiny_data, name):
     masks = tiny_data.train.masks[:6]
     images = (masks * 255).expand(-1, 3, -1, -1).contiguous()  # an image that is its own mask
@@ -310,7 +310,7 @@ def test_new_augmentations_move_image_and_mask_together(tiny_data, name):
     moved, moved_masks = apply_augmentation(images, masks, draws)
     assert moved.dtype == torch.uint8 and moved_masks.dtype == torch.uint8
     assert set(moved_masks.unique().tolist()) <= {0, 1}
-    if name in ("scale_rotate", "zoom_out"):
+    if name in ("scale_rotate", "zoom_out", "shrink_on_skin"):
         agree = ((moved[:, :1] > 127) == moved_masks.bool()).float().mean()
         assert agree > 0.97 and not torch.equal(moved_masks, masks)
     else:
@@ -339,6 +339,39 @@ def test_zoom_out_shrinks_the_lesion_into_a_black_frame():
     shrunk = moved[0, 0]
     assert (shrunk == 0).float().mean() == pytest.approx(0.75, abs=0.05)  # a half-size image: 3/4 of it black
     assert ((shrunk == 60) == moved_masks[0, 0].bool()).float().mean() > 0.99
+
+
+def test_shrink_on_skin_sets_the_shrunk_lesion_on_the_images_own_skin():
+    """The shrink-on-skin augmentation (small lesions, no frame): a chosen image is shrunk by its scale (its lesion's
+    area by the scale squared) onto a field of its own skin colour (the median outside the lesion; the texture
+    only adds brightness around it), never black; an image not chosen is left as it was; the draws are the seed's."""
+    from isic_utils.data.transforms import SHRINK_ON_SKIN
+
+    size = 64
+    masks = torch.zeros(4, 1, size, size, dtype=torch.uint8)
+    masks[:, :, 16:48, 16:48] = 1  # a square lesion of a quarter of the frame
+    skin, lesion = torch.tensor([200, 150, 120], dtype=torch.uint8), torch.tensor([60, 30, 20], dtype=torch.uint8)
+    images = skin.view(1, 3, 1, 1).repeat(4, 1, size, size)
+    images[:, :, 16:48, 16:48] = lesion.view(1, 3, 1, 1)
+    scale = torch.tensor([0.5, 0.25, 1.0, 0.5])
+    low, high = SHRINK_ON_SKIN["scale"]
+    u = torch.stack(
+        [torch.tensor([0.0, 0.0, 0.0, 0.99]), (scale - low) / (high - low), torch.rand(4), torch.rand(4)], 1
+    )
+    flat = torch.zeros(4, 1, 8, 8)
+    moved, moved_masks = apply_augmentation(images, masks, {"shrink_on_skin": u, "skin_texture": flat})
+    area = moved_masks.flatten(1).sum(1).float() / masks.flatten(1).sum(1)
+    assert torch.allclose(area[:3], scale[:3] ** 2, atol=0.06), area
+    assert torch.equal(moved[3], images[3]) and torch.equal(moved_masks[3], masks[3])  # not chosen
+    for k in (0, 1):  # around the lesion: the skin's own colour, not a black frame
+        around = moved[k].flatten(1)[:, ~moved_masks[k].flatten().bool()]
+        assert (around == skin.view(3, 1)).all(0).float().mean() > 0.9
+        inside = moved[k].flatten(1)[:, moved_masks[k].flatten().bool()]
+        assert (inside.float() - lesion.view(3, 1)).abs().amax(0).float().median() < 30
+    textured, _ = apply_augmentation(images, masks, {"shrink_on_skin": u, "skin_texture": torch.randn(4, 1, 8, 8)})
+    assert not torch.equal(textured[0], moved[0]) and torch.equal(textured[3], images[3])
+    first, second = (draw_augmentation(4, ["shrink_on_skin"], torch.Generator().manual_seed(5)) for _ in range(2))
+    assert all(torch.equal(first[key], second[key]) for key in ("shrink_on_skin", "skin_texture"))
 
 
 # ----------------------------------------------------------------------------- the chapter and the study

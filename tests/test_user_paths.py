@@ -211,8 +211,8 @@ def test_a_finished_run_asked_again_trains_nothing_and_scores_the_same(tiny_data
 
 ENCODER, DECODER = "encoder.", "decoder."
 # A covering set: every pair of (frozen?, decoder), (frozen?, augmentation) and (decoder, augmentation) is trained once;
-# the last two rows add the options study's augmentations (crop + rotation, strong colour, zoom-out).
-STUDY_AUGMENT = ("scale_rotate", "color_strong", "zoom_out")
+# the last two rows add the options study's augmentations (crop + rotation, strong colour, zoom-out, shrunk on skin).
+STUDY_AUGMENT = ("scale_rotate", "color_strong", "zoom_out", "shrink_on_skin")
 COVERING = [
     (True, "report", ()),
     (False, "unet", ()),

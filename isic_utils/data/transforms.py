@@ -41,12 +41,26 @@ def apply_color_constancy(images: torch.Tensor, method: str = "none", power: int
     return scaled.round_().clamp_(0, 255).to(torch.uint8)
 
 
-AUGMENTATIONS = ("hflip", "vflip", "rot90", "color_jitter", "scale_rotate", "zoom_out", "color_strong")
+AUGMENTATIONS = (
+    "hflip",
+    "vflip",
+    "rot90",
+    "color_jitter",
+    "scale_rotate",
+    "zoom_out",
+    "shrink_on_skin",
+    "color_strong",
+)
 COLOR_JITTER = 0.2  # brightness, contrast and saturation factors in [1 - j, 1 + j], hue shift in ±j/10
 SCALE_ROTATE = {"zoom": (1.0, 1.5), "degrees": 20.0}  # random resized crop (area 44–100%) and a small rotation
 # Half the images shrunk to 50–100% of the side (the lesion to 25–100% of its area) at a random place in a black
 # frame: lesions as small as the later ISIC releases' (a median 12% of the frame against ISIC 2016's 28%).
 ZOOM_OUT = {"probability": 0.5, "scale": (0.5, 1.0)}
+# Half the images shrunk to 25–100% of the side (the lesion to 6–100% of its area: ISIC 2016's median 28% down to
+# 2%, the later releases' smallest) at a random place on a field of the image's own skin: the median colour of its
+# pixels outside the lesion with a coarse texture in brightness, the image fading into it over the outer `fade` of
+# its half-side. A black frame (zoom_out) tells the network where the image ends; skin does not.
+SHRINK_ON_SKIN = {"probability": 0.5, "scale": (0.25, 1.0), "texture_cells": 8, "texture": 8.0, "fade": 0.3}
 COLOR_STRONG = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.4, "hue": 0.05, "gamma": (0.7, 1.5)}
 
 
@@ -64,6 +78,10 @@ def draw_augmentation(count: int, augment: Sequence[str], generator: torch.Gener
         draws["scale_rotate"] = torch.rand(count, 4, generator=generator)
     if "zoom_out" in augment:  # whether, scale, x and y offset in the frame
         draws["zoom_out"] = torch.rand(count, 4, generator=generator)
+    if "shrink_on_skin" in augment:  # whether, scale, x and y offset; the skin's brightness texture (coarse cells)
+        draws["shrink_on_skin"] = torch.rand(count, 4, generator=generator)
+        cells = SHRINK_ON_SKIN["texture_cells"]
+        draws["skin_texture"] = torch.randn(count, 1, cells, cells, generator=generator)
     if "color_strong" in augment:  # brightness, contrast, saturation, hue, gamma
         draws["color_strong"] = torch.rand(count, 5, generator=generator)
     return draws
@@ -96,6 +114,37 @@ def _zoom_out(images: torch.Tensor, masks: torch.Tensor, u: torch.Tensor) -> tup
     theta = torch.stack([torch.stack([1 / scale, zero, shift_x], 1), torch.stack([zero, 1 / scale, shift_y], 1)], 1)
     moved, moved_masks = _resample(images, masks, theta, "zeros")
     return _where(chosen, moved, images), _where(chosen, moved_masks, masks)
+
+
+def _shrink_on_skin(
+    images: torch.Tensor, masks: torch.Tensor, u: torch.Tensor, texture: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``SHRINK_ON_SKIN``: the chosen images shrunk by a random scale to a random place wholly inside the frame, the
+    rest of the frame the image's own skin (the median colour outside the lesion, a coarse brightness texture), the
+    image fading into it near its edges; masks shrunk alike (lesion where the image outweighs the skin), background
+    around. The others are returned unchanged."""
+    settings = SHRINK_ON_SKIN
+    low, high = settings["scale"]
+    u = u.to(images.device, torch.float32)
+    chosen = u[:, 0] < settings["probability"]
+    scale = torch.where(chosen, low + (high - low) * u[:, 1], torch.ones_like(u[:, 1]))
+    reach = 1 / scale - 1
+    shift_x, shift_y = reach * (2 * u[:, 2] - 1), reach * (2 * u[:, 3] - 1)
+    zero = torch.zeros_like(scale)
+    theta = torch.stack([torch.stack([1 / scale, zero, shift_x], 1), torch.stack([zero, 1 / scale, shift_y], 1)], 1)
+    moved, moved_masks = _resample(images, masks, theta, "zeros")
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)  # output → input place
+    weight = ((1 - grid.abs().amax(-1)) / settings["fade"]).clamp(0, 1).unsqueeze(1)
+    pixels = images.float().flatten(2)
+    skin = (masks == 0).flatten(2).expand_as(pixels)
+    colour = torch.where(skin, pixels, torch.nan).nanmedian(-1).values
+    colour = torch.where(colour.isnan(), pixels.median(-1).values, colour)  # no skin in the image: its median
+    coarse = torch.nn.functional.interpolate(
+        texture.to(images.device, torch.float32), size=list(images.shape[2:]), mode="bicubic", align_corners=False
+    )
+    field = colour[..., None, None] + settings["texture"] * coarse
+    blended = (weight * moved.float() + (1 - weight) * field).round_().clamp_(0, 255).to(images.dtype)
+    return _where(chosen, blended, images), _where(chosen, moved_masks * (weight > 0.5).to(masks.dtype), masks)
 
 
 def _resample(
@@ -175,6 +224,8 @@ def apply_augmentation(
         images, masks = _scale_rotate(images, masks, draws["scale_rotate"])
     if "zoom_out" in draws:
         images, masks = _zoom_out(images, masks, draws["zoom_out"])
+    if "shrink_on_skin" in draws:
+        images, masks = _shrink_on_skin(images, masks, draws["shrink_on_skin"], draws["skin_texture"])
     if "color_strong" in draws:
         images = _color_strong(images, draws["color_strong"])
     return images, masks
@@ -189,6 +240,8 @@ def each_augmentation(images: torch.Tensor, masks: torch.Tensor, seed: int = 0) 
     generator = torch.Generator().manual_seed(seed)
     zoom_out = draw_augmentation(count, ["zoom_out"], generator)["zoom_out"]
     zoom_out[:, 0] = 0  # below ZOOM_OUT["probability"]: every image shrunk
+    shrink = draw_augmentation(count, ["shrink_on_skin"], generator)
+    shrink["shrink_on_skin"][:, 0] = 0  # every image shrunk
     every = torch.ones(count, dtype=torch.bool)
     return {
         "original": (images, masks),
@@ -200,5 +253,6 @@ def each_augmentation(images: torch.Tensor, masks: torch.Tensor, seed: int = 0) 
         "colour jitter": apply_augmentation(images, masks, draw_augmentation(count, ["color_jitter"], generator)),
         "crop and rotation": apply_augmentation(images, masks, draw_augmentation(count, ["scale_rotate"], generator)),
         "zoom out": apply_augmentation(images, masks, {"zoom_out": zoom_out}),
+        "shrunk on skin": apply_augmentation(images, masks, shrink),
         "strong colour": apply_augmentation(images, masks, draw_augmentation(count, ["color_strong"], generator)),
     }

@@ -1,8 +1,7 @@
 """What each generalisation option of task 3 buys, measured over training seeds before it becomes a default.
 
 The study trains task 3 without any option (the *base*: flips, 90° turns, colour jitter, 128 px, no colour
-constancy) and, beside it, the base plus each training option alone (colour constancy, crop and rotation
-augmentation, stronger colour augmentation, zoom-out augmentation for small lesions, 256 px; 384 px only when
+constancy) and, beside it, the base plus each training option alone (``TRAINING_OPTIONS``; 384 px only when
 asked: ``ON_REQUEST``), each with the same seeds (three unless ``--set seeds=…``), into
 ``outputs/<profile>/options/``; then scores every seed, never retrained, on validation and on each external set at
 original size (``external.validate_external``): the base run with every inference option (test-time flips,
@@ -47,6 +46,7 @@ TRAINING_OPTIONS = {  # name → what it changes on top of BASE
     "crop + rotation": {"augment": BASE["augment"] + ["scale_rotate"]},
     "strong colour": {"augment": BASE["augment"] + ["color_strong"]},
     "zoom-out augmentation": {"augment": BASE["augment"] + ["zoom_out"]},
+    "shrunk on skin": {"augment": BASE["augment"] + ["shrink_on_skin"]},
     "cosine learning rate": {"lr_schedule": "cosine"},
     "slower encoder": {"encoder_lr": 1e-4},  # a third of task 3's rate: the ImageNet features moved less
     "weight average": {"weight_average": "ema"},
