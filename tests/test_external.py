@@ -16,10 +16,11 @@ from PIL import Image
 
 from isic_utils.config import params as P
 from isic_utils.config.params import TrainConfig
+from isic_utils.data.augmentation import apply_augmentation, draw_augmentation
 from isic_utils.data.decoding import decode_pairs, read_mask
 from isic_utils.data.sources import EXTERNAL_LAYOUTS, DataError, find_external_pairs
 from isic_utils.data.synthetic import make_synthetic_external
-from isic_utils.data.transforms import apply_augmentation, apply_color_constancy, draw_augmentation, normalize
+from isic_utils.data.transforms import apply_color_constancy, normalize
 from isic_utils.model.inference import flip_averaged, load_trained, predicted_probabilities
 from isic_utils.model.networks import build_model
 from isic_utils.predict import predict_folder
@@ -320,7 +321,7 @@ def test_new_augmentations_move_image_and_mask_together(tiny_data, name):
 def test_zoom_out_shrinks_the_lesion_into_a_black_frame():
     """The zoom-out augmentation (small lesions): a chosen image is the whole image shrunk by its scale, its lesion's
     area by the scale squared, the frame around it black and background; an image not chosen is left as it was."""
-    from isic_utils.data.transforms import ZOOM_OUT
+    from isic_utils.data.augmentation import ZOOM_OUT
 
     size = 64
     masks = torch.zeros(4, 1, size, size, dtype=torch.uint8)
@@ -345,7 +346,7 @@ def test_shrink_on_skin_sets_the_shrunk_lesion_on_the_images_own_skin():
     """The shrink-on-skin augmentation (small lesions, no frame): a chosen image is shrunk by its scale (its lesion's
     area by the scale squared) onto a field of its own skin colour (the median outside the lesion; the texture
     only adds brightness around it), never black; an image not chosen is left as it was; the draws are the seed's."""
-    from isic_utils.data.transforms import SHRINK_ON_SKIN
+    from isic_utils.data.augmentation import SHRINK_ON_SKIN
 
     size = 64
     masks = torch.zeros(4, 1, size, size, dtype=torch.uint8)
@@ -519,6 +520,23 @@ def test_a_checkpoint_scored_once_is_read_back_while_it_and_the_images_are_the_s
     # another version of the scoring code: scored again
     monkeypatch.setattr(E, "scoring_code", lambda: b"other code")
     assert E.score_split(run, split, other.name, store=store).read_back == []
+
+
+def test_a_stored_score_is_keyed_by_the_code_that_scores_and_not_by_the_augmentations(tmp_path, monkeypatch):
+    """A change to colour constancy or the metrics changes the code digest a stored score is keyed by (scored
+    again); a change to an augmentation, which only training runs, does not (every run's scores read back, not the
+    whole study scored again because one augmentation was tuned)."""
+    from isic_utils.data import augmentation, transforms
+    from isic_utils.evaluation import external as E
+    from isic_utils.scoring import metrics as M
+
+    before = E.scoring_code.__wrapped__()
+    for module, changes in ((augmentation, False), (transforms, True), (M, True)):
+        changed = tmp_path / Path(module.__file__).name
+        changed.write_bytes(Path(module.__file__).read_bytes() + b"\n# changed\n")
+        monkeypatch.setattr(module, "__file__", str(changed))
+        assert (E.scoring_code.__wrapped__() != before) is changes, module.__name__
+        monkeypatch.undo()
 
 
 def test_the_options_study_keeps_every_option_measured_over_calls(tmp_path):

@@ -21,7 +21,7 @@ PACKAGE = ROOT / "isic_utils"
 # the modules listed before it. The command line (predict, __main__) sits on top, in the package's own folder.
 LAYERS = {
     "base": ["files", "devices"],
-    "data": ["sources", "pictures", "decoding", "transforms", "splits", "eda", "synthetic"],
+    "data": ["sources", "pictures", "decoding", "transforms", "augmentation", "splits", "eda", "synthetic"],
     "model": ["networks", "inference"],
     "scoring": ["shape", "metrics", "confidence"],
     "config": ["params", "notebook"],

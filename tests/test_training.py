@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from isic_utils.config.params import TrainConfig
-from isic_utils.data.transforms import apply_augmentation, draw_augmentation
+from isic_utils.data.augmentation import apply_augmentation, draw_augmentation
 from isic_utils.model.inference import CheckpointMismatch, load_checkpoint
 from isic_utils.model.networks import build_model
 from isic_utils.training import checkpoints

@@ -26,7 +26,7 @@ from isic_utils.base import files
 from isic_utils.config import notebook as N
 from isic_utils.config import params as P
 from isic_utils.config.params import TrainConfig
-from isic_utils.data import decoding, sources, transforms
+from isic_utils.data import augmentation, decoding, sources, transforms
 from isic_utils.data import splits as D
 from isic_utils.model.inference import CheckpointMismatch, load_checkpoint, load_trained, predicted_probabilities
 from isic_utils.model.networks import build_model
@@ -552,11 +552,13 @@ def test_a_seed_trained_by_another_call_joins_the_runs_tables(tiny_data, synthet
 
 def test_figure_3_shows_the_augmentation_training_applies(tiny_data, monkeypatch):
     calls = []
-    real = transforms.apply_augmentation
-    monkeypatch.setattr(transforms, "apply_augmentation", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = augmentation.apply_augmentation
+    monkeypatch.setattr(augmentation, "apply_augmentation", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     plots.augmentation_examples(tiny_data.train.images[:2], tiny_data.train.masks[:2])
     assert any("jitter" in draws for draws in calls) and any("hflip" in draws for draws in calls)
-    assert not hasattr(transforms, "joint_transform")  # no second implementation left
+    assert not hasattr(transforms, "joint_transform") and not hasattr(
+        transforms, "apply_augmentation"
+    )  # no second implementation left
 
 
 # ----------------------------------------------------------------------------- 11. tests that can fail

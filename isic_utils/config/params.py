@@ -21,8 +21,9 @@ from typing import Any
 import yaml
 
 from ..base.files import project_root
+from ..data.augmentation import AUGMENTATIONS
 from ..data.sources import EXTERNAL_LAYOUTS, RELEASES
-from ..data.transforms import AUGMENTATIONS, COLOR_CONSTANCY
+from ..data.transforms import COLOR_CONSTANCY
 from ..model.inference import TTA
 from ..model.networks import DECODERS
 from ..scoring.metrics import LOSSES, POSTPROCESSING

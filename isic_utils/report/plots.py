@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ..base.files import atomic_path
-from ..data import transforms
+from ..data import augmentation
 from ..data.decoding import DecodedSplit
 from ..evaluation import external, failures
 from ..scoring import confidence, metrics
@@ -127,11 +127,11 @@ def size_distribution(sizes: pd.DataFrame):
 def augmentation_examples(images: torch.Tensor, masks: torch.Tensor, rows: int = 3):
     """Figure 3: each augmentation training uses, alone, on a few images with their masks.
 
-    The panels come from ``transforms.each_augmentation``, i.e. the very ``apply_augmentation`` the training loop
+    The panels come from ``augmentation.each_augmentation``, i.e. the very ``apply_augmentation`` the training loop
     calls (same colour-jitter strength), so the figure shows what the model saw.
     """
     count = min(rows, len(images))
-    panels = transforms.each_augmentation(images[:count], masks[:count])
+    panels = augmentation.each_augmentation(images[:count], masks[:count])
     fig, axes = plt.subplots(2 * count, len(panels), figsize=(2.3 * len(panels), 4.6 * count), squeeze=False)
     for c, (name, (shown_images, shown_masks)) in enumerate(panels.items()):
         for r in range(count):

@@ -24,9 +24,10 @@ from torch.optim.swa_utils import AveragedModel
 from ..base.devices import autocast, device_name, grad_scaler, resolve_precision, seed_everything, set_deterministic
 from ..base.files import locked, progress_bar, remove_leftovers
 from ..config.params import LR_SCHEDULES, WEIGHT_AVERAGES, TrainConfig
+from ..data.augmentation import apply_augmentation, draw_augmentation
 from ..data.decoding import DecodedSplit
 from ..data.splits import ReportData
-from ..data.transforms import apply_augmentation, apply_color_constancy, draw_augmentation
+from ..data.transforms import apply_color_constancy
 from ..model.inference import flip_averaged, load_checkpoint, to_input
 from ..model.networks import SegmentationModel
 from ..scoring import metrics
