@@ -69,17 +69,23 @@ def _scale_rotate(images: torch.Tensor, masks: torch.Tensor, u: torch.Tensor) ->
     return _resample(images, masks, theta, "reflection")
 
 
-def _zoom_out(images: torch.Tensor, masks: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ZOOM_OUT``: the chosen images shrunk by a random scale and placed at a random offset, wholly inside the
-    frame; the rest of the frame black (image) and background (mask). The others are returned unchanged."""
-    low, high = ZOOM_OUT["scale"]
-    u = u.to(images.device, torch.float32)
-    chosen = u[:, 0] < ZOOM_OUT["probability"]
+def _shrinking(u: torch.Tensor, settings: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which images are chosen, their affine maps): ``settings``' probability and scale range; a chosen image is
+    shrunk by its scale to a random place wholly inside the frame (``u``: whether, scale, x and y offset)."""
+    low, high = settings["scale"]
+    chosen = u[:, 0] < settings["probability"]
     scale = torch.where(chosen, low + (high - low) * u[:, 1], torch.ones_like(u[:, 1]))
     reach = 1 / scale - 1  # the input's centre may sit anywhere that keeps the whole image in the frame
     shift_x, shift_y = reach * (2 * u[:, 2] - 1), reach * (2 * u[:, 3] - 1)
     zero = torch.zeros_like(scale)
     theta = torch.stack([torch.stack([1 / scale, zero, shift_x], 1), torch.stack([zero, 1 / scale, shift_y], 1)], 1)
+    return chosen, theta
+
+
+def _zoom_out(images: torch.Tensor, masks: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ZOOM_OUT``: the chosen images shrunk by a random scale and placed at a random offset, wholly inside the
+    frame; the rest of the frame black (image) and background (mask). The others are returned unchanged."""
+    chosen, theta = _shrinking(u.to(images.device, torch.float32), ZOOM_OUT)
     moved, moved_masks = _resample(images, masks, theta, "zeros")
     return _where(chosen, moved, images), _where(chosen, moved_masks, masks)
 
@@ -92,14 +98,7 @@ def _shrink_on_skin(
     image fading into it near its edges; masks shrunk alike (lesion where the image outweighs the skin), background
     around. The others are returned unchanged."""
     settings = SHRINK_ON_SKIN
-    low, high = settings["scale"]
-    u = u.to(images.device, torch.float32)
-    chosen = u[:, 0] < settings["probability"]
-    scale = torch.where(chosen, low + (high - low) * u[:, 1], torch.ones_like(u[:, 1]))
-    reach = 1 / scale - 1
-    shift_x, shift_y = reach * (2 * u[:, 2] - 1), reach * (2 * u[:, 3] - 1)
-    zero = torch.zeros_like(scale)
-    theta = torch.stack([torch.stack([1 / scale, zero, shift_x], 1), torch.stack([zero, 1 / scale, shift_y], 1)], 1)
+    chosen, theta = _shrinking(u.to(images.device, torch.float32), settings)
     moved, moved_masks = _resample(images, masks, theta, "zeros")
     grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)  # output → input place
     weight = ((1 - grid.abs().amax(-1)) / settings["fade"]).clamp(0, 1).unsqueeze(1)
