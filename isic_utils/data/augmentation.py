@@ -66,7 +66,7 @@ def _scale_rotate(images: torch.Tensor, masks: torch.Tensor, u: torch.Tensor) ->
     shift_x, shift_y = reach * (2 * u[:, 2] - 1), reach * (2 * u[:, 3] - 1)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
-    return _resample(images, masks, theta, "reflection")
+    return _resample(images, masks, _grid(theta, images), "reflection")
 
 
 def _shrinking(u: torch.Tensor, settings: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +86,7 @@ def _zoom_out(images: torch.Tensor, masks: torch.Tensor, u: torch.Tensor) -> tup
     """``ZOOM_OUT``: the chosen images shrunk by a random scale and placed at a random offset, wholly inside the
     frame; the rest of the frame black (image) and background (mask). The others are returned unchanged."""
     chosen, theta = _shrinking(u.to(images.device, torch.float32), ZOOM_OUT)
-    moved, moved_masks = _resample(images, masks, theta, "zeros")
+    moved, moved_masks = _resample(images, masks, _grid(theta, images), "zeros")
     return _where(chosen, moved, images), _where(chosen, moved_masks, masks)
 
 
@@ -99,13 +99,13 @@ def _shrink_on_skin(
     around. The others are returned unchanged."""
     settings = SHRINK_ON_SKIN
     chosen, theta = _shrinking(u.to(images.device, torch.float32), settings)
-    moved, moved_masks = _resample(images, masks, theta, "zeros")
-    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)  # output → input place
+    grid = _grid(theta, images)
+    moved, moved_masks = _resample(images, masks, grid, "zeros")
     weight = ((1 - grid.abs().amax(-1)) / settings["fade"]).clamp(0, 1).unsqueeze(1)
     pixels = images.float().flatten(2)
-    skin = (masks == 0).flatten(2).expand_as(pixels)
+    skin = (masks == 0).flatten(2)
+    skin = (skin | ~skin.any(-1, keepdim=True)).expand_as(pixels)  # no skin in the image: all its pixels
     colour = torch.where(skin, pixels, torch.nan).nanmedian(-1).values
-    colour = torch.where(colour.isnan(), pixels.median(-1).values, colour)  # no skin in the image: its median
     coarse = torch.nn.functional.interpolate(
         texture.to(images.device, torch.float32), size=list(images.shape[2:]), mode="bicubic", align_corners=False
     )
@@ -114,12 +114,16 @@ def _shrink_on_skin(
     return _where(chosen, blended, images), _where(chosen, moved_masks * (weight > 0.5).to(masks.dtype), masks)
 
 
+def _grid(theta: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Each output pixel's place in its input (N×H×W×2, in [-1, 1]) under the affine maps ``theta`` (N×2×3)."""
+    return torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+
+
 def _resample(
-    images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor, padding: str
+    images: torch.Tensor, masks: torch.Tensor, grid: torch.Tensor, padding: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (bilinear) and masks (nearest) through the affine maps ``theta`` (N×2×3, output → input in [-1, 1]
-    coordinates), the whole batch in one ``grid_sample`` each."""
-    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    """Images (bilinear) and masks (nearest) sampled at ``grid`` (``_grid``), the whole batch in one ``grid_sample``
+    each."""
     moved = torch.nn.functional.grid_sample(
         images.float(), grid, mode="bilinear", padding_mode=padding, align_corners=False
     )
@@ -153,9 +157,10 @@ def _where(selected: torch.Tensor, changed: torch.Tensor, original: torch.Tensor
 def apply_augmentation(
     images: torch.Tensor, masks: torch.Tensor, draws: dict[str, torch.Tensor], jitter: float = COLOR_JITTER
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the drawn augmentations: flips, 90° rotations and ``scale_rotate`` (a random resized crop with a small
-    rotation) jointly to uint8 images and masks; ``color_jitter`` and ``color_strong`` (brightness, contrast,
-    saturation, hue and gamma) to images only.
+    """Apply the drawn augmentations: flips, 90° rotations, ``scale_rotate`` (a random resized crop with a small
+    rotation), ``zoom_out`` and ``shrink_on_skin`` (the image shrunk in a black frame or on its own skin) jointly to
+    uint8 images and masks; ``color_jitter`` and ``color_strong`` (brightness, contrast, saturation, hue and gamma)
+    to images only.
 
     The one augmentation of the project: training and Figure 3 both call it. Flips and
     rotations are done for the whole batch at once; colour changes use ``torchvision.transforms.v2.functional``
@@ -201,7 +206,7 @@ def apply_augmentation(
 def each_augmentation(images: torch.Tensor, masks: torch.Tensor, seed: int = 0) -> dict[str, tuple]:
     """Each augmentation alone on ``images``/``masks`` (Figure 3's columns), through ``apply_augmentation``.
 
-    Flips, a rotation and the zoom out are forced on so they show; the rest is drawn as training draws it (seeded).
+    Flips, a rotation, the zoom out and the shrink on skin are forced on so they show; the rest is drawn as training draws it (seeded).
     """
     count = len(images)
     generator = torch.Generator().manual_seed(seed)
