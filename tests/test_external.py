@@ -4,6 +4,7 @@ the external chapter's scoring and the options study."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -517,6 +518,19 @@ def test_a_checkpoint_scored_once_is_read_back_while_it_and_the_images_are_the_s
     moved = E.score_split(run, split, other.name, store=store)
     assert moved.read_back == [] and len(loads) == 3 * len(run.seeds)
     assert E.score_split(run, split, other.name, store=store).read_back == [0]
+    # the same files copied elsewhere, written later (a data folder provisioned anew): read back
+    copies = []
+    for k, pair in enumerate(split.sources):
+        image, mask = tmp_path / "copy" / f"{k}{pair.image.suffix}", tmp_path / "copy" / f"{k}_mask{pair.mask.suffix}"
+        image.parent.mkdir(exist_ok=True)
+        shutil.copyfile(pair.image, image)
+        shutil.copyfile(pair.mask, mask)
+        copies.append(dataclasses.replace(pair, image=image, mask=mask))
+    copied = dataclasses.replace(split, sources=copies)
+    assert E.score_split(run, copied, other.name, store=store).read_back == list(run.seeds["seed"])
+    # one of those files edited: scored again
+    copies[0].mask.write_bytes(copies[0].mask.read_bytes() + b"\0")
+    assert E.score_split(run, copied, other.name, store=store).read_back == []
     # another version of the scoring code: scored again
     monkeypatch.setattr(E, "scoring_code", lambda: b"other code")
     assert E.score_split(run, split, other.name, store=store).read_back == []

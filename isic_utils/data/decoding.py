@@ -140,6 +140,25 @@ def sources_key(pairs: Sequence[Pair], size: int) -> str:
     return digest.hexdigest()[:16]
 
 
+_CONTENT_KEYS: dict[str, str] = {}  # sources_key → content_key, for this process: each file is read once
+
+
+def content_key(pairs: Sequence[Pair]) -> str:
+    """What the files of ``pairs`` hold, in order: a hash of every image's and mask's bytes, wherever the files are
+    and whenever they were written. A data folder copied, moved or provisioned anew keeps its key; an edited file
+    changes it. (The options study's stored scores are keyed by it: scoring them again takes many minutes, hashing
+    1,149 images a fraction of a second.)"""
+    stat_key = sources_key(pairs, 0)
+    if stat_key not in _CONTENT_KEYS:
+        digest = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+        for pair in pairs:
+            for path in (pair.image, pair.mask):
+                with open(path, "rb") as f:
+                    digest.update(hashlib.file_digest(f, "sha256").digest())
+        _CONTENT_KEYS[stat_key] = digest.hexdigest()[:16]
+    return _CONTENT_KEYS[stat_key]
+
+
 def decode_pairs(
     pairs: Sequence[Pair],
     image_size: int,

@@ -25,7 +25,7 @@ import torch
 from ..base.files import save_table, shown_path, signed, write_text
 from ..config.params import absolute
 from ..data import decoding, transforms
-from ..data.decoding import DecodedSplit, decode_pairs, read_image, sources_key
+from ..data.decoding import DecodedSplit, content_key, decode_pairs, read_image
 from ..data.sources import EXTERNAL_LAYOUTS, PH2_URL, RELEASES, DataError, find_external_pairs
 from ..data.synthetic import make_synthetic_external
 from ..model import inference, networks
@@ -209,15 +209,16 @@ def scoring_code() -> bytes:
 
 
 def scores_key(checkpoint: Path, split: DecodedSplit, options: list[tuple[str, str]]) -> str:
-    """What a checkpoint's scores on a split depend on: the checkpoint's bytes, the split's images (their files'
-    paths, sizes and times, or the decoded tensors of a split made in memory), its ids, the options scored and the
-    code that scores (``scoring_code``)."""
+    """What a checkpoint's scores on a split depend on: the checkpoint's bytes, the split's images (what their files
+    hold, ``content_key``: not where they lie or when they were written, so a data folder copied or provisioned anew
+    is read back; or the decoded tensors of a split made in memory), its ids, the options scored and the code that
+    scores (``scoring_code``)."""
     digest = hashlib.sha256(json.dumps([SCORES_VERSION, options, split.ids, split.sizes]).encode())
     digest.update(scoring_code())
     with open(checkpoint, "rb") as f:
         digest.update(hashlib.file_digest(f, "sha256").digest())
     if split.sources:
-        digest.update(sources_key(split.sources, int(split.images.shape[-1])).encode())
+        digest.update(f"{content_key(split.sources)}:{int(split.images.shape[-1])}".encode())
     else:
         digest.update(split.images.numpy().tobytes())
         digest.update(split.masks.numpy().tobytes())
