@@ -22,6 +22,7 @@ from isic_utils.training.loop import (
     learning_rate_factor,
     loss_fn,
 )
+from isic_utils.training.style_mixing import draw_style_mixing, mix_styles, mixed_styles
 
 VOLATILE = list(TIMING_COLUMNS)
 
@@ -223,3 +224,70 @@ def test_the_weight_average_warms_up_so_a_short_run_is_not_held_back_by_its_firs
     counters = [torch.tensor(4)]
     ema_update(counters, [torch.tensor(7)], torch.tensor(3))
     assert counters[0].item() == 7
+
+
+def test_style_mixing_gives_each_image_a_mix_of_two_styles_and_keeps_its_content():
+    """MixStyle: an image's per-channel mean and std become λ · its own + (1 − λ) · its partner's; what is left
+    after removing them (the content) is its own. λ = 1 leaves it as it was."""
+    torch.manual_seed(0)
+    features = torch.randn(3, 4, 6, 6) * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1) + torch.arange(3.0).view(
+        3, 1, 1, 1
+    )
+    lam, partner = torch.tensor([1.0, 0.0, 0.25]), torch.tensor([2, 0, 1])
+    mixed = mix_styles(features, lam, partner)
+
+    def style(x):
+        return x.mean(dim=(1, 2)), x.var(dim=(1, 2)).sqrt()
+
+    def content(x):
+        mean, std = style(x)
+        return (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+
+    assert torch.allclose(mixed[0], features[0], atol=1e-5)
+    for k in range(3):
+        mean, std = style(mixed[k])
+        own, other = style(features[k]), style(features[partner[k]])
+        assert torch.allclose(mean, lam[k] * own[0] + (1 - lam[k]) * other[0], atol=1e-4)
+        assert torch.allclose(std, lam[k] * own[1] + (1 - lam[k]) * other[1], atol=1e-4)
+        assert torch.allclose(content(mixed[k]), content(features[k]), atol=1e-3)
+
+
+def test_style_mixing_changes_only_the_training_forward_pass_of_the_encoders_early_blocks():
+    """The mixing is a hook on the blocks of the encoder's first three skips for one forward pass: inside it the
+    first skip's features are the plain ones with their styles mixed, after it (and in evaluation, where no draws are
+    made) the network is the plain one. A batch of one has no partner and mixes nothing; the draws follow the
+    generator (a resumed run draws the same)."""
+    model = model_for(config()).eval()
+    images = torch.randn(4, 3, 64, 64)
+    lam, partner = torch.zeros(4), torch.tensor([1, 2, 3, 0])
+    with torch.no_grad():
+        plain_features, plain = model.encode(images), model(images)
+        with mixed_styles(model, [{"lam": lam, "partner": partner}] * 3):
+            mixed_features = model.encode(images)
+        after = model(images)
+    assert torch.allclose(mixed_features[0], mix_styles(plain_features[0], lam, partner), atol=1e-5)
+    assert not torch.allclose(mixed_features[0], plain_features[0], atol=1e-2)
+    assert not torch.equal(mixed_features[-1], plain_features[-1])  # the deeper blocks see it
+    assert torch.equal(after, plain)
+    assert all(not block._forward_hooks for block in model.encoder)
+    assert draw_style_mixing(1, torch.Generator().manual_seed(0)) is None
+    first = draw_style_mixing(8, torch.Generator().manual_seed(5))
+    again = draw_style_mixing(8, torch.Generator().manual_seed(5))
+    assert len(first) == 3 and [d is None for d in first] == [d is None for d in again]
+    assert all(
+        torch.equal(a["lam"], b["lam"]) and torch.equal(a["partner"], b["partner"]) for a, b in zip(first, again) if a
+    )
+
+
+def test_a_run_with_style_mixing_trains_otherwise_and_resumes_to_the_uninterrupted_one(tiny_data, tmp_path):
+    """``style_mixing: mixstyle`` (an options-study option of task 3) changes what a run learns, and a run killed
+    mid-epoch resumes to the uninterrupted one: its draws come from the run's seeded generator. A misspelt value is
+    refused, not trained plainly."""
+    cfg = config(style_mixing="mixstyle")
+    straight = fit(model_for(cfg), tiny_data, cfg, tmp_path / "straight", verbose=False)
+    plain = fit(model_for(cfg), tiny_data, config(), tmp_path / "plain", verbose=False)
+    assert not history(plain).equals(history(straight))
+    resumed = killed_then_resumed(cfg, tiny_data, tmp_path / "killed")
+    pd.testing.assert_frame_equal(history(resumed), history(straight), check_exact=True)
+    with pytest.raises(ValueError, match="style_mixing must be one of"):
+        fit(model_for(cfg), tiny_data, config(style_mixing="mix_style"), tmp_path / "typo", verbose=False)

@@ -55,6 +55,7 @@ CHAPTER_KEYS: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "weight_decay": ((float,), 0.01),
         "lr_schedule": ((str,), "constant"),  # cosine: each epoch's rates fall from the set ones to near 0 at the last
         "weight_average": ((str,), "none"),  # ema: validation and best.pt use a running average of the weights
+        "style_mixing": ((str,), "none"),  # mixstyle: training mixes the encoder's feature statistics across images
         "epochs": ((int,), 20),
         "batch_size": ((int,), 32),
         "dropout": ((float,), 0.2),
@@ -104,6 +105,7 @@ EXTERNAL_KEYS = {
 
 LR_SCHEDULES = ("constant", "cosine")  # the trainer's ``learning_rate_factor`` reads each
 WEIGHT_AVERAGES = ("none", "ema")  # the trainer's ``weight_average`` makes each
+STYLE_MIXINGS = ("none", "mixstyle")  # ``training.style_mixing`` makes each
 CHOICES = {
     "data_source": ("synthetic", *RELEASES),
     "test_split": ("official", "holdout"),
@@ -111,6 +113,7 @@ CHOICES = {
     "loss": LOSSES,
     "lr_schedule": LR_SCHEDULES,
     "weight_average": WEIGHT_AVERAGES,
+    "style_mixing": STYLE_MIXINGS,
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
     "color_constancy": COLOR_CONSTANCY,
@@ -149,7 +152,7 @@ ROLES = {
 
 # Settings added after runs were trained without them, each with the value those runs had: left out of a run's
 # identity (its checkpoint's fingerprint, its key) when they have it, so that earlier runs resume and merge as they are.
-ADDED_SETTINGS = {"lr_schedule": "constant", "weight_average": "none"}
+ADDED_SETTINGS = {"lr_schedule": "constant", "weight_average": "none", "style_mixing": "none"}
 
 
 def with_role(*roles: str) -> set[str]:
@@ -170,6 +173,7 @@ class TrainConfig:
     weight_decay: float = _default("weight_decay")
     lr_schedule: str = _default("lr_schedule")
     weight_average: str = _default("weight_average")
+    style_mixing: str = _default("style_mixing")
     epochs: int = _default("epochs")
     batch_size: int = _default("batch_size")
     seed: int = 0

@@ -39,6 +39,7 @@ BASE = {
     "image_size": 128,
     "lr_schedule": "constant",
     "weight_average": "none",
+    "style_mixing": "none",
     "augment": ["hflip", "vflip", "rot90", "color_jitter"],
 }
 TRAINING_OPTIONS = {  # name → what it changes on top of BASE
@@ -50,6 +51,7 @@ TRAINING_OPTIONS = {  # name → what it changes on top of BASE
     "cosine learning rate": {"lr_schedule": "cosine"},
     "slower encoder": {"encoder_lr": 1e-4},  # a third of task 3's rate: the ImageNet features moved less
     "weight average": {"weight_average": "ema"},
+    "style mixing": {"style_mixing": "mixstyle"},  # MixStyle in the encoder's early blocks (training.style_mixing)
     "256 px": {"image_size": 256},
     "384 px": {"image_size": 384},
 }

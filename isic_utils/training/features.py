@@ -21,7 +21,12 @@ FLIPS = ("hflip", "vflip")
 
 
 def uses_feature_cache(model: SegmentationModel, config: TrainConfig) -> bool:
-    return bool(config.feature_cache and model.freeze_encoder and set(config.augment) <= set(FLIPS))
+    return bool(
+        config.feature_cache
+        and model.freeze_encoder
+        and set(config.augment) <= set(FLIPS)
+        and config.style_mixing == "none"  # mixing changes the encoder's features every step
+    )
 
 
 def flip_variants(augment: Sequence[str]) -> list[tuple[bool, bool]]:

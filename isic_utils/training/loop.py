@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from ..base.devices import autocast, device_name, grad_scaler, resolve_precision, seed_everything, set_deterministic
 from ..base.files import locked, progress_bar, remove_leftovers
-from ..config.params import LR_SCHEDULES, WEIGHT_AVERAGES, TrainConfig
+from ..config.params import LR_SCHEDULES, STYLE_MIXINGS, WEIGHT_AVERAGES, TrainConfig
 from ..data.augmentation import apply_augmentation, draw_augmentation
 from ..data.decoding import DecodedSplit
 from ..data.splits import ReportData
@@ -33,6 +33,7 @@ from ..model.networks import SegmentationModel
 from ..scoring import metrics
 from . import checkpoints
 from .features import Features, FeatureStore, cached_batch, select_features, uses_feature_cache, variant_index
+from .style_mixing import draw_style_mixing, mixed_styles
 
 
 class TrainingDiverged(RuntimeError):
@@ -245,6 +246,7 @@ def train_epoch(
     horizontal_choices = 2 if "hflip" in config.augment else 1
     for step, rows in enumerate(progress_bar(chunks, total=len(chunks), desc=desc, unit="batches", summary=False)):
         draws = draw_augmentation(len(rows), config.augment, generator)
+        mixing = draw_style_mixing(len(rows), generator) if config.style_mixing == "mixstyle" else None
         rows = rows.to(split.masks.device)  # the data's device (the GPU when fit put it there)
         masks = split.masks[rows].to(config.device, non_blocking=True)
         if feature_cache is not None:
@@ -257,7 +259,7 @@ def train_epoch(
             images, masks = apply_augmentation(images, masks, draws)
             inputs = to_input(images, model.spec, config.device, config.channels_last)
         targets = masks.float()
-        with autocast(precision, config.device):
+        with autocast(precision, config.device), mixed_styles(model, mixing):
             logits = model.decoder(inputs) if feature_cache is not None else model(inputs)
         loss = criterion(logits, targets)
         if check_each_step:
@@ -363,6 +365,8 @@ def _fit(
     generator = seed_everything(config.seed)
     optimizer = _place(model, config)
     average = weight_average(model, config)
+    if config.style_mixing not in STYLE_MIXINGS:
+        raise ValueError(f"style_mixing must be one of {list(STYLE_MIXINGS)}, got {config.style_mixing!r}")
     judged = average.module if average is not None else model  # the weights validation judges and best.pt keeps
     scaler = grad_scaler(precision, config.device)
     trained_on = {
