@@ -25,7 +25,7 @@ LAYERS = {
     "model": ["networks", "inference"],
     "scoring": ["shape", "metrics", "confidence"],
     "config": ["params", "notebook"],
-    "training": ["features", "checkpoints", "loop", "experiments"],
+    "training": ["features", "checkpoints", "style_mixing", "loop", "experiments"],
     "evaluation": ["failures", "gallery", "trust", "external", "adaptation", "generalisation", "comparison"],
     "deploy": ["predictor", "export", "costs"],
     "report": ["plots", "tables", "pipeline", "handover"],
@@ -237,7 +237,9 @@ def test_a_settings_role_is_tagged_once_and_every_identity_reads_it():
     """Which settings do not define a run is said once (``params.ROLES``): the checkpoint's fingerprint leaves out
     exactly the settings of how it runs, how long and how it is scored, and no module lists them again."""
     # a plain value of a setting added later is left out (older checkpoints resume as they are); a schedule's length is in
-    config = P.TrainConfig(color_constancy="shades_of_grey", lr_schedule="cosine", weight_average="ema")
+    config = P.TrainConfig(
+        color_constancy="shades_of_grey", lr_schedule="cosine", weight_average="ema", style_mixing="mixstyle"
+    )
     fingerprint = config.fingerprint()
     assert fingerprint.pop("schedule_epochs") == config.epochs
     assert set(fingerprint) == set(vars(config)) - P.with_role("execution", "length", "scoring")
