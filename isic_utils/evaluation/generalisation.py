@@ -52,6 +52,9 @@ TRAINING_OPTIONS = {  # name → what it changes on top of BASE
     "slower encoder": {"encoder_lr": 1e-4},  # a third of task 3's rate: the ImageNet features moved less
     "weight average": {"weight_average": "ema"},
     "style mixing": {"style_mixing": "mixstyle"},  # MixStyle in the encoder's early blocks (training.style_mixing)
+    # task 3's loss is BCE + soft Dice per image, which weighs a small lesion's image as much as a large one's: this
+    # option measures what that buys against BCE alone (the report's loss for tasks 1 and 2), pooled over pixels
+    "BCE alone": {"loss": "bce"},
     "256 px": {"image_size": 256},
     "384 px": {"image_size": 384},
 }
