@@ -551,6 +551,8 @@ def test_a_stored_score_is_keyed_by_the_code_that_scores_and_not_by_the_augmenta
         monkeypatch.setattr(module, "__file__", str(changed))
         assert (E.scoring_code.__wrapped__() != before) is changes, module.__name__
         monkeypatch.undo()
+    # the training choices (losses, schedules, averages, mixing) live with the parameters, not in the scored code
+    assert not any(hasattr(M, name) for name in ("LOSSES", "LR_SCHEDULES", "WEIGHT_AVERAGES", "STYLE_MIXINGS"))
 
 
 def test_the_options_study_keeps_every_option_measured_over_calls(tmp_path):

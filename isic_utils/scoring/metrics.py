@@ -90,10 +90,6 @@ def summarize(counts: torch.Tensor) -> dict[str, float]:
 
 
 POSTPROCESSING = ("none", "largest_component")
-LOSSES = (
-    "bce",
-    "bce+dice",
-)  # what a run may train with: BCE with logits (the report's), or plus these masks' soft Dice
 
 
 def postprocess_mask(mask: torch.Tensor, method: str = "none") -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from ..base.devices import autocast, device_name, grad_scaler, resolve_precision, seed_everything, set_deterministic
 from ..base.files import locked, progress_bar, remove_leftovers
-from ..config.params import LR_SCHEDULES, STYLE_MIXINGS, WEIGHT_AVERAGES, TrainConfig
+from ..config.params import LOSSES, LR_SCHEDULES, STYLE_MIXINGS, WEIGHT_AVERAGES, TrainConfig
 from ..data.augmentation import apply_augmentation, draw_augmentation
 from ..data.decoding import DecodedSplit
 from ..data.splits import ReportData
@@ -85,7 +85,7 @@ def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
             nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
             + soft_dice_loss(logits.float(), targets)
         )
-    raise ValueError(f"loss must be one of {list(metrics.LOSSES)}, got {kind!r}")
+    raise ValueError(f"loss must be one of {list(LOSSES)}, got {kind!r}")
 
 
 @dataclass
