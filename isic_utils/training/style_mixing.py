@@ -18,10 +18,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..config.params import STYLE_MIXINGS
 from ..model.networks import SegmentationModel
 
-__all__ = ["STYLE_MIXINGS", "draw_style_mixing", "mix_styles", "mixed_styles"]
 # The paper's settings: mix with probability 0.5 at each block, λ ~ Beta(0.1, 0.1) (mostly near 0 or 1); the blocks
 # whose outputs are the encoder's first three skips (the paper mixes after a ResNet's first three stages).
 MIXSTYLE = {"probability": 0.5, "alpha": 0.1, "blocks": 3, "eps": 1e-6}
