@@ -8,6 +8,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from isic_utils.config.params import TrainConfig
 from isic_utils.data.augmentation import apply_augmentation, draw_augmentation
@@ -21,6 +22,7 @@ from isic_utils.training.loop import (
     fit,
     learning_rate_factor,
     loss_fn,
+    lovasz_hinge_loss,
 )
 from isic_utils.training.style_mixing import draw_style_mixing, mix_styles, mixed_styles
 
@@ -152,6 +154,27 @@ def test_the_bce_dice_loss_is_bce_plus_one_minus_soft_dice_per_image():
     assert loss_fn("bce+dice")(perfect, targets).item() == pytest.approx(0, abs=1e-6)
     with pytest.raises(ValueError, match="loss must be"):
         loss_fn("dice")
+
+
+def test_the_lovasz_hinge_is_one_minus_ja_per_image_where_the_errors_are_binary():
+    """``bce+lovasz``: where each pixel's hinge error is 0 (right by a margin of 1) or 1 (logit 0), the Lovász hinge
+    is exactly 1 − JA of the mask the wrong pixels make, image by image, averaged; right by more than the margin, 0."""
+    generator = torch.Generator().manual_seed(0)
+    targets = (torch.rand(3, 1, 8, 8, generator=generator) < 0.3).float()
+    wrong = torch.rand(3, 1, 8, 8, generator=generator) < 0.2
+    wrong[2] = False  # an image predicted perfectly
+    logits = torch.where(wrong, 0.0, 2 * targets - 1)
+    predicted = (targets > 0) ^ wrong
+    ja = [((predicted[k] & (targets[k] > 0)).sum() / (predicted[k] | (targets[k] > 0)).sum()).item() for k in range(3)]
+    assert ja[2] == 1.0 and min(ja) < 0.9
+    expected = sum(1 - j for j in ja) / 3
+    assert lovasz_hinge_loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert loss_fn("bce+lovasz")(logits, targets).item() == pytest.approx(bce.item() + expected, rel=1e-6)
+    assert lovasz_hinge_loss(3 * (2 * targets - 1), targets).item() == 0  # beyond the margin everywhere
+    logits.requires_grad_(True)
+    lovasz_hinge_loss(logits, targets).backward()
+    assert logits.grad[2].abs().sum() == 0 and logits.grad[:2].abs().sum() > 0
 
 
 def test_a_cosine_schedule_sets_each_epochs_rates_resumes_in_step_and_is_never_stretched(tiny_data, tmp_path):

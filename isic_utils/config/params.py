@@ -103,9 +103,9 @@ EXTERNAL_KEYS = {
     "synthetic": "generate a synthetic other-clinic set of this many cases in PH2's layout (offline profiles)",
 }
 
-# What a run may train with: BCE with logits (the report's), or plus soft Dice per image (the trainer's ``loss_fn``).
+# What a run may train with: BCE with logits (the report's), plus soft Dice or the Lovász hinge per image (``loss_fn``).
 # Here with the other training choices, not in a scoring module: a stored score is keyed by the scoring code's source.
-LOSSES = ("bce", "bce+dice")
+LOSSES = ("bce", "bce+dice", "bce+lovasz")
 LR_SCHEDULES = ("constant", "cosine")  # the trainer's ``learning_rate_factor`` reads each
 WEIGHT_AVERAGES = ("none", "ema")  # the trainer's ``weight_average`` makes each
 STYLE_MIXINGS = ("none", "mixstyle")  # ``training.style_mixing`` makes each

@@ -55,6 +55,8 @@ TRAINING_OPTIONS = {  # name → what it changes on top of BASE
     # task 3's loss is BCE + soft Dice per image, which weighs a small lesion's image as much as a large one's: this
     # option measures what that buys against BCE alone (the report's loss for tasks 1 and 2), pooled over pixels
     "BCE alone": {"loss": "bce"},
+    # the Lovász hinge per image in place of soft Dice: a surrogate of the score itself, 1 − JA of each image
+    "Lovasz hinge": {"loss": "bce+lovasz"},
     "256 px": {"image_size": 256},
     "384 px": {"image_size": 384},
 }

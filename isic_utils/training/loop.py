@@ -63,6 +63,20 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0
     return (1 - (2 * intersection + eps) / (probabilities.sum(1) + targets.sum(1) + eps)).mean()
 
 
+def lovasz_hinge_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The Lovász hinge per image, averaged (Berman et al. 2018): a convex surrogate of 1 − Jaccard (JA) on each image's
+    hinge errors ``1 − logit · (2·target − 1)``, so that it optimises the report's score, mean per-image JA, directly.
+    Where every error is 0 or 1 it equals 1 − JA of the mask the errors make (tested)."""
+    truth = (targets.flatten(1) > 0.5).float()
+    errors = 1 - logits.flatten(1) * (2 * truth - 1)
+    errors, order = errors.sort(dim=1, descending=True, stable=True)
+    truth = truth.gather(1, order)
+    positives = truth.sum(1, keepdim=True)
+    jaccard = 1 - (positives - truth.cumsum(1)) / (positives + (1 - truth).cumsum(1))
+    gradient = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)  # the extension's weights
+    return (nn.functional.relu(errors) * gradient).sum(1).mean()
+
+
 def epoch_line(label: str, row: dict, epochs: int, eta_seconds: float) -> str:
     """One terminal / notebook line for a finished epoch: who, which epoch, losses, val IoU, time, ETA."""
     eta = f"{eta_seconds:.0f} s" if eta_seconds < 90 else f"{eta_seconds / 60:.1f} min"
@@ -77,13 +91,18 @@ def epoch_line(label: str, row: dict, epochs: int, eta_seconds: float) -> str:
 
 
 def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``bce`` (BCE with logits, the report's loss) or ``bce+dice``; always computed in fp32."""
+    """``bce`` (BCE with logits, the report's loss), ``bce+dice`` or ``bce+lovasz``; always computed in fp32."""
     if kind == "bce":
         return lambda logits, targets: nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
     if kind == "bce+dice":
         return lambda logits, targets: (
             nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
             + soft_dice_loss(logits.float(), targets)
+        )
+    if kind == "bce+lovasz":
+        return lambda logits, targets: (
+            nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
+            + lovasz_hinge_loss(logits.float(), targets)
         )
     raise ValueError(f"loss must be one of {list(LOSSES)}, got {kind!r}")
 
