@@ -574,6 +574,21 @@ def test_the_options_study_keeps_every_option_measured_over_calls(tmp_path):
     )
     read_back = [line for line in lines if "read back" in line]
     assert {line.split()[1] for line in read_back} == {"base", "256_px"} and len(read_back) == 4  # validation, set
+    # an augmentation constant tuned in place since (the study's base augments with colour jitter): the runs trained
+    # before are no longer the study's, and the line says why
+    from isic_utils.data import augmentation
+    from isic_utils.evaluation.generalisation import measured_before
+
+    lines.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(augmentation, "COLOR_JITTER", 0.3)
+        assert measured_before("tiny", 1, values, None, {}, lines.append) == {}
+    assert any(
+        "(weight_average) is in the study's folder but left out of the table: it was trained with other augmentation "
+        "constants than data/augmentation.py's now ({'color_jitter': 0.2}, now {'color_jitter': 0.3})" in line
+        for line in lines
+    ), lines
+    assert set(measured_before("tiny", 1, values, None, {}, print)) == {"base", "256 px", "weight average"}
     lines.clear()
     third = options_study("tiny", 2, values, echo=lines.append, only=["base"])
     assert list(third["option"])[:2] == ["base", "test-time flips"]

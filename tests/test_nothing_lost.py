@@ -4,6 +4,7 @@ without end is refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import zipfile
@@ -21,7 +22,7 @@ from isic_utils.data.sources import DataError, safe_extract
 from isic_utils.data.synthetic import MARKER, make_synthetic_isic
 from isic_utils.model import inference
 
-from .conftest import ROOT, unet_model
+from .conftest import ROOT, tiny_params, unet_model
 from .test_download import NAMES, build_archives
 
 # ----------------------------------------------------------------------------- synthetic generation
@@ -306,6 +307,42 @@ def test_a_checkpoint_from_before_the_ids_fingerprint_still_resumes(tiny_data, t
     model = unet_model()
     again = training.fit(model, tiny_data, TRAINED_CONFIG, tmp_path / "old", verbose=False)
     assert torch.equal(again.test.counts, result.test.counts)
+
+
+def test_a_run_trained_before_an_augmentation_constant_was_tuned_is_neither_resumed_nor_merged(
+    tiny_data, synthetic_root, tmp_path, monkeypatch
+):
+    """A run's parameters name its augmentations, not the constants they draw within (``COLOR_JITTER``,
+    ``SHRINK_ON_SKIN``, ...): tuned in place, a seed trained before is refused on resume (saying which constants
+    changed), and a seed trained after does not share the run's tables with it. A seed from before constants were
+    recorded still resumes, its result as it was."""
+    from isic_utils.data import augmentation
+    from isic_utils.training import experiments
+
+    def train(seed: int):
+        params = tiny_params(tmp_path, synthetic_root, "task3", seeds=[seed], epochs=1)
+        return experiments.train_run(params, tiny_data, verbose=False)
+
+    train(1)
+    run_dir = tmp_path / "out" / "task3"
+    recorded = json.loads((run_dir / "run.json").read_text())["augmentation_constants"]
+    assert recorded == augmentation.constants(["color_jitter"]) == {"color_jitter": augmentation.COLOR_JITTER}
+    monkeypatch.setattr(augmentation, "COLOR_JITTER", 0.3)
+    before = (run_dir / "seed1" / "result.json").read_bytes()
+    with pytest.raises(inference.CheckpointMismatch, match=r"augmentation_constants: \{'color_jitter': 0.2\} → "):
+        train(1)
+    assert (run_dir / "seed1" / "result.json").read_bytes() == before and (run_dir / "seed1" / "best.pt").exists()
+    train(0)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["seeds"] == [0] and record["augmentation_constants"] == {"color_jitter": 0.3}
+    # seed 1 as the version before recorded it: nothing to compare, so it resumes and its files stay as they were
+    state = inference.load_checkpoint(run_dir / "seed1" / "last.pt")
+    del state["fingerprint"]["augmentation_constants"]
+    torch.save(state, run_dir / "seed1" / "last.pt")
+    train(1)
+    result = json.loads((run_dir / "seed1" / "result.json").read_text())
+    assert "augmentation_constants" not in result
+    assert json.loads((run_dir / "run.json").read_text())["seeds"] == [0, 1]
 
 
 # ----------------------------------------------------------------------------- leftovers of killed processes

@@ -5,6 +5,7 @@ batch of uint8 images and masks together (``apply_augmentation``), the one imple
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import torch
@@ -30,6 +31,20 @@ ZOOM_OUT = {"probability": 0.5, "scale": (0.5, 1.0)}
 # its half-side. A black frame (zoom_out) tells the network where the image ends; skin does not.
 SHRINK_ON_SKIN = {"probability": 0.5, "scale": (0.25, 1.0), "texture_cells": 8, "texture": 8.0, "fade": 0.3}
 COLOR_STRONG = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.4, "hue": 0.05, "gamma": (0.7, 1.5)}
+
+
+def constants(augment: Sequence[str]) -> dict:
+    """The constants each augmentation in ``augment`` draws within (``COLOR_JITTER``, ``SHRINK_ON_SKIN``, ...), by name,
+    as JSON reads them back: part of what a run is, beside its parameters, so that a run trained before a constant
+    was tuned is neither resumed nor counted as the tuned one (``checkpoints.run_fingerprint``)."""
+    table = {
+        "color_jitter": COLOR_JITTER,
+        "scale_rotate": SCALE_ROTATE,
+        "zoom_out": ZOOM_OUT,
+        "shrink_on_skin": SHRINK_ON_SKIN,
+        "color_strong": COLOR_STRONG,
+    }
+    return json.loads(json.dumps({name: table[name] for name in augment if name in table}))
 
 
 def draw_augmentation(count: int, augment: Sequence[str], generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ import pandas as pd
 
 from ..base.files import save_table, signed
 from ..config import params as P
+from ..data import augmentation
 from ..scoring import metrics
 from ..training.experiments import prepare_data, run_settings, train_run
 from .external import CHOOSING, REPORTING, Scored, half_name, halves, validate_external
@@ -198,11 +199,17 @@ def measured_before(
         if record is None:
             continue
         missing = [s for s in values["seeds"] if s not in record["seeds"]]
+        constants = augmentation.constants(values["augment"])
         weights = {w.get("sha256") for w in record["encoder_weights"].values()}
         if missing:
             why = f"seeds {missing} of {values['seeds']} are not finished"
         elif differences := _differences(record["params"], values):
             why = f"it was trained with other parameters than the study's now ({differences})"
+        elif record.get("augmentation_constants", constants) != constants:
+            why = (
+                f"it was trained with other augmentation constants than data/augmentation.py's now "
+                f"({record['augmentation_constants']}, now {constants})"
+            )
         elif base is None or weights != {w.get("sha256") for w in base["encoder_weights"].values()}:
             why = "its encoder started from other weights than the base's"
         else:

@@ -17,6 +17,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from ..base.files import atomic_path
 from ..config.params import TrainConfig
+from ..data import augmentation
 from ..data.splits import ReportData
 from ..model.inference import CheckpointMismatch, load_checkpoint, model_meta
 from ..model.networks import SegmentationModel, count_parameters
@@ -50,6 +51,7 @@ class Progress:
     rows: list[dict] = field(default_factory=list)
     best_iou: float = -math.inf
     best_epoch: int = 0
+    fingerprint: dict | None = None  # what the resumed last.pt was trained under (None: nothing resumed)
 
 
 def run_fingerprint(model: SegmentationModel, data: ReportData, config: TrainConfig) -> tuple[dict, dict]:
@@ -66,6 +68,7 @@ def run_fingerprint(model: SegmentationModel, data: ReportData, config: TrainCon
         "data_ids_sha256": hashlib.sha256(ids.encode()).hexdigest(),
         "params": count_parameters(model)["total"],
         "encoder_sha256": weights.get("sha256"),
+        "augmentation_constants": augmentation.constants(config.augment),
     }
     return fingerprint, weights
 
@@ -103,7 +106,7 @@ def resume_or_start(
     set_rng_state(state["rng"], generator, config.device)
     if announce:
         print(f"{announce}: resuming after epoch {len(state['history'])} of {config.epochs}", flush=True)
-    return Progress(state["history"], state["best_iou"], state["best_epoch"])
+    return Progress(state["history"], state["best_iou"], state["best_epoch"], state.get("fingerprint") or {})
 
 
 def best_meta(model: SegmentationModel, fingerprint: dict, config: TrainConfig, trained_on: dict) -> dict:
@@ -152,7 +155,8 @@ def judged_weights(state: dict) -> dict:
     return {key.removeprefix("module."): value for key, value in state["average"].items() if key != "n_averaged"}
 
 
-ADDED_TO_FINGERPRINT = ("data_ids_sha256",)  # compared only where a checkpoint has them: older runs still resume
+# compared only where a checkpoint has them: older runs still resume
+ADDED_TO_FINGERPRINT = ("data_ids_sha256", "augmentation_constants")
 
 
 def check_resumable(state: dict, fingerprint: dict, weights: dict, epochs: int, last_path: Path) -> None:

@@ -22,6 +22,7 @@ import torch
 from ..base.devices import resolve_device, set_threads
 from ..base.files import LineWriter, atomic_path, locked, read_table, save_table, shown_path, write_json
 from ..config.params import ADDED_SETTINGS, TrainConfig, absolute, chapter_values, project_root, with_role
+from ..data import augmentation
 from ..data.sources import RELEASES, DataError, download_release, has_split
 from ..data.splits import ReportData, load_report_data
 from ..data.synthetic import make_synthetic_isic
@@ -305,8 +306,16 @@ def _finish_seed(params: dict, data: ReportData, seed: int, result: FitResult, w
             "encoder_weights": weights,
             "weights_note": note,
             "calibration": calibration,
+            **_constants_record(result.fingerprint),
         },
     )
+
+
+def _constants_record(fingerprint: dict) -> dict:
+    """``{"augmentation_constants": ...}`` as a seed's checkpoint records them; {} for a run trained before they were
+    recorded (its files stay as they were)."""
+    key = "augmentation_constants"
+    return {key: fingerprint[key]} if key in fingerprint else {}
 
 
 def _calibrate(result: FitResult, data: ReportData, val_table: pd.DataFrame, test_table: pd.DataFrame) -> dict:
@@ -438,11 +447,14 @@ def _finished(path: Path, record: dict) -> float:
 def _merge_seeds(
     params: dict, data: ReportData, run_dir: Path, key: str, model, fits: dict[int, FitResult]
 ) -> RunResult:
-    """Rebuild ``seeds.csv`` and ``run.json`` from every finished seed with configuration ``key``."""
+    """Rebuild ``seeds.csv`` and ``run.json`` from every finished seed with configuration ``key`` and trained with the
+    augmentation code's constants as they are now (where the seed records them)."""
     results = []
+    constants = augmentation.constants(params["augment"])
     for path in run_dir.glob("seed*/result.json"):
         result = json.loads(path.read_text())
-        if result.get("run_key") == key and (path.parent / "history.csv").exists():
+        same = result.get("run_key") == key and result.get("augmentation_constants", constants) == constants
+        if same and (path.parent / "history.csv").exists():
             results.append(result)
     results.sort(key=lambda r: r["seed"])
     rows = [
@@ -471,6 +483,7 @@ def _merge_seeds(
         "trained_on": {str(r["seed"]): r.get("trained_on", {}) for r in results},
         "params": params,
         "test_source": data.test_source,
+        **_constants_record(results[0]),
     }
     write_json(run_dir / "run.json", {**record, "finished": _finished(run_dir / "run.json", record)})
     model.load_state_dict(load_checkpoint(run_dir / f"seed{seeds[0]}" / "best.pt")["model"])

@@ -324,6 +324,7 @@ class FitResult:
     seconds: float
     timings: dict = field(default_factory=dict)
     trained_on: dict = field(default_factory=dict)  # device, its name, precision, deterministic
+    fingerprint: dict = field(default_factory=dict)  # what the final last.pt records it was trained under
 
 
 def fit(
@@ -419,6 +420,7 @@ def _fit(
 
     epoch_times: list[float] = []
     meta = checkpoints.best_meta(model, fingerprint, config, trained_on)
+    trained_under = fingerprint if progress.fingerprint is None else progress.fingerprint
     for epoch in range(len(progress.rows) + 1, config.epochs + 1):
         set_learning_rates(optimizer, config, epoch)
         row = _one_epoch(model, data, optimizer, config, precision, generator, cached, epoch, on_step, scaler, average)
@@ -448,6 +450,7 @@ def _fit(
         if improved:
             best = checkpoints.best_state(judged.state_dict(), meta, epoch, progress.best_iou, fingerprint)
             checkpoints.save(best, run_dir / "best.pt")
+        trained_under = fingerprint
         timings["checkpoint_s"] += time.perf_counter() - t0
         epoch_times.append(row["epoch_seconds"] + time.perf_counter() - t0)
         if verbose:
@@ -468,6 +471,7 @@ def _fit(
         time.perf_counter() - start,
         timings,
         trained_on,
+        trained_under,
     )
 
 
