@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from isic_utils.evaluation import generalisation as G
 from isic_utils.evaluation.external import CHOOSING, INFERENCE_OPTIONS, REPORTING, Scored, half_name, halves
@@ -147,3 +148,19 @@ def test_an_option_outside_the_reports_design_is_measured_never_taken():
     view = G.options_view(table).set_index("option")
     assert view.loc["256 px", "chosen"] == "yes, never a default (the reading says why)"
     assert view.loc["colour constancy", "chosen"] == "yes"
+
+
+def test_the_table_says_how_well_the_confidence_ranks_each_options_masks_on_validation():
+    """Beside JA, which alone decides: the Spearman correlation between each validation image's confidence and its JA,
+    averaged over seeds (an option that ranks its masks worse makes the report's flags worth less)."""
+    result = scored("base", "validation", (0, 1), lambda seed, i, split: 0.0)
+    for (seed, _, _), table in result.tables.items():
+        table["confidence"] = table["iou"] if seed == 0 else -table["iou"]  # ranks perfectly, then backwards
+    assert G.confidence_rho(result, "none", "none") == pytest.approx(0.0)
+    for table in result.tables.values():
+        table["confidence"] = table["iou"] ** 3  # the same order: a rank correlation of 1
+    assert G.confidence_rho(result, "none", "none") == pytest.approx(1.0)
+    assert np.isnan(G.confidence_rho(result, "none", "not scored"))
+    table = study({"helps": lambda seed, i, split: 0.05})  # tables with no confidence: nothing to say
+    assert table[G.CONFIDENCE_RHO].isna().all() and G.CONFIDENCE_RHO not in G.options_view(table.dropna(axis=1))
+    assert G.options_view(table)[G.CONFIDENCE_RHO].eq("").all()

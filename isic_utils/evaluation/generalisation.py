@@ -289,10 +289,26 @@ def options_table(scored: dict[tuple[str, str], Scored], names: dict[str, str], 
             row[f"Δ {label}"] = spread["mean"]
             row[f"Δ std {label}"] = spread["std"]
             row[f"Δ {label} against the seed spread"] = spread["verdict"] if option != "base" else ""
+        row[CONFIDENCE_RHO] = confidence_rho(scored[(run, "validation")], tta, post)
         choosing = [label for label in splits if not label.endswith(REPORTING)]
         row["chosen"] = _choice(row, choosing) if option != "base" else ""
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# not part of the choice, which is JA's: an option may rank masks worse for the confidence the report's flags rely on
+CONFIDENCE_RHO = "confidence ρ validation"
+
+
+def confidence_rho(result: Scored, tta: str, post: str) -> float:
+    """How well the confidence ranks a run's masks: the Spearman correlation between each image's confidence and its
+    JA on ``result``'s split, scored with (tta, post), averaged over seeds (NaN where a seed's tables have none)."""
+    values = [
+        table["confidence"].corr(table["iou"], method="spearman") if "confidence" in table else float("nan")
+        for (_, a, b), table in result.tables.items()
+        if (a, b) == (tta, post)
+    ]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def _entries(names: dict[str, str]) -> list[tuple[str, str, str, tuple[str, str]]]:
@@ -436,6 +452,8 @@ def options_view(table: pd.DataFrame) -> pd.DataFrame:
             for m, s in zip(table[f"JA {split}"], table[f"JA std {split}"])
         ]
         view[f"Δ {split}"] = ["" if row["kind"] == "base" else _change(row, split) for _, row in table.iterrows()]
+    if CONFIDENCE_RHO in table:  # tables from before it was measured have none
+        view[CONFIDENCE_RHO] = [f"{rho:.2f}" if rho == rho else "" for rho in table[CONFIDENCE_RHO]]
     outside = "yes, never a default (the reading says why)"
     view["chosen"] = [
         outside if option in NEVER_DEFAULT and chosen == "yes" else chosen
