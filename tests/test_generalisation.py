@@ -164,3 +164,19 @@ def test_the_table_says_how_well_the_confidence_ranks_each_options_masks_on_vali
     table = study({"helps": lambda seed, i, split: 0.05})  # tables with no confidence: nothing to say
     assert table[G.CONFIDENCE_RHO].isna().all() and G.CONFIDENCE_RHO not in G.options_view(table.dropna(axis=1))
     assert G.options_view(table)[G.CONFIDENCE_RHO].eq("").all()
+
+
+def test_a_chosen_combination_task_3_does_not_take_is_said_and_its_parts_count_as_taken():
+    """Both combinations chosen; task 3 takes the one without the Lovász hinge (``NOT_TAKEN`` says why), and with it
+    zoom-out, which it takes as a part of that combination, not as a choice of its own."""
+    helps = lambda seed, i, split: 0.05  # noqa: E731
+    table = study({"weight average + zoom-out": helps, "weight average + zoom-out + Lovasz": helps})
+    uses = ["zoom-out augmentation", "weight average + zoom-out"]
+    reading = G.options_reading(table, uses)
+    assert "weight average + zoom-out + Lovasz is chosen but not taken: the Lovász hinge makes" in reading
+    assert "Task 3's parameters take exactly the chosen options (weight average + zoom-out)." in reading
+    view = G.options_view(table).set_index("option")
+    assert view.loc["weight average + zoom-out + Lovasz", "chosen"] == "yes, not taken (the reading says why)"
+    assert G._part_of("zoom-out augmentation", "weight average + zoom-out")
+    assert not G._part_of("Lovasz hinge", "weight average + zoom-out")
+    assert "not the study's choice" in G.options_reading(table, ["weight average + zoom-out + Lovasz"])

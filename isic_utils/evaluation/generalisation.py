@@ -85,6 +85,11 @@ NEVER_DEFAULT = {
     "test-time flips": "it runs the model four times for every image, so every prediction, export and page costs four "
     "times as much (the deployment section's latencies are for one pass)",
 }
+# Chosen by the rule but not taken by task 3, and why (said where the study chooses them, nothing where it does not).
+NOT_TAKEN = {
+    "weight average + zoom-out + Lovasz": "the Lovász hinge makes the confidence rank masks worse (the table's "
+    "confidence ρ), and weight average + zoom-out, the same without it, is chosen too",
+}
 # The inference options the study shows, each alone on the base run, in chapter 3's form: (tta, postprocess).
 INFERENCE_STUDIED = {
     "test-time flips": ("flips", "none"),
@@ -442,6 +447,17 @@ def options_by_area_reading(table: pd.DataFrame) -> str:
     return " ".join(lines)
 
 
+def _part_of(option: str, combined: str) -> bool:
+    """Whether training option ``option``'s change is contained in ``combined``'s (a combination of options)."""
+    if option == combined or option not in TRAINING_OPTIONS or combined not in TRAINING_OPTIONS:
+        return False
+    whole = TRAINING_OPTIONS[combined]
+    return all(
+        k in whole and (set(v) <= set(whole[k]) if isinstance(v, list) else whole[k] == v)
+        for k, v in TRAINING_OPTIONS[option].items()
+    )
+
+
 def options_view(table: pd.DataFrame) -> pd.DataFrame:
     """The options table as a reader takes it in: per split "JA ± std" and "Δ ± std (beyond / within)"."""
     splits = [c[len("JA std ") :] for c in table.columns if c.startswith("JA std ")]
@@ -456,7 +472,11 @@ def options_view(table: pd.DataFrame) -> pd.DataFrame:
         view[CONFIDENCE_RHO] = [f"{rho:.2f}" if rho == rho else "" for rho in table[CONFIDENCE_RHO]]
     outside = "yes, never a default (the reading says why)"
     view["chosen"] = [
-        outside if option in NEVER_DEFAULT and chosen == "yes" else chosen
+        outside
+        if option in NEVER_DEFAULT and chosen == "yes"
+        else "yes, not taken (the reading says why)"
+        if option in NOT_TAKEN and chosen == "yes"
+        else chosen
         for option, chosen in zip(table["option"], table["chosen"].fillna(""))
     ]
     return view
@@ -503,9 +523,13 @@ def options_reading(table: pd.DataFrame, uses: list[str] | None = None) -> str:
                 lines.append(f"{row['option']} on {split}: {_change(row, split)}.")
         for option in (o for o in chosen["option"] if o in NEVER_DEFAULT):
             lines.append(f"{option} stays a measured option, never a default: {NEVER_DEFAULT[option]}.")
+        for option in (o for o in chosen["option"] if o in NOT_TAKEN):
+            lines.append(f"{option} is chosen but not taken: {NOT_TAKEN[option]}.")
         if uses is not None:
-            picked = [o for o in chosen["option"] if o not in NEVER_DEFAULT]
-            if set(picked) == set(uses) - set(NEVER_DEFAULT):
+            picked = [o for o in chosen["option"] if o not in NEVER_DEFAULT and o not in NOT_TAKEN]
+            # an option task 3 takes only as part of a chosen combination (zoom-out within weight average + zoom-out)
+            parts = {o for o in uses if o not in picked and any(_part_of(o, c) for c in picked)}
+            if set(picked) == set(uses) - set(NEVER_DEFAULT) - parts:
                 lines.append(
                     "Task 3's parameters take exactly the chosen options"
                     + (" (" + ", ".join(picked) + ")." if picked else ": none.")
