@@ -451,10 +451,14 @@ def _part_of(option: str, combined: str) -> bool:
     """Whether training option ``option``'s change is contained in ``combined``'s (a combination of options)."""
     if option == combined or option not in TRAINING_OPTIONS or combined not in TRAINING_OPTIONS:
         return False
-    whole = TRAINING_OPTIONS[combined]
+    return _takes(TRAINING_OPTIONS[combined], TRAINING_OPTIONS[option])
+
+
+def _takes(values: dict, change: dict) -> bool:
+    """Whether ``values`` (a run's parameters, or another option's change) hold ``change``: each of its settings, a
+    list's items among the list's."""
     return all(
-        k in whole and (set(v) <= set(whole[k]) if isinstance(v, list) else whole[k] == v)
-        for k, v in TRAINING_OPTIONS[option].items()
+        (set(v) <= set(values.get(k) or []) if isinstance(v, list) else values.get(k) == v) for k, v in change.items()
     )
 
 
@@ -549,14 +553,7 @@ def options_reading(table: pd.DataFrame, uses: list[str] | None = None) -> str:
 
 def task_uses(params: dict) -> list[str]:
     """The study's options that a run's parameters take (e.g. task 3's defaults)."""
-    uses = [
-        option
-        for option, change in TRAINING_OPTIONS.items()
-        if all(
-            (set(v) <= set(params.get(k) or []) if isinstance(v, list) else params.get(k) == v)
-            for k, v in change.items()
-        )
-    ]
+    uses = [option for option, change in TRAINING_OPTIONS.items() if _takes(params, change)]
     return uses + [
         option
         for option, (tta, post) in INFERENCE_STUDIED.items()

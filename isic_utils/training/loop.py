@@ -92,19 +92,16 @@ def epoch_line(label: str, row: dict, epochs: int, eta_seconds: float) -> str:
 
 def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``bce`` (BCE with logits, the report's loss), ``bce+dice`` or ``bce+lovasz``; always computed in fp32."""
-    if kind == "bce":
-        return lambda logits, targets: nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
-    if kind == "bce+dice":
-        return lambda logits, targets: (
-            nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
-            + soft_dice_loss(logits.float(), targets)
-        )
-    if kind == "bce+lovasz":
-        return lambda logits, targets: (
-            nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
-            + lovasz_hinge_loss(logits.float(), targets)
-        )
-    raise ValueError(f"loss must be one of {list(LOSSES)}, got {kind!r}")
+    if kind not in LOSSES:
+        raise ValueError(f"loss must be one of {list(LOSSES)}, got {kind!r}")
+    added = {"bce": None, "bce+dice": soft_dice_loss, "bce+lovasz": lovasz_hinge_loss}[kind]
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, targets)
+        return bce if added is None else bce + added(logits, targets)
+
+    return loss
 
 
 @dataclass
