@@ -66,6 +66,9 @@ TRAINING_OPTIONS = {  # name → what it changes on top of BASE
         "augment": BASE["augment"] + ["zoom_out"],
         "loss": "bce+lovasz",
     },
+    # the same without the Lovász hinge, which costs the confidence's ranking of masks (its validation ρ): what the
+    # two augmentation and averaging options buy alone
+    "weight average + zoom-out": {"weight_average": "ema", "augment": BASE["augment"] + ["zoom_out"]},
     "256 px": {"image_size": 256},
     "384 px": {"image_size": 384},
 }
