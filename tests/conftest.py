@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from isic_utils.config import params as P
 from isic_utils.config.params import TrainConfig
@@ -21,6 +22,7 @@ from isic_utils.model.networks import build_model
 from isic_utils.training.loop import fit
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_EPOCHS = yaml.safe_load((ROOT / "params" / "profiles" / "tiny.yaml").read_text())["epochs"]  # the report's runs
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # tests in two worker processes on two cores: one compute thread each
     os.environ["OMP_NUM_THREADS"] = "1"  # (two processes of two threads slow each other several times over), and

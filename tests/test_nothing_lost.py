@@ -326,15 +326,19 @@ def test_a_run_trained_before_an_augmentation_constant_was_tuned_is_neither_resu
     train(1)
     run_dir = tmp_path / "out" / "task3"
     recorded = json.loads((run_dir / "run.json").read_text())["augmentation_constants"]
-    assert recorded == augmentation.constants(["color_jitter"]) == {"color_jitter": augmentation.COLOR_JITTER}
+    assert recorded == augmentation.constants(["hflip", "rot90", "color_jitter", "zoom_out"])  # task 3's
+    assert recorded["color_jitter"] == augmentation.COLOR_JITTER == 0.2
     monkeypatch.setattr(augmentation, "COLOR_JITTER", 0.3)
     before = (run_dir / "seed1" / "result.json").read_bytes()
-    with pytest.raises(inference.CheckpointMismatch, match=r"augmentation_constants: \{'color_jitter': 0.2\} → "):
+    with pytest.raises(
+        inference.CheckpointMismatch,
+        match=r"augmentation_constants: \{'color_jitter': 0.2, .*\} → \{'color_jitter': 0.3, ",
+    ):
         train(1)
     assert (run_dir / "seed1" / "result.json").read_bytes() == before and (run_dir / "seed1" / "best.pt").exists()
     train(0)
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["seeds"] == [0] and record["augmentation_constants"] == {"color_jitter": 0.3}
+    assert record["seeds"] == [0] and record["augmentation_constants"] == {**recorded, "color_jitter": 0.3}
     # seed 1 as the version before recorded it: nothing to compare, so it resumes and its files stay as they were
     state = inference.load_checkpoint(run_dir / "seed1" / "last.pt")
     del state["fingerprint"]["augmentation_constants"]

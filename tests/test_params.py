@@ -5,6 +5,8 @@ import pytest
 from isic_utils.config import notebook as N
 from isic_utils.config import params as P
 
+from .conftest import TINY_EPOCHS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -103,7 +105,7 @@ def test_a_chapter_names_its_profile_and_run_and_resolves_as_the_report_does():
     assert N.from_notebook("train", namespace) == P.chapter_values("train", "tiny", "task2", root=ROOT)
     values = N.from_notebook("train", namespace)
     assert (values["epochs"], values["batch_size"], values["run_name"], values["freeze_encoder"]) == (
-        2,
+        TINY_EPOCHS,
         8,
         "task2",
         False,

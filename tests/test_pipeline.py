@@ -15,7 +15,7 @@ from PIL import Image
 
 from isic_utils.report.pipeline import run_report
 
-from .conftest import ROOT, inside, report_copy
+from .conftest import ROOT, TINY_EPOCHS, inside, report_copy
 
 pytestmark = pytest.mark.slow
 
@@ -114,9 +114,9 @@ def test_the_report_packs_into_a_bundle_that_opens_anywhere(tiny_report, tmp_pat
 def test_the_terminal_shows_one_line_per_epoch_while_a_chapter_runs(tiny_report):
     out, _, lines, _ = tiny_report
     for run in RUNS:
-        # a bar's update ("epoch 1/2: 100%|…") is relayed too when an epoch outlasts the bar's two-second refresh
+        # a bar's update ("epoch 1/6: 100%|…") is relayed too when an epoch outlasts the bar's two-second refresh
         epochs = [line for line in lines if line.startswith(f"  {run} | ") and " epoch " in line and "%|" not in line]
-        assert len(epochs) == 2, lines  # tiny profile: two epochs, one line each
+        assert len(epochs) == TINY_EPOCHS, lines  # one line an epoch
         assert all(
             f"{run} seed 0" in line and "val IoU" in line and "ETA" in line and " s " in line for line in epochs
         ), epochs
@@ -134,7 +134,7 @@ def test_tables_have_the_right_columns_and_rows(tiny_report):
     out, *_ = tiny_report
     for run in RUNS:
         epochs = pd.read_csv(out / run / "tables" / "epochs.csv")
-        assert len(epochs) == 2  # tiny profile: two epochs
+        assert len(epochs) == TINY_EPOCHS
         for column in (
             "epoch",
             "train loss",
@@ -273,7 +273,7 @@ def test_the_index_gives_the_answer_first_and_every_chapter_has_a_readers_copy(t
         ("segments the test set best" in index or "no run learned to segment" in index)
         and "test JA" in index
         and "Data: " in index
-    )  # the tiny profile's two epochs may teach no run (then it says so)
+    )  # the tiny profile's few epochs may teach no run (then it says so)
     assert (
         "on other-clinic vs" in index or "is left out: it learned nothing" in index
     )  # the external chapter's finding, from its gap table
@@ -332,7 +332,7 @@ def test_plain_papermill_with_the_profiles_file_continues_the_reports_run(tiny_r
     )
     assert _trained_files(out, "task2") == before  # resumed: no epoch trained, no checkpoint written
     assert (out / "task2" / "tables" / "per_image_test_seed0.csv").read_text() == per_image
-    assert "resuming after epoch 2 of 2" in (tmp_path / "b.ipynb").read_text()
+    assert f"resuming after epoch {TINY_EPOCHS} of {TINY_EPOCHS}" in (tmp_path / "b.ipynb").read_text()
 
 
 def _by_hand(root: Path, name: str, cells: str, runs: int = 1):
@@ -372,8 +372,8 @@ def test_chapters_opened_by_hand_with_only_the_profile_set_are_the_reports(tiny_
     before = {run: _trained_files(out, run) for run in RUNS}
     tables = {chapter: _tables(out, chapter) for chapter in ("task2", "external", "compare")}
     executed = _by_hand(root, "02_train.ipynb", "profile = 'tiny'\nrun = 'task2'", runs=2)
-    assert "resuming after epoch 2 of 2" in json.dumps(executed.cells[4].outputs)
-    assert len(pd.read_csv(out / "task2" / "tables" / "epochs.csv")) == 2
+    assert f"resuming after epoch {TINY_EPOCHS} of {TINY_EPOCHS}" in json.dumps(executed.cells[4].outputs)
+    assert len(pd.read_csv(out / "task2" / "tables" / "epochs.csv")) == TINY_EPOCHS
     _by_hand(root, "03_external.ipynb", "profile = 'tiny'")
     _by_hand(root, "04_compare.ipynb", "profile = 'tiny'")
     assert {run: _trained_files(out, run) for run in RUNS} == before
@@ -454,6 +454,8 @@ def test_the_comparison_says_what_deploying_each_run_costs(tiny_report):
         # pass may round apart (7e-6 of JA seen on an AMX Xeon, where the tiny task 3's maps sit near 0.5): the same
         # scoring path, not the same rounding
         saved = pd.read_csv(out / run / "tables" / "per_image_test_seed0.csv")["iou"].mean()
+        if run == "task3":  # its masks hold lesions (empty or threshold-level maps would make the next check luck)
+            assert saved > 0.2, saved
         eager = rows[(rows["data"] == "ISIC test") & (rows["format"] == "PyTorch eager")]["JA"].iloc[0]
         assert abs(eager - saved) < 1e-3, run
         fp32 = rows[rows["format"] == "ONNX fp32"]
