@@ -451,8 +451,8 @@ def test_the_comparison_says_what_deploying_each_run_costs(tiny_report):
         assert set(rows["data"]) == {"ISIC test", "other-clinic"} and len(rows) == 6, run
         # PyTorch eager here is the run's own seed-0 test score, recomputed: the same masks but for pixels sitting at
         # the threshold, which the evaluation's batches (in bf16 where the CPU computes it natively) and this fp32
-        # pass may round apart (7e-6 of JA seen on an AMX Xeon, where the tiny task 3's maps sit near 0.5): the same
-        # scoring path, not the same rounding
+        # pass may round apart (7e-6 of JA seen on an AMX Xeon when the tiny task 3 trained two epochs and its maps
+        # sat near 0.5): the same scoring path, not the same rounding
         saved = pd.read_csv(out / run / "tables" / "per_image_test_seed0.csv")["iou"].mean()
         if run == "task3":  # its masks hold lesions (empty or threshold-level maps would make the next check luck)
             assert saved > 0.2, saved

@@ -474,13 +474,12 @@ def options_view(table: pd.DataFrame) -> pd.DataFrame:
         view[f"Δ {split}"] = ["" if row["kind"] == "base" else _change(row, split) for _, row in table.iterrows()]
     if CONFIDENCE_RHO in table:  # tables from before it was measured have none
         view[CONFIDENCE_RHO] = [f"{rho:.2f}" if rho == rho else "" for rho in table[CONFIDENCE_RHO]]
-    outside = "yes, never a default (the reading says why)"
+    said = {  # a chosen option task 3 does not take: the reading says why
+        **dict.fromkeys(NEVER_DEFAULT, "yes, never a default (the reading says why)"),
+        **dict.fromkeys(NOT_TAKEN, "yes, not taken (the reading says why)"),
+    }
     view["chosen"] = [
-        outside
-        if option in NEVER_DEFAULT and chosen == "yes"
-        else "yes, not taken (the reading says why)"
-        if option in NOT_TAKEN and chosen == "yes"
-        else chosen
+        said.get(option, chosen) if chosen == "yes" else chosen
         for option, chosen in zip(table["option"], table["chosen"].fillna(""))
     ]
     return view
